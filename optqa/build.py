@@ -1,0 +1,70 @@
+"""Assemble backbone + delta + template + PromptForGeneration, from a run config or from a checkpoint."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .checkpoint import backbone_fingerprint, check_backbone, read_checkpoint
+from .config import RunConfig
+from .deltas import AutoDeltaConfig, AutoDeltaModel
+from .errors import OptqaError
+from .model import PromptForGeneration
+from .plm import backbone_identity, load_plm
+from .template import ManualTemplate
+
+log = logging.getLogger(__name__)
+
+
+def template_text(config: RunConfig) -> str:
+    """--template is a file or inline text; checkpoints store the text itself."""
+    path = Path(config.template)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" in config.template:
+        return config.template
+    raise OptqaError(f"template file not found: {config.template}")
+
+
+def build_model(config: RunConfig, delta_config: dict | None = None, template: str | None = None):
+    """Load the backbone, fingerprint it, attach the delta, wrap it for prompting.
+
+    Returns ``(model, backbone)`` where backbone is the identity dict (with fingerprint) a checkpoint records.
+    """
+    plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
+    backbone = {**backbone_identity(plm, config.plm_path), "fingerprint": backbone_fingerprint(plm)}
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(delta_config or config.delta_config()),
+                                       backbone_model=plm, tokenizer=tokenizer)
+    text = template if template is not None else template_text(config)
+    prompt_template = ManualTemplate(tokenizer, text=text, source=config.template if template is None else "template",
+                                     embedding=plm.get_input_embeddings())
+    model = PromptForGeneration(plm, prompt_template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
+                                max_new_tokens=config.max_new_tokens)
+    delta.log()
+    log.info("template: %s", text.strip())
+    return model, backbone
+
+
+def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
+                 overrides: dict | None = None):
+    """Rebuild a trained model from a checkpoint folder (or bundle) alone.
+
+    The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
+    fingerprint must match the checkpoint's. Returns ``(model, manifest, config)``.
+    """
+    from .bundle import open_checkpoint
+
+    with open_checkpoint(path) as folder:
+        folder, manifest, state = read_checkpoint(folder)
+    config = RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
+    config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
+    plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
+    identity = backbone_identity(plm, config.plm_path)
+    check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
+    AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(manifest["delta"]), backbone_model=plm, tokenizer=tokenizer)
+    template = ManualTemplate(tokenizer, text=manifest["template"], source=f"{folder} template",
+                              embedding=plm.get_input_embeddings())
+    model = PromptForGeneration(plm, template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
+                                max_new_tokens=config.max_new_tokens)
+    model.load_delta_state_dict(state, source=str(folder))
+    model.eval()
+    return model, manifest, config

@@ -1,0 +1,165 @@
+"""The one typed configuration: defaults for the CLI, the saved checkpoint and the README table.
+
+Every field carries its help text in ``metadata["help"]``; ``optqa.cli`` builds argparse from these fields
+and ``markdown_table()`` renders the README's flag table, so a default is written in exactly one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "download", "import_opendelta")
+DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
+DEFAULT_TEMPLATE = "templates/answer_template.txt"
+# Per-delta defaults, shared by AutoDeltaConfig (the library API) and the CLI flags below.
+# soft_token_num is 20, not OpenDelta's 100: ARC-DA prompts average ~29 tokens, and on a CPU the cost of a
+# step grows with the prompt length.
+DELTA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adapter": {"modified_modules": ["self_attn", "fc2"], "bottleneck_dim": 24, "non_linearity": "gelu_new"},
+    "lora": {"modified_modules": ["self_attn.q_proj", "self_attn.v_proj"], "lora_r": 8, "lora_alpha": 16,
+             "lora_dropout": 0.0},
+    "bitfit": {"modified_modules": None},
+    "soft_prompt": {"soft_token_num": 20, "init_text": "Answer the science question briefly."},
+    "prefix": {"prefix_token_num": 6},
+}
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class RunConfig:
+    # what to do: train a delta, score one, chat with one, or manage checkpoints
+    mode: str = _opt("train", "what to run", choices=MODES)
+    # ARC-DA folder with train/dev/test.jsonl (downloaded automatically by --mode train when missing)
+    data_path: str = _opt("./data/ARC-DA-v1.1", "folder holding train.jsonl, dev.jsonl and test.jsonl")
+    # per-split overrides so any QA jsonl can be used
+    train_file: str | None = _opt(None, "training jsonl (default: <data_path>/train.jsonl)")
+    dev_file: str | None = _opt(None, "dev jsonl (default: <data_path>/dev.jsonl)")
+    test_file: str | None = _opt(None, "test jsonl (default: <data_path>/test.jsonl)")
+    # field names inside each jsonl row, for QA sets that are not ARC-DA
+    question_field: str = _opt("question", "jsonl field holding the question")
+    answers_field: str = _opt("answers", "jsonl field holding the list of gold answers (or one string)")
+    id_field: str = _opt("question_id", "jsonl field holding the question id (line number if absent)")
+    # ARC-DA's official download location; --mode download fetches it
+    data_url: str = _opt("https://aristo-data-public.s3-us-west-2.amazonaws.com/arc-da/ARC-DA-v1.1.zip",
+                         "where --mode download fetches ARC-DA v1.1 from")
+    # keep downloaded files whose sha256 differs from the pinned v1.1 values
+    allow_checksum_mismatch: bool = _opt(False, "accept ARC-DA files whose sha256 differs from the pinned values")
+
+    # model family name for load_plm (OpenPrompt's model_name)
+    plm_name: str = _opt("opt", "model family, as in OpenPrompt's load_plm(model_name, ...)")
+    # a hub name or a local Hugging Face folder; offline machines must pass a local folder
+    plm_path: str = _opt("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder")
+    # which delta to inject into the frozen backbone
+    delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES)
+    # OpenDelta-style short module names the delta attaches to (adapter, lora)
+    modified_modules: list[str] = _opt(DELTA_DEFAULTS["adapter"]["modified_modules"], "modules the delta attaches to (OpenDelta short names)",
+                                       nargs="+")
+    # adapter: bottleneck width (OpenDelta's default)
+    bottleneck_dim: int = _opt(DELTA_DEFAULTS["adapter"]["bottleneck_dim"], "adapter bottleneck width")
+    # lora: rank, scale numerator and dropout (OpenDelta's defaults)
+    lora_r: int = _opt(DELTA_DEFAULTS["lora"]["lora_r"], "LoRA rank")
+    lora_alpha: int = _opt(DELTA_DEFAULTS["lora"]["lora_alpha"], "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _opt(DELTA_DEFAULTS["lora"]["lora_dropout"], "LoRA dropout")
+    # soft_prompt: prompt length (see DELTA_DEFAULTS for why 20)
+    soft_token_num: int = _opt(DELTA_DEFAULTS["soft_prompt"]["soft_token_num"], "soft_prompt: number of virtual tokens")
+    # soft_prompt: text whose token embeddings initialise the prompt ("" for random init)
+    soft_init_text: str = _opt(DELTA_DEFAULTS["soft_prompt"]["init_text"], "soft_prompt: initialisation text")
+    # prefix: virtual key/value positions per layer (OpenDelta's default)
+    prefix_token_num: int = _opt(DELTA_DEFAULTS["prefix"]["prefix_token_num"], "prefix: number of prefix positions")
+
+    # OpenPrompt ManualTemplate file (or inline template text)
+    template: str = _opt(DEFAULT_TEMPLATE, "template file in templates/ (or inline template text)")
+    # questions per optimisation step
+    batch_size: int = _opt(8, "training batch size")
+    # questions answered at once when scoring
+    eval_batch_size: int = _opt(32, "answering batch size")
+    # prompt + answer + eos tokens; longer questions are cut, never the answer or the template text
+    max_seq_l: int = _opt(128, "maximum tokens per example (the question is cut to fit)")
+    # greedy answers stop at eos or after this many tokens
+    max_new_tokens: int = _opt(32, "maximum generated answer tokens")
+    lr: float = _opt(1e-3, "learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    train_epochs: int = _opt(3, "training epochs")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    # gradients are clipped to this norm (0 turns clipping off)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
+    gradient_accumulation_steps: int = _opt(1, "batches per optimiser step")
+    # one target per question is the homework's setup and keeps an epoch 3.4x cheaper than 'all'
+    train_targets: str = _opt("first", "train on the first gold answer or on every gold answer",
+                              choices=("first", "all"))
+    # batching examples of similar length cuts padding; order across batches stays random
+    group_by_length: bool = _opt(True, "bucket training examples by length")
+    seed: int = _opt(42, "random seed (data order, delta init, dropout)")
+
+    # the final (best-dev) delta, as a self-describing checkpoint folder
+    delta_save_path: str = _opt("./delta_ckpts/", "final delta checkpoint folder (or a .optqa bundle to load)")
+    # best-epoch delta plus the state needed by --resume
+    raw_delta_save_path: str = _opt("./raw_delta_ckpts/", "best-epoch delta and resume state")
+    # every run writes its config, metrics, predictions and plot into a new folder below this
+    output_dir: str = _opt("./runs", "parent folder of per-run result folders")
+    # resume state is written every this many optimiser steps (and at each epoch end)
+    save_steps: int = _opt(50, "write resume state every N optimiser steps")
+    resume: bool = _opt(False, "continue the interrupted run found in --raw_delta_save_path")
+
+    # split to score with --mode evaluate
+    split: str = _opt("test", "split scored by --mode evaluate", choices=("train", "dev", "test"))
+    # --mode evaluate without a model: score this predictions jsonl against the gold answers
+    predictions_file: str | None = _opt(None, "evaluate: score this predictions jsonl instead of a model")
+    # --mode evaluate: compare against a second predictions jsonl, question by question
+    compare_file: str | None = _opt(None, "evaluate: second predictions jsonl to compare with")
+    # --mode export: single-file bundle to write
+    export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa)")
+    # --mode import_opendelta: OpenDelta folder (config.json + pytorch_model.bin) to convert
+    import_path: str | None = _opt(None, "import_opendelta: OpenDelta checkpoint folder to convert")
+    # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)
+    ignore_backbone_mismatch: bool = _opt(False, "load a delta onto a backbone with different weights")
+
+    # auto: bf16 autocast where the CPU/GPU has native bf16, else fp32
+    precision: str = _opt("auto", "compute precision", choices=("auto", "fp32", "bf16", "fp16"))
+    cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
+    gradient_checkpointing: bool = _opt(False, "recompute activations to save memory (large backbones)")
+    # None: torch's default (one thread per physical core)
+    num_threads: int | None = _opt(None, "CPU threads for torch")
+    # merge LoRA into the weights when only answering (exact up to float rounding)
+    merge_lora: bool = _opt(True, "merge LoRA weights for inference-only modes")
+    # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
+    max_steps: int = _opt(0, "stop after N optimiser steps (0: no limit)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def delta_config(self) -> dict[str, Any]:
+        """The AutoDeltaConfig dict this run asks for."""
+        cfg: dict[str, Any] = {"delta_type": self.delta_type}
+        if self.delta_type == "adapter":
+            cfg.update(modified_modules=list(self.modified_modules), bottleneck_dim=self.bottleneck_dim)
+        elif self.delta_type == "lora":
+            cfg.update(modified_modules=list(self.modified_modules), lora_r=self.lora_r,
+                       lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        elif self.delta_type == "soft_prompt":
+            cfg.update(soft_token_num=self.soft_token_num, init_text=self.soft_init_text)
+        elif self.delta_type == "prefix":
+            cfg.update(prefix_token_num=self.prefix_token_num)
+        return cfg
+
+
+def markdown_table() -> str:
+    """The README's flag table, generated from RunConfig so the two cannot drift."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(RunConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, list):
+            default = " ".join(default)
+        rows.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,252 @@
+"""QA jsonl in, token ids out: reading and validating rows, rendering them once, batching them.
+
+Rows are validated as they are read so that a bad file fails in one line naming file and line; every
+example is rendered and tokenised once per data set, never per step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import OptqaError
+from .template import SOFT_NONE
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "dev", "test")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class InputExample:
+    """OpenPrompt's InputExample; ``tgt_text`` holds the gold answers (a list)."""
+    guid: Any = None
+    text_a: str = ""
+    text_b: str = ""
+    label: Any = None
+    meta: dict = field(default_factory=dict)
+    tgt_text: Any = None
+
+
+def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_field: str = "answers",
+                  id_field: str = "question_id", require_answers: bool = True) -> list[InputExample]:
+    """Read a QA jsonl; each bad row is an OptqaError naming ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptqaError(f"data file not found: {path}")
+    examples = []
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise OptqaError(f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+            if not isinstance(row, dict):
+                raise OptqaError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            question = row.get(question_field)
+            if question_field not in row:
+                raise OptqaError(f"{where}: missing field {question_field!r}")
+            if not isinstance(question, str) or not question.strip():
+                raise OptqaError(f"{where}: field {question_field!r} must be a non-empty string")
+            answers = row.get(answers_field)
+            if answers is None and not require_answers:
+                answers = []
+            elif answers_field not in row:
+                raise OptqaError(f"{where}: missing field {answers_field!r} (a question needs gold answers)")
+            else:
+                answers = _validate_answers(answers, answers_field, where)
+            meta = {k: v for k, v in row.items() if k not in (question_field, answers_field)}
+            examples.append(InputExample(guid=row.get(id_field, f"{path.stem}-{line_no}"), text_a=question.strip(),
+                                         meta=meta, tgt_text=answers))
+    if not examples:
+        raise OptqaError(f"{path}: no questions in the file")
+    return examples
+
+
+def _validate_answers(answers: Any, name: str, where: str) -> list[str]:
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers:
+        raise OptqaError(f"{where}: field {name!r} must be a non-empty list of strings")
+    if not all(isinstance(a, str) and a.strip() for a in answers):
+        raise OptqaError(f"{where}: field {name!r} must hold only non-empty strings")
+    return [a.strip() for a in answers]
+
+
+def split_files(config) -> dict[str, Path]:
+    """The jsonl per split: --train_file/--dev_file/--test_file, else <data_path>/<split>.jsonl."""
+    base = Path(config.data_path)
+    return {split: Path(getattr(config, f"{split}_file") or base / f"{split}.jsonl") for split in SPLITS}
+
+
+def load_split(config, split: str) -> list[InputExample]:
+    return read_qa_jsonl(split_files(config)[split], config.question_field, config.answers_field, config.id_field)
+
+
+@dataclass
+class Encoded:
+    """One rendered example: prompt ids (bos first), which prompt positions are soft, and the target."""
+    index: int
+    guid: Any
+    question: str
+    golds: list[str]
+    prompt_ids: list[int]
+    soft_index: list[int]
+    target_ids: list[int] = field(default_factory=list)
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+class LMTokenizerWrapper:
+    """Renders examples through a template into token ids (OpenPrompt's WrapperClass for decoder LMs).
+
+    Examples longer than ``max_seq_length`` lose tokens from the end of their shortenable pieces (the
+    question); the template's fixed text and the answer are never cut.
+    """
+
+    def __init__(self, tokenizer, template, max_seq_length: int = 128):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_seq_length = max_seq_length
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    def encode_target(self, answer: str) -> list[int]:
+        # the leading space makes the answer's first word a word-initial BPE token, as after "Answer:"
+        return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def encode(self, example: InputExample, index: int = 0, target: str | None = None) -> Encoded:
+        segments = self.template.render(example)
+        target_ids = self.encode_target(target) if target is not None else []
+        budget = self.max_seq_length - 1 - len(target_ids)
+        truncated = _cut_to_budget(segments, budget)
+        prompt_ids, soft_index = [self.bos_id], [SOFT_NONE]
+        pad = self.tokenizer.pad_token_id
+        for kind, ids, _ in segments:
+            if kind == "soft":
+                prompt_ids += [pad] * len(ids)
+                soft_index += ids
+            else:
+                prompt_ids += ids
+                soft_index += [SOFT_NONE] * len(ids)
+        golds = list(example.tgt_text or [])
+        return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated)
+
+    def encode_all(self, examples: list[InputExample], targets: str | None = None,
+                   desc: str = "tokenising") -> list[Encoded]:
+        """Render every example once. ``targets``: None (prompts only), "first" or "all" gold answers."""
+        encoded = []
+        for index, example in enumerate(tqdm(examples, desc=desc, leave=False, disable=len(examples) < 500)):
+            if targets is None:
+                encoded.append(self.encode(example, index))
+                continue
+            answers = example.tgt_text[:1] if targets == "first" else example.tgt_text
+            encoded.extend(self.encode(example, index, answer) for answer in answers)
+        cut = sum(e.truncated for e in encoded)
+        if cut:
+            log.info("%s: %d of %d examples were longer than max_seq_l=%d; their questions were cut",
+                     desc, cut, len(encoded), self.max_seq_length)
+        return encoded
+
+
+def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> bool:
+    """Cut the tail of the longest shortenable segment until the prompt fits; True when anything was cut."""
+    excess = sum(len(ids) for _, ids, _ in segments) - budget
+    cut = False
+    while excess > 0:
+        candidates = [i for i, (_, ids, shortenable) in enumerate(segments) if shortenable and ids]
+        if not candidates:
+            break  # only fixed text and the answer are left; they are never cut
+        longest = max(candidates, key=lambda i: len(segments[i][1]))
+        kind, ids, shortenable = segments[longest]
+        segments[longest] = (kind, ids[:-1], shortenable)
+        excess -= 1
+        cut = True
+    return cut
+
+
+def collate_for_training(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+target to the longest in the batch; the loss sees only target tokens."""
+    width = max(len(e) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    soft = torch.full((len(batch), width), SOFT_NONE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids = e.prompt_ids + e.target_ids
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, len(e.prompt_ids):len(ids)] = torch.tensor(e.target_ids)
+        attention[row, :len(ids)] = 1
+        soft[row, :len(e.prompt_ids)] = torch.tensor(e.soft_index)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "soft_index": soft}
+
+
+def collate_for_generation(batch: list[Encoded], pad_id: int) -> dict[str, Any]:
+    """Left-pad prompts so every row's next token is generated at the same position."""
+    width = max(len(e.prompt_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    soft = torch.full((len(batch), width), SOFT_NONE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.prompt_ids)
+        input_ids[row, width - n:] = torch.tensor(e.prompt_ids)
+        attention[row, width - n:] = 1
+        soft[row, width - n:] = torch.tensor(e.soft_index)
+    return {"input_ids": input_ids, "attention_mask": attention, "soft_index": soft,
+            "index": [e.index for e in batch]}
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of similar-length examples, in a random order that changes every epoch.
+
+    The data are shuffled, cut into chunks of ``batch_size * chunk_batches``, each chunk is sorted by length
+    and split into batches, and the batches are shuffled: padding shrinks while any example can still meet
+    any other. Every example appears exactly once per epoch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 group_by_length: bool = True, chunk_batches: int = 50):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.chunk = batch_size * chunk_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 1000003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            chunks = [sorted(order[i:i + self.chunk], key=self.lengths.__getitem__)
+                      for i in range(0, len(order), self.chunk)]
+            order = [i for chunk in chunks for i in chunk]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return iter(batches)
+
+
+def generation_batches(encoded: list[Encoded], batch_size: int) -> list[list[Encoded]]:
+    """Answering batches sorted by prompt length, so left padding stays short."""
+    ordered = sorted(encoded, key=lambda e: len(e.prompt_ids))
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]

@@ -1,0 +1,278 @@
+"""OpenDelta's ``AutoDeltaConfig`` / ``AutoDeltaModel`` on top of PEFT.
+
+LoRA, soft prompts and prefix tuning come from PEFT. PEFT has no bottleneck adapter and no BitFit, so those
+two are written here, with OpenDelta's semantics and parameter names (which also makes importing OpenDelta
+checkpoints a plain key match):
+
+- adapter: ``out + up(act(down(out)))`` on the output of each modified module, the up projection starting
+  at zero so the model starts exactly as the backbone;
+- bitfit: a trainable bias added to the output of every Linear and LayerNorm in the decoder layers
+  (the backbone's own biases stay frozen, so the delta stays separate from the backbone).
+
+``is_delta_parameter`` is the one predicate for "belongs to the delta": freezing, counting and saving all
+use it, so what trains and what is saved cannot drift apart.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DELTA_DEFAULTS, DELTA_TYPES
+from .errors import OptqaError
+
+log = logging.getLogger(__name__)
+
+PEFT_DELTA_TYPES = ("lora", "soft_prompt", "prefix")
+# Substrings that only delta parameter names contain: PEFT's lora_*/prompt_encoder, optqa's adapter and
+# bitfit, and a template's soft tokens. Backbone parameter names never contain them.
+DELTA_MARKERS = ("lora_", "prompt_encoder.", ".adapter.", "bitfit_delta_bias", "soft_embeds")
+# Keys OpenDelta writes into its config.json that describe the run rather than the delta.
+OPENDELTA_METADATA_KEYS = {"backbone_checkpoint_name", "backbone_class", "backbone_hash", "opendelta_version",
+                           "transformers_version", "exclude_modules", "common_structure", "unfrozen_modules"}
+
+
+def is_delta_parameter(name: str) -> bool:
+    """The single predicate deciding what is trained and what is saved."""
+    return any(marker in name for marker in DELTA_MARKERS)
+
+
+class DeltaConfig:
+    """A validated delta configuration with attribute access (OpenDelta's ``*Config`` objects)."""
+
+    def __init__(self, delta_type: str, **values: Any):
+        if delta_type not in DELTA_TYPES:
+            raise OptqaError(f"unknown delta_type {delta_type!r} (choose from {', '.join(DELTA_TYPES)})")
+        defaults = copy.deepcopy(DELTA_DEFAULTS[delta_type])
+        unknown = set(values) - set(defaults) - OPENDELTA_METADATA_KEYS
+        if unknown:
+            raise OptqaError(f"{delta_type} does not take {', '.join(sorted(unknown))} "
+                             f"(it takes {', '.join(defaults) or 'no options'})")
+        defaults.update({k: v for k, v in values.items() if k in defaults})
+        self.delta_type = delta_type
+        self.__dict__.update(defaults)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"DeltaConfig({self.to_dict()})"
+
+
+class AutoDeltaConfig:
+    @staticmethod
+    def from_dict(config: dict[str, Any]) -> DeltaConfig:
+        if "delta_type" not in config:
+            raise OptqaError("a delta config needs 'delta_type'")
+        values = dict(config)
+        return DeltaConfig(values.pop("delta_type"), **values)
+
+
+class AdapterLayer(nn.Module):
+    """Bottleneck adapter, laid out like OpenDelta's (``modulelist.down_proj`` / ``modulelist.up_proj``)."""
+
+    def __init__(self, dim: int, bottleneck_dim: int, non_linearity: str = "gelu_new"):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.modulelist = nn.Sequential(OrderedDict(
+            down_proj=nn.Linear(dim, bottleneck_dim),
+            non_linear=ACT2FN[non_linearity],
+            up_proj=nn.Linear(bottleneck_dim, dim),
+        ))
+        nn.init.normal_(self.modulelist.down_proj.weight, std=0.01)
+        nn.init.zeros_(self.modulelist.down_proj.bias)
+        nn.init.zeros_(self.modulelist.up_proj.weight)
+        nn.init.zeros_(self.modulelist.up_proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.modulelist(hidden).to(hidden.dtype)
+
+
+def _adapter_hook(module: nn.Module, inputs, output):
+    if isinstance(output, tuple):  # attention modules return (hidden, weights, ...)
+        return (module.adapter(output[0]),) + tuple(output[1:])
+    return module.adapter(output)
+
+
+def _bitfit_hook(module: nn.Module, inputs, output):
+    return output + module.bitfit_delta_bias.to(output.dtype)
+
+
+def resolve_modules(model: nn.Module, short_names: list[str]) -> list[str]:
+    """Full module names matching OpenDelta-style short names (``self_attn``, ``fc2``, ``self_attn.q_proj``).
+
+    A short name matches every module whose dotted name ends with it; the output head is never modified.
+    """
+    names = [n for n, _ in model.named_modules() if n and not n.startswith("lm_head")]
+    matched = []
+    for short in short_names:
+        hits = [n for n in names if n == short or n.endswith("." + short)]
+        if not hits:
+            examples = sorted({n.split(".")[-1] for n in names if ".layers.0." in n})
+            raise OptqaError(f"modified_modules: {short!r} matches no module of the backbone "
+                             f"(names inside a layer: {', '.join(examples)})")
+        matched.extend(h for h in hits if h not in matched)
+    return matched
+
+
+def _output_width(module: nn.Module, model: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    return model.config.hidden_size
+
+
+def _linear_targets(model: nn.Module, short_names: list[str]) -> list[str]:
+    """LoRA needs Linear layers: a matched block (e.g. ``self_attn``) stands for the Linears inside it."""
+    modules = dict(model.named_modules())
+    targets = []
+    for name in resolve_modules(model, short_names):
+        if isinstance(modules[name], nn.Linear):
+            targets.append(name)
+        else:
+            targets += [f"{name}.{child}" for child, m in modules[name].named_modules()
+                        if child and isinstance(m, nn.Linear)]
+    if not targets:
+        raise OptqaError(f"modified_modules {short_names} contain no Linear layer for LoRA")
+    return list(dict.fromkeys(targets))
+
+
+class DeltaModel:
+    """A delta attached to a backbone, like OpenDelta's delta models.
+
+    ``model`` is what to run: the backbone itself (adapter, bitfit, modified in place) or PEFT's wrapper
+    around it (lora, soft_prompt, prefix). ``PromptForGeneration(plm, ...)`` finds it from the backbone.
+    """
+
+    def __init__(self, config: DeltaConfig, backbone_model: nn.Module, model: nn.Module):
+        self.config = config
+        self.backbone_model = backbone_model
+        self.model = model
+        backbone_model.__dict__["_optqa_delta"] = self  # not a submodule: no cycle in named_modules()
+        self.freeze_module()
+
+    # OpenDelta compatibility: freezing is already done, by the same predicate that saving uses
+    def freeze_module(self, exclude=None, set_state_dict: bool = True) -> None:
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(is_delta_parameter(name))
+
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if is_delta_parameter(n)}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for n, p in self.model.named_parameters() if is_delta_parameter(n))
+
+    def num_total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def log(self, delta_ratio: bool = True, trainable_ratio: bool = True, visualization: bool = False) -> str:
+        trainable, total = self.num_trainable_parameters(), self.num_total_parameters()
+        line = (f"delta {self.config.delta_type}: trainable parameters {trainable:,} / total {total:,} "
+                f"({100 * trainable / total:.4f}%)")
+        log.info(line)
+        return line
+
+    def merge_lora(self) -> bool:
+        """Fold LoRA into the frozen weights for inference (exact up to float rounding). True if merged."""
+        if self.config.delta_type != "lora" or getattr(self, "_merged", False):
+            return False
+        self.model.merge_adapter()
+        self._merged = True
+        return True
+
+
+class AutoDeltaModel:
+    @staticmethod
+    def from_config(config: DeltaConfig | dict, backbone_model: nn.Module, tokenizer=None) -> DeltaModel:
+        if isinstance(config, dict):
+            config = AutoDeltaConfig.from_dict(config)
+        if "_optqa_delta" in backbone_model.__dict__:
+            raise OptqaError("this backbone already carries a delta; load a fresh backbone for another one")
+        builder = {"adapter": _attach_adapter, "bitfit": _attach_bitfit, "lora": _attach_lora,
+                   "soft_prompt": _attach_soft_prompt, "prefix": _attach_prefix}[config.delta_type]
+        model = builder(config, backbone_model, tokenizer)
+        return DeltaModel(config, backbone_model, model)
+
+
+def _attach_adapter(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
+    modules = dict(plm.named_modules())
+    for name in resolve_modules(plm, config.modified_modules):
+        module = modules[name]
+        if hasattr(module, "adapter"):
+            continue
+        reference = next(module.parameters(), None)
+        adapter = AdapterLayer(_output_width(module, plm), config.bottleneck_dim, config.non_linearity)
+        if reference is not None:
+            adapter.to(reference.device)
+        module.add_module("adapter", adapter)
+        module.register_forward_hook(_adapter_hook)
+    return plm
+
+
+def bitfit_module_names(plm: nn.Module, modified_modules: list[str] | None) -> list[str]:
+    """Every Linear and LayerNorm inside the decoder layers (OpenDelta's attn/ff/layer_norm biases)."""
+    modules = dict(plm.named_modules())
+    roots = resolve_modules(plm, modified_modules) if modified_modules else [
+        n for n in modules if n.endswith(".layers") or n.endswith(".h")]
+    names = []
+    for root in roots:
+        for name, module in modules.items():
+            if (name == root or name.startswith(root + ".")) and isinstance(module, (nn.Linear, nn.LayerNorm)):
+                names.append(name)
+    if not names:
+        raise OptqaError("bitfit found no Linear or LayerNorm module to add biases to")
+    return list(dict.fromkeys(names))
+
+
+def _attach_bitfit(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
+    modules = dict(plm.named_modules())
+    for name in bitfit_module_names(plm, config.modified_modules):
+        module = modules[name]
+        reference = next(module.parameters())
+        module.register_parameter("bitfit_delta_bias", nn.Parameter(
+            torch.zeros(_output_width(module, plm), device=reference.device, dtype=torch.float32)))
+        module.register_forward_hook(_bitfit_hook)
+    return plm
+
+
+def _attach_lora(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
+    import peft
+
+    targets = _linear_targets(plm, config.modified_modules)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                           lora_dropout=config.lora_dropout, target_modules=targets)
+    return peft.get_peft_model(plm, lora)
+
+
+def input_embedding_width(plm: nn.Module) -> int:
+    # opt-350m embeds at word_embed_proj_dim (512), not hidden_size (1024): soft prompts live at the input width
+    return plm.get_input_embeddings().embedding_dim
+
+
+def _attach_soft_prompt(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
+    import peft
+
+    prompt = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.soft_token_num,
+                                     token_dim=input_embedding_width(plm))
+    model = peft.get_peft_model(plm, prompt)
+    if config.init_text and tokenizer is not None:
+        # PEFT's TEXT init reloads the tokenizer by name (fails offline); the same init, done in place
+        ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        ids = (ids * (config.soft_token_num // max(len(ids), 1) + 1))[:config.soft_token_num]
+        with torch.no_grad():
+            weight = plm.get_input_embeddings().weight[torch.tensor(ids)].detach().clone()
+            model.prompt_encoder["default"].embedding.weight.copy_(weight)
+    return model
+
+
+def _attach_prefix(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
+    import peft
+
+    prefix = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.prefix_token_num)
+    return peft.get_peft_model(plm, prefix)

@@ -1,0 +1,143 @@
+"""OpenPrompt's PromptForGeneration for decoder-only models: loss on the answer, batched greedy answers."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, LMTokenizerWrapper, InputExample, collate_for_generation, generation_batches
+from .deltas import DeltaModel, is_delta_parameter
+
+log = logging.getLogger(__name__)
+
+
+class PromptForGeneration(nn.Module):
+    """``PromptForGeneration(plm, template, tokenizer=tokenizer)``.
+
+    ``plm`` is the backbone as returned by ``load_plm``; if a delta was attached to it with
+    ``AutoDeltaModel.from_config(..., backbone_model=plm)``, the delta's model is what runs.
+    ``forward(batch)`` returns the mean cross-entropy over the answer tokens (and eos) only, with
+    teacher forcing; ``generate(batch)`` returns the answers as strings.
+    """
+
+    def __init__(self, plm: nn.Module, template, freeze_plm: bool = True, plm_eval_mode: bool = False,
+                 gen_config=None, tokenizer=None, max_seq_length: int = 128, max_new_tokens: int = 32):
+        super().__init__()
+        self.delta: DeltaModel | None = plm.__dict__.get("_optqa_delta")
+        self.backbone = plm
+        self.plm = self.delta.model if self.delta else plm
+        self.template = template
+        self.tokenizer = tokenizer or template.tokenizer
+        self.wrapper = LMTokenizerWrapper(self.tokenizer, template, max_seq_length)
+        self.max_new_tokens = max_new_tokens
+        self.autocast_dtype: torch.dtype | None = None
+        if freeze_plm:
+            for name, param in self.named_parameters():
+                param.requires_grad_(is_delta_parameter(name))
+        self._soft_index: torch.Tensor | None = None
+        if template.num_soft_tokens:
+            plm.get_input_embeddings().register_forward_hook(self._substitute_soft_embeddings)
+
+    # the state that belongs to the delta (and the template's soft tokens), by the shared predicate
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if is_delta_parameter(n)}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if is_delta_parameter(n))
+
+    def load_delta_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Copy delta weights in; a missing, unexpected or mis-shaped key is an error, never skipped."""
+        from .errors import OptqaError
+
+        own = {n: p for n, p in self.named_parameters() if is_delta_parameter(n)}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise OptqaError(f"{source} does not fit this delta: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                             f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        for name, param in own.items():
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise OptqaError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model expects "
+                                 f"{tuple(param.shape)} (a delta for another backbone?)")
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state[name].to(param.dtype))
+
+    def _substitute_soft_embeddings(self, module, inputs, output):
+        index = self._soft_index
+        # only the pass over the whole prompt carries soft positions; cached decoding steps are shorter
+        if index is None or output.shape[:2] != index.shape:
+            return output
+        mask = (index >= 0).unsqueeze(-1)
+        soft = self.template.soft_embeds[index.clamp(min=0)].to(output.dtype)
+        return torch.where(mask, soft, output)
+
+    @contextlib.contextmanager
+    def _running(self, batch):
+        self._soft_index = batch.get("soft_index") if self.template.num_soft_tokens else None
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        try:
+            with autocast:
+                yield
+        finally:
+            self._soft_index = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.plm.parameters()).device
+
+    def loss_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token loss and the number of answer tokens, so several processes can average exactly."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        width = input_ids.shape[1]
+        first_target = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
+        # the vocabulary projection is only needed where an answer token is predicted
+        keep = width - first_target + 1
+        with self._running(batch):
+            out = self.plm(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                           use_cache=False)
+        logits = out.logits[:, -keep:-1].float()
+        targets = labels[:, first_target:]
+        loss_sum = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, (targets != IGNORE_INDEX).sum()
+
+    def forward(self, batch) -> torch.Tensor:
+        loss_sum, count = self.loss_terms(batch)
+        return loss_sum / count.clamp(min=1)
+
+    @torch.inference_mode()
+    def generate(self, batch, max_new_tokens: int | None = None, verbose: bool = False) -> list[str]:
+        """Greedy answers for a left-padded batch; each row stops at its own eos."""
+        from transformers import GenerationConfig
+
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        config = GenerationConfig(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
+                                  num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=eos)
+        input_ids = batch["input_ids"].to(self.device)
+        with self._running(batch):
+            out = self.plm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device),
+                                    generation_config=config)
+        answers = []
+        for row in out[:, input_ids.shape[1]:].tolist():
+            if eos in row:
+                row = row[:row.index(eos)]
+            answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        if verbose:
+            for answer in answers:
+                log.info("generated: %s", answer)
+        return answers
+
+    def answer(self, questions: list[str], batch_size: int = 32) -> list[str]:
+        """Answer raw question strings (the REPL's path): render, batch by length, generate."""
+        examples = [InputExample(guid=i, text_a=q) for i, q in enumerate(questions)]
+        encoded = [self.wrapper.encode(e, i) for i, e in enumerate(examples)]
+        answers: list[str] = [""] * len(encoded)
+        for chunk in generation_batches(encoded, batch_size):
+            batch = collate_for_generation(chunk, self.tokenizer.pad_token_id)
+            for index, text in zip(batch["index"], self.generate(batch)):
+                answers[index] = text
+        return answers

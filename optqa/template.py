@@ -1,0 +1,233 @@
+"""OpenPrompt's ManualTemplate syntax, parsed and rendered to token ids for a decoder-only model.
+
+A template is plain text with ``{...}`` pieces: ``{"placeholder":"text_a"}``, ``{"mask"}``,
+``{"meta":"name"}``, ``{"soft":"init words"}`` (trainable embeddings, one per token of the words; ``{"soft"}``
+is one randomly initialised token), ``{"special":"<eos>"}``, with optional ``"shortenable"`` and
+``"post_processing"`` keys. The answer is generated at ``{"mask"}``, which must come last.
+"""
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import OptqaError
+
+KNOWN_KEYS = {"placeholder", "mask", "meta", "soft", "special", "text", "shortenable", "post_processing"}
+POST_PROCESSING = {
+    "lower": str.lower,
+    "strip": str.strip,
+    "capitalize": lambda s: s[:1].upper() + s[1:],
+    "rstrip_period": lambda s: s.rstrip(". "),
+}
+# Soft positions carry the pad id in input_ids; their embeddings come from the template's own table.
+SOFT_NONE = -1
+
+
+@dataclass
+class Piece:
+    kind: str  # "text", "placeholder", "meta", "soft", "special", "mask"
+    value: str | None = None
+    shortenable: bool = False
+    post_processing: str | None = None
+
+
+def parse_template(text: str, source: str = "template") -> list[Piece]:
+    """Split template text into pieces; a malformed ``{...}`` names the problem and its character position."""
+    pieces: list[Piece] = []
+    i, plain = 0, []
+    while i < len(text):
+        char = text[i]
+        if char != "{":
+            if char == "}":
+                raise OptqaError(f"{source}: unmatched '}}' at character {i}")
+            plain.append(char)
+            i += 1
+            continue
+        end, depth, in_string = i, 0, False
+        while end < len(text):
+            c = text[end]
+            if c == '"' and text[end - 1] != "\\":
+                in_string = not in_string
+            elif not in_string and c == "{":
+                depth += 1
+            elif not in_string and c == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            end += 1
+        if end >= len(text):
+            raise OptqaError(f"{source}: unclosed '{{' at character {i}")
+        if plain:
+            pieces.append(Piece("text", "".join(plain)))
+            plain = []
+        pieces.append(_piece_from_dict(text[i:end + 1], i, source))
+        i = end + 1
+    if plain:
+        pieces.append(Piece("text", "".join(plain)))
+    _check_structure(pieces, source)
+    return pieces
+
+
+def _piece_from_dict(raw: str, position: int, source: str) -> Piece:
+    body = raw.strip()
+    if body in ('{"mask"}', "{'mask'}"):
+        return Piece("mask")
+    if body in ('{"soft"}', "{'soft'}"):
+        return Piece("soft", None)
+    try:
+        spec = json.loads(body)
+    except json.JSONDecodeError:
+        try:
+            spec = ast.literal_eval(body)
+        except (ValueError, SyntaxError):
+            raise OptqaError(f"{source}: cannot parse {raw!r} at character {position} "
+                             f"(expected JSON like {{\"placeholder\":\"text_a\"}})") from None
+    if isinstance(spec, set):  # {"mask"} written with other spacing
+        spec = {key: None for key in spec}
+    if not isinstance(spec, dict):
+        raise OptqaError(f"{source}: {raw!r} at character {position} is not a dict")
+    unknown = set(spec) - KNOWN_KEYS
+    if unknown:
+        raise OptqaError(f"{source}: unknown key {sorted(unknown)[0]!r} at character {position} "
+                         f"(known: {', '.join(sorted(KNOWN_KEYS))})")
+    kinds = [k for k in ("placeholder", "mask", "meta", "soft", "special", "text") if k in spec]
+    if len(kinds) != 1:
+        raise OptqaError(f"{source}: {raw!r} at character {position} needs exactly one of "
+                         "placeholder, mask, meta, soft, special, text")
+    kind = kinds[0]
+    value = spec[kind]
+    post = spec.get("post_processing")
+    if post is not None and post not in POST_PROCESSING:
+        raise OptqaError(f"{source}: unknown post_processing {post!r} at character {position} "
+                         f"(known: {', '.join(POST_PROCESSING)})")
+    if kind == "placeholder" and value not in ("text_a", "text_b"):
+        raise OptqaError(f"{source}: placeholder must be text_a or text_b, got {value!r} at character {position}")
+    if kind in ("meta", "special") and not isinstance(value, str):
+        raise OptqaError(f"{source}: {kind} needs a string at character {position}")
+    # OpenPrompt makes input placeholders shortenable unless told otherwise
+    shortenable = bool(spec.get("shortenable", kind in ("placeholder", "meta")))
+    return Piece(kind, value if value is None else str(value), shortenable, post)
+
+
+def _check_structure(pieces: list[Piece], source: str) -> None:
+    masks = [i for i, p in enumerate(pieces) if p.kind == "mask"]
+    if len(masks) != 1:
+        raise OptqaError(f"{source}: needs exactly one {{\"mask\"}} (found {len(masks)})")
+    if any(p.kind != "text" or p.value.strip() for p in pieces[masks[0] + 1:]):
+        raise OptqaError(f"{source}: {{\"mask\"}} must come last: a decoder generates the answer after the prompt")
+
+
+class ManualTemplate(nn.Module):
+    """OpenPrompt's ManualTemplate: ``ManualTemplate(tokenizer, text=...)`` or ``ManualTemplate.from_file``.
+
+    It is an ``nn.Module`` because ``{"soft"}`` pieces own trainable embeddings; those belong to the delta
+    and are saved with it.
+    """
+
+    def __init__(self, tokenizer, text: str | None = None, placeholder_mapping: dict | None = None,
+                 source: str = "template", embedding: nn.Embedding | None = None):
+        super().__init__()
+        if text is None:
+            raise OptqaError("ManualTemplate needs text= (or use ManualTemplate.from_file)")
+        self.tokenizer = tokenizer
+        self.text = text.strip("\n")
+        self.placeholder_mapping = placeholder_mapping or {"<text_a>": "text_a", "<text_b>": "text_b"}
+        self.pieces = parse_template(self.text, source)
+        self._soft_token_ids: list[list[int]] = []
+        for piece in self.pieces:
+            if piece.kind == "soft":
+                ids = self._encode(piece.value) if piece.value else [None]
+                self._soft_token_ids.append(ids)
+        self.num_soft_tokens = sum(len(ids) for ids in self._soft_token_ids)
+        self.soft_embeds = None
+        if self.num_soft_tokens:
+            if embedding is None:
+                raise OptqaError(f"{source}: {{\"soft\"}} pieces need the backbone's input embedding "
+                                 "(pass embedding=plm.get_input_embeddings())")
+            self.soft_embeds = nn.Parameter(self._initial_soft_embeds(embedding))
+
+    @classmethod
+    def from_file(cls, tokenizer, path: str | Path, embedding: nn.Embedding | None = None) -> "ManualTemplate":
+        path = Path(path)
+        if not path.is_file():
+            raise OptqaError(f"template file not found: {path}")
+        return cls(tokenizer, text=path.read_text(encoding="utf-8"), source=str(path), embedding=embedding)
+
+    @classmethod
+    def from_argument(cls, tokenizer, value: str, embedding: nn.Embedding | None = None) -> "ManualTemplate":
+        """``--template`` takes a file path, or inline template text (anything containing ``{``)."""
+        if "{" in value and not Path(value).is_file():
+            return cls(tokenizer, text=value, source="--template", embedding=embedding)
+        return cls.from_file(tokenizer, value, embedding=embedding)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _initial_soft_embeds(self, embedding: nn.Embedding) -> torch.Tensor:
+        weight = embedding.weight.detach().float()
+        generator = torch.Generator().manual_seed(0)
+        rows = []
+        for ids in self._soft_token_ids:
+            for token_id in ids:
+                if token_id is None:
+                    token_id = int(torch.randint(4, weight.shape[0], (1,), generator=generator))
+                rows.append(weight[token_id].clone())
+        return torch.stack(rows)
+
+    def render(self, example) -> list[tuple[str, list[int], bool]]:
+        """The prompt as ``(kind, token_ids, shortenable)`` segments, without bos and without the answer.
+
+        Pieces are tokenised separately (so the question can be cut alone); whitespace that ends one
+        piece is moved to the start of the next, which is how byte-level BPE expects word boundaries.
+        """
+        segments: list[tuple[str, list[int], bool]] = []
+        carry = ""
+        soft_index = 0
+        for piece in self.pieces:
+            if piece.kind == "mask":
+                break
+            if piece.kind == "soft":
+                start = sum(len(ids) for ids in self._soft_token_ids[:soft_index])
+                count = len(self._soft_token_ids[soft_index])
+                segments.append(("soft", list(range(start, start + count)), False))
+                soft_index += 1
+                continue
+            if piece.kind == "special":
+                token_id = self.tokenizer.convert_tokens_to_ids(self._special_token(piece.value))
+                segments.append(("special", [token_id], False))
+                continue
+            text = self._piece_text(piece, example)
+            text = carry + text
+            stripped = text.rstrip()
+            carry = text[len(stripped):]
+            if stripped:
+                segments.append((piece.kind, self._encode(stripped), piece.shortenable))
+        return segments
+
+    def _special_token(self, name: str) -> str:
+        aliases = {"<eos>": self.tokenizer.eos_token, "<bos>": self.tokenizer.bos_token,
+                   "<pad>": self.tokenizer.pad_token, "<sep>": self.tokenizer.sep_token or self.tokenizer.eos_token}
+        token = aliases.get(name, name)
+        if token is None or self.tokenizer.convert_tokens_to_ids(token) is None:
+            raise OptqaError(f"template: the tokenizer has no special token {name!r}")
+        return token
+
+    def _piece_text(self, piece: Piece, example) -> str:
+        if piece.kind == "text":
+            value = piece.value
+        elif piece.kind == "placeholder":
+            value = getattr(example, piece.value) or ""
+        else:  # meta
+            meta = example.meta or {}
+            if piece.value not in meta:
+                raise OptqaError(f"template asks for meta {piece.value!r}, example {example.guid} has "
+                                 f"{sorted(meta) or 'no meta'}")
+            value = str(meta[piece.value])
+        if piece.post_processing:
+            value = POST_PROCESSING[piece.post_processing](value)
+        return value

@@ -1,0 +1,56 @@
+"""Small OPT backbones built locally, for the offline demo, the tests and the benchmarks.
+
+Weights cannot be downloaded on offline machines, so these build a real ``OPTForCausalLM`` folder from
+``OPTConfig`` and a byte-level BPE tokenizer trained with ``tokenizers`` in OPT's layout
+(``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3; ``</s>`` doubles as bos like facebook/opt-*).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+
+# hidden 64, 2 layers: trains in seconds on a CPU
+TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                  max_position_embeddings=256, word_embed_proj_dim=64)
+# facebook/opt-125m's shape, for benchmarks and checkpoint-size reports
+OPT_125M_SHAPE = dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                      max_position_embeddings=2048, word_embed_proj_dim=768, vocab_size=50272)
+
+
+def build_tokenizer(texts: Iterable[str], folder: str | Path, vocab_size: int = 1000) -> Path:
+    """Train a byte-level BPE on ``texts`` and save it as an OPT-style GPT2Tokenizer folder."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=OPT_SPECIALS,
+                            show_progress=False)
+    bpe.save_model(str(folder))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_bos_token": True, "model_max_length": 2048}), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}), encoding="utf-8")
+    return folder
+
+
+def build_opt(folder: str | Path, texts: Iterable[str] | None = None, seed: int = 0, vocab_size: int = 1000,
+              **shape) -> Path:
+    """Write a random-weight OPT (default: the tiny shape) and, given ``texts``, a tokenizer into ``folder``."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if texts is not None:
+        build_tokenizer(texts, folder, vocab_size=vocab_size)
+        vocab_size = len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    settings = {**TINY_SHAPE, "vocab_size": vocab_size, **shape}
+    torch.manual_seed(seed)
+    config = OPTConfig(pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, **settings)
+    OPTForCausalLM(config).save_pretrained(folder)
+    return folder
