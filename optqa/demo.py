@@ -13,8 +13,8 @@ log = logging.getLogger("optqa")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path("data/sample")
 # a random 2-layer backbone needs a bigger step and more passes than a pretrained one to memorise the sample
-DEMO_SETTINGS = dict(delta_type="lora", modified_modules=["self_attn", "fc1", "fc2"], lora_r=16, lora_alpha=32,
-                     lr=1e-2, train_epochs=40, batch_size=8, max_new_tokens=12, save_steps=0)
+DEMO_SETTINGS = dict(delta_type="adapter", modified_modules=["self_attn", "fc1", "fc2"], lr=2e-2, train_epochs=80,
+                     batch_size=8, max_new_tokens=12, save_steps=0)
 
 
 def find_sample(config: RunConfig, explicit: set[str]) -> Path:

@@ -39,7 +39,7 @@ def build_tokenizer(texts: Iterable[str], folder: str | Path, vocab_size: int = 
 
 
 def build_opt(folder: str | Path, texts: Iterable[str] | None = None, seed: int = 0, vocab_size: int = 1000,
-              **shape) -> Path:
+              embedding_std: float = 0.2, **shape) -> Path:
     """Write a random-weight OPT (default: the tiny shape) and, given ``texts``, a tokenizer into ``folder``."""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
@@ -52,5 +52,10 @@ def build_opt(folder: str | Path, texts: Iterable[str] | None = None, seed: int 
     settings = {**TINY_SHAPE, "vocab_size": vocab_size, **shape}
     torch.manual_seed(seed)
     config = OPTConfig(pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, **settings)
-    OPTForCausalLM(config).save_pretrained(folder)
+    model = OPTForCausalLM(config)
+    with torch.no_grad():
+        # with OPT's init_std (0.02) the tied output embedding caps logits near +-1.3 behind the frozen final
+        # layer norm, so no delta could ever make a confident prediction; pretrained OPT has no such cap
+        model.get_input_embeddings().weight.normal_(0.0, embedding_std)
+    model.save_pretrained(folder)
     return folder

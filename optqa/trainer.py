@@ -154,7 +154,8 @@ def train(config: RunConfig) -> dict:
         run.append(METRICS_NAME, [row])
         log.info("epoch %d: train loss %s, dev F1 %.2f, EM %.2f", epoch + 1, row["train_loss"], row["dev_f1"],
                  row["dev_em"])
-        if dev_metrics["f1"] > state.best_dev.get("f1", -1.0):
+        # ties go to the later epoch: with equal dev F1 the more trained delta is the better bet
+        if dev_metrics["f1"] >= state.best_dev.get("f1", -1.0):
             state.best_epoch, state.best_dev = epoch + 1, dev_metrics
             best_state = {k: v.clone() for k, v in model.delta_state_dict().items()}
             run.write_predictions("dev", dev_rows)

@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny OPT + tokenizer built once per session, and small ARC-DA-format data sets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+FIXTURES = REPO / "tests" / "fixtures"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Eight short questions with one-token-ish answers: small enough to memorise in a few seconds.
+MEMORY_SET = [
+    ("What gas do plants take in from the air?", ["carbon dioxide", "co2"]),
+    ("What pulls a dropped ball to the ground?", ["gravity"]),
+    ("What is frozen water called?", ["ice"]),
+    ("Which organ pumps blood through the body?", ["the heart", "heart"]),
+    ("What do bees make from nectar?", ["honey"]),
+    ("Which planet is called the red planet?", ["mars"]),
+    ("What is the closest star to Earth?", ["the sun", "sun"]),
+    ("What process turns liquid water into vapor?", ["evaporation"]),
+]
+
+
+def sample_texts() -> list[str]:
+    texts = []
+    for split in ("train", "dev", "test"):
+        for line in (SAMPLE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            texts += [row["question"], *row["answers"]]
+    texts += [q for q, _ in MEMORY_SET] + [a for _, answers in MEMORY_SET for a in answers]
+    return texts
+
+
+def write_split(folder: Path, rows: list[tuple[str, list[str]]], split: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{split}.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for i, (question, answers) in enumerate(rows):
+            handle.write(json.dumps({"question_id": f"{split}-{i}", "tag": "EASY", "question": question,
+                                     "answers": answers}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    """A random 2-layer OPT (hidden 64) with a BPE tokenizer trained on the sample texts."""
+    from optqa.tiny import build_opt
+
+    return build_opt(tmp_path_factory.mktemp("tiny-opt"), sample_texts(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def memory_data(tmp_path_factory) -> Path:
+    """train = dev = test = MEMORY_SET: scores measure memorisation."""
+    folder = tmp_path_factory.mktemp("memory-data")
+    for split in ("train", "dev", "test"):
+        write_split(folder, MEMORY_SET, split)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return SAMPLE
+
+
+def run_cli(*args: str, stdin: str | None = None, cwd: Path | None = None, timeout: int = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m optqa`` as a user would; returns the completed process (never raises on failure)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "optqa", *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=timeout, env=full_env)
+
+
+def train_args(plm: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """Flags for a quick training run whose outputs all land below ``out``."""
+    return ["--mode", "train", "--plm_path", str(plm), "--data_path", str(data),
+            "--delta_save_path", str(out / "delta_ckpts"), "--raw_delta_save_path", str(out / "raw_delta_ckpts"),
+            "--output_dir", str(out / "runs"), *extra]
