@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from .checkpoint import backbone_fingerprint, check_backbone, read_checkpoint
-from .config import RunConfig
+from .config import REPO_ROOT, RunConfig, find_repo_file
 from .deltas import AutoDeltaConfig, AutoDeltaModel
 from .errors import OptqaError
 from .model import PromptForGeneration
@@ -17,12 +17,12 @@ log = logging.getLogger(__name__)
 
 def template_text(config: RunConfig) -> str:
     """--template is a file or inline text; checkpoints store the text itself."""
-    path = Path(config.template)
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
     if "{" in config.template:
         return config.template
-    raise OptqaError(f"template file not found: {config.template}")
+    path = find_repo_file(config.template)
+    if path is None or not path.is_file():
+        raise OptqaError(f"template file not found: {config.template} (looked in {Path.cwd()} and {REPO_ROOT})")
+    return path.read_text(encoding="utf-8")
 
 
 def build_model(config: RunConfig, delta_config: dict | None = None, template: str | None = None):

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+# templates/ and data/sample/ sit beside the package in a checkout; default paths are relative to it
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "download", "import_opendelta")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
@@ -152,6 +155,18 @@ class RunConfig:
         elif self.delta_type == "prefix":
             cfg.update(prefix_token_num=self.prefix_token_num)
         return cfg
+
+
+def find_repo_file(path: str | Path) -> Path | None:
+    """``path`` as given (relative to the working folder), else relative to the checkout, else None.
+
+    The defaults (templates/..., data/sample) then work from any working folder, not only the checkout's.
+    """
+    path = Path(path)
+    for candidate in (path, REPO_ROOT / path):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def markdown_table() -> str:

@@ -6,11 +6,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, find_repo_file
 from .errors import OptqaError
 
 log = logging.getLogger("optqa")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path("data/sample")
 # a random 2-layer backbone needs a bigger step and more passes than a pretrained one to memorise the sample
 DEMO_SETTINGS = dict(delta_type="adapter", modified_modules=["self_attn", "fc1", "fc2"], lr=2e-2, train_epochs=80,
@@ -20,9 +19,9 @@ DEMO_SETTINGS = dict(delta_type="adapter", modified_modules=["self_attn", "fc1",
 def find_sample(config: RunConfig, explicit: set[str]) -> Path:
     if "data_path" in explicit:
         return Path(config.data_path)
-    for candidate in (SAMPLE, REPO_ROOT / SAMPLE):
-        if (candidate / "train.jsonl").is_file():
-            return candidate
+    found = find_repo_file(SAMPLE)
+    if found is not None and (found / "train.jsonl").is_file():
+        return found
     raise OptqaError("the bundled sample data/sample/ was not found; run from the optqa checkout or pass --data_path")
 
 
@@ -43,7 +42,7 @@ def run_demo(config: RunConfig, explicit: set[str]) -> None:
     texts += [e.text_a for split in ("dev", "test") for e in load_split(demo_config, split)]
     print(f"1/4 building a tiny random OPT (2 layers, hidden 64) and a BPE tokenizer in {root / 'tiny-opt'}")
     build_opt(root / "tiny-opt", texts, seed=config.seed)
-    print(f"2/4 training a {demo_config.delta_type} delta on {sample} ({len(train_examples)} questions, "
+    print(f"2/4 training the {demo_config.delta_type} delta on {sample} ({len(train_examples)} questions, "
           f"{demo_config.train_epochs} epochs)")
     summary = train(demo_config)
     print(f"3/4 saved the delta to {summary['delta_save_path']} ({summary['checkpoint_bytes'] / 1e3:.1f} kB); "

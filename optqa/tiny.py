@@ -43,6 +43,9 @@ def build_opt(folder: str | Path, texts: Iterable[str] | None = None, seed: int 
     """Write a random-weight OPT (default: the tiny shape) and, given ``texts``, a tokenizer into ``folder``."""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
