@@ -178,3 +178,7 @@ def markdown_table() -> str:
             default = " ".join(default)
         rows.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m optqa.config > table.md: the README's flag table
+    print(markdown_table())

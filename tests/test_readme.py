@@ -1,0 +1,29 @@
+"""The README is part of the interface: its flag table, modes and commands must match the code and CI."""
+from __future__ import annotations
+
+import re
+
+from conftest import REPO
+
+from optqa.config import MODES, markdown_table
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_flag_table_is_generated_from_the_config():
+    table = README.split("<!-- flags:start -->\n", 1)[1].split("<!-- flags:end -->", 1)[0].strip()
+    assert table == markdown_table(), "paste the output of: python -m optqa.config"
+
+
+def test_every_mode_is_documented():
+    missing = [mode for mode in MODES if f"| `{mode}` |" not in README]
+    assert not missing
+
+
+def test_ci_runs_the_readme_test_command_after_pinning_torch():
+    commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    setup, test_command = commands[0], commands[1]
+    assert setup.startswith("pip install torch==2.13.0 && ")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert test_command in ci.splitlines()
+    assert ci.index("torch==2.13.0") < ci.index('-e ".[dev,plot]"') < ci.index(test_command)
