@@ -12,11 +12,16 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import shutil
+import stat
+import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are touched: --mode inspect never needs it
+    import torch
 
 from .errors import OptqaError
 
@@ -28,6 +33,8 @@ WEIGHTS_NAME = "delta_model.safetensors"
 RESUME_DIR_NAME = "resume"
 RESUME_STATE_NAME = "training_state.pt"
 BEST_DIR_NAME = "best"
+# files a save carries over from the folder it replaces, unlisted: a loader never reads them
+KEPT_NAMES = ("README.md",)
 PARTIAL_SUFFIX = ".partial"
 PREVIOUS_SUFFIX = ".previous"
 FORMAT_NAME = "optqa-delta"
@@ -44,12 +51,19 @@ def sha256_file(path: Path) -> str:
 
 
 def backbone_fingerprint(plm: torch.nn.Module) -> str:
-    """A cheap hash of the backbone's weights: names, shapes and 256 evenly spaced values per tensor.
+    """A cheap hash of the backbone's weights: every tensor's name and shape, and 256 evenly spaced values.
 
-    Values are compared at bfloat16 precision, so the same weights loaded in fp32, fp16 or bf16 agree,
-    while another checkpoint of the same shape (other seed, other fine-tune) differs in sampled values.
-    Delta parameters are skipped: call it on the backbone, before or after attaching a delta.
+    Definition (format version 1): SHA-256 over, for each backbone parameter sorted by name,
+    ``"<name>:<shape tuple>;"`` (UTF-8) followed by the raw little-endian bfloat16 bits of
+    ``flat[i * (n - 1) // (k - 1)]`` for ``i = 0 .. k - 1``, where ``flat`` is the tensor in row-major order,
+    ``n`` its size and ``k = min(256, n)``. Delta parameters are skipped and PEFT's renamed layers
+    (``q_proj.base_layer.weight``) count under their original names, so the fingerprint is the same before
+    and after a delta is attached. Rounding to bfloat16 makes a backbone loaded in fp32 or bf16 agree (an
+    fp16 copy of fp32 weights generally does not); any other seed or fine-tune differs in the sampled
+    values. It reads ~256 values per tensor, so it costs milliseconds next to loading the backbone.
     """
+    import torch
+
     from .deltas import is_delta_parameter
 
     digest = hashlib.sha256()
@@ -57,22 +71,35 @@ def backbone_fingerprint(plm: torch.nn.Module) -> str:
         if is_delta_parameter(name):
             continue
         flat = param.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, min(FINGERPRINT_SAMPLES, flat.numel())).long()
-        sample = flat[positions].to(torch.bfloat16).view(torch.int16)
+        positions = _sample_positions(flat.numel())
+        sample = flat[positions].to("cpu", torch.bfloat16).view(torch.int16)
         digest.update(f"{name}:{tuple(param.shape)};".encode())
-        digest.update(sample.numpy().tobytes())
+        digest.update(sample.numpy().astype("<i2").tobytes())
     return digest.hexdigest()
 
 
+def _sample_positions(n: int) -> torch.Tensor:
+    import torch
+
+    # integer arithmetic: a float linspace rounds n - 1 up past the end for n above 2**24 (OPT's embedding),
+    # and float rounding could differ between platforms
+    k = min(FINGERPRINT_SAMPLES, n)
+    return torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+
+
 def _backbone_parameters(plm):
-    # PEFT renames wrapped layers (q_proj.weight -> q_proj.base_layer.weight); fingerprint the original names
+    # a PeftModel wraps the backbone; LoRA renames the layers it wraps (q_proj.weight -> q_proj.base_layer.weight)
+    if hasattr(plm, "get_base_model"):
+        plm = plm.get_base_model()
     for name, param in plm.named_parameters():
-        yield name.replace("base_layer.", "").replace("base_model.model.", ""), param
+        yield name.replace(".base_layer.", "."), param
 
 
 def resolve_folder(folder: str | Path) -> Path:
     """The checkpoint folder, or the previous one if a save was killed between its two renames."""
     folder = Path(folder)
+    if not folder.name:  # "." or a drive root: there is no sibling to fall back on
+        return folder
     previous = folder.with_name(folder.name + PREVIOUS_SUFFIX)
     if not (folder / MANIFEST_NAME).is_file() and (previous / MANIFEST_NAME).is_file():
         log.warning("%s was being replaced when a save stopped; using the previous checkpoint %s", folder, previous)
@@ -81,24 +108,93 @@ def resolve_folder(folder: str | Path) -> Path:
 
 
 def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -> Path:
-    """Build the folder's new contents in ``<folder>.partial``, then swap it in by renames."""
-    folder = Path(folder)
+    """Build the folder's new contents in ``<folder>.partial``, then swap it in by renames.
+
+    At every instant one complete version is on disk: the old ``folder`` until the first rename, then
+    ``<folder>.previous`` (which :func:`resolve_folder` falls back on) until the second. Only renames of
+    paths that do not exist yet are used, since Windows' rename refuses to replace an existing target.
+    An existing folder is replaced only if it is empty, holds a manifest, or holds nothing but names the new
+    version writes too: a mistyped path can never wipe out an unrelated folder. A README.md in it is carried
+    over (unlisted, so never read by a loader): the repository's default save folders hold one.
+    """
+    folder = Path(folder).resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
     previous = folder.with_name(folder.name + PREVIOUS_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    write(partial)
-    if folder.exists():
-        if previous.exists() and (folder / MANIFEST_NAME).is_file():
-            shutil.rmtree(previous)
-        if not previous.exists():
-            folder.rename(previous)
-        else:  # folder is itself a leftover without a manifest
-            shutil.rmtree(folder)
-    partial.rename(folder)
+    try:
+        write(partial)
+        if folder.exists():
+            _check_replaceable(folder, {p.name for p in partial.iterdir()})
+            for name in KEPT_NAMES:
+                if (folder / name).is_file() and not (partial / name).exists():
+                    shutil.copyfile(folder / name, partial / name)
+        _sync_folder(partial)
+        if folder.exists():
+            if previous.exists() and (folder / MANIFEST_NAME).is_file():
+                _rmtree(previous)
+            if not previous.exists():
+                _rename(folder, previous)
+            else:  # folder is an incomplete leftover and previous the last complete version: keep the latter
+                _rmtree(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _rename(partial, folder)
     shutil.rmtree(previous, ignore_errors=True)
     return folder
+
+
+def _rename(source: Path, target: Path) -> None:
+    """Rename, retrying for a few seconds on Windows, where a virus scanner or an indexer briefly holding a
+    just-written file makes the rename of its folder fail."""
+    for attempt in range(50):
+        try:
+            source.rename(target)
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
+def _rmtree(path: Path) -> None:
+    def make_writable_and_retry(function, name, _error):
+        # Windows refuses to delete a read-only file (a checkpoint copied from a read-only place)
+        os.chmod(name, stat.S_IWRITE | stat.S_IREAD)
+        function(name)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def ensure_replaceable(folder: str | Path) -> None:
+    """Refuse early (before hours of training) a save path that holds something other than a checkpoint."""
+    folder = Path(folder).resolve()
+    if folder.exists():
+        _check_replaceable(folder, set())
+
+
+def _check_replaceable(folder: Path, new_names: set[str]) -> None:
+    if not folder.is_dir():
+        raise OptqaError(f"{folder} is a file, not a checkpoint folder; choose another save path")
+    names = {p.name for p in folder.iterdir()} - set(KEPT_NAMES)
+    if names and MANIFEST_NAME not in names and not names <= new_names:
+        raise OptqaError(f"{folder} already exists and is not an optqa checkpoint (it holds "
+                         f"{', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}); refusing to "
+                         "replace it: choose a new or empty folder")
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush the new files to disk before they are renamed into place, so a power cut cannot swap in
+    half-written data (a killed process alone cannot: the OS keeps what was written)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -161,7 +257,30 @@ def read_manifest(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise OptqaError(f"{path}: format version {manifest.get('format_version')} is not supported "
                          f"(this optqa reads version {FORMAT_VERSION})")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise OptqaError(f"{path}: damaged manifest, {problem}")
     return folder, manifest
+
+
+# Fields a loader relies on, with their JSON types; anything else in a manifest is informational.
+_REQUIRED = {"delta": dict, "template": str, "backbone": dict, "hyperparameters": dict, "metrics": dict,
+             "files": dict}
+_REQUIRED_BACKBONE = {"name_or_path": str, "architecture": str, "config": dict, "fingerprint": str}
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    for fields, where in ((_REQUIRED, manifest), (_REQUIRED_BACKBONE, manifest.get("backbone") or {})):
+        for key, kind in fields.items():
+            if not isinstance(where.get(key), kind):
+                return f"field {key!r} is missing or not a JSON {kind.__name__}"
+    if not isinstance(manifest["delta"].get("delta_type"), str):
+        return "the delta has no delta_type"
+    for name, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            return f"the entry for {name!r} lacks its sha256 or byte count"
+    return None
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -170,9 +289,10 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     if WEIGHTS_NAME not in files:
         raise OptqaError(f"{folder / MANIFEST_NAME}: lists no {WEIGHTS_NAME}")
     for name, expected in files.items():
-        path = folder / name
-        if Path(name).name != name:
+        # a listed name is joined to the folder: only a plain name can never point outside it
+        if name in ("", ".", "..") or Path(name).name != name or "/" in name or "\\" in name or ":" in name:
             raise OptqaError(f"{folder / MANIFEST_NAME}: file name {name!r} is not a plain file name")
+        path = folder / name
         if not path.is_file():
             raise OptqaError(f"integrity check failed: {path} is missing")
         size = path.stat().st_size
@@ -187,11 +307,16 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """Verify a checkpoint folder and read its weights (CPU tensors, no pickle involved)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     folder, manifest = read_manifest(path)
     verify_files(folder, manifest)
-    state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
+    # parsed from the very bytes that are hashed here: nothing can change in between, and no memory map
+    # stays open on the file (Windows could then neither rename nor delete the folder while training)
+    data = (folder / WEIGHTS_NAME).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["files"][WEIGHTS_NAME]["sha256"]:
+        raise OptqaError(f"integrity check failed: {folder / WEIGHTS_NAME} changed while it was being read")
+    state = load(data)
     log.info("integrity check passed: %s (%d files, SHA-256 verified)", folder, len(manifest["files"]))
     return folder, manifest, state
 

@@ -1,0 +1,347 @@
+"""Checkpoint trust: every refusal with its message (library and CLI), backbone checks and the override,
+relocatable and read-only folders, the fingerprint's definition, and saves killed at every point."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MEMORY_SET, REPO, run_cli, train_args
+from optqa import checkpoint as ckpt
+from optqa.errors import OptqaError
+
+QUESTIONS = [q for q, _ in MEMORY_SET[:3]]
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def trained(tiny_opt, memory_data, tmp_path_factory) -> Path:
+    """A checkpoint written by the real trainer (in-process: one short epoch)."""
+    from optqa.cli import parse_args
+    from optqa.trainer import train
+
+    out = tmp_path_factory.mktemp("trained")
+    config, _ = parse_args(train_args(tiny_opt, memory_data, out, "--train_epochs", "1", "--lr", "3e-2",
+                                      "--template", str(REPO / "templates" / "answer_template.txt")))
+    train(config)
+    return out / "delta_ckpts"
+
+
+def _with_tokenizer_of(tiny_opt: Path, folder: Path) -> Path:
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_opt / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def backbones(tiny_opt, tmp_path_factory) -> dict[str, Path]:
+    """Other backbones with the SAME tokenizer: other seed (same shape), other shape, other architecture."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from optqa.tiny import build_opt
+
+    root = tmp_path_factory.mktemp("backbones")
+    vocab = json.loads((tiny_opt / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    other_seed = build_opt(root / "other-seed", seed=1, vocab_size=vocab)
+    other_shape = build_opt(root / "other-shape", seed=0, vocab_size=vocab, hidden_size=32, word_embed_proj_dim=32,
+                            ffn_dim=128)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=2,
+                               eos_token_id=2, pad_token_id=1)).save_pretrained(root / "gpt2")
+    return {name: _with_tokenizer_of(tiny_opt, folder)
+            for name, folder in (("weights", other_seed), ("shape", other_shape), ("architecture", root / "gpt2"))}
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+def _flip_byte(folder: Path) -> None:
+    path = folder / ckpt.WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(folder: Path) -> None:
+    path = folder / ckpt.WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[:-16])
+
+
+def _cut_manifest(folder: Path) -> None:
+    path = folder / ckpt.MANIFEST_NAME
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _drop_template(folder: Path) -> None:
+    path = folder / ckpt.MANIFEST_NAME
+    manifest = json.loads(path.read_bytes())
+    del manifest["template"]
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+
+
+# name -> (damage done to a copy of the checkpoint, the message's pattern)
+DAMAGE = {
+    "flipped byte": (_flip_byte, r"integrity check failed: .*delta_model\.safetensors has SHA-256 .* was modified"),
+    "truncated": (_truncate, r"integrity check failed: .*delta_model\.safetensors has \d+ bytes, the manifest says"),
+    "missing weights": (lambda f: (f / ckpt.WEIGHTS_NAME).unlink(),
+                        r"integrity check failed: .*delta_model\.safetensors is missing"),
+    "missing manifest": (lambda f: (f / ckpt.MANIFEST_NAME).unlink(), r"optqa_manifest\.json is missing"),
+    "damaged manifest": (_cut_manifest, r"optqa_manifest\.json: damaged manifest, not valid JSON"),
+    "manifest without template": (_drop_template,
+                                  r"optqa_manifest\.json: damaged manifest, field 'template' is missing"),
+    "missing folder": (shutil.rmtree, r"no checkpoint at .*: the folder does not exist"),
+}
+# name -> (backbone, the message's pattern)
+WRONG_BACKBONE = {
+    "architecture": r"made for a OPTForCausalLM backbone, the loaded one is GPT2LMHeadModel",
+    "shape": r"made for a backbone with ffn_dim=256, the loaded one has ffn_dim=128",
+    "weights": r"weights differ from the loaded .*other-seed .*pass --ignore_backbone_mismatch",
+}
+
+
+def _damaged_copy(trained: Path, where: Path, damage) -> Path:
+    folder = Path(shutil.copytree(trained, where / "ckpt"))
+    damage(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_checkpoint_is_refused(trained, tmp_path, case):
+    from optqa.build import load_trained
+
+    damage, message = DAMAGE[case]
+    with pytest.raises(OptqaError, match=message):
+        load_trained(_damaged_copy(trained, tmp_path, damage))
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_BACKBONE))
+def test_delta_for_another_backbone_is_refused(trained, backbones, case):
+    from optqa.build import load_trained
+
+    with pytest.raises(OptqaError, match=WRONG_BACKBONE[case]):
+        load_trained(trained, plm_path=str(backbones[case]))
+
+
+def test_override_covers_the_weights_only(trained, backbones, caplog):
+    from optqa.build import load_trained
+
+    with caplog.at_level(logging.WARNING, logger="optqa.checkpoint"):
+        model, _, _ = load_trained(trained, plm_path=str(backbones["weights"]), ignore_backbone_mismatch=True)
+    assert "loading anyway (--ignore_backbone_mismatch)" in caplog.text
+    assert len(model.answer(QUESTIONS)) == len(QUESTIONS)
+    # a delta whose tensors cannot fit the backbone stays refused whatever the flag says
+    for case in ("architecture", "shape"):
+        with pytest.raises(OptqaError, match=WRONG_BACKBONE[case]):
+            load_trained(trained, plm_path=str(backbones[case]), ignore_backbone_mismatch=True)
+
+
+def _cli_load(path: Path, *extra: str):
+    return run_cli("--mode", "interactive_inference", "--delta_save_path", str(path), *extra,
+                   stdin=QUESTIONS[0] + "\nquit()\n")
+
+
+def test_cli_refusals_are_one_error_line_and_a_failing_exit(trained, backbones, tmp_path):
+    """Every refusal above, as a user sees it; the override through the CLI; run a few at a time."""
+    runs = {name: (_damaged_copy(trained, tmp_path / name.replace(" ", "-"), damage), ())
+            for name, (damage, _) in DAMAGE.items()}
+    runs.update({name: (trained, ("--plm_path", str(backbones[name]))) for name in WRONG_BACKBONE})
+    runs["override"] = (trained, ("--plm_path", str(backbones["weights"]), "--ignore_backbone_mismatch"))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(runs, pool.map(lambda args: _cli_load(args[0], *args[1]), runs.values())))
+    expected = {name: message for name, (_, message) in DAMAGE.items()} | WRONG_BACKBONE
+    for name, message in expected.items():
+        result = results[name]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2, (name, result.stderr[-1500:])
+        assert len(errors) == 1 and re.search(message, errors[0]), (name, errors)
+        assert "Answer:" not in result.stdout, name
+    override = results["override"]
+    assert override.returncode == 0, override.stderr[-1500:]
+    assert "loading anyway (--ignore_backbone_mismatch)" in override.stderr
+    assert "integrity check passed" in override.stderr and "Answer:" in override.stdout
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def test_loading_logs_the_integrity_check_and_needs_no_other_flag(trained, caplog):
+    from optqa.build import load_trained
+
+    with caplog.at_level(logging.INFO, logger="optqa.checkpoint"):
+        model, manifest, _ = load_trained(trained)
+    assert "integrity check passed" in caplog.text and "backbone check passed" in caplog.text
+    assert manifest["template"] == (REPO / "templates" / "answer_template.txt").read_text(encoding="utf-8")
+    assert set(manifest["files"]) == {ckpt.WEIGHTS_NAME}
+    entry = manifest["files"][ckpt.WEIGHTS_NAME]
+    assert entry == {"sha256": ckpt.sha256_file(trained / ckpt.WEIGHTS_NAME),
+                     "bytes": (trained / ckpt.WEIGHTS_NAME).stat().st_size}
+
+
+def test_relocated_checkpoint_gives_the_same_answers(trained, tmp_path):
+    from optqa.build import load_trained
+
+    before = load_trained(trained)[0].answer(QUESTIONS)
+    moved = Path(shutil.copytree(trained, tmp_path / "elsewhere" / "my delta"))
+    hidden = trained.with_name("hidden-while-testing")
+    trained.rename(hidden)  # nothing may still point at the original place
+    try:
+        assert load_trained(moved)[0].answer(QUESTIONS) == before
+    finally:
+        hidden.rename(trained)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, ckpt.sha256_file(p)) for p in folder.iterdir()}
+
+
+def test_read_only_checkpoint_loads_through_the_cli(trained, tmp_path):
+    folder = Path(shutil.copytree(trained, tmp_path / "ro"))
+    before = _snapshot(folder)
+    for path in folder.iterdir():
+        path.chmod(stat.S_IREAD)
+    folder.chmod(stat.S_IREAD | stat.S_IEXEC)
+    try:
+        result = _cli_load(folder)
+    finally:
+        folder.chmod(stat.S_IRWXU)
+        for path in folder.iterdir():
+            path.chmod(stat.S_IREAD | stat.S_IWRITE)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "integrity check passed" in result.stderr and "Answer:" in result.stdout
+    # root ignores permission bits, so also check that loading wrote nothing
+    assert _snapshot(folder) == before and not folder.with_name("ro" + ckpt.PARTIAL_SUFFIX).exists()
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+
+@pytest.mark.parametrize("delta_type", ["adapter", "lora", "bitfit", "soft_prompt", "prefix"])
+def test_fingerprint_ignores_the_attached_delta(tiny_opt, delta_type):
+    from optqa.config import RunConfig
+    from optqa.deltas import AutoDeltaConfig, AutoDeltaModel
+    from optqa.plm import load_plm
+
+    plm, tokenizer, _, _ = load_plm("opt", str(tiny_opt))
+    before = ckpt.backbone_fingerprint(plm)
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(RunConfig(delta_type=delta_type).delta_config()),
+                                       backbone_model=plm, tokenizer=tokenizer)
+    assert ckpt.backbone_fingerprint(plm) == before
+    assert ckpt.backbone_fingerprint(delta.model) == before  # what runs: PEFT's wrapper for three of the types
+
+
+def test_fingerprint_tells_weights_apart_and_survives_bf16(tiny_opt, backbones):
+    from optqa.plm import load_plm
+
+    plm = load_plm("opt", str(tiny_opt))[0]
+    reference = ckpt.backbone_fingerprint(plm)
+    assert ckpt.backbone_fingerprint(load_plm("opt", str(backbones["weights"]))[0]) != reference
+    assert ckpt.backbone_fingerprint(plm.to(torch.bfloat16)) == reference
+    with torch.no_grad():  # one sampled value nudged by one bf16 step
+        plm.model.decoder.layers[1].fc1.weight.view(-1)[0] *= 1.01
+    assert ckpt.backbone_fingerprint(plm) != reference
+
+
+def test_fingerprint_samples_stay_inside_large_tensors():
+    n = 50272 * 768  # OPT's embedding: above 2**24, where float positions round past the end
+    positions = ckpt._sample_positions(n)
+    assert positions[0] == 0 and positions[-1] == n - 1 and len(set(positions.tolist())) == 256
+    assert ckpt._sample_positions(3).tolist() == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+
+def save_tagged(folder: Path, tag: str, extra=None) -> Path:
+    """A minimal valid checkpoint whose manifest and weights both say ``tag``."""
+    backbone = {"name_or_path": "none", "architecture": "none", "config": {}, "fingerprint": "none"}
+    manifest = ckpt.build_manifest(delta_config={"delta_type": "adapter"}, template_text="{\"mask\"}",
+                                   backbone=backbone, hyperparameters={}, metrics={"tag": tag},
+                                   trainable_parameters=4)
+    return ckpt.save_checkpoint(folder, {"w": torch.full((4,), float(ord(tag)))}, manifest, extra)
+
+
+def loaded_tag(folder: Path) -> str:
+    _, manifest, state = ckpt.read_checkpoint(folder)
+    assert state["w"].tolist() == [float(ord(manifest["metrics"]["tag"]))] * 4
+    return manifest["metrics"]["tag"]
+
+
+# Saves A, then dies while saving B at ``stage``: inside the write of <folder>.partial, after the old folder
+# was renamed to <folder>.previous, after <folder>.partial became <folder>, or hangs in the write for the
+# parent to kill it. os._exit, like a kill, skips every finally/except clean-up.
+CHILD = r"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from test_checkpoint import ckpt, save_tagged
+
+folder, stage = Path(sys.argv[1]), sys.argv[2]
+save_tagged(folder, "A")
+rename = Path.rename
+def dying_rename(self, target):
+    result = rename(self, target)
+    if (stage == "between renames" and str(target).endswith(ckpt.PREVIOUS_SUFFIX)) or (
+            stage == "before clean-up" and str(self).endswith(ckpt.PARTIAL_SUFFIX)):
+        os._exit(9)
+    return result
+Path.rename = dying_rename
+def extra(target):
+    (target / "notes.txt").write_bytes(b"half of B")
+    if stage == "writing":
+        os._exit(9)
+    if stage == "killed":
+        print("saving", flush=True)
+        time.sleep(120)
+save_tagged(folder, "B", extra)
+"""
+
+
+@pytest.mark.parametrize("stage, survivor", [("writing", "A"), ("between renames", "A"), ("before clean-up", "B"),
+                                             ("killed", "A")])
+def test_a_save_killed_at_any_point_leaves_a_loadable_checkpoint(tmp_path, stage, survivor):
+    folder = tmp_path / "ckpt"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), stage, str(REPO / "tests")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    if stage == "killed":
+        assert child.stdout.readline().strip() == "saving", child.stderr.read()
+        child.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no clean-up runs
+    child.wait(timeout=120)
+    assert child.returncode != 0, child.stderr.read()
+    assert loaded_tag(folder) == survivor
+    # the next save recovers from whatever the killed one left behind
+    save_tagged(folder, "C")
+    assert loaded_tag(folder) == "C"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_never_replaced(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "thesis.tex").write_bytes(b"years of work")
+    with pytest.raises(OptqaError, match=r"project already exists and is not an optqa checkpoint .*thesis\.tex"):
+        save_tagged(project, "A")
+    with pytest.raises(OptqaError, match="is not an optqa checkpoint"):
+        ckpt.ensure_replaceable(project)
+    assert (project / "thesis.tex").read_bytes() == b"years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+
+
+def test_a_readme_in_the_save_folder_is_kept_and_never_read(tmp_path):
+    # the repository's delta_ckpts/ holds a README.md: training into it must neither fail nor delete it
+    folder = tmp_path / "delta_ckpts"
+    folder.mkdir()
+    (folder / "README.md").write_bytes(b"# delta_ckpts/")
+    ckpt.ensure_replaceable(folder)
+    for tag in "AB":
+        save_tagged(folder, tag)
+        assert loaded_tag(folder) == tag and (folder / "README.md").read_bytes() == b"# delta_ckpts/"
+    assert "README.md" not in ckpt.read_manifest(folder)[1]["files"]
