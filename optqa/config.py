@@ -118,6 +118,9 @@ class RunConfig:
     compare_file: str | None = _opt(None, "evaluate: second predictions jsonl to compare with")
     # --mode export: single-file bundle to write
     export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa)")
+    # --mode export: PEFT users get an adapter folder; off, export needs no backbone at all
+    export_peft: bool = _opt(True, "export: also write a PEFT adapter folder <bundle name>-peft/ (lora, soft_prompt, "
+                                   "prefix)")
     # --mode import_opendelta: OpenDelta folder (config.json + pytorch_model.bin) to convert
     import_path: str | None = _opt(None, "import_opendelta: OpenDelta checkpoint folder to convert")
     # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)

@@ -1,0 +1,170 @@
+"""``--mode inspect`` and ``--mode export``: describe, verify and share checkpoints.
+
+Inspecting reads only the manifest and the safetensors header (a JSON block at the start of the file), so it
+never loads the backbone and never imports transformers or PEFT. Exporting writes a ``.optqa`` bundle and,
+where PEFT has the method, a PEFT adapter folder for people who use PEFT directly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from .bundle import BUNDLE_SUFFIX, default_bundle_path, open_checkpoint, write_bundle
+from .checkpoint import WEIGHTS_NAME, read_manifest, verify_files, write_folder_atomically
+from .errors import OptqaError
+
+PEFT_SUFFIX = "-peft"
+PEFT_TEMPLATE_NAME = "optqa_template.txt"
+# Delta types PEFT implements; optqa's adapter and BitFit have no PEFT counterpart.
+PEFT_METHODS = {"lora": "LoRA", "soft_prompt": "prompt tuning", "prefix": "prefix tuning"}
+# The training settings that change what a delta learns (the rest are paths and switches).
+TRAINING_KEYS = ("lr", "train_epochs", "batch_size", "gradient_accumulation_steps", "warmup_steps", "weight_decay",
+                 "max_grad_norm", "train_targets", "max_seq_l", "precision", "seed")
+BACKBONE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size")
+
+
+def safetensors_summary(path: Path) -> dict[str, Any]:
+    """Tensor count, parameter count and dtypes from a safetensors header, without reading the tensors."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise OptqaError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise OptqaError(f"{path}: not a safetensors file (unreadable header)") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    return {"bytes": size, "tensors": len(tensors),
+            "parameters": sum(math.prod(v["shape"]) for v in tensors.values()),
+            "dtypes": sorted({v["dtype"] for v in tensors.values()}), "names": sorted(tensors)}
+
+
+def inspect_checkpoint(path: str | Path) -> list[str]:
+    """What the checkpoint (folder or bundle) is, as printable lines; raises OptqaError if it fails to verify."""
+    path = Path(path)
+    with open_checkpoint(path) as extracted:
+        folder, manifest = read_manifest(extracted)
+        verify_files(folder, manifest)
+        weights = safetensors_summary(folder / WEIGHTS_NAME)
+    kind = f"bundle ({path.stat().st_size:,} bytes)" if path.is_file() else "folder"
+    lines = [("checkpoint", f"{path} [{kind}]"),
+             ("format", f"{manifest['format']} v{manifest['format_version']} (optqa {manifest.get('optqa_version')}, "
+                        f"created {manifest.get('created')})"),
+             ("integrity", "OK, SHA-256 verified: " + ", ".join(
+                 f"{name} {entry['sha256'][:12]}" for name, entry in sorted(manifest["files"].items())))]
+    delta = dict(manifest.get("delta") or {})
+    lines.append(("delta", f"{delta.pop('delta_type', '?')} " + json.dumps(delta)))
+    lines.append(("weights", f"{WEIGHTS_NAME}: {weights['bytes']:,} bytes, {weights['tensors']} tensors, "
+                             f"{weights['parameters']:,} parameters ({', '.join(weights['dtypes'])})"))
+    declared = manifest.get("trainable_parameters")
+    note = "" if declared == weights["parameters"] else f" (the weights file holds {weights['parameters']:,})"
+    lines.append(("trainable", f"{declared:,} parameters{note}" if isinstance(declared, int) else "not recorded"))
+    lines += _backbone_lines(manifest.get("backbone") or {})
+    lines.append(("template", (manifest.get("template") or "").strip()))
+    lines += _origin_lines(manifest)
+    lines.append(("metrics", _metrics_text(manifest.get("metrics") or {})))
+    width = max(len(label) for label, _ in lines)
+    return [f"{label:<{width}}  {text}" for label, text in lines]
+
+
+def _backbone_lines(backbone: dict[str, Any]) -> list[tuple[str, str]]:
+    config = backbone.get("config") or {}
+    shape = ", ".join(f"{k} {config[k]}" for k in BACKBONE_KEYS if k in config)
+    return [("backbone", f"{backbone.get('name_or_path')} ({backbone.get('architecture')}, {shape})"),
+            ("fingerprint", str(backbone.get("fingerprint")))]
+
+
+def _origin_lines(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    imported = manifest.get("imported_from")
+    if imported:
+        return [("imported", f"from {imported.get('format')} {imported.get('opendelta_version', '')} checkpoint "
+                             f"{imported.get('path')} (backbone {imported.get('backbone_checkpoint_name')}); "
+                             "not trained by optqa")]
+    hyper = manifest.get("hyperparameters") or {}
+    training = ", ".join(f"{k} {hyper[k]}" for k in TRAINING_KEYS if k in hyper)
+    data = hyper.get("train_file") or hyper.get("data_path")
+    return [("training", training), ("data", str(data))]
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    parts = []
+    if "best_epoch" in metrics:
+        parts.append(f"best epoch {metrics['best_epoch']}")
+    for split in ("dev", "test"):
+        scores = metrics.get(split)
+        if isinstance(scores, dict) and "f1" in scores:
+            parts.append(f"{split} F1 {scores['f1']:.2f} EM {scores.get('em', 0):.2f} ({scores.get('count', '?')} "
+                         "questions)")
+    if metrics.get("history"):
+        parts.append(f"{len(metrics['history'])} epochs logged")
+    return "; ".join(parts) or "none recorded"
+
+
+def peft_folder_for(bundle: Path) -> Path:
+    stem = bundle.name[:-len(BUNDLE_SUFFIX)] if bundle.name.endswith(BUNDLE_SUFFIX) else bundle.name
+    return bundle.with_name(stem + PEFT_SUFFIX)
+
+
+def export_checkpoint(source: str | Path, export_path: str | Path | None = None, peft: bool = True,
+                      plm_path: str | None = None, ignore_backbone_mismatch: bool = False) -> list[str]:
+    """Write ``source`` (folder or bundle) as a bundle, and as a PEFT adapter folder where PEFT has the method.
+
+    Returns the lines to print. A bundle source is re-written only if ``export_path`` names a new file.
+    """
+    source = Path(source)
+    lines = []
+    if source.is_file() and export_path is None:
+        bundle = source
+        with open_checkpoint(source) as folder:
+            _, manifest = read_manifest(folder)
+        lines.append(f"bundle {bundle} verified (already a bundle; pass --export_path to write a copy)")
+    else:
+        bundle = Path(export_path) if export_path else default_bundle_path(source)
+        with open_checkpoint(source) as folder:
+            _, manifest = read_manifest(folder)
+            write_bundle(folder, bundle)
+        lines.append(f"bundle written: {bundle} ({bundle.stat().st_size:,} bytes; manifest + weights, SHA-256 "
+                     "checked on import)")
+    delta_type = manifest["delta"]["delta_type"]
+    if not peft:
+        return lines
+    if delta_type not in PEFT_METHODS:
+        lines.append(f"no PEFT export: PEFT has no {delta_type} method (optqa implements it itself); "
+                     "only the bundle was written")
+        return lines
+    if _soft_template_pieces(manifest["template"]):
+        lines.append("no PEFT export: the template has {\"soft\"} tokens, which live in optqa's template, not "
+                     "in a PEFT adapter; only the bundle was written")
+        return lines
+    target = peft_folder_for(bundle)
+    write_peft_adapter(source, target, manifest, plm_path, ignore_backbone_mismatch)
+    lines.append(f"PEFT adapter ({PEFT_METHODS[delta_type]}) written: {target}/ - load it with "
+                 f"PeftModel.from_pretrained(backbone, {str(target)!r}); prompt template in {PEFT_TEMPLATE_NAME}")
+    return lines
+
+
+def _soft_template_pieces(text: str) -> int:
+    from .template import parse_template
+
+    return sum(piece.kind == "soft" for piece in parse_template(text, "checkpoint template"))
+
+
+def write_peft_adapter(source: Path, target: Path, manifest: dict[str, Any], plm_path: str | None,
+                       ignore_backbone_mismatch: bool) -> Path:
+    """Rebuild the delta on its backbone (checked against the fingerprint) and save it with PEFT's own writer."""
+    from .build import load_trained
+
+    model, _, _ = load_trained(source, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch)
+
+    def write(folder: Path) -> None:
+        model.delta.model.save_pretrained(str(folder))
+        # PEFT stores no prompt format; answers match optqa's only with the same rendering
+        (folder / PEFT_TEMPLATE_NAME).write_bytes(manifest["template"].encode("utf-8"))
+
+    return write_folder_atomically(target, write)
+

@@ -1,0 +1,127 @@
+"""Importing genuine OpenDelta 0.3.2 checkpoints (tests/fixtures/opendelta-0.3.2) and refusing hostile pickles."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FIXTURES, run_cli
+from optqa.cli import main
+
+OPENDELTA = FIXTURES / "opendelta-0.3.2"
+EXPECTED = json.loads((OPENDELTA / "expected.json").read_text(encoding="utf-8"))
+BACKBONE = OPENDELTA / "tiny-opt"
+DELTAS = ("adapter", "lora", "bitfit")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> dict[str, Path]:
+    """Each OpenDelta fixture imported once, through the command line's entry point."""
+    root = tmp_path_factory.mktemp("imported")
+    out = {}
+    for delta in DELTAS:
+        out[delta] = root / delta
+        code = main(["--mode", "import_opendelta", "--import_path", str(OPENDELTA / f"opendelta-{delta}"),
+                     "--plm_path", str(BACKBONE), "--delta_save_path", str(out[delta])])
+        assert code == 0
+    return out
+
+
+def last_logits(path) -> torch.Tensor:
+    """The logits at the last prompt position, computed the way expected.json's were (no template)."""
+    from optqa.build import load_trained
+
+    model, _, _ = load_trained(path)
+    with torch.no_grad():
+        return model.plm(input_ids=torch.tensor([EXPECTED["input_ids"]])).logits[0, -1]
+
+
+@pytest.mark.parametrize("delta", DELTAS)
+def test_import_reproduces_opendelta(imported, delta):
+    expected = EXPECTED[delta]
+    logits = last_logits(imported[delta])
+    assert torch.allclose(logits[:8], torch.tensor(expected["last_logits_first8"]), atol=1e-5)
+    assert logits.topk(5).indices.tolist() == expected["top5_ids"]
+    manifest = json.loads((imported[delta] / "optqa_manifest.json").read_bytes())
+    assert manifest["trainable_parameters"] == expected["trainable_params"]
+    config = manifest["delta"]
+    assert config["delta_type"] == delta
+    assert not {"backbone_hash", "opendelta_version", "exclude_modules", "common_structure"} & set(config)
+    # OpenDelta's "attn@" patterns are not optqa's; None means optqa's default (the same 16 biases)
+    assert (config.get("modified_modules") is None) == (delta == "bitfit")
+    assert manifest["imported_from"]["format"] == "OpenDelta"
+    assert manifest["imported_from"]["backbone_class"] == "OPTForCausalLM"
+
+
+def test_bare_backbone_differs_from_every_import():
+    # the fixtures move every delta weight, so matching expected.json cannot happen by accident
+    from optqa.plm import load_plm
+
+    plm, *_ = load_plm("opt", str(BACKBONE))
+    with torch.no_grad():
+        bare = plm(input_ids=torch.tensor([EXPECTED["input_ids"]])).logits[0, -1]
+    for delta in DELTAS:
+        assert (bare[:8] - torch.tensor(EXPECTED[delta]["last_logits_first8"])).abs().max() > 1e-3
+
+
+def test_imported_adapter_exports_to_a_bundle_only(imported, tmp_path):
+    from optqa.sharing import export_checkpoint
+
+    lines = export_checkpoint(imported["adapter"], tmp_path / "adapter.optqa")
+    assert any("PEFT has no adapter method" in line and "only the bundle was written" in line for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.optqa"]
+    assert torch.allclose(last_logits(tmp_path / "adapter.optqa")[:8],
+                          torch.tensor(EXPECTED["adapter"]["last_logits_first8"]), atol=1e-5)
+
+
+def test_inspect_names_the_opendelta_origin(imported, capsys):
+    assert main(["--mode", "inspect", "--delta_save_path", str(imported["bitfit"])]) == 0
+    out = capsys.readouterr().out
+    assert "imported     from OpenDelta 0.3.0 checkpoint" in out and "opendelta-bitfit" in out
+    assert "trainable    1,408 parameters" in out
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): code that would run if the loader executed pickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_with_a_payload_is_refused_not_executed(tmp_path):
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    shutil.copy(OPENDELTA / "opendelta-lora" / "config.json", folder / "config.json")
+    marker = tmp_path / "payload-ran"
+    torch.save({"model.decoder.layers.0.self_attn.q_proj.lora.lora_A": torch.zeros(8, 64), "x": Payload(marker)},
+               folder / "pytorch_model.bin")
+    result = run_cli("--mode", "import_opendelta", "--import_path", str(folder), "--plm_path", str(BACKBONE),
+                     "--delta_save_path", str(tmp_path / "out"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(folder / "pytorch_model.bin") in errors[0] and "refused" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+    # the payload is live: an unsafe loader would have run it
+    torch.load(folder / "pytorch_model.bin", weights_only=False)
+    assert marker.exists()
+
+
+def test_unsupported_and_incomplete_opendelta_folders(tmp_path, capsys):
+    folder = tmp_path / "prefix"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"delta_type": "prefix", "prefix_token_num": 6}), encoding="utf-8")
+    args = ["--mode", "import_opendelta", "--import_path", str(folder), "--plm_path", str(BACKBONE),
+            "--delta_save_path", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert f"not an OpenDelta checkpoint: {folder / 'pytorch_model.bin'} is missing" in capsys.readouterr().err
+    torch.save({}, folder / "pytorch_model.bin")
+    assert main(args) == 2
+    assert "OpenDelta delta type 'prefix' cannot be imported" in capsys.readouterr().err

@@ -1,0 +1,298 @@
+"""Sharing checkpoints: inspect, single-file bundles (and their refusals), PEFT export."""
+from __future__ import annotations
+
+import json
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MEMORY_SET, REPO, run_cli, train_args
+from optqa.bundle import open_checkpoint, unpack_bundle, write_bundle
+from optqa.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+from optqa.errors import OptqaError
+
+QUESTIONS = [q for q, _ in MEMORY_SET[:4]]
+# fp32 and unmerged LoRA: the CLI then computes exactly what load_trained computes in-process
+EXACT = ("--precision", "fp32", "--no-merge_lora")
+
+
+def _train(tiny_opt, memory_data, out, *extra) -> Path:
+    result = run_cli(*train_args(tiny_opt, memory_data, out, "--train_epochs", "2", "--lr", "3e-2",
+                                 "--max_new_tokens", "8", *extra))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return _make_decisive(out / "delta_ckpts")
+
+
+def _make_decisive(folder: Path) -> Path:
+    """Two epochs leave the tiny model answering "" to everything, which any broken load would reproduce.
+
+    Large random delta weights (re-saved as a proper checkpoint) make answers long and question-dependent,
+    so "same answers" compares real generations.
+    """
+    from optqa.checkpoint import read_checkpoint, save_checkpoint
+
+    folder, manifest, state = read_checkpoint(folder)
+    generator = torch.Generator().manual_seed(0)
+    save_checkpoint(folder, {k: torch.randn(v.shape, generator=generator) for k, v in state.items()},
+                    {k: v for k, v in manifest.items() if k != "files"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(tiny_opt, memory_data, tmp_path_factory) -> Path:
+    return _train(tiny_opt, memory_data, tmp_path_factory.mktemp("lora"), "--delta_type", "lora",
+                  "--modified_modules", "self_attn.q_proj", "self_attn.v_proj")
+
+
+@pytest.fixture(scope="module")
+def soft_prompt_ckpt(tiny_opt, memory_data, tmp_path_factory) -> Path:
+    return _train(tiny_opt, memory_data, tmp_path_factory.mktemp("soft"), "--delta_type", "soft_prompt",
+                  "--soft_token_num", "4")
+
+
+@pytest.fixture(scope="module")
+def exported(lora_ckpt) -> Path:
+    """The lora checkpoint exported once through the CLI (bundle + PEFT folder)."""
+    result = run_cli("--mode", "export", "--delta_save_path", str(lora_ckpt))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bundle written" in result.stdout and "PEFT adapter (LoRA) written" in result.stdout
+    return lora_ckpt.with_name(lora_ckpt.name + ".optqa")
+
+
+def answers(path) -> list[str]:
+    """One question at a time, as the REPL asks them (batching pads, and padding may move the last digit)."""
+    from optqa.build import load_trained
+
+    model, _, _ = load_trained(path)
+    return [model.answer([question])[0] for question in QUESTIONS]
+
+
+def manifest_of(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_NAME).read_bytes())
+
+
+def test_inspect_prints_and_verifies_without_the_backbone(lora_ckpt, exported):
+    # in a fresh interpreter, so "transformers was never imported" means something
+    code = ("import json, sys; from optqa.cli import main; "
+            f"codes = [main(['--mode', 'inspect', '--delta_save_path', p]) for p in {[str(lora_ckpt), str(exported)]!r}]; "
+            "print(json.dumps({'codes': codes, 'heavy': sorted(m for m in ('transformers', 'peft') if m in sys.modules)}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    *report, status = result.stdout.strip().splitlines()
+    assert json.loads(status) == {"codes": [0, 0], "heavy": []}
+    folder_part = "\n".join(report[:len(report) // 2])
+    bundle_part = "\n".join(report[len(report) // 2:])
+    manifest = manifest_of(lora_ckpt)
+    weights = lora_ckpt / WEIGHTS_NAME
+    assert manifest["trainable_parameters"] == 4096  # 2 layers x (q, v) x (8x64 + 64x8)
+    for text in (folder_part, bundle_part):
+        assert "integrity    OK, SHA-256 verified: delta_model.safetensors " + manifest["files"][WEIGHTS_NAME]["sha256"][:12] in text
+        assert 'delta        lora {"modified_modules": ["self_attn.q_proj", "self_attn.v_proj"], "lora_r": 8' in text
+        assert f"weights      delta_model.safetensors: {weights.stat().st_size:,} bytes, 8 tensors, 4,096 parameters (F32)" in text
+        assert "trainable    4,096 parameters" in text
+        assert f"backbone     {manifest['backbone']['name_or_path']} (OPTForCausalLM, hidden_size 64" in text
+        assert f"fingerprint  {manifest['backbone']['fingerprint']}" in text
+        assert 'template     {"placeholder":"text_a"} Answer: {"mask"}' in text
+        assert "training     lr 0.03, train_epochs 2, batch_size 8" in text
+        assert f"metrics      best epoch {manifest['metrics']['best_epoch']}; dev F1 " in text
+    assert "[folder]" in folder_part and f"[bundle ({exported.stat().st_size:,} bytes)]" in bundle_part
+
+
+def test_folder_bundle_folder_round_trip(lora_ckpt, exported, tmp_path):
+    bundle = write_bundle(lora_ckpt, tmp_path / "again.optqa")
+    assert bundle.read_bytes() == exported.read_bytes()  # deterministic: same checkpoint, same bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.optqa"]  # no temporary file left
+    unpacked = unpack_bundle(bundle, tmp_path / "unpacked")
+    for name in (MANIFEST_NAME, WEIGHTS_NAME):
+        assert (unpacked / name).read_bytes() == (lora_ckpt / name).read_bytes()
+    with pytest.raises(OptqaError, match="already exists"):
+        unpack_bundle(bundle, unpacked)
+    expected = answers(lora_ckpt)
+    assert all(expected) and len(set(expected)) == len(expected)
+    assert answers(unpacked) == expected
+    assert answers(bundle) == expected  # load_trained takes the bundle file directly
+
+
+def test_interactive_inference_answers_from_a_bundle(lora_ckpt, exported):
+    result = run_cli("--mode", "interactive_inference", "--delta_save_path", str(exported), *EXACT,
+                     stdin="\n".join(QUESTIONS) + "\nquit()\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = [line[len("Answer:"):].strip() for line in result.stdout.splitlines() if line.startswith("Answer:")]
+    assert got == answers(lora_ckpt)
+    assert "SHA-256 verified" in result.stderr
+
+
+@pytest.mark.parametrize("delta", ["lora", "soft_prompt"])
+def test_peft_export_gives_the_same_answers(delta, request, tiny_opt, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from optqa.build import load_trained
+    from optqa.model import PromptForGeneration
+    from optqa.sharing import export_checkpoint
+
+    source = request.getfixturevalue(f"{delta}_ckpt")
+    export_checkpoint(source, tmp_path / "shared.optqa")
+    folder = tmp_path / "shared-peft"
+    assert {"adapter_config.json", "adapter_model.safetensors", "optqa_template.txt"} <= {p.name for p in folder.iterdir()}
+    ours, manifest, _ = load_trained(source)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_opt), folder).eval()
+    # PEFT's model behind optqa's prompt rendering and decoding loop
+    peft_runner = PromptForGeneration(theirs, ours.template, tokenizer=ours.tokenizer,
+                                      max_new_tokens=ours.max_new_tokens)
+    expected = ours.answer(QUESTIONS)
+    assert peft_runner.answer(QUESTIONS) == expected and all(expected)
+    batch = ours.wrapper.tokenizer(QUESTIONS[0], return_tensors="pt")
+    bare = AutoModelForCausalLM.from_pretrained(tiny_opt).eval()
+    with torch.no_grad():
+        mine, peft_logits = ours.plm(**batch).logits, theirs(**batch).logits
+        plain = bare(**batch).logits
+    assert torch.allclose(mine, peft_logits, atol=1e-5)
+    assert (mine[:, -plain.shape[1]:] - plain).abs().max() > 1e-3  # the delta matters, so equality means something
+
+
+def test_export_writes_bundle_and_peft_folder_through_the_cli(lora_ckpt, exported):
+    peft_folder = lora_ckpt.with_name(lora_ckpt.name + "-peft")
+    config = json.loads((peft_folder / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+    assert (peft_folder / "optqa_template.txt").read_text(encoding="utf-8") == manifest_of(lora_ckpt)["template"]
+    with zipfile.ZipFile(exported) as archive:
+        assert archive.namelist() == [MANIFEST_NAME, WEIGHTS_NAME]
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+def _zip(path: Path, entries: list[tuple]) -> Path:
+    """A zip written by hand: entries are (name, data) or (name, data, unix_mode)."""
+    with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate names some cases need
+        for name, data, *mode in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.create_system = 3
+            info.external_attr = (mode[0] if mode else stat.S_IFREG | 0o644) << 16
+            archive.writestr(info, data)
+    return path
+
+
+def _listing(manifest: dict, extra: dict[str, bytes]) -> bytes:
+    import hashlib
+
+    files = dict(manifest["files"])
+    for name, data in extra.items():
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return json.dumps({**manifest, "files": files}).encode()
+
+
+ESCAPE = "optqa-escape-test.txt"
+HOSTILE = [
+    (f"../{ESCAPE}", "a '..' component"),
+    (f"/tmp/{ESCAPE}", "an absolute path"),
+    (f"C:{ESCAPE}", "a drive letter"),
+    (f"C:/{ESCAPE}", "an absolute path"),
+    (f"..\\{ESCAPE}", "a backslash"),
+    (f"sub/{ESCAPE}", "a folder part"),
+    ("NUL.txt", "a name Windows cannot create"),
+]
+
+
+@pytest.mark.parametrize("name,reason", HOSTILE)
+def test_hostile_entry_names_are_refused(lora_ckpt, tmp_path, name, reason):
+    weights = (lora_ckpt / WEIGHTS_NAME).read_bytes()
+    payload = b"written outside the target"
+    bundle = _zip(tmp_path / "hostile.optqa", [(MANIFEST_NAME, _listing(manifest_of(lora_ckpt), {name: payload})),
+                                               (WEIGHTS_NAME, weights), (name, payload)])
+    with pytest.raises(OptqaError, match=re.escape(f"entry {name!r} has {reason}")):
+        with open_checkpoint(bundle):
+            pass
+    with pytest.raises(OptqaError, match="refused"):
+        unpack_bundle(bundle, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.optqa"]
+    for folder in (tmp_path.parent, Path(tempfile.gettempdir()), Path(tempfile.gettempdir()).parent):
+        assert not (folder / ESCAPE).exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("symlink", "entry 'delta_model.safetensors' is a symlink"),
+    ("duplicate", "entry 'delta_model.safetensors' appears twice"),
+    ("unlisted", "entry 'notes.txt' is not listed in its manifest"),
+    ("missing", "lacks delta_model.safetensors, which its manifest lists"),
+    ("no_manifest", "is not an optqa bundle: it has no optqa_manifest.json"),
+])
+def test_malformed_bundles_are_refused(lora_ckpt, tmp_path, case, message):
+    manifest = (lora_ckpt / MANIFEST_NAME).read_bytes()
+    weights = (lora_ckpt / WEIGHTS_NAME).read_bytes()
+    entries = {
+        "symlink": [(MANIFEST_NAME, manifest), (WEIGHTS_NAME, b"/etc/passwd", stat.S_IFLNK | 0o777)],
+        "duplicate": [(MANIFEST_NAME, manifest), (WEIGHTS_NAME, weights), (WEIGHTS_NAME, weights)],
+        "unlisted": [(MANIFEST_NAME, manifest), (WEIGHTS_NAME, weights), ("notes.txt", b"hi")],
+        "missing": [(MANIFEST_NAME, manifest)],
+        "no_manifest": [(WEIGHTS_NAME, weights)],
+    }[case]
+    bundle = _zip(tmp_path / f"{case}.optqa", entries)
+    with pytest.raises(OptqaError, match=re.escape(message)):
+        with open_checkpoint(bundle):
+            pass
+
+
+def test_tampered_bundles_are_refused(exported, tmp_path):
+    original = exported.read_bytes()
+    with zipfile.ZipFile(exported) as archive:
+        manifest, weights = archive.read(MANIFEST_NAME), bytearray(archive.read(WEIGHTS_NAME))
+    weights[-1] ^= 0x01
+    # a consistent zip (CRCs recomputed) around modified weights: only the manifest's SHA-256 can tell
+    rezipped = _zip(tmp_path / "rezipped.optqa", [(MANIFEST_NAME, manifest), (WEIGHTS_NAME, bytes(weights))])
+    with pytest.raises(OptqaError, match=r"delta_model\.safetensors in bundle .* has SHA-256 .*the file was modified"):
+        with open_checkpoint(rezipped):
+            pass
+    flipped = bytearray(original)
+    flipped[original.index(b"__metadata__")] ^= 0x20  # a byte inside the stored weights
+    (tmp_path / "flipped.optqa").write_bytes(bytes(flipped))
+    with pytest.raises(OptqaError, match=r"integrity check failed: delta_model\.safetensors in bundle .* damaged"):
+        with open_checkpoint(tmp_path / "flipped.optqa"):
+            pass
+    (tmp_path / "truncated.optqa").write_bytes(original[:len(original) // 2])
+    with pytest.raises(OptqaError, match="not an optqa bundle"):
+        with open_checkpoint(tmp_path / "truncated.optqa"):
+            pass
+
+
+def test_cli_refuses_bad_bundles_in_one_line(lora_ckpt, exported, tmp_path):
+    with zipfile.ZipFile(exported) as archive:
+        manifest, weights = archive.read(MANIFEST_NAME), archive.read(WEIGHTS_NAME)
+    tampered = _zip(tmp_path / "tampered.optqa", [(MANIFEST_NAME, manifest), (WEIGHTS_NAME, weights[:-1] + b"!")])
+    traversal = _zip(tmp_path / "traversal.optqa", [
+        (MANIFEST_NAME, _listing(json.loads(manifest), {"../evil.txt": b"x"})), (WEIGHTS_NAME, weights),
+        ("../evil.txt", b"x")])
+    for mode, bundle, message in (
+            ("inspect", tampered, "integrity check failed: delta_model.safetensors in bundle"),
+            ("interactive_inference", traversal, "refused: entry '../evil.txt' has a '..' component")):
+        result = run_cli("--mode", mode, "--delta_save_path", str(bundle), stdin="quit()\n")
+        assert result.returncode == 2
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], result.stderr[-1500:]
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_bundle_is_written_atomically(lora_ckpt, tmp_path, monkeypatch):
+    import optqa.bundle as bundle_module
+
+    target = write_bundle(lora_ckpt, tmp_path / "kept.optqa")
+    before = target.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bundle_module, "_add_entry", fail)
+    with pytest.raises(OSError):
+        write_bundle(lora_ckpt, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.optqa"]
