@@ -42,24 +42,53 @@ def _print_summary(summary: dict) -> None:
           f"test F1 {summary['test_f1']:.2f} EM {summary['test_em']:.2f}")
     print(f"delta saved to {summary['delta_save_path']}" + (f" ({size / 1e6:.2f} MB)" if size else "")
           + f"; results in {summary['run_dir']}; wall time {summary['wall_time_s']:.1f} s")
+    cut = {split: n for split, n in (summary.get("truncated") or {}).items() if n}
+    if cut:
+        print("examples whose question was cut to fit --max_seq_l: "
+              + ", ".join(f"{split} {n}" for split, n in cut.items()))
+    if summary.get("plot"):
+        print(f"learning curve: {summary['plot']}")
 
 
 def evaluate(config: RunConfig, explicit: set[str]) -> int:
-    from .data import load_split
-    from .evaluation import evaluate as score_model
-    from .results import METRICS_NAME, RunFolder
+    """Score a saved delta, or a --predictions_file, on --split; --compare_file adds a question-by-question diff."""
+    from .data import load_split, split_files
+    from .evaluation import compare_rows, read_predictions, score_predictions
+    from .results import METRICS_NAME, RunFolder, compare_name
 
-    model, manifest, saved = _load_for_inference(config, explicit)
-    examples = load_split(config, config.split)
-    encoded = model.wrapper.encode_all(examples, desc=f"tokenising {config.split}")
-    metrics, rows = score_model(model, encoded, saved.eval_batch_size, config.split)
+    split = config.split
+    gold = str(split_files(config)[split])
+    examples = load_split(config, split)
+    # every file is read and matched to the gold ids before a model is loaded, so a bad file fails in seconds
+    compared = (score_predictions(examples, read_predictions(config.compare_file, config.id_field),
+                                  config.compare_file, gold) if config.compare_file else None)
+    if config.predictions_file:
+        source = config.predictions_file
+        metrics, rows = score_predictions(examples, read_predictions(source, config.id_field), source, gold)
+    else:
+        from .evaluation import evaluate as score_model
+
+        model, manifest, saved = _load_for_inference(config, explicit)
+        source = config.delta_save_path
+        encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
+        metrics, rows = score_model(model, encoded, saved.eval_batch_size, split)
     run = RunFolder.create(config.output_dir, "evaluate")
     run.write_config(config)
-    path = run.write_predictions(config.split, rows)
-    run.append(METRICS_NAME, [{"split": config.split, f"{config.split}_f1": metrics["f1"],
-                               f"{config.split}_em": metrics["em"], "count": metrics["count"]}])
-    print(f"{config.split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions; "
+    path = run.write_predictions(split, rows)
+    run.append(METRICS_NAME, [{"split": split, f"{split}_f1": metrics["f1"], f"{split}_em": metrics["em"],
+                               "count": metrics["count"], "source": source}])
+    print(f"{split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions from {source}; "
           f"predictions in {path}")
+    if compared is not None:
+        from .reports import comparison_table
+
+        metrics_b, rows_b = compared
+        counts, changed = compare_rows(rows, rows_b)
+        diff = run.write_rows(compare_name(split), changed)
+        run.append(METRICS_NAME, [{"split": split, "compare_file": config.compare_file, "compare_f1": metrics_b["f1"],
+                                   "compare_em": metrics_b["em"], **counts}])
+        print(comparison_table(source, config.compare_file, metrics, metrics_b, counts, changed))
+        print(f"questions with different predictions in {diff}")
     return 0
 
 
@@ -93,12 +122,24 @@ def download(config: RunConfig, explicit: set[str]) -> int:
 
 
 def inspect(config: RunConfig, explicit: set[str]) -> int:
-    raise OptqaError("--mode inspect is not available yet")
+    from .sharing import inspect_checkpoint
+
+    print("\n".join(inspect_checkpoint(config.delta_save_path)))
+    return 0
 
 
 def export(config: RunConfig, explicit: set[str]) -> int:
-    raise OptqaError("--mode export is not available yet")
+    from .sharing import export_checkpoint
+
+    for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
+                                  plm_path=config.plm_path if "plm_path" in explicit else None,
+                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch):
+        print(line)
+    return 0
 
 
 def import_opendelta(config: RunConfig, explicit: set[str]) -> int:
-    raise OptqaError("--mode import_opendelta is not available yet")
+    from .opendelta_import import import_opendelta as convert
+
+    print(convert(config, explicit))
+    return 0

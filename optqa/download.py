@@ -31,6 +31,8 @@ PINNED = {
 }
 
 _CHUNK = 1 << 16
+# The real splits are under 1 MB each; a far larger member is a damaged or hostile zip (a "zip bomb").
+MAX_MEMBER_BYTES = 64 << 20
 
 
 def has_data(data_path: str | Path) -> bool:
@@ -161,6 +163,9 @@ def _extract(archive: Path, dest: Path, url: str) -> None:
                 candidates.sort(key=lambda m: m.filename.count("/"))
                 if len(candidates) > 1 and candidates[0].filename.count("/") == candidates[1].filename.count("/"):
                     raise OptqaError(f"the ARC-DA zip from {url} has several {name} files")
+                if candidates[0].file_size > MAX_MEMBER_BYTES:
+                    raise OptqaError(f"refusing the ARC-DA zip from {url}: {name} would unpack to "
+                                     f"{candidates[0].file_size} bytes (more than {MAX_MEMBER_BYTES})")
                 # Writing to our own fixed name means nothing in the zip chooses where bytes land.
                 with zf.open(candidates[0]) as src, (dest / name).open("wb") as out:
                     shutil.copyfileobj(src, out, _CHUNK)

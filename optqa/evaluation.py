@@ -1,12 +1,16 @@
-"""Token F1 and exact match (SQuAD normalisation, max over gold answers), and scoring a model on a split."""
+"""Token F1 and exact match (SQuAD normalisation, max over gold answers): scoring a model or a predictions file."""
 from __future__ import annotations
 
 import collections
+import json
 import re
 import string
+from pathlib import Path
 from typing import Iterable
 
 from tqdm.auto import tqdm
+
+from .errors import OptqaError
 
 ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 PUNCTUATION = set(string.punctuation)
@@ -50,14 +54,102 @@ def score(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
             "em": round(100 * sum(e for _, e in pairs) / len(pairs), 4), "count": len(pairs)}
 
 
+def _row(guid, question: str, golds: list[str], prediction: str) -> dict:
+    f1, em = best_over_golds(prediction, golds)
+    return {"question_id": guid, "question": question, "prediction": prediction, "answers": golds,
+            "f1": round(100 * f1, 4), "em": round(100 * em, 4)}
+
+
 def prediction_rows(encoded, predictions: list[str]) -> list[dict]:
     """One jsonl row per question: id, question, prediction, gold answers and the question's scores."""
-    rows = []
-    for example, prediction in zip(encoded, predictions, strict=True):
-        f1, em = best_over_golds(prediction, example.golds)
-        rows.append({"question_id": example.guid, "question": example.question, "prediction": prediction,
-                     "answers": example.golds, "f1": round(100 * f1, 4), "em": round(100 * em, 4)})
-    return rows
+    return [_row(e.guid, e.question, e.golds, p) for e, p in zip(encoded, predictions, strict=True)]
+
+
+def read_predictions(path: str | Path, id_field: str = "question_id") -> dict[str, str]:
+    """``question id -> prediction`` from a predictions jsonl (ours, or any with an id and a prediction).
+
+    Ids are compared as strings so that ``7`` and ``"7"`` from different writers still match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OptqaError(f"predictions file not found: {path}")
+    id_keys = list(dict.fromkeys(("question_id", id_field)))
+    predictions: dict[str, str] = {}
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise OptqaError(f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+            if not isinstance(row, dict):
+                raise OptqaError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            key = next((k for k in id_keys if k in row), None)
+            if key is None:
+                raise OptqaError(f"{where}: missing field {' or '.join(map(repr, id_keys))}")
+            if not isinstance(row.get("prediction"), str):
+                raise OptqaError(f"{where}: field 'prediction' must be a string")
+            qid = str(row[key])
+            if qid in predictions:
+                raise OptqaError(f"{where}: question id {qid!r} appears twice")
+            predictions[qid] = row["prediction"]
+    if not predictions:
+        raise OptqaError(f"{path}: no predictions in the file")
+    return predictions
+
+
+def _preview(ids: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def match_predictions(examples, predictions: dict[str, str], source: str, gold: str) -> list[str]:
+    """Predictions in the order of ``examples`` (InputExamples); any missing or extra id is an error."""
+    ids = [str(e.guid) for e in examples]
+    seen: set[str] = set()
+    twice = [i for i in ids if i in seen or seen.add(i)]
+    if twice:
+        raise OptqaError(f"{gold}: question id {twice[0]!r} appears more than once, so predictions cannot be "
+                         "matched by id (give every row a unique id, see --id_field)")
+    missing = [i for i in ids if i not in predictions]
+    extra = [i for i in predictions if i not in seen]
+    if missing or extra:
+        parts = ([f"{len(missing)} of {len(ids)} questions have no prediction ({_preview(missing)})"] if missing
+                 else []) + ([f"{len(extra)} predictions are for ids not in {gold} ({_preview(extra)})"] if extra
+                             else [])
+        raise OptqaError(f"{source} does not match {gold}: " + "; ".join(parts) + " (check --split / --test_file)")
+    return [predictions[i] for i in ids]
+
+
+def score_predictions(examples, predictions: dict[str, str], source: str = "predictions",
+                      gold: str = "gold") -> tuple[dict, list[dict]]:
+    """Score id-keyed predictions against InputExamples: (metrics, prediction rows), as ``evaluate`` does."""
+    ordered = match_predictions(examples, predictions, source, gold)
+    golds = [list(e.tgt_text) for e in examples]
+    rows = [_row(e.guid, e.text_a, g, p) for e, g, p in zip(examples, golds, ordered)]
+    return score(ordered, golds), rows
+
+
+def compare_rows(rows_a: list[dict], rows_b: list[dict]) -> tuple[dict, list[dict]]:
+    """Question by question, B against A (same questions, same order): counts and the differing questions.
+
+    A question is better/worse when B's F1 (then EM) is higher/lower; the rows returned are the questions
+    whose predictions differ, scored or not.
+    """
+    counts = {"better": 0, "worse": 0, "same": 0}
+    changed = []
+    for a, b in zip(rows_a, rows_b, strict=True):
+        delta = (b["f1"] - a["f1"], b["em"] - a["em"])
+        change = "better" if delta > (0, 0) else "worse" if delta < (0, 0) else "same"
+        counts[change] += 1
+        if a["prediction"] != b["prediction"]:
+            changed.append({"question_id": a["question_id"], "question": a["question"], "answers": a["answers"],
+                            "change": change, "prediction_a": a["prediction"], "prediction_b": b["prediction"],
+                            "f1_a": a["f1"], "f1_b": b["f1"], "em_a": a["em"], "em_b": b["em"],
+                            "f1_change": round(delta[0], 4)})
+    return counts, changed
 
 
 def predict(model, encoded, batch_size: int, desc: str = "answering", accelerator=None) -> list[str]:

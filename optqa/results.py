@@ -1,4 +1,4 @@
-"""The run folder: resolved config, metrics per epoch, per-step loss, predictions per split, plot."""
+"""The run folder: resolved config, metrics per epoch, per-step loss, predictions per split, comparisons, plot."""
 from __future__ import annotations
 
 import datetime
@@ -18,6 +18,10 @@ PLOT_NAME = "learning_curve.png"
 
 def predictions_name(split: str) -> str:
     return f"predictions_{split}.jsonl"
+
+
+def compare_name(split: str) -> str:
+    return f"compare_{split}.jsonl"
 
 
 class RunFolder:
@@ -45,9 +49,13 @@ class RunFolder:
             with jsonlines.open(self.path / name, mode="a") as writer:
                 writer.write_all(rows)
 
-    def write_predictions(self, split: str, rows: list[dict]) -> Path:
-        path = self.path / predictions_name(split)
+    def write_rows(self, name: str, rows: list[dict]) -> Path:
+        """(Re)write a whole jsonl file; an empty list still leaves an empty file, so its absence means no run."""
+        path = self.path / name
         if self.enabled:
             with jsonlines.open(path, mode="w") as writer:
                 writer.write_all(rows)
         return path
+
+    def write_predictions(self, split: str, rows: list[dict]) -> Path:
+        return self.write_rows(predictions_name(split), rows)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from optqa.download import FILES, download_arc_da, ensure_data
+from optqa.download import download_arc_da, ensure_data
 from optqa.errors import OptqaError
 
 
@@ -201,6 +201,17 @@ def test_unsafe_member_names_refused(server, tmp_path, name):
     assert not data.exists() and _only_data_path_left(tmp_path, data)
 
 
+def test_oversized_member_refused(server, tmp_path, monkeypatch):
+    import optqa.download
+
+    # a limit just under train.jsonl's size stands in for a zip bomb without unpacking gigabytes
+    monkeypatch.setattr(optqa.download, "MAX_MEMBER_BYTES", len(CONTENTS["train.jsonl"]) - 1)
+    data = tmp_path / "arc_da"
+    with pytest.raises(OptqaError, match=r"train\.jsonl would unpack to \d+ bytes"):
+        _get(server.serve("/a.zip", GOOD_ZIP), data)
+    assert not data.exists() and _only_data_path_left(tmp_path, data)
+
+
 def test_existing_folder_untouched_after_failed_download(server, tmp_path):
     # A complete folder is used as is, even when the server is broken.
     full = tmp_path / "full"
@@ -224,3 +235,54 @@ def test_existing_folder_untouched_after_failed_download(server, tmp_path):
     # ...and a later good download fills it in without removing the user's own file.
     _get(server.serve("/a.zip", GOOD_ZIP), partial)
     assert _snapshot(partial) == CONTENTS | {"notes.txt": b"mine\n"}
+
+
+# ---- from the command line (in this process: no model is involved) ---------------------------------------
+
+
+def _download_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from optqa.cli import main
+
+    capsys.readouterr()
+    code = main(["--mode", "download", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_offline_fails_in_one_line(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "arc_da"
+    code, out, err = _download_cli(capsys, "--data_path", str(data), "--data_url", f"http://127.0.0.1:{port}/a.zip")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: could not download ARC-DA") and f"in {data} by hand" in err
+    assert not data.exists()
+
+
+def test_cli_checksum_override_flag(server, tmp_path, capsys):
+    # the test zip is not the real release, so the code's pinned values refuse it until the flag is given
+    data = tmp_path / "arc_da"
+    url = server.serve("/a.zip", GOOD_ZIP)
+    code, out, err = _download_cli(capsys, "--data_path", str(data), "--data_url", url)
+    assert code == 2 and "ARC-DA checksum mismatch" in err and "--allow_checksum_mismatch" in err
+    assert not data.exists()
+    code, out, err = _download_cli(capsys, "--data_path", str(data), "--data_url", url, "--allow_checksum_mismatch")
+    assert code == 0 and _snapshot(data) == CONTENTS and out.startswith(f"ARC-DA v1.1 in {data}")
+    code, out, err = _download_cli(capsys, "--data_path", str(data), "--data_url", url)
+    assert code == 0 and out == f"ARC-DA already in {data}\n" and server.hits == {"/a.zip": 2}
+
+
+def test_training_fetches_missing_data_unless_files_are_named(server, tmp_path):
+    from optqa.config import RunConfig
+    from optqa.trainer import ensure_training_data
+
+    url = server.serve("/a.zip", GOOD_ZIP)
+    own = tmp_path / "own.jsonl"
+    own.write_bytes(CONTENTS["train.jsonl"])
+    ensure_training_data(RunConfig(data_path=str(tmp_path / "unused"), train_file=str(own), dev_file=str(own),
+                                   test_file=str(own), data_url=url))
+    assert server.hits == {} and not (tmp_path / "unused").exists()
+    data = tmp_path / "arc_da"
+    ensure_training_data(RunConfig(data_path=str(data), data_url=url, allow_checksum_mismatch=True))
+    assert _snapshot(data) == CONTENTS and server.hits == {"/a.zip": 1}

@@ -1,0 +1,92 @@
+"""What a person reads after a run: the learning-curve plot and the question-by-question comparison table."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .results import METRICS_NAME, PLOT_NAME, STEPS_NAME
+
+log = logging.getLogger(__name__)
+
+# matplotlib is an optional extra; its absence is reported once per process, not once per run or epoch.
+_missing_matplotlib_reported = False
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def learning_curve_data(run_dir: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, train loss) and (epoch, dev F1) from a run folder's jsonl files."""
+    run_dir = Path(run_dir)
+    # a resumed run may rewrite a step logged before the interruption; the later value wins
+    losses = {row["step"]: row["loss"] for row in _read_jsonl(run_dir / STEPS_NAME) if row.get("loss") is not None}
+    dev = {row["epoch"]: row["dev_f1"] for row in _read_jsonl(run_dir / METRICS_NAME)
+           if "epoch" in row and row.get("dev_f1") is not None}
+    return sorted(losses.items()), sorted(dev.items())
+
+
+def plot_learning_curve(run_dir: str | Path) -> Path | None:
+    """Draw train loss per step and dev F1 per epoch to ``<run_dir>/learning_curve.png``.
+
+    Returns the file, or None when matplotlib is not installed or there is nothing to draw.
+    """
+    global _missing_matplotlib_reported
+    try:
+        import matplotlib  # noqa: F401  (imported first so a missing package fails here, not half-way)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        if not _missing_matplotlib_reported:
+            log.info("matplotlib is not installed: no learning-curve plot "
+                     "(install matplotlib, the 'plot' extra, to get one)")
+            _missing_matplotlib_reported = True
+        return None
+    losses, dev = learning_curve_data(run_dir)
+    if not losses and not dev:
+        return None
+    # Figure + the Agg canvas directly: no pyplot, so no display and no global backend switch.
+    figure = Figure(figsize=(7, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_ax, dev_ax = figure.subplots(2, 1)
+    if losses:
+        loss_ax.plot([s for s, _ in losses], [v for _, v in losses], color="tab:blue", linewidth=1)
+    loss_ax.set(title="train loss per optimiser step", xlabel="step", ylabel="loss")
+    loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_ax.grid(alpha=0.3)
+    if dev:
+        dev_ax.plot([e for e, _ in dev], [f for _, f in dev], color="tab:orange", marker="o")
+        best_epoch, best_f1 = max(dev, key=lambda item: (item[1], item[0]))
+        dev_ax.annotate(f"best {best_f1:.2f}", (best_epoch, best_f1), textcoords="offset points", xytext=(4, 6))
+        # F1 is a percentage: a fixed floor keeps a flat 0 line from filling the panel with tiny ticks
+        dev_ax.set_ylim(-2, min(102, max(f for _, f in dev) + 10))
+        dev_ax.margins(x=0.15)
+    dev_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    dev_ax.set(title="dev F1 per epoch", xlabel="epoch", ylabel="F1 (%)")
+    dev_ax.grid(alpha=0.3)
+    path = Path(run_dir) / PLOT_NAME
+    figure.savefig(path, format="png")
+    return path
+
+
+def comparison_table(name_a: str, name_b: str, metrics_a: dict, metrics_b: dict, counts: dict,
+                     changed: list[dict], examples: int = 3) -> str:
+    """A few lines: both files' scores, how many questions B got better/worse/same, the largest changes."""
+    width = max(len(name_a), len(name_b), 4) + 4
+    lines = [f"{'':{width}} {'F1':>7} {'EM':>7}",
+             f"{'A ' + name_a:{width}} {metrics_a['f1']:7.2f} {metrics_a['em']:7.2f}",
+             f"{'B ' + name_b:{width}} {metrics_b['f1']:7.2f} {metrics_b['em']:7.2f}",
+             f"B vs A, question by question: {counts['better']} better, {counts['worse']} worse, "
+             f"{counts['same']} same ({len(changed)} with a different prediction)"]
+    for change in ("better", "worse"):
+        rows = sorted((r for r in changed if r["change"] == change), key=lambda r: -abs(r["f1_change"]))
+        for r in rows[:examples]:
+            question = r["question"] if len(r["question"]) <= 50 else r["question"][:47] + "..."
+            lines.append(f"  {change:6} F1 {r['f1_a']:6.2f} -> {r['f1_b']:6.2f}  {question}  "
+                         f"[{r['prediction_a']!r} -> {r['prediction_b']!r}]")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Reading any QA jsonl (validation names file and line) and cutting long inputs (only the question)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, train_args
+from optqa.config import RunConfig
+from optqa.data import InputExample, LMTokenizerWrapper, load_split, read_qa_jsonl
+from optqa.errors import OptqaError
+
+GOOD = {"question_id": "q1", "question": "What is frozen water called?", "answers": ["ice"]}
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# (bad line, words the message must contain); the bad row is line 3, after a good row and a blank line
+BAD_ROWS = {
+    "bad json": ('{"question": "x", "answers": ["y"]', "not valid JSON"),
+    "not an object": ('["x", ["y"]]', "expected a JSON object"),
+    "missing question": ('{"answers": ["y"]}', "missing field 'question'"),
+    "missing answers": ('{"question": "x"}', "missing field 'answers'"),
+    "empty question": ('{"question": "", "answers": ["y"]}', "'question' must be a non-empty string"),
+    "blank question": ('{"question": "  \\t", "answers": ["y"]}', "'question' must be a non-empty string"),
+    "question not text": ('{"question": 7, "answers": ["y"]}', "'question' must be a non-empty string"),
+    "answers empty list": ('{"question": "x", "answers": []}', "'answers' must be a non-empty list of strings"),
+    "answers null": ('{"question": "x", "answers": null}', "'answers' must be a non-empty list of strings"),
+    "answers object": ('{"question": "x", "answers": {"a": 1}}', "'answers' must be a non-empty list of strings"),
+    "answers number": ('{"question": "x", "answers": 3}', "'answers' must be a non-empty list of strings"),
+    "answer not text": ('{"question": "x", "answers": ["y", 2]}', "'answers' must hold only non-empty strings"),
+    "answer empty": ('{"question": "x", "answers": ["y", " "]}', "'answers' must hold only non-empty strings"),
+    "empty string answer": ('{"question": "x", "answers": ""}', "'answers' must"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_each_bad_row_names_file_and_line(tmp_path, case):
+    bad, words = BAD_ROWS[case]
+    path = _write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
+    with pytest.raises(OptqaError) as err:
+        read_qa_jsonl(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:3: ") and words in message and "\n" not in message
+
+
+def test_custom_field_names_and_single_string_answer(tmp_path):
+    # a single string is taken as the only gold answer: many QA sets store one answer that way
+    path = _write_lines(tmp_path / "mine.jsonl", [
+        json.dumps({"qid": 10, "q": " Capital of France? ", "golds": "Paris", "source": "atlas"}),
+        json.dumps({"qid": 11, "q": "Two plus two?", "golds": ["four", " 4 "]}),
+        json.dumps({"q": "No id here?", "golds": ["none"]}),
+    ])
+    examples = read_qa_jsonl(path, question_field="q", answers_field="golds", id_field="qid")
+    assert [(e.guid, e.text_a, e.tgt_text) for e in examples] == [
+        (10, "Capital of France?", ["Paris"]), (11, "Two plus two?", ["four", "4"]),
+        ("mine-3", "No id here?", ["none"])]  # without an id the row is named after file and line
+    assert examples[0].meta == {"qid": 10, "source": "atlas"}
+    # ARC-DA's field names are then wrong for this file, and the error says which one
+    with pytest.raises(OptqaError, match=rf"^{path}:1: missing field 'question'$"):
+        read_qa_jsonl(path)
+
+
+def test_split_flags_pick_files_and_fields(tmp_path):
+    custom = _write_lines(tmp_path / "elsewhere.jsonl", [json.dumps({"id": "a", "text": "Why?", "ok": ["because"]})])
+    config = RunConfig(data_path=str(tmp_path / "absent"), dev_file=str(custom), question_field="text",
+                       answers_field="ok", id_field="id")
+    assert [(e.guid, e.text_a, e.tgt_text) for e in load_split(config, "dev")] == [("a", "Why?", ["because"])]
+    with pytest.raises(OptqaError, match=rf"^data file not found: {tmp_path / 'absent' / 'test.jsonl'}$"):
+        load_split(config, "test")
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(OptqaError, match=rf"^data file not found: {tmp_path / 'nope.jsonl'}$"):
+        read_qa_jsonl(tmp_path / "nope.jsonl")
+    empty = _write_lines(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(OptqaError, match="no questions"):
+        read_qa_jsonl(empty)
+
+
+def test_bad_dev_row_stops_training_before_the_model_loads(tiny_opt, memory_data, tmp_path):
+    dev = _write_lines(tmp_path / "dev.jsonl", [json.dumps(GOOD), '{"question": "x", "answers": []}'])
+    done = run_cli(*train_args(tiny_opt, memory_data, tmp_path, "--dev_file", str(dev)))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {dev}:2: field 'answers' must be a non-empty list of strings")
+    assert "loading backbone" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+# ---- inputs longer than --max_seq_l -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_opt):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_opt)
+
+
+def _wrapper(tokenizer, max_seq_length: int) -> LMTokenizerWrapper:
+    from optqa.template import ManualTemplate
+
+    # fixed text on both sides of the question, so both must survive the cut
+    template = ManualTemplate(tokenizer, text='Question: {"placeholder":"text_a"} Answer: {"mask"}')
+    return LMTokenizerWrapper(tokenizer, template, max_seq_length=max_seq_length)
+
+
+LONG = ("Which process moves water from the leaves of a plant into the air, and why does it happen faster "
+        "on a hot, dry and windy day than on a cool, damp and still one?")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_long_question_is_cut_never_answer_or_template(tokenizer):
+    head, question, tail = _ids(tokenizer, "Question:"), _ids(tokenizer, " " + LONG), _ids(tokenizer, " Answer:")
+    answer = _ids(tokenizer, " water vapor leaving leaves") + [tokenizer.eos_token_id]
+    max_len = 1 + len(head) + len(tail) + len(answer) + 5  # room for 5 question tokens
+    assert len(question) > 5
+    wrapper = _wrapper(tokenizer, max_len)
+    example = InputExample(guid="long", text_a=LONG, tgt_text=["water vapor leaving leaves"])
+
+    encoded = wrapper.encode(example, target="water vapor leaving leaves")
+    ids = encoded.prompt_ids + encoded.target_ids
+    assert encoded.truncated and len(ids) == max_len
+    assert encoded.target_ids == answer and ids[-len(answer):] == answer  # the whole answer, then eos
+    # bos, the template's fixed text, the first question tokens, the fixed text again
+    assert encoded.prompt_ids == [wrapper.bos_id] + head + question[:5] + tail
+
+    # a prompt to answer (no target) keeps more of the question, still cut at the same limit
+    prompt = wrapper.encode(example)
+    assert prompt.truncated and len(prompt.prompt_ids) == max_len
+    assert prompt.prompt_ids[-len(tail):] == tail and prompt.prompt_ids[1:1 + len(head)] == head
+
+    short = InputExample(guid="short", text_a="What is ice?", tgt_text=["frozen water"])
+    assert not wrapper.encode(short, target="frozen water").truncated
+
+
+def test_cut_examples_are_counted_in_the_log(tokenizer, caplog):
+    wrapper = _wrapper(tokenizer, 24)
+    examples = [InputExample(guid=i, text_a=text, tgt_text=["ice", "frozen water"])
+                for i, text in enumerate([LONG, "What is ice?", LONG + " Explain.", "Why?"])]
+    with caplog.at_level(logging.INFO, logger="optqa.data"):
+        encoded = wrapper.encode_all(examples, targets="all", desc="tokenising train")
+    assert [e.truncated for e in encoded] == [True, True, False, False, True, True, False, False]
+    assert "tokenising train: 4 of 8 examples were longer than max_seq_l=24; their questions were cut" in [
+        r.getMessage() for r in caplog.records]
+
+
+def test_template_and_answer_alone_too_long_keep_everything_but_the_question(tokenizer):
+    # the limit is then exceeded rather than cutting an answer or the template: a wrong target is worse
+    wrapper = _wrapper(tokenizer, 4)
+    encoded = wrapper.encode(InputExample(text_a=LONG, tgt_text=["a"]), target="carbon dioxide gas")
+    assert encoded.prompt_ids == [wrapper.bos_id] + _ids(tokenizer, "Question:") + _ids(tokenizer, " Answer:")
+    assert encoded.target_ids == _ids(tokenizer, " carbon dioxide gas") + [tokenizer.eos_token_id]
+
