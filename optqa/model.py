@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -11,6 +12,10 @@ from .data import IGNORE_INDEX, LMTokenizerWrapper, InputExample, collate_for_ge
 from .deltas import DeltaModel, is_delta_parameter
 
 log = logging.getLogger(__name__)
+
+
+def _linear_with_cast_weight(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return nn.functional.linear(hidden, module.__dict__["_optqa_weight"], module.bias)
 
 
 class PromptForGeneration(nn.Module):
@@ -32,7 +37,9 @@ class PromptForGeneration(nn.Module):
         self.tokenizer = tokenizer or template.tokenizer
         self.wrapper = LMTokenizerWrapper(self.tokenizer, template, max_seq_length)
         self.max_new_tokens = max_new_tokens
-        self.autocast_dtype: torch.dtype | None = None
+        self._autocast_dtype: torch.dtype | None = None
+        self._weights_dtype = torch.float32  # what the frozen Linear weights are stored in now
+        self._cast_heads: list[nn.Linear] = []
         if freeze_plm:
             for name, param in self.named_parameters():
                 param.requires_grad_(is_delta_parameter(name))
@@ -74,8 +81,51 @@ class PromptForGeneration(nn.Module):
         soft = self.template.soft_embeds[index.clamp(min=0)].to(output.dtype)
         return torch.where(mask, soft, output)
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16/fp16 autocast for every forward pass and generation; None: plain fp32."""
+        return self._autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype: torch.dtype | None) -> None:
+        # the frozen weights follow on the next run, not now: a LoRA merge done after choosing the precision
+        # (commands._load_for_inference) is then still computed on fp32 weights
+        self._autocast_dtype = dtype
+
+    def _store_frozen_weights_as(self, dtype: torch.dtype) -> None:
+        """Keep the frozen Linear weights in the autocast dtype.
+
+        Autocast casts a Linear's weight to bf16 on every call and caches only weights that require grad, so
+        a frozen 125M-parameter backbone was copied in full on every forward pass and on every generated
+        token (a third of a training step on OPT-125m; a single question's answer was slower in bf16 than
+        in fp32). Casting once gives the matmuls the very same bf16 values; LayerNorm, the input embedding
+        and every delta parameter stay fp32. Back to fp32, the weights keep their bf16 rounding.
+        """
+        embedding = self.backbone.get_input_embeddings().weight
+        for module in self._cast_heads:
+            del module.forward, module.__dict__["_optqa_weight"]
+        self._cast_heads = []
+        for module in self.plm.modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if module.weight is embedding:
+                if dtype != torch.float32:
+                    # a head tied to the input embedding (which stays fp32) computes with its own cast copy;
+                    # the tie, the state dict and the backbone fingerprint stay as they are
+                    module.__dict__["_optqa_weight"] = embedding.detach().to(dtype)
+                    module.forward = functools.partial(_linear_with_cast_weight, module)
+                    self._cast_heads.append(module)
+                continue
+            for tensor in (module.weight, module.bias):
+                if tensor is not None and not tensor.requires_grad and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
+        self._weights_dtype = dtype
+
     @contextlib.contextmanager
     def _running(self, batch):
+        wanted = self._autocast_dtype or torch.float32
+        if wanted != self._weights_dtype:
+            self._store_frozen_weights_as(wanted)
         self._soft_index = batch.get("soft_index") if self.template.num_soft_tokens else None
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())

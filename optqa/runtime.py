@@ -5,6 +5,7 @@ import logging
 import os
 import platform
 import random
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,21 +19,70 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def configure_threads(num_threads: int | None) -> None:
-    """--num_threads wins; else OMP_NUM_THREADS if set; else torch's default (one per physical core)."""
+def configure_threads(num_threads: int | None = None) -> int:
+    """Set torch's CPU threads and return how many: --num_threads wins, then OMP_NUM_THREADS.
+
+    Otherwise one per physical core (torch's default), but never more than the CPUs this process may
+    actually use (affinity mask, container CPU quota: torch counts the host's cores, and a container
+    limited to 2 of 64 cores would otherwise run 32 threads on 2 CPUs), shared between the processes of a
+    multi-process run on one machine.
+    """
     if num_threads:
-        torch.set_num_threads(num_threads)
-    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        threads = num_threads
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        threads = max(1, min(_torch_default_threads(), usable_cpus()) // max(local_processes, 1))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    log.debug("torch uses %d CPU threads", threads)
+    return threads
+
+
+@lru_cache(maxsize=1)
+def _torch_default_threads() -> int:
+    # read once, before any set_num_threads, so a later call can still fall back to the default
+    return torch.get_num_threads()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: the affinity mask, capped by a cgroup CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    import math
+
+    try:
+        v2 = Path("/sys/fs/cgroup/cpu.max")
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else math.ceil(int(quota) / int(period))
+        v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        if v1.is_file():
+            quota = int(v1.read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else math.ceil(quota / period)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run natively; elsewhere bf16 on a CPU is emulated and slower."""
+    """AVX512-BF16, AMX or Arm BF16: bf16 matmuls run natively; elsewhere bf16 on a CPU is emulated and slower."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        flags = cpuinfo.read_text(errors="ignore")
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+        flags = set(cpuinfo.read_text(errors="ignore").split())
+        if platform.machine().lower() in ("arm64", "aarch64"):
+            return "bf16" in flags
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     return "AMX" in capability or (platform.machine().lower() in ("arm64", "aarch64") and "SVE" in capability)
 
@@ -51,8 +101,32 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def make_accelerator(config):
-    """One process or many (``accelerate launch`` / ``torchrun``): the same code path."""
-    from accelerate import Accelerator
+    """One process or many (``accelerate launch`` / ``torchrun``): the same code path.
+
+    ``--batch_size`` is the global batch, split across processes (``split_batches``), so a run takes the
+    same optimiser steps and learning-rate schedule whatever the number of processes. Gradient accumulation
+    is done by the training loop (see ``trainer._optimiser_step``), so accelerate's stays at 1.
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState
+
+    from .errors import OptqaError
 
     use_cpu = config.cpu or not torch.cuda.is_available()
-    return Accelerator(cpu=use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    dtype = autocast_dtype(config.precision, torch.device("cpu" if use_cpu else "cuda"))
+    if use_cpu and dtype == torch.float16:
+        raise OptqaError("--precision fp16 trains only on a CUDA GPU (it needs loss scaling); on a CPU use bf16 "
+                         "or fp32")
+    # on CUDA accelerate owns autocast and, for fp16, the GradScaler; on a CPU optqa's own bf16 autocast runs
+    # (model.autocast_dtype), which also covers generation, outside the prepared forward
+    mixed = "no" if use_cpu or dtype is None else ("bf16" if dtype == torch.bfloat16 else "fp16")
+    # accelerate fixes the precision once per process; a second run in the same process (a notebook, the
+    # tests) may ask for another. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if not accelerator.is_main_process:
+        # the other processes compute but stay silent: one log, one progress bar, one summary per run
+        logging.getLogger().setLevel(logging.WARNING)
+        sys.stdout = open(os.devnull, "w")
+    return accelerator

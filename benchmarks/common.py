@@ -1,0 +1,220 @@
+"""Shared by the benchmark scripts: the machine description, an OPT-125m-shaped backbone with random weights,
+ARC-DA-like synthetic data, peak-memory readings and running a measurement in its own process.
+
+Nothing here downloads anything: the backbone, its tokenizer and the data are built locally (and cached in
+the work folder), so a benchmark runs the same on an offline laptop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "templates" / "answer_template.txt"
+ASSETS_VERSION = 1  # bump when the synthetic data or the backbone recipe changes, to rebuild cached assets
+
+# Token counts of ARC-DA v1.1 with OPT's tokenizer (all 2985 questions), from
+# /work/shared/reference/arc-da-and-opt-facts.md; the synthetic data are drawn to match them.
+ARC_DA = {"train": 1250, "dev": 338, "test": 1397, "question_mean": 21.4, "question_median": 17,
+          "question_p95": 47, "question_max": 152, "answer_mean": 3.7, "answer_max": 59, "example_mean": 29,
+          "pad_to_128_waste": 77, "pad_random_batch8_waste": 44}
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def machine() -> dict:
+    """What the numbers were measured on: CPU model, cores, library versions, bf16 support, threads."""
+    import peft
+    import torch
+    import transformers
+
+    from optqa.runtime import configure_threads, cpu_has_native_bf16, usable_cpus
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="ignore").splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                model = line.split(":", 1)[1].strip()
+                break
+    elif platform.system() == "Darwin":
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        model = out.stdout.strip() or model
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+        memory_gb = psutil.virtual_memory().total / 2**30
+    except ImportError:
+        physical, memory_gb = None, None
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": physical, "usable_cpus": usable_cpus(),
+            "memory_gb": round(memory_gb, 1) if memory_gb else None, "native_bf16": cpu_has_native_bf16(),
+            "threads": configure_threads(None), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+            else None, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "os": platform.platform(terse=True)}
+
+
+def machine_markdown(info: dict) -> str:
+    cores = f"{info['physical_cores'] or '?'} physical cores / {info['logical_cpus']} logical"
+    if info["usable_cpus"] != info["logical_cpus"]:
+        cores += f" ({info['usable_cpus']} usable)"
+    return (f"Machine: {info['cpu']}, {cores}, {info['memory_gb']} GB RAM, native bf16: "
+            f"{'yes' if info['native_bf16'] else 'no'}, {info['threads']} torch threads"
+            f"{', GPU ' + info['gpu'] if info['gpu'] else ''}; {info['os']}, Python {info['python']}, "
+            f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}")
+
+
+# --- ARC-DA-like data ---------------------------------------------------------------------------------------
+
+def _lognormal_int(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
+    return min(high, max(low, round(math.exp(math.log(median) + sigma * rng.gauss(0.0, 1.0)))))
+
+
+def _pseudo_words(rng: random.Random, count: int) -> list[str]:
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 3)))))
+    return sorted(words)
+
+
+def build_assets(folder: Path, seed: int = 0, log=print) -> dict:
+    """An OPT-125m-shaped random backbone and ARC-DA-sized synthetic splits in ``folder`` (reused if built).
+
+    Questions are pseudo-words that the tokenizer keeps whole, so a question of n tokens can be written
+    exactly; n is drawn from a log-normal fitted to ARC-DA's median (17) and 95th percentile (47), the
+    answer length from one fitted to its mean (3.7). The tokenizer is a small byte-level BPE (ids < 8000)
+    inside the real 50272-row embedding, so every matrix, including the 50272-wide output layer that
+    dominates a short sequence's cost, has OPT-125m's shape.
+    """
+    folder = Path(folder)
+    stamp = folder / "assets.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == ASSETS_VERSION:
+        return json.loads(stamp.read_text())
+    from optqa.tiny import OPT_125M_SHAPE, build_opt, build_tokenizer
+
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    words = _pseudo_words(rng, 3000)
+    corpus = [" ".join(rng.sample(words, 12)) for _ in range(4000)] + ["What is it? Answer: it"] * 200
+    plm = folder / "opt-125m-shape"
+    build_tokenizer(corpus, plm, vocab_size=8000)
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer(str(plm / "vocab.json"), str(plm / "merges.txt"))
+    whole = [w for w in words if len(bpe.encode(" " + w).ids) == 1]
+    if len(whole) < 500:
+        raise RuntimeError(f"only {len(whole)} pseudo-words are single tokens; the tokenizer recipe is broken")
+
+    def question(n_tokens: int) -> str:  # "What" + (n - 2) words + "?" is n tokens
+        return "What " + " ".join(rng.choice(whole) for _ in range(n_tokens - 2)) + "?"
+
+    def answer() -> str:
+        return " ".join(rng.choice(whole) for _ in range(_lognormal_int(rng, 3.0, 0.65, 1, 59)))
+
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev", "test"):
+        with (data / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+            for i in range(ARC_DA[split]):
+                n = _lognormal_int(rng, ARC_DA["question_median"], 0.62, 4, ARC_DA["question_max"])
+                golds = [answer() for _ in range(rng.choice((1, 2, 3, 4, 5)))]
+                handle.write(json.dumps({"question_id": f"{split}-{i}", "tag": "SYNTHETIC", "question": question(n),
+                                         "answers": golds}) + "\n")
+    log(f"building an OPT-125m-shaped backbone with random weights in {plm} (once; cached)")
+    build_opt(plm, None, seed=seed, **OPT_125M_SHAPE)
+    info = {"version": ASSETS_VERSION, "plm": str(plm), "data": str(data),
+            "build_s": round(time.perf_counter() - started, 1)}
+    stamp.write_text(json.dumps(info))
+    return info
+
+
+def length_report(plm: str, data: str, max_seq_l: int = 128, batch_size: int = 8, seed: int = 0) -> dict:
+    """Token lengths of the synthetic data, rendered by optqa's template, next to ARC-DA's."""
+    from transformers import AutoTokenizer
+
+    from optqa.data import LMTokenizerWrapper, read_qa_jsonl
+    from optqa.template import ManualTemplate
+
+    tokenizer = AutoTokenizer.from_pretrained(plm)
+    examples = [e for split in ("train", "dev", "test") for e in read_qa_jsonl(Path(data) / f"{split}.jsonl")]
+    questions = [len(tokenizer(e.text_a, add_special_tokens=False)["input_ids"]) for e in examples]
+    answers = [len(tokenizer(" " + e.tgt_text[0], add_special_tokens=False)["input_ids"]) for e in examples]
+    wrapper = LMTokenizerWrapper(tokenizer, ManualTemplate(tokenizer, text=TEMPLATE.read_text()), max_seq_l)
+    lengths = [len(e) for e in wrapper.encode_all(examples, targets="first")]
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = [[lengths[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+    computed = sum(len(b) * max(b) for b in batches)
+    return {"questions": len(examples), "question_mean": statistics.fmean(questions),
+            "question_median": statistics.median(questions), "question_p95": _percentile(questions, 95),
+            "question_max": max(questions), "answer_mean": statistics.fmean(answers), "answer_max": max(answers),
+            "example_mean": statistics.fmean(lengths),
+            "pad_to_128_waste": 100 * (1 - sum(lengths) / (len(lengths) * max_seq_l)),
+            "pad_random_batch8_waste": 100 * (1 - sum(lengths) / computed)}
+
+
+def _percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (Linux VmHWM), else since the process started."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def process_peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+# --- subprocesses -------------------------------------------------------------------------------------------
+
+def child_env(**extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+           "PYTHONWARNINGS": "ignore", **extra}
+    return env
+
+
+def run_worker(script: Path, args: list[str], out: Path, timeout: float = 1800) -> dict:
+    """Run one measurement in a fresh process (so its peak memory is its own); it writes JSON to ``out``."""
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True,
+                          env=child_env(), timeout=timeout)
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
