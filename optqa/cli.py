@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(RunConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = " ".join(default) if isinstance(default, list) else default
-        kwargs: dict = {"help": f"{f.metadata['help']} (default: {shown})"}
+        # a help text that already explains its default (e.g. "<data_path>/train.jsonl") is not given a second one
+        text = f.metadata["help"]
+        kwargs: dict = {"help": text if "default:" in text else f"{text} (default: {shown})"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         kind = hints[f.name]

@@ -113,7 +113,8 @@ def resolve_modules(model: nn.Module, short_names: list[str]) -> list[str]:
     for short in short_names:
         hits = [n for n in names if n == short or n.endswith("." + short)]
         if not hits:
-            examples = sorted({n.split(".")[-1] for n in names if ".layers.0." in n})
+            # inside the first block of any layer list: OPT's layers.0, GPT-2's h.0, ...
+            examples = sorted({n.split(".")[-1] for n in names if ".0." in n})
             raise OptqaError(f"modified_modules: {short!r} matches no module of the backbone "
                              f"(names inside a layer: {', '.join(examples)})")
         matched.extend(h for h in hits if h not in matched)

@@ -33,7 +33,11 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
                                                    dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         if local.exists():
-            raise OptqaError(f"could not load the backbone from {local}: {str(exc).splitlines()[0]}") from exc
+            raise OptqaError(f"could not load the backbone from {local} (--plm_path needs a Hugging Face model "
+                             f"folder: config.json, tokenizer and weights): {str(exc).splitlines()[0]}") from exc
+        if _looks_like_a_path(model_path):
+            raise OptqaError(f"backbone folder {model_path} not found; pass --plm_path with the backbone's "
+                             "folder") from exc
         raise OptqaError(
             f"could not load backbone '{model_path}' (not a local folder, and the hub is unreachable or does not "
             f"have it); download it on a connected machine and pass --plm_path /path/to/local/{Path(model_path).name}"
@@ -49,6 +53,11 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
         plm.generation_config.pad_token_id = tokenizer.pad_token_id
     plm.config.use_cache = True
     return plm, tokenizer, model_config, LMTokenizerWrapper
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A hub name is ``model`` or ``owner/model``; anything else was meant as a folder."""
+    return (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name)
 
 
 def add_special_tokens(tokenizer, specials_to_add: list[str] | None) -> None:

@@ -34,6 +34,7 @@ class Piece:
     value: str | None = None
     shortenable: bool = False
     post_processing: str | None = None
+    position: int = 0  # character offset in the template text, for error messages
 
 
 def parse_template(text: str, source: str = "template") -> list[Piece]:
@@ -63,12 +64,14 @@ def parse_template(text: str, source: str = "template") -> list[Piece]:
         if end >= len(text):
             raise OptqaError(f"{source}: unclosed '{{' at character {i}")
         if plain:
-            pieces.append(Piece("text", "".join(plain)))
+            pieces.append(Piece("text", "".join(plain), position=i - len(plain)))
             plain = []
-        pieces.append(_piece_from_dict(text[i:end + 1], i, source))
+        piece = _piece_from_dict(text[i:end + 1], i, source)
+        piece.position = i
+        pieces.append(piece)
         i = end + 1
     if plain:
-        pieces.append(Piece("text", "".join(plain)))
+        pieces.append(Piece("text", "".join(plain), position=len(text) - len(plain)))
     _check_structure(pieces, source)
     return pieces
 
@@ -84,7 +87,7 @@ def _piece_from_dict(raw: str, position: int, source: str) -> Piece:
     except json.JSONDecodeError:
         try:
             spec = ast.literal_eval(body)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # TypeError: {[1]: 2}
             raise OptqaError(f"{source}: cannot parse {raw!r} at character {position} "
                              f"(expected JSON like {{\"placeholder\":\"text_a\"}})") from None
     if isinstance(spec, set):  # {"mask"} written with other spacing
@@ -93,7 +96,7 @@ def _piece_from_dict(raw: str, position: int, source: str) -> Piece:
         raise OptqaError(f"{source}: {raw!r} at character {position} is not a dict")
     unknown = set(spec) - KNOWN_KEYS
     if unknown:
-        raise OptqaError(f"{source}: unknown key {sorted(unknown)[0]!r} at character {position} "
+        raise OptqaError(f"{source}: unknown key {sorted(unknown, key=repr)[0]!r} at character {position} "
                          f"(known: {', '.join(sorted(KNOWN_KEYS))})")
     kinds = [k for k in ("placeholder", "mask", "meta", "soft", "special", "text") if k in spec]
     if len(kinds) != 1:
@@ -116,10 +119,16 @@ def _piece_from_dict(raw: str, position: int, source: str) -> Piece:
 
 def _check_structure(pieces: list[Piece], source: str) -> None:
     masks = [i for i, p in enumerate(pieces) if p.kind == "mask"]
-    if len(masks) != 1:
-        raise OptqaError(f"{source}: needs exactly one {{\"mask\"}} (found {len(masks)})")
-    if any(p.kind != "text" or p.value.strip() for p in pieces[masks[0] + 1:]):
-        raise OptqaError(f"{source}: {{\"mask\"}} must come last: a decoder generates the answer after the prompt")
+    if not masks:
+        raise OptqaError(f"{source}: needs a {{\"mask\"}} at the end, where the answer is generated (found none)")
+    if len(masks) > 1:
+        raise OptqaError(f"{source}: a second {{\"mask\"}} at character {pieces[masks[1]].position}; "
+                         "a template has exactly one")
+    after = [p for p in pieces[masks[0] + 1:] if p.kind != "text" or p.value.strip()]
+    if after:
+        raise OptqaError(f"{source}: {{\"mask\"}} at character {pieces[masks[0]].position} must come last, but "
+                         f"{after[0].kind} follows at character {after[0].position}: a decoder generates the "
+                         "answer after the prompt")
 
 
 class ManualTemplate(nn.Module):
@@ -138,6 +147,10 @@ class ManualTemplate(nn.Module):
         self.text = text.strip("\n")
         self.placeholder_mapping = placeholder_mapping or {"<text_a>": "text_a", "<text_b>": "text_b"}
         self.pieces = parse_template(self.text, source)
+        # an unknown special token would silently become <unk>: check them now, with the tokenizer at hand
+        self._special_ids = {piece.value: tokenizer.convert_tokens_to_ids(
+            self._special_token(piece.value, f"{source}: at character {piece.position}"))
+            for piece in self.pieces if piece.kind == "special"}
         self._soft_token_ids: list[list[int]] = []
         for piece in self.pieces:
             if piece.kind == "soft":
@@ -191,6 +204,10 @@ class ManualTemplate(nn.Module):
         for piece in self.pieces:
             if piece.kind == "mask":
                 break
+            if piece.kind in ("soft", "special"):
+                # white space before a token that is not text has no word to attach to; the space after it
+                # still goes to the next piece (carrying both would give that piece two leading spaces)
+                carry = ""
             if piece.kind == "soft":
                 start = sum(len(ids) for ids in self._soft_token_ids[:soft_index])
                 count = len(self._soft_token_ids[soft_index])
@@ -198,8 +215,7 @@ class ManualTemplate(nn.Module):
                 soft_index += 1
                 continue
             if piece.kind == "special":
-                token_id = self.tokenizer.convert_tokens_to_ids(self._special_token(piece.value))
-                segments.append(("special", [token_id], False))
+                segments.append(("special", [self._special_ids[piece.value]], False))
                 continue
             text = self._piece_text(piece, example)
             text = carry + text
@@ -209,12 +225,15 @@ class ManualTemplate(nn.Module):
                 segments.append((piece.kind, self._encode(stripped), piece.shortenable))
         return segments
 
-    def _special_token(self, name: str) -> str:
+    def _special_token(self, name: str, where: str = "template") -> str:
         aliases = {"<eos>": self.tokenizer.eos_token, "<bos>": self.tokenizer.bos_token,
                    "<pad>": self.tokenizer.pad_token, "<sep>": self.tokenizer.sep_token or self.tokenizer.eos_token}
         token = aliases.get(name, name)
-        if token is None or self.tokenizer.convert_tokens_to_ids(token) is None:
-            raise OptqaError(f"template: the tokenizer has no special token {name!r}")
+        # convert_tokens_to_ids maps an unknown token to the unk id instead of failing
+        if token is None or (token not in self.tokenizer.get_vocab()
+                             and token not in self.tokenizer.all_special_tokens):
+            known = sorted(set(aliases) | set(self.tokenizer.all_special_tokens))
+            raise OptqaError(f"{where}: the tokenizer has no special token {name!r} (known: {', '.join(known)})")
         return token
 
     def _piece_text(self, piece: Piece, example) -> str:

@@ -15,6 +15,9 @@ FIXTURES = REPO / "tests" / "fixtures"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tiny models gain nothing from more threads, and spinning OpenMP threads on a busy 2-core CI machine make each
+# step several times slower; set before torch is imported, and inherited by the CLI subprocesses
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Eight short questions with one-token-ish answers: small enough to memorise in a few seconds.
 MEMORY_SET = [
@@ -84,3 +87,24 @@ def train_args(plm: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--mode", "train", "--plm_path", str(plm), "--data_path", str(data),
             "--delta_save_path", str(out / "delta_ckpts"), "--raw_delta_save_path", str(out / "raw_delta_ckpts"),
             "--output_dir", str(out / "runs"), *extra]
+
+
+def train_in_process(plm: Path, data: Path, out: Path, *extra: str) -> dict:
+    """``python -m optqa`` train flags run by the library in this process (no interpreter start-up); the summary."""
+    from optqa.cli import parse_args
+    from optqa.trainer import train
+
+    config, _ = parse_args(train_args(plm, data, out, *extra))
+    return train(config)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread while a module runs: a tiny model gains nothing from more, and on a shared, busy
+    machine spinning OpenMP threads make each step several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

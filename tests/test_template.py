@@ -1,0 +1,166 @@
+"""OpenPrompt's ManualTemplate syntax: each element, rendering to token ids, the bundled files, and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optqa.data import InputExample
+from optqa.errors import OptqaError
+from optqa.template import ManualTemplate, parse_template
+
+from conftest import REPO
+
+QUESTION = "What is frozen water called?"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_opt):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_opt))
+
+
+@pytest.fixture(scope="module")
+def embedding(tiny_opt):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_opt)).get_input_embeddings()
+
+
+def kinds(text: str) -> list[tuple]:
+    return [(p.kind, p.value, p.shortenable) for p in parse_template(text)]
+
+
+def test_placeholder_text_and_mask():
+    assert kinds('{"placeholder":"text_a"} Answer: {"mask"}') == [
+        ("placeholder", "text_a", True), ("text", " Answer: ", False), ("mask", None, False)]
+
+
+def test_each_element_and_its_options():
+    text = ('{"soft"}{"soft":"init words"} Q: {"placeholder":"text_b", "shortenable": false} '
+            '{"meta":"tag", "post_processing": "lower"}{"special":"<eos>"}{"text":"A:"} {"mask"}')
+    assert kinds(text) == [
+        ("soft", None, False), ("soft", "init words", False), ("text", " Q: ", False),
+        ("placeholder", "text_b", False), ("text", " ", False), ("meta", "tag", True), ("special", "<eos>", False),
+        ("text", "A:", False), ("text", " ", False), ("mask", None, False)]
+    assert parse_template(text)[5].post_processing == "lower"
+
+
+@pytest.mark.parametrize("mask", ['{"mask"}', "{'mask'}", '{ "mask" }', '{"mask": null}'])
+def test_mask_spellings(mask):
+    assert kinds("Q " + mask)[-1] == ("mask", None, False)
+
+
+def test_positions_point_into_the_text():
+    text = 'Question: {"placeholder":"text_a"} Answer: {"mask"}'
+    assert [p.position for p in parse_template(text)] == [0, text.index("{"), text.index(" Answer"),
+                                                           text.index('{"mask"}')]
+
+
+@pytest.mark.parametrize("text, words", [
+    # unclosed brace: the '{' that never closes is at character 0
+    ('{"placeholder":"text_a" Answer: {"mask"}', ["unclosed '{' at character 0"]),
+    ('Answer} {"mask"}', ["unmatched '}' at character 6"]),
+    ('Q: {"placeholder": text_a} {"mask"}', ["cannot parse", "at character 3"]),
+    ('{[1]: 2} {"mask"}', ["cannot parse", "at character 0"]),  # used to escape as a TypeError traceback
+    ('Q: {"placeholder":"text_a"} {"hint":"x"} {"mask"}', ["unknown key 'hint' at character 28", "known:"]),
+    ('{1: "a", "b": 2} {"mask"}', ["unknown key", "at character 0"]),  # keys of mixed types
+    ('{"placeholder":"text_c"} {"mask"}', ["placeholder must be text_a or text_b", "'text_c'", "character 0"]),
+    ('{"placeholder":"text_a", "meta":"tag"} {"mask"}', ["exactly one of", "character 0"]),
+    ('{"meta": 3} {"mask"}', ["meta needs a string at character 0"]),
+    ('{"placeholder":"text_a", "post_processing":"upper"} {"mask"}', ["unknown post_processing 'upper'"]),
+    ('{"placeholder":"text_a"} Answer:', ['needs a {"mask"}', "found none"]),
+    ('Q {"mask"} or {"mask"}', ['a second {"mask"} at character 14']),
+    ('{"mask"} {"placeholder":"text_a"}', ['{"mask"} at character 0 must come last',
+                                           "placeholder follows at character 9"]),
+    ('{"placeholder":"text_a"} {"mask"} please', ["must come last", "text follows at character 33"]),
+])
+def test_bad_templates_name_problem_and_position(text, words):
+    with pytest.raises(OptqaError) as info:
+        parse_template(text, source="my_template.txt")
+    message = str(info.value)
+    assert message.startswith("my_template.txt: ")
+    for word in words:
+        assert word in message
+    assert "\n" not in message
+
+
+def test_whitespace_after_the_mask_is_allowed():
+    assert kinds('{"placeholder":"text_a"} Answer: {"mask"}  \n\n')[-2:] == [("mask", None, False),
+                                                                        ("text", "  \n\n", False)]
+
+
+def test_render_matches_tokenising_the_whole_prompt(tokenizer):
+    """Pieces are tokenised apart, yet word boundaries come out as if the prompt were one string."""
+    template = ManualTemplate(tokenizer, text='Question: {"placeholder":"text_a"}\nAnswer:  {"mask"}\n')
+    segments = template.render(InputExample(text_a=QUESTION))
+    assert [(kind, shortenable) for kind, _, shortenable in segments] == [
+        ("text", False), ("placeholder", True), ("text", False)]
+    ids = [i for _, piece_ids, _ in segments for i in piece_ids]
+    # trailing white space before the mask is left to the answer (targets start with " ")
+    assert ids == tokenizer(f"Question: {QUESTION}\nAnswer:", add_special_tokens=False)["input_ids"]
+
+
+def test_space_around_special_and_soft_pieces(tokenizer, embedding):
+    template = ManualTemplate(tokenizer, text='Q: {"special":"<eos>"} {"placeholder":"text_a"} {"soft"} A: {"mask"}',
+                              embedding=embedding)
+    segments = template.render(InputExample(text_a=QUESTION))
+    words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # each piece after a special or soft token starts with exactly one space, as it would after a word
+    assert segments == [("text", words("Q:"), False), ("special", [tokenizer.eos_token_id], False),
+                        ("placeholder", words(" " + QUESTION), True), ("soft", [0], False),
+                        ("text", words(" A:"), False)]
+
+
+def test_meta_post_processing_and_special(tokenizer):
+    template = ManualTemplate(tokenizer, text='{"meta":"tag", "post_processing":"lower"}: {"placeholder":"text_a"}'
+                                             '{"special":"<eos>"} {"mask"}')
+    segments = template.render(InputExample(guid="q7", text_a=QUESTION, meta={"tag": "EASY"}))
+    assert segments[0] == ("meta", tokenizer("easy", add_special_tokens=False)["input_ids"], True)
+    assert segments[-1] == ("special", [tokenizer.eos_token_id], False)
+    with pytest.raises(OptqaError, match=r"meta 'tag', example q8 has \['grade'\]"):
+        template.render(InputExample(guid="q8", text_a=QUESTION, meta={"grade": 3}))
+
+
+def test_unknown_special_token_is_refused_not_mapped_to_unk(tokenizer):
+    text = '{"placeholder":"text_a"} {"special":"<sep2>"} {"mask"}'
+    with pytest.raises(OptqaError, match=r"at character 25: the tokenizer has no special token '<sep2>'"):
+        ManualTemplate(tokenizer, text=text)
+
+
+def test_soft_tokens_count_and_initialisation(tokenizer, embedding):
+    words = tokenizer("science question", add_special_tokens=False)["input_ids"]
+    assert len(words) >= 2
+    template = ManualTemplate(tokenizer, text='{"soft"} {"soft":"science question"} {"placeholder":"text_a"} '
+                                              '{"soft"} {"mask"}', embedding=embedding)
+    # one row per bare {"soft"}, one per token of the init words
+    assert template.num_soft_tokens == 2 + len(words)
+    assert template.soft_embeds.shape == (2 + len(words), embedding.embedding_dim)
+    assert template.soft_embeds.requires_grad
+    assert torch.equal(template.soft_embeds[1:1 + len(words)].detach(), embedding.weight[words].detach())
+    segments = template.render(InputExample(text_a=QUESTION))
+    # soft segments carry indices into soft_embeds, in template order
+    assert [ids for kind, ids, _ in segments if kind == "soft"] == [[0], list(range(1, 1 + len(words))),
+                                                                    [1 + len(words)]]
+    with pytest.raises(OptqaError, match="need the backbone's input embedding"):
+        ManualTemplate(tokenizer, text='{"soft"} {"placeholder":"text_a"} {"mask"}')
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "templates").glob("*.txt")), ids=lambda p: p.name)
+def test_bundled_templates_parse_and_render(path, tokenizer, embedding):
+    template = ManualTemplate.from_file(tokenizer, path, embedding=embedding)
+    assert template.pieces[-1].kind == "mask" or template.pieces[-2].kind == "mask"
+    segments = template.render(InputExample(text_a=QUESTION))
+    placeholder = [ids for kind, ids, _ in segments if kind == "placeholder"]
+    assert len(placeholder) == 1 and tokenizer.decode(placeholder[0]).strip() == QUESTION
+
+
+def test_template_files_and_inline_text(tokenizer, tmp_path):
+    with pytest.raises(OptqaError, match="template file not found: .*nope.txt"):
+        ManualTemplate.from_file(tokenizer, tmp_path / "nope.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_text('{"placeholder":"text_a"} Answer: {"mask"', encoding="utf-8")
+    with pytest.raises(OptqaError, match=rf"^{bad}: unclosed '{{' at character 33"):
+        ManualTemplate.from_file(tokenizer, bad)
+    inline = ManualTemplate.from_argument(tokenizer, 'Q: {"placeholder":"text_a"} A: {"mask"}')
+    assert [p.kind for p in inline.pieces] == ["text", "placeholder", "text", "mask"]
