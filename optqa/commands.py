@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 from .config import RunConfig
-from .errors import OptqaError
 
 log = logging.getLogger("optqa")
 

@@ -34,13 +34,13 @@ class InputExample:
     tgt_text: Any = None
 
 
-def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_field: str = "answers",
-                  id_field: str = "question_id", require_answers: bool = True) -> list[InputExample]:
-    """Read a QA jsonl; each bad row is an OptqaError naming ``file:line``."""
+def iter_jsonl_objects(path: str | Path, kind: str) -> Iterator[tuple[str, int, dict]]:
+    """``(file:line, line number, row)`` for each non-blank line; a missing file, bad JSON or a row that is not
+    an object is an OptqaError naming ``file:line``. Read as bytes: a file's encoding and line ends never
+    depend on the platform."""
     path = Path(path)
     if not path.is_file():
-        raise OptqaError(f"data file not found: {path}")
-    examples = []
+        raise OptqaError(f"{kind} not found: {path}")
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             where = f"{path}:{line_no}"
@@ -52,21 +52,30 @@ def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_fi
                 raise OptqaError(f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
             if not isinstance(row, dict):
                 raise OptqaError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            question = row.get(question_field)
-            if question_field not in row:
-                raise OptqaError(f"{where}: missing field {question_field!r}")
-            if not isinstance(question, str) or not question.strip():
-                raise OptqaError(f"{where}: field {question_field!r} must be a non-empty string")
-            answers = row.get(answers_field)
-            if answers is None and not require_answers:
-                answers = []
-            elif answers_field not in row:
-                raise OptqaError(f"{where}: missing field {answers_field!r} (a question needs gold answers)")
-            else:
-                answers = _validate_answers(answers, answers_field, where)
-            meta = {k: v for k, v in row.items() if k not in (question_field, answers_field)}
-            examples.append(InputExample(guid=row.get(id_field, f"{path.stem}-{line_no}"), text_a=question.strip(),
-                                         meta=meta, tgt_text=answers))
+            yield where, line_no, row
+
+
+def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_field: str = "answers",
+                  id_field: str = "question_id", require_answers: bool = True) -> list[InputExample]:
+    """Read a QA jsonl; each bad row is an OptqaError naming ``file:line``."""
+    path = Path(path)
+    examples = []
+    for where, line_no, row in iter_jsonl_objects(path, "data file"):
+        question = row.get(question_field)
+        if question_field not in row:
+            raise OptqaError(f"{where}: missing field {question_field!r}")
+        if not isinstance(question, str) or not question.strip():
+            raise OptqaError(f"{where}: field {question_field!r} must be a non-empty string")
+        answers = row.get(answers_field)
+        if answers is None and not require_answers:
+            answers = []
+        elif answers_field not in row:
+            raise OptqaError(f"{where}: missing field {answers_field!r} (a question needs gold answers)")
+        else:
+            answers = _validate_answers(answers, answers_field, where)
+        meta = {k: v for k, v in row.items() if k not in (question_field, answers_field)}
+        examples.append(InputExample(guid=row.get(id_field, f"{path.stem}-{line_no}"), text_a=question.strip(),
+                                     meta=meta, tgt_text=answers))
     if not examples:
         raise OptqaError(f"{path}: no questions in the file")
     return examples

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import re
 import string
 from pathlib import Path
@@ -70,31 +69,20 @@ def read_predictions(path: str | Path, id_field: str = "question_id") -> dict[st
 
     Ids are compared as strings so that ``7`` and ``"7"`` from different writers still match.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise OptqaError(f"predictions file not found: {path}")
+    from .data import iter_jsonl_objects
+
     id_keys = list(dict.fromkeys(("question_id", id_field)))
     predictions: dict[str, str] = {}
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise OptqaError(f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
-            if not isinstance(row, dict):
-                raise OptqaError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            key = next((k for k in id_keys if k in row), None)
-            if key is None:
-                raise OptqaError(f"{where}: missing field {' or '.join(map(repr, id_keys))}")
-            if not isinstance(row.get("prediction"), str):
-                raise OptqaError(f"{where}: field 'prediction' must be a string")
-            qid = str(row[key])
-            if qid in predictions:
-                raise OptqaError(f"{where}: question id {qid!r} appears twice")
-            predictions[qid] = row["prediction"]
+    for where, _, row in iter_jsonl_objects(path, "predictions file"):
+        key = next((k for k in id_keys if k in row), None)
+        if key is None:
+            raise OptqaError(f"{where}: missing field {' or '.join(map(repr, id_keys))}")
+        if not isinstance(row.get("prediction"), str):
+            raise OptqaError(f"{where}: field 'prediction' must be a string")
+        qid = str(row[key])
+        if qid in predictions:
+            raise OptqaError(f"{where}: question id {qid!r} appears twice")
+        predictions[qid] = row["prediction"]
     if not predictions:
         raise OptqaError(f"{path}: no predictions in the file")
     return predictions
