@@ -16,6 +16,9 @@ def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None) -
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    if hasattr(stdout, "reconfigure"):
+        # a Windows pipe or legacy console encodes in cp1252: a character it lacks must not end the session
+        stdout.reconfigure(errors="backslashreplace")
     interactive = stdin.isatty() and stdout.isatty()
     answered = 0
     try:
