@@ -241,6 +241,14 @@ def save_checkpoint(folder: str | Path, state: dict[str, torch.Tensor], manifest
     return write_folder_atomically(folder, write)
 
 
+def read_json(path: Path, problem: str) -> Any:
+    """A JSON file's content; invalid JSON or text is an OptqaError ``<path>: <problem> (<reason>)``."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OptqaError(f"{path}: {problem} ({exc})") from None
+
+
 def read_manifest(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     folder = resolve_folder(folder)
     path = folder / MANIFEST_NAME
@@ -248,10 +256,7 @@ def read_manifest(folder: str | Path) -> tuple[Path, dict[str, Any]]:
         raise OptqaError(f"no checkpoint at {folder}: the folder does not exist")
     if not path.is_file():
         raise OptqaError(f"{folder} is not an optqa checkpoint: {MANIFEST_NAME} is missing")
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OptqaError(f"{path}: damaged manifest, not valid JSON ({exc})") from None
+    manifest = read_json(path, "damaged manifest, not valid JSON")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise OptqaError(f"{path}: not an optqa delta manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

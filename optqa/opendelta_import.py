@@ -13,12 +13,12 @@ Key mapping (checked against genuine OpenDelta 0.3.2 checkpoints, tests/fixtures
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import read_json
 from .config import RunConfig
 from .errors import OptqaError
 
@@ -38,10 +38,7 @@ def read_opendelta(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], 
     for path in (config_path, weights_path):
         if not path.is_file():
             raise OptqaError(f"not an OpenDelta checkpoint: {path} is missing")
-    try:
-        config = json.loads(config_path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OptqaError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json(config_path, "not valid JSON")
     if not isinstance(config, dict) or "delta_type" not in config:
         raise OptqaError(f"{config_path}: not an OpenDelta delta config (no delta_type)")
     if config["delta_type"] not in IMPORTABLE:
