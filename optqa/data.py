@@ -5,6 +5,7 @@ example is rendered and tokenised once per data set, never per step.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
@@ -44,6 +45,8 @@ def iter_jsonl_objects(path: str | Path, kind: str) -> Iterator[tuple[str, int, 
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             where = f"{path}:{line_no}"
+            if line_no == 1:  # editors on Windows often save UTF-8 with a byte-order mark
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
             try:
@@ -60,6 +63,7 @@ def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_fi
     """Read a QA jsonl; each bad row is an OptqaError naming ``file:line``."""
     path = Path(path)
     examples = []
+    seen_ids: dict[str, int] = {}
     for where, line_no, row in iter_jsonl_objects(path, "data file"):
         question = row.get(question_field)
         if question_field not in row:
@@ -74,7 +78,12 @@ def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_fi
         else:
             answers = _validate_answers(answers, answers_field, where)
         meta = {k: v for k, v in row.items() if k not in (question_field, answers_field)}
-        examples.append(InputExample(guid=row.get(id_field, f"{path.stem}-{line_no}"), text_a=question.strip(),
+        guid = row.get(id_field, f"{path.stem}-{line_no}")
+        # predictions are matched to gold answers by id, so an id used twice would make scores ambiguous
+        if str(guid) in seen_ids:
+            raise OptqaError(f"{where}: question id {guid!r} already used on line {seen_ids[str(guid)]}")
+        seen_ids[str(guid)] = line_no
+        examples.append(InputExample(guid=guid, text_a=question.strip(),
                                      meta=meta, tgt_text=answers))
     if not examples:
         raise OptqaError(f"{path}: no questions in the file")

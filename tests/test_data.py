@@ -160,3 +160,16 @@ def test_template_and_answer_alone_too_long_keep_everything_but_the_question(tok
     assert encoded.prompt_ids == [wrapper.bos_id] + _ids(tokenizer, "Question:") + _ids(tokenizer, " Answer:")
     assert encoded.target_ids == _ids(tokenizer, " carbon dioxide gas") + [tokenizer.eos_token_id]
 
+
+
+def test_a_byte_order_mark_is_accepted_and_a_repeated_id_is_refused(tmp_path):
+    rows = [{"question_id": "q1", "question": "What is ice?", "answers": ["frozen water"]},
+            {"question_id": "q2", "question": "What is steam?", "answers": ["water vapor"]}]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode("utf-8") + b"\n")
+    assert [e.guid for e in read_qa_jsonl(path)] == ["q1", "q2"]
+
+    rows[1]["question_id"] = "q1"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(OptqaError, match=r"bom\.jsonl:2: question id 'q1' already used on line 1"):
+        read_qa_jsonl(path)
