@@ -130,6 +130,8 @@ class RunConfig:
     precision: str = _opt("auto", "compute precision", choices=("auto", "fp32", "bf16", "fp16"))
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
     gradient_checkpointing: bool = _opt(False, "recompute activations to save memory (large backbones)")
+    # FSDP2 through accelerate: each of N processes keeps 1/N of the frozen backbone; only with several processes
+    fsdp: bool = _opt(False, "shard the backbone across processes (FSDP2) for backbones that do not fit one device")
     # None: torch's default (one thread per physical core)
     num_threads: int | None = _opt(None, "CPU threads for torch")
     # merge LoRA into the weights when only answering (exact up to float rounding)

@@ -142,16 +142,26 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict]) -> tuple[dict, list[dic
 
 def predict(model, encoded, batch_size: int, desc: str = "answering", accelerator=None) -> list[str]:
     """Answer every encoded prompt once; with several processes each answers a shard and all are gathered."""
+    import torch
+
     from .data import collate_for_generation, generation_batches
+    from .runtime import is_sharded
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     shard = encoded[rank::world]
     answers: dict[int, str] = {}
     batches = generation_batches(shard, batch_size)
+    idle_batches = 0
+    if world > 1 and is_sharded(model):
+        # a sharded backbone computes only with every process taking part: all run as many batches as the busiest
+        counts = accelerator.gather(torch.tensor([len(batches)], device=accelerator.device))
+        idle_batches = int(counts.max()) - len(batches)
     show = rank == 0
     for chunk in tqdm(batches, desc=desc, leave=False, disable=not show):
         batch = collate_for_generation(chunk, model.tokenizer.pad_token_id)
         answers.update(zip(batch["index"], model.generate(batch)))
+    for _ in range(idle_batches):
+        model.generate(collate_for_generation(encoded[:1], model.tokenizer.pad_token_id))  # answer discarded
     if world > 1:
         from accelerate.utils import gather_object
 

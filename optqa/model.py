@@ -10,12 +10,39 @@ from torch import nn
 
 from .data import IGNORE_INDEX, LMTokenizerWrapper, InputExample, collate_for_generation, generation_batches
 from .deltas import DeltaModel, is_delta_parameter
+from .runtime import is_sharded
 
 log = logging.getLogger(__name__)
 
 
 def _linear_with_cast_weight(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(hidden, module.__dict__["_optqa_weight"], module.bias)
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain tensor: an FSDP shard (DTensor) is gathered from every process."""
+    return param.full_tensor().detach() if hasattr(param, "full_tensor") else param.detach()
+
+
+def _like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out like ``param``: this process's shard when ``param`` is an FSDP DTensor."""
+    if not hasattr(param, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+
+
+@contextlib.contextmanager
+def _gathered_root(model):
+    """The root shard group (embeddings, head, soft prompt, prefix) gathered while generate runs: generate
+    enters the backbone below the root's forward, which would otherwise gather it. The decoder layers
+    gather themselves step by step."""
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class PromptForGeneration(nn.Module):
@@ -37,6 +64,8 @@ class PromptForGeneration(nn.Module):
         self.tokenizer = tokenizer or template.tokenizer
         self.wrapper = LMTokenizerWrapper(self.tokenizer, template, max_seq_length)
         self.max_new_tokens = max_new_tokens
+        # the blocks FSDP shards one by one (accelerate reads this name), e.g. OPTDecoderLayer
+        self._no_split_modules = list(getattr(plm, "_no_split_modules", None) or [])
         self._autocast_dtype: torch.dtype | None = None
         self._weights_dtype = torch.float32  # what the frozen Linear weights are stored in now
         self._cast_heads: list[nn.Linear] = []
@@ -49,7 +78,8 @@ class PromptForGeneration(nn.Module):
 
     # the state that belongs to the delta (and the template's soft tokens), by the shared predicate
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if is_delta_parameter(n)}
+        """Whole delta tensors; under FSDP the shards are gathered, so every process must call this."""
+        return {n: _whole(p) for n, p in self.named_parameters() if is_delta_parameter(n)}
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for n, p in self.named_parameters() if is_delta_parameter(n))
@@ -70,7 +100,7 @@ class PromptForGeneration(nn.Module):
                                  f"{tuple(param.shape)} (a delta for another backbone?)")
         with torch.no_grad():
             for name, param in own.items():
-                param.copy_(state[name].to(param.dtype))
+                param.copy_(_like(param, state[name].to(param.dtype)))
 
     def _substitute_soft_embeddings(self, module, inputs, output):
         index = self._soft_index
@@ -124,7 +154,8 @@ class PromptForGeneration(nn.Module):
     @contextlib.contextmanager
     def _running(self, batch):
         wanted = self._autocast_dtype or torch.float32
-        if wanted != self._weights_dtype:
+        # sharded weights are gathered for each block anew, in accelerate's FSDP mixed-precision dtype on a GPU
+        if wanted != self._weights_dtype and not is_sharded(self):
             self._store_frozen_weights_as(wanted)
         self._soft_index = batch.get("soft_index") if self.template.num_soft_tokens else None
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
@@ -159,7 +190,6 @@ class PromptForGeneration(nn.Module):
         loss_sum, count = self.loss_terms(batch)
         return loss_sum / count.clamp(min=1)
 
-    @torch.inference_mode()
     def generate(self, batch, max_new_tokens: int | None = None, verbose: bool = False) -> list[str]:
         """Greedy answers for a left-padded batch; each row stops at its own eos."""
         from transformers import GenerationConfig
@@ -168,9 +198,14 @@ class PromptForGeneration(nn.Module):
         config = GenerationConfig(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
                                   num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=eos)
         input_ids = batch["input_ids"].to(self.device)
-        with self._running(batch):
+        sharded = is_sharded(self)
+        # not inference_mode when sharded: FSDP keeps the gathered weights' storage for the next training step,
+        # and storage allocated in inference mode cannot take part in autograd
+        no_grad = torch.no_grad() if sharded else torch.inference_mode()
+        with no_grad, self._running(batch), _gathered_root(self) if sharded else contextlib.nullcontext():
+            # sharded, every process runs each decoding step until the last one's answers end (synced_gpus)
             out = self.plm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device),
-                                    generation_config=config)
+                                    generation_config=config, synced_gpus=sharded)
         answers = []
         for row in out[:, input_ids.shape[1]:].tolist():
             if eos in row:

@@ -22,7 +22,7 @@ from .errors import OptqaError
 from .evaluation import evaluate
 from .reports import plot_learning_curve
 from .results import METRICS_NAME, STEPS_NAME, RunFolder
-from .runtime import autocast_dtype, configure_threads, make_accelerator, seed_everything
+from .runtime import autocast_dtype, configure_threads, is_sharded, make_accelerator, parameter_counts, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,18 @@ def train(config: RunConfig) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, steps_per_epoch * config.train_epochs)
     # the loader is not prepared: ProcessShard already gives this process its part of each global batch
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # FSDP replaces each parameter by its shard: clip the ones the optimiser now holds
+    params = [p for p in model.parameters() if p.requires_grad]
+    if is_sharded(model):
+        held, total = parameter_counts(model)
+        log.info("FSDP: each of %d processes holds its shard of the backbone, here %s of %s parameters",
+                 accelerator.num_processes, f"{held:,}", f"{total:,}")
 
     raw_root = Path(config.raw_delta_save_path)
     resume_dir = raw_root / ckpt.RESUME_DIR_NAME
     state = TrainState()
     if config.resume:
-        state = _load_resume(resume_dir, config, model, optimizer, scheduler, backbone)
+        state = _load_resume(resume_dir, config, model, optimizer, scheduler, backbone, accelerator)
     run = RunFolder(Path(state.run_dir), main) if state.run_dir else RunFolder.create(config.output_dir, "train", main)
     if config.resume:
         _trim_run_logs(run, state)
@@ -120,10 +126,14 @@ def train(config: RunConfig) -> dict:
                          trainable_parameters=model.num_trainable_parameters())
 
     def save_resume() -> None:
+        # gathering the delta, the optimiser state and the RNGs takes every process; then one writes
+        delta, optimiser_state = model.delta_state_dict(), _whole_optimizer_state(model, optimizer)
+        rngs = _every_process_rng_state(accelerator)
         if not main:
             return
-        extra = partial(_write_training_state, state=state, optimizer=optimizer, scheduler=scheduler)
-        ckpt.save_checkpoint(resume_dir, model.delta_state_dict(),
+        extra = partial(_write_training_state, state=state, optimizer_state=optimiser_state, scheduler=scheduler,
+                        rngs=rngs)
+        ckpt.save_checkpoint(resume_dir, delta,
                              ckpt.build_manifest(**manifest_base, metrics={"history": state.history}), extra)
 
     best_state = None
@@ -291,17 +301,44 @@ def _optimiser_step(window, prepared, accelerator, optimizer, scheduler, params,
     return (accelerator.reduce(loss_sum, "sum") / total).item()
 
 
-def _write_training_state(folder: Path, state: TrainState, optimizer, scheduler) -> None:
+def _state_dict_options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
+
+
+def _whole_optimizer_state(model, optimizer) -> dict:
+    """AdamW's state keyed by parameter name, whole tensors on the CPU: the same file whether it was written
+    by one process, by DDP or by FSDP (whose moments are sharded like the parameters)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer.optimizer, options=_state_dict_options(cpu_offload=True))
+
+
+def _every_process_rng_state(accelerator) -> list[dict]:
+    """Each process's torch (and CUDA) RNG state, by process index: their dropout masks differ, and each
+    process continues its own stream on --resume."""
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if accelerator.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return gather_object([mine])
+
+
+def _write_training_state(folder: Path, state: TrainState, optimizer_state: dict, scheduler,
+                          rngs: list[dict]) -> None:
     """The resume state beside the delta weights: optimiser, schedule, RNGs, position. Tensors, lists and
     numbers only, so --resume reads it with ``weights_only=True``."""
     version, python_state, gauss = random.getstate()
-    torch.save({"train_state": dict(state.__dict__), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    torch.save({"train_state": dict(state.__dict__), "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(), "process_rngs": rngs,
                 "python_rng": list(python_state), "python_rng_pos": gauss}, folder / ckpt.RESUME_STATE_NAME)
 
 
-def _load_resume(resume_dir: Path, config: RunConfig, model, optimizer, scheduler, backbone: dict) -> TrainState:
+def _load_resume(resume_dir: Path, config: RunConfig, model, optimizer, scheduler, backbone: dict,
+                 accelerator) -> TrainState:
     if not (ckpt.resolve_folder(resume_dir) / ckpt.MANIFEST_NAME).is_file():
         raise OptqaError(f"--resume: no interrupted run to continue in {resume_dir} (check --raw_delta_save_path)")
     folder, manifest, delta = ckpt.read_checkpoint(resume_dir)
@@ -320,11 +357,19 @@ def _load_resume(resume_dir: Path, config: RunConfig, model, optimizer, schedule
     # the state file was hash-checked with the folder; weights_only keeps it from running code regardless
     blob = torch.load(folder / ckpt.RESUME_STATE_NAME, map_location="cpu", weights_only=True)
     model.load_delta_state_dict(delta, str(folder))
-    optimizer.load_state_dict(blob["optimizer"])
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, blob["optimizer"], options=_state_dict_options())
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    if blob.get("cuda_rng") and torch.cuda.is_available() and len(blob["cuda_rng"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    rngs = blob["process_rngs"]
+    if len(rngs) != accelerator.num_processes:
+        log.warning("--resume: the interrupted run had %d processes, this one %d: the global batches and the "
+                    "maths are the same, but dropout draws other random numbers than an uninterrupted run",
+                    len(rngs), accelerator.num_processes)
+    rng = rngs[accelerator.process_index % len(rngs)]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     random.setstate((3, tuple(blob["python_rng"]), blob["python_rng_pos"]))
     state = TrainState(**blob["train_state"])
     if state.epoch >= config.train_epochs:

@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import MEMORY_SET, REPO, train_args, train_in_process
+from conftest import MEMORY_SET, REPO, train_args, train_in_process, write_split
 from optqa import checkpoint as ckpt
 from optqa.errors import OptqaError
 
@@ -43,38 +45,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tiny_opt, memory_data, tmp_path):
-    # 8 questions, global batch 7, two batches per step: the step's second batch holds one question, so
-    # one process runs a zero-weight stand-in and no_sync covers the first batch
-    flags = (*EXACT, "--batch_size", "7", "--gradient_accumulation_steps", "2", "--train_epochs", "3")
-    two = tmp_path / "two"
+def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """``python -m optqa`` in ``processes`` CPU processes (gloo), as torchrun starts them; must succeed."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "optqa",
-                           *train_args(tiny_opt, memory_data, two, *flags)],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "optqa", *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = tmp_path / "one"
-    summary = train_in_process(tiny_opt, memory_data, one, *flags)
+    return done
 
-    assert_same_delta(final_delta(two), final_delta(one), atol=2e-4)
-    runs = list((two / "runs").iterdir())
+
+# 8 questions, global batch 7, two batches per step: the step's second batch holds one question, so one
+# process runs a zero-weight stand-in and no_sync covers the first batch
+SPLIT_FLAGS = (*EXACT, "--batch_size", "7", "--gradient_accumulation_steps", "2", "--train_epochs", "3")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_opt, memory_data, tmp_path_factory):
+    """The single-process run that the multi-process runs below must reproduce: (output folder, summary)."""
+    out = tmp_path_factory.mktemp("one-process")
+    return out, train_in_process(tiny_opt, memory_data, out, *SPLIT_FLAGS)
+
+
+def assert_trained_like_one_process(out: Path, done, one_process_run, scored: int) -> None:
+    one, summary = one_process_run
+    assert_same_delta(final_delta(out), final_delta(one), atol=2e-4)
+    runs = list((out / "runs").iterdir())
     assert len(runs) == 1
     assert step_losses(runs[0]) == pytest.approx(step_losses(Path(summary["run_dir"])), abs=1e-4)
     # every question scored once: not doubled by the two processes, none dropped
-    manifest = json.loads((two / "delta_ckpts" / ckpt.MANIFEST_NAME).read_text())
-    assert manifest["metrics"]["test"]["count"] == manifest["metrics"]["dev"]["count"] == len(MEMORY_SET)
-    assert manifest["metrics"]["best_epoch"] == summary["best_epoch"]
+    manifest = json.loads((out / "delta_ckpts" / ckpt.MANIFEST_NAME).read_text())
+    assert manifest["metrics"]["test"]["count"] == manifest["metrics"]["dev"]["count"] == scored
     predictions = [json.loads(line) for line in (runs[0] / "predictions_test.jsonl").read_text().splitlines()]
-    assert sorted(row["question_id"] for row in predictions) == sorted(f"test-{i}" for i in range(len(MEMORY_SET)))
+    assert sorted(row["question_id"] for row in predictions) == sorted(f"test-{i}" for i in range(scored))
     metrics = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [row.get("epoch", row.get("split")) for row in metrics] == [1, 2, 3, "test"]
     # one writer: one summary, one log line per epoch, one progress bar per epoch
     assert done.stdout.count("best epoch") == 1
     assert done.stderr.count("epoch 1: train loss") == 1
     assert len(re.findall(r"epoch 1/3:\s+0%\|[^|]*\| 0/2 \[00:00<\?, \?it/s\]", done.stderr)) == 1
-    assert sorted(p.name for p in (two / "delta_ckpts").iterdir()) == [ckpt.WEIGHTS_NAME, ckpt.MANIFEST_NAME]
-    assert not [p for p in two.rglob("*") if p.name.endswith((".partial", ".previous"))]
+    assert sorted(p.name for p in (out / "delta_ckpts").iterdir()) == [ckpt.WEIGHTS_NAME, ckpt.MANIFEST_NAME]
+    assert not [p for p in out.rglob("*") if p.name.endswith((".partial", ".previous"))]
+
+
+def test_two_processes_train_like_one(tiny_opt, memory_data, tmp_path, one_process_run):
+    done = torchrun(train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS))
+    assert_trained_like_one_process(tmp_path, done, one_process_run, scored=len(MEMORY_SET))
+    manifest = json.loads((tmp_path / "delta_ckpts" / ckpt.MANIFEST_NAME).read_text())
+    assert manifest["metrics"]["best_epoch"] == one_process_run[1]["best_epoch"]
+    assert "FSDP" not in done.stderr
+
+
+def test_fsdp_shards_the_backbone_and_trains_like_one_process(tiny_opt, memory_data, tmp_path, one_process_run):
+    # seven dev/test questions answered one per batch: one process has 4 batches, the other 3, and must run
+    # an idle batch so that the sharded backbone computes with both
+    seven = [write_split(tmp_path / "seven", MEMORY_SET[:7], split) for split in ("dev", "test")]
+    done = torchrun(train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS, "--fsdp", "--eval_batch_size", "1",
+                               "--dev_file", str(seven[0]), "--test_file", str(seven[1])))
+    held = re.search(r"FSDP: each of 2 processes holds its shard of the backbone, here ([\d,]+) of ([\d,]+) "
+                     r"parameters", done.stderr)
+    assert held, done.stderr[-2000:]
+    mine, total = (int(n.replace(",", "")) for n in held.groups())
+    assert f"/ total {total:,} (" in done.stderr  # the whole model, as counted before sharding
+    assert total / 2 <= mine < total / 2 + 100  # half, up to the rounding of each tensor's split
+    assert "returned a view tensor" not in done.stderr
+    assert_trained_like_one_process(tmp_path, done, one_process_run, scored=7)
 
 
 def test_accumulation_equals_the_bigger_batch(tiny_opt, memory_data, tmp_path):
@@ -120,3 +155,45 @@ def test_delta_trained_under_bf16_is_saved_as_fp32_cpu_tensors(tiny_opt, memory_
 def test_fp16_training_on_a_cpu_is_refused(tiny_opt, memory_data, tmp_path):
     with pytest.raises(OptqaError, match="fp16 trains only on a CUDA GPU"):
         train_in_process(tiny_opt, memory_data, tmp_path, "--precision", "fp16", "--cpu")
+
+
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_two_process_run_resumes_exactly(tiny_opt, memory_data, tmp_path, sharding):
+    # LoRA dropout: each process draws its own masks, so each one's RNG must be saved and restored; under
+    # FSDP the AdamW moments are sharded and are gathered into the resume state and split again
+    flags = ("--delta_type", "lora", "--lora_dropout", "0.1", "--batch_size", "4", "--train_epochs", "2", *EXACT,
+             *sharding)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    torchrun(train_args(tiny_opt, memory_data, whole, *flags))
+    torchrun(train_args(tiny_opt, memory_data, parts, *flags, "--max_steps", "3"))  # stops within epoch 2
+    state = torch.load(parts / "raw_delta_ckpts" / ckpt.RESUME_DIR_NAME / ckpt.RESUME_STATE_NAME, weights_only=True)
+    assert state["train_state"]["global_step"] == 3
+    first, second = (rng["torch"] for rng in state["process_rngs"])
+    assert not torch.equal(first, second)
+    assert {len(moment) for moment in state["optimizer"]["state"].values()} == {3}  # step, exp_avg, exp_avg_sq
+    torchrun(train_args(tiny_opt, memory_data, parts, *flags, "--resume"))
+    resumed, uninterrupted = final_delta(parts), final_delta(whole)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    (run,) = (parts / "runs").iterdir()
+    assert step_losses(run) == step_losses(next((whole / "runs").iterdir()))
+
+
+def test_fsdp_in_one_process_warns_and_trains_unsharded(tiny_opt, memory_data, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train_in_process(tiny_opt, memory_data, tmp_path, *EXACT, "--fsdp", "--train_epochs", "1")
+    assert "--fsdp: a single process has nothing to shard with; training unsharded" in caplog.text
+    assert "FSDP: each of" not in caplog.text
+    assert (tmp_path / "delta_ckpts" / ckpt.WEIGHTS_NAME).is_file()
+
+
+def test_fsdp_version_1_is_refused():
+    # what `accelerate launch --use_fsdp` gives without --fsdp_version 2: accelerate's default is FSDP1, whose
+    # flat parameters cannot mix a layer's frozen weights with its delta (unless use_orig_params)
+    from accelerate.utils import DistributedType
+
+    from optqa.runtime import _settle_sharding
+
+    launched = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(OptqaError, match="--use_fsdp --fsdp_version 2"):
+        _settle_sharding(launched, None)

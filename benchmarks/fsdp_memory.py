@@ -1,0 +1,148 @@
+"""Memory per process when N processes train a delta: DDP (each holds the whole backbone) against FSDP (--fsdp).
+
+    python benchmarks/fsdp_memory.py                    # opt-350m shape, 2 CPU processes (torchrun, gloo)
+    python benchmarks/fsdp_memory.py --size 1.3b --processes 2
+
+Both runs are optqa's own training (``optqa.trainer.train``) on a random-weight backbone of the real shape, fp32,
+global batch 8, a few optimiser steps, then the test questions answered. Per process it reports the RSS after
+the last optimiser step (what training holds) and the peak RSS of the whole run, which includes loading the
+whole backbone before it is sharded. The two modes run back to back on the same machine, so the ratio is what
+to read, not the megabytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+STEPS = 3  # Adam's moments appear at the first step; later steps show the steady state
+QUESTIONS = 16  # dev and test questions answered (each process answers its share)
+
+
+def _current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker(args: list[str], out_prefix: str) -> None:
+    """One process of a torchrun job: optqa's training with the RSS read after each optimiser step."""
+    import os
+
+    from common import peak_rss_mb, reset_peak_rss
+    from optqa import trainer
+    from optqa.cli import parse_args
+
+    reset_peak_rss()
+    after_step: list[float] = []
+    step = trainer._optimiser_step
+
+    def measured_step(*a, **k):
+        value = step(*a, **k)
+        after_step.append(_current_rss_mb())
+        return value
+
+    trainer._optimiser_step = measured_step
+    config, _ = parse_args(args)
+    trainer.train(config)
+    rank = os.environ.get("RANK", "0")
+    Path(f"{out_prefix}-{rank}.json").write_text(json.dumps({"rank": int(rank), "after_steps_mb": after_step,
+                                                             "peak_mb": peak_rss_mb()}))
+
+
+def build_backbone(size: str, folder: Path) -> Path:
+    """A random-weight OPT of the real ``size`` shape, with the benchmark assets' tokenizer."""
+    from common import build_assets
+    from memory_table import OPT_FAMILY
+    from optqa.tiny import build_opt
+
+    assets = build_assets(folder)
+    plm = folder / f"opt-{size}-shape"
+    if not (plm / "config.json").is_file():
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(assets["plm"]) / name).is_file():
+                plm.mkdir(parents=True, exist_ok=True)
+                shutil.copy(Path(assets["plm"]) / name, plm / name)
+        hidden, layers, heads, ffn, embed = OPT_FAMILY[size]
+        print(f"building an opt-{size}-shaped backbone with random weights in {plm} (once; cached)", file=sys.stderr)
+        build_opt(plm, None, seed=0, vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, ffn_dim=ffn, word_embed_proj_dim=embed,
+                  do_layer_norm_before=size != "350m", max_position_embeddings=2048)
+    return plm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(mode: str, plm: Path, data: Path, processes: int, scratch: Path) -> list[dict]:
+    from common import child_env
+
+    out = scratch / mode
+    small = {split: out / f"{split}.jsonl" for split in ("dev", "test")}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, path in small.items():
+        lines = (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:QUESTIONS]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["--mode", "train", "--plm_path", str(plm), "--data_path", str(data), "--dev_file", str(small["dev"]),
+            "--test_file", str(small["test"]), "--delta_type", "lora", "--precision", "fp32", "--batch_size", "8",
+            "--max_steps", str(STEPS), "--max_new_tokens", "8", "--save_steps", "0",
+            "--delta_save_path", str(out / "delta"), "--raw_delta_save_path", str(out / "raw"),
+            "--output_dir", str(out / "runs"), *(["--fsdp"] if mode == "fsdp" else [])]
+    print(f"training with {processes} processes, {mode} ...", file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__)),
+                           "--worker", str(out / "rss"), "--", *args],
+                          capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} run failed (exit {done.returncode}):\n" + "\n".join(done.stderr.splitlines()[-15:]))
+    return [json.loads((out / f"rss-{rank}.json").read_text()) for rank in range(processes)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="350m", help="OPT shape (125m, 350m, 1.3b, ...)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "optqa-bench",
+                        help="cache for the random-weight backbones and data")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    options, rest = parser.parse_known_args()
+    if options.worker:
+        worker(rest[1:] if rest[:1] == ["--"] else rest, options.worker)
+        return
+
+    from common import machine, machine_markdown
+
+    plm = build_backbone(options.size, options.work)
+    data = Path(json.loads((options.work / "assets.json").read_text())["data"])
+    scratch = Path(tempfile.mkdtemp(prefix="optqa-fsdp-"))
+    rows = {mode: run(mode, plm, data, options.processes, scratch) for mode in ("ddp", "fsdp")}
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(machine_markdown(machine()))
+    print(f"\nopt-{options.size} shape, {options.processes} CPU processes, LoRA, fp32, global batch 8, "
+          f"{STEPS} optimiser steps, then {QUESTIONS} test questions answered\n")
+    print("| | RSS per process after the last step | peak RSS per process (includes loading) |")
+    print("| --- | --- | --- |")
+    for mode, label in (("ddp", "DDP (whole backbone in each)"), ("fsdp", "FSDP (--fsdp)")):
+        steady = max(r["after_steps_mb"][-1] for r in rows[mode])
+        peak = max(r["peak_mb"] for r in rows[mode])
+        print(f"| {label} | {steady:.0f} MB | {peak:.0f} MB |")
+    ratio = max(r["after_steps_mb"][-1] for r in rows["fsdp"]) / max(r["after_steps_mb"][-1] for r in rows["ddp"])
+    print(f"\nFSDP holds {ratio:.2f}x the training memory of DDP per process")
+
+
+if __name__ == "__main__":
+    main()
