@@ -4,7 +4,7 @@
     python benchmarks/fsdp_memory.py --size 1.3b --processes 2
 
 Both runs are optqa's own training (``optqa.trainer.train``) on a random-weight backbone of the real shape, fp32,
-global batch 8, a few optimiser steps, then the test questions answered. Per process it reports the RSS after
+global batch 8, three optimiser steps, then the test questions answered. Per process it reports the RSS after
 the last optimiser step (what training holds) and the peak RSS of the whole run, which includes loading the
 whole backbone before it is sharded. The two modes run back to back on the same machine, so the ratio is what
 to read, not the megabytes.
@@ -26,14 +26,20 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 STEPS = 3  # Adam's moments appear at the first step; later steps show the steady state
+BATCH = 8  # global batch, split across the processes
 QUESTIONS = 16  # dev and test questions answered (each process answers its share)
 
 
-def _current_rss_mb() -> float:
+def _resident_mb() -> dict[str, float]:
+    """Resident memory by kind (Linux): private (anonymous) and file-backed (the memory-mapped weights file,
+    one page-cache copy shared by every process that maps it)."""
+    kinds = {"RssAnon": "private_mb", "RssFile": "file_mb"}
+    found = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        key = line.split(":")[0]
+        if key in kinds:
+            found[kinds[key]] = int(line.split()[1]) / 1024
+    return found
 
 
 def worker(args: list[str], out_prefix: str) -> None:
@@ -44,20 +50,23 @@ def worker(args: list[str], out_prefix: str) -> None:
     from optqa import trainer
     from optqa.cli import parse_args
 
+    from optqa.runtime import parameter_counts
+
     reset_peak_rss()
-    after_step: list[float] = []
+    after_step: list[dict] = []
     step = trainer._optimiser_step
 
-    def measured_step(*a, **k):
-        value = step(*a, **k)
-        after_step.append(_current_rss_mb())
+    def measured_step(window, prepared, *rest, **k):
+        value = step(window, prepared, *rest, **k)
+        held, total = parameter_counts(prepared)
+        after_step.append({**_resident_mb(), "held": held, "total": total})
         return value
 
     trainer._optimiser_step = measured_step
     config, _ = parse_args(args)
     trainer.train(config)
     rank = os.environ.get("RANK", "0")
-    Path(f"{out_prefix}-{rank}.json").write_text(json.dumps({"rank": int(rank), "after_steps_mb": after_step,
+    Path(f"{out_prefix}-{rank}.json").write_text(json.dumps({"rank": int(rank), "after_steps": after_step,
                                                              "peak_mb": peak_rss_mb()}))
 
 
@@ -92,14 +101,14 @@ def run(mode: str, plm: Path, data: Path, processes: int, scratch: Path) -> list
     from common import child_env
 
     out = scratch / mode
-    small = {split: out / f"{split}.jsonl" for split in ("dev", "test")}
     out.mkdir(parents=True, exist_ok=True)
-    for split, path in small.items():
-        lines = (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:QUESTIONS]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    args = ["--mode", "train", "--plm_path", str(plm), "--data_path", str(data), "--dev_file", str(small["dev"]),
-            "--test_file", str(small["test"]), "--delta_type", "lora", "--precision", "fp32", "--batch_size", "8",
-            "--max_steps", str(STEPS), "--max_new_tokens", "8", "--save_steps", "0",
+    # one epoch of STEPS batches, then the dev and test questions answered
+    for split, count in (("train", STEPS * BATCH), ("dev", QUESTIONS), ("test", QUESTIONS)):
+        lines = (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["--mode", "train", "--plm_path", str(plm), "--data_path", str(out), "--delta_type", "lora",
+            "--precision", "fp32", "--batch_size", str(BATCH), "--train_epochs", "1", "--max_new_tokens", "8",
+            "--save_steps", "0",
             "--delta_save_path", str(out / "delta"), "--raw_delta_save_path", str(out / "raw"),
             "--output_dir", str(out / "runs"), *(["--fsdp"] if mode == "fsdp" else [])]
     print(f"training with {processes} processes, {mode} ...", file=sys.stderr, flush=True)
@@ -108,7 +117,7 @@ def run(mode: str, plm: Path, data: Path, processes: int, scratch: Path) -> list
                            "--worker", str(out / "rss"), "--", *args],
                           capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"{mode} run failed (exit {done.returncode}):\n" + "\n".join(done.stderr.splitlines()[-15:]))
+        raise RuntimeError(f"{mode} run failed (exit {done.returncode}):\n" + "\n".join(done.stderr.splitlines()[-60:]))
     return [json.loads((out / f"rss-{rank}.json").read_text()) for rank in range(processes)]
 
 
@@ -134,14 +143,17 @@ def main() -> None:
     print(machine_markdown(machine()))
     print(f"\nopt-{options.size} shape, {options.processes} CPU processes, LoRA, fp32, global batch 8, "
           f"{STEPS} optimiser steps, then {QUESTIONS} test questions answered\n")
-    print("| | RSS per process after the last step | peak RSS per process (includes loading) |")
-    print("| --- | --- | --- |")
-    for mode, label in (("ddp", "DDP (whole backbone in each)"), ("fsdp", "FSDP (--fsdp)")):
-        steady = max(r["after_steps_mb"][-1] for r in rows[mode])
-        peak = max(r["peak_mb"] for r in rows[mode])
-        print(f"| {label} | {steady:.0f} MB | {peak:.0f} MB |")
-    ratio = max(r["after_steps_mb"][-1] for r in rows["fsdp"]) / max(r["after_steps_mb"][-1] for r in rows["ddp"])
-    print(f"\nFSDP holds {ratio:.2f}x the training memory of DDP per process")
+    print("| | parameters held per process | private memory per process after the last step | file-backed "
+          "(weights file, shared) | peak RSS per process |")
+    print("| --- | --- | --- | --- | --- |")
+    last = {mode: [r["after_steps"][-1] for r in rows[mode]] for mode in rows}
+    for mode, label in (("ddp", "DDP"), ("fsdp", "FSDP (--fsdp)")):
+        held = max(r["held"] for r in last[mode])
+        print(f"| {label} | {held:,} of {last[mode][0]['total']:,} | {max(r['private_mb'] for r in last[mode]):.0f} MB "
+              f"| {max(r['file_mb'] for r in last[mode]):.0f} MB | {max(r['peak_mb'] for r in rows[mode]):.0f} MB |")
+    ratio = max(r["held"] for r in last["fsdp"]) / max(r["held"] for r in last["ddp"])
+    print(f"\nFSDP: each process holds {ratio:.2f}x the parameters DDP's processes hold (what a GPU's memory must "
+          "fit)")
 
 
 if __name__ == "__main__":
