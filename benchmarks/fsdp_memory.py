@@ -3,6 +3,9 @@
     python benchmarks/fsdp_memory.py                    # opt-350m shape, 2 CPU processes (torchrun, gloo)
     python benchmarks/fsdp_memory.py --size 1.3b --processes 2
 
+Three ways to start the processes: torchrun without sharding (DDP), torchrun with --fsdp, and
+``accelerate launch --use_fsdp --fsdp_version 2``, whose defaults also load the weights on the first process only.
+
 Both runs are optqa's own training (``optqa.trainer.train``) on a random-weight backbone of the real shape, fp32,
 global batch 8, three optimiser steps, then the test questions answered. Per process it reports the RSS after
 the last optimiser step (what training holds) and the peak RSS of the whole run, which includes loading the
@@ -27,6 +30,10 @@ sys.path.insert(0, str(HERE))
 
 STEPS = 3  # Adam's moments appear at the first step; later steps show the steady state
 BATCH = 8  # global batch, split across the processes
+LABELS = {"ddp": "DDP (torchrun)", "fsdp": "FSDP (torchrun, --fsdp)",
+          # accelerate's launcher also loads the weights on the first process only (cpu_ram_efficient_loading)
+          "accelerate_fsdp": "FSDP (accelerate launch --use_fsdp --fsdp_version 2)",
+          "accelerate_fsdp_every": "same, --fsdp_cpu_ram_efficient_loading false"}
 QUESTIONS = 16  # dev and test questions answered (each process answers its share)
 
 
@@ -111,10 +118,16 @@ def run(mode: str, plm: Path, data: Path, processes: int, scratch: Path) -> list
             "--save_steps", "0",
             "--delta_save_path", str(out / "delta"), "--raw_delta_save_path", str(out / "raw"),
             "--output_dir", str(out / "runs"), *(["--fsdp"] if mode == "fsdp" else [])]
-    print(f"training with {processes} processes, {mode} ...", file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__)),
-                           "--worker", str(out / "rss"), "--", *args],
+    print(f"training with {processes} processes, {LABELS[mode]} ...", file=sys.stderr, flush=True)
+    if mode.startswith("accelerate_fsdp"):
+        launcher = ["accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes",
+                    str(processes), "--main_process_port", str(_free_port()),
+                    *(["--fsdp_cpu_ram_efficient_loading", "false"] if mode.endswith("every") else [])]
+    else:
+        launcher = ["torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+                    "--master_port", str(_free_port())]
+    done = subprocess.run([sys.executable, "-m", *launcher, str(Path(__file__)), "--worker", str(out / "rss"), "--",
+                           *args],
                           capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"{mode} run failed (exit {done.returncode}):\n" + "\n".join(done.stderr.splitlines()[-60:]))
@@ -138,19 +151,20 @@ def main() -> None:
     plm = build_backbone(options.size, options.work)
     data = Path(json.loads((options.work / "assets.json").read_text())["data"])
     scratch = Path(tempfile.mkdtemp(prefix="optqa-fsdp-"))
-    rows = {mode: run(mode, plm, data, options.processes, scratch) for mode in ("ddp", "fsdp")}
+    rows = {mode: run(mode, plm, data, options.processes, scratch) for mode in LABELS}
     shutil.rmtree(scratch, ignore_errors=True)
     print(machine_markdown(machine()))
     print(f"\nopt-{options.size} shape, {options.processes} CPU processes, LoRA, fp32, global batch 8, "
           f"{STEPS} optimiser steps, then {QUESTIONS} test questions answered\n")
     print("| | parameters held per process | private memory per process after the last step | file-backed "
-          "(weights file, shared) | peak RSS per process |")
+          "(weights file, shared) | peak RSS, first process / others |")
     print("| --- | --- | --- | --- | --- |")
     last = {mode: [r["after_steps"][-1] for r in rows[mode]] for mode in rows}
-    for mode, label in (("ddp", "DDP"), ("fsdp", "FSDP (--fsdp)")):
+    for mode, label in LABELS.items():
         held = max(r["held"] for r in last[mode])
         print(f"| {label} | {held:,} of {last[mode][0]['total']:,} | {max(r['private_mb'] for r in last[mode]):.0f} MB "
-              f"| {max(r['file_mb'] for r in last[mode]):.0f} MB | {max(r['peak_mb'] for r in rows[mode]):.0f} MB |")
+              f"| {max(r['file_mb'] for r in last[mode]):.0f} MB | {rows[mode][0]['peak_mb']:.0f} / "
+              f"{max(r['peak_mb'] for r in rows[mode][1:]):.0f} MB |")
     ratio = max(r["held"] for r in last["fsdp"]) / max(r["held"] for r in last["ddp"])
     print(f"\nFSDP: each process holds {ratio:.2f}x the parameters DDP's processes hold (what a GPU's memory must "
           "fit)")

@@ -76,6 +76,12 @@ class PromptForGeneration(nn.Module):
         if template.num_soft_tokens:
             plm.get_input_embeddings().register_forward_hook(self._substitute_soft_embeddings)
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """The backbone's own ties (OPT's head is its input embedding). accelerate re-ties through this after
+        moving the model to the meta device (``accelerate launch --use_fsdp``, CPU-RAM-efficient loading):
+        without it the head became a second, untied copy."""
+        self.backbone.tie_weights(*args, **kwargs)
+
     # the state that belongs to the delta (and the template's soft tokens), by the shared predicate
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole delta tensors; under FSDP the shards are gathered, so every process must call this."""

@@ -124,7 +124,7 @@ def make_accelerator(config):
     # accelerate fixes the precision once per process; a second run in the same process (a notebook, the
     # tests) may ask for another. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    plugin = fsdp_plugin() if config.fsdp else None
+    plugin = fsdp_plugin(config)
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed, fsdp_plugin=plugin,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     _settle_sharding(accelerator, plugin)
@@ -135,20 +135,32 @@ def make_accelerator(config):
     return accelerator
 
 
-def fsdp_plugin():
-    """FSDP2 as accelerate applies it: one shard group per decoder layer (the backbone's ``_no_split_modules``,
-    which PromptForGeneration passes on), the embeddings, delta prompts and head in the root group."""
+def fsdp_plugin(config):
+    """FSDP2 as accelerate applies it, for --fsdp: one shard group per decoder layer (the backbone's
+    ``_no_split_modules``, which PromptForGeneration passes on), the embeddings, delta prompts and head in the
+    root group. Under ``accelerate launch --use_fsdp`` the launcher's FSDP flags (in the environment) apply."""
     from accelerate import FullyShardedDataParallelPlugin
 
+    from .errors import OptqaError
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            # FSDP1's flat parameters cannot mix a layer's frozen weights with its delta (short of
+            # use_orig_params), and on a CPU accelerate cannot even build its plugin
+            raise OptqaError("optqa shards with FSDP2: launch with accelerate launch --use_fsdp --fsdp_version 2, "
+                             "or with torchrun and optqa's --fsdp")
+        # without a wrap policy the whole model is one shard group, gathered whole for every forward pass
+        wrap = {} if os.environ.get("FSDP_AUTO_WRAP_POLICY") else {"auto_wrap_policy": "transformer_based_wrap"}
+        return FullyShardedDataParallelPlugin(**wrap)
+    if not config.fsdp:
+        return None
     return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                           reshard_after_forward=True, cpu_ram_efficient_loading=False)
 
 
 def _settle_sharding(accelerator, plugin) -> None:
-    """FSDP from --fsdp or from ``accelerate launch --use_fsdp``: FSDP2 only, and only with several processes."""
+    """FSDP from --fsdp or from ``accelerate launch --use_fsdp``, which needs several processes."""
     from accelerate.utils import DistributedType
-
-    from .errors import OptqaError
 
     if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # accelerate (1.15) enables FSDP only on accelerators, though its FSDP2 code and torch's fully_shard
@@ -156,9 +168,6 @@ def _settle_sharding(accelerator, plugin) -> None:
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     if accelerator.distributed_type == DistributedType.FSDP:
-        if accelerator.state.fsdp_plugin.fsdp_version != 2:
-            raise OptqaError("optqa shards with FSDP2: launch with accelerate launch --use_fsdp --fsdp_version 2, "
-                             "or pass optqa's --fsdp")
         # OPT's decoder layer returns a view of a fresh tensor, and nothing changes it in place; the 2-process
         # test checks that sharded gradients equal one process's
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOPTDecoderLayer\) returned a view")

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,14 +185,28 @@ def test_fsdp_in_one_process_warns_and_trains_unsharded(tiny_opt, memory_data, t
     assert (tmp_path / "delta_ckpts" / ckpt.WEIGHTS_NAME).is_file()
 
 
-def test_fsdp_version_1_is_refused():
-    # what `accelerate launch --use_fsdp` gives without --fsdp_version 2: accelerate's default is FSDP1, whose
-    # flat parameters cannot mix a layer's frozen weights with its delta (unless use_orig_params)
-    from accelerate.utils import DistributedType
+def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port",
+                           str(free_port()), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
-    from optqa.runtime import _settle_sharding
 
-    launched = SimpleNamespace(distributed_type=DistributedType.FSDP,
-                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
-    with pytest.raises(OptqaError, match="--use_fsdp --fsdp_version 2"):
-        _settle_sharding(launched, None)
+def test_accelerate_launch_use_fsdp_trains_like_one_process(tiny_opt, memory_data, tmp_path, one_process_run):
+    # accelerate's launcher defaults to loading the weights on the first process only and re-tying them
+    # after a trip to the meta device: the head must stay tied to the embedding (same parameter count)
+    done = accelerate_launch("--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "-m", "optqa",
+                             *train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    held = re.search(r"FSDP: each of 2 processes holds its shard of the backbone, here ([\d,]+) of ([\d,]+)",
+                     done.stderr)
+    assert held and f"/ total {held.group(2)} (" in done.stderr, done.stderr[-2000:]
+    assert_trained_like_one_process(tmp_path, done, one_process_run, scored=len(MEMORY_SET))
+
+
+def test_accelerate_launch_with_fsdp1_is_refused(tiny_opt, memory_data, tmp_path):
+    done = accelerate_launch("--use_fsdp", "--num_processes", "2", "-m", "optqa",
+                             *train_args(tiny_opt, memory_data, tmp_path))
+    assert done.returncode != 0
+    assert "error: optqa shards with FSDP2: launch with accelerate launch --use_fsdp --fsdp_version 2" in done.stderr
+    assert "Traceback" not in done.stderr.split("error: optqa shards")[0]
+    assert not (tmp_path / "delta_ckpts").exists()
