@@ -121,6 +121,7 @@ class Encoded:
     soft_index: list[int]
     target_ids: list[int] = field(default_factory=list)
     truncated: bool = False
+    question_lost: bool = False  # cut to nothing: the template and the answer alone fill max_seq_l
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
@@ -149,6 +150,7 @@ class LMTokenizerWrapper:
         target_ids = self.encode_target(target) if target is not None else []
         budget = self.max_seq_length - 1 - len(target_ids)
         truncated = _cut_to_budget(segments, budget)
+        question_lost = truncated and not any(ids for _, ids, shortenable in segments if shortenable)
         prompt_ids, soft_index = [self.bos_id], [SOFT_NONE]
         pad = self.tokenizer.pad_token_id
         for kind, ids, _ in segments:
@@ -159,7 +161,8 @@ class LMTokenizerWrapper:
                 prompt_ids += ids
                 soft_index += [SOFT_NONE] * len(ids)
         golds = list(example.tgt_text or [])
-        return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated)
+        return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated,
+                       question_lost)
 
     def encode_all(self, examples: list[InputExample], targets: str | None = None,
                    desc: str = "tokenising") -> list[Encoded]:
@@ -175,6 +178,11 @@ class LMTokenizerWrapper:
         if cut:
             log.info("%s: %d of %d examples were longer than max_seq_l=%d; their questions were cut",
                      desc, cut, len(encoded), self.max_seq_length)
+        lost = [e for e in encoded if e.question_lost]
+        if lost:
+            log.warning("%s: %d of %d examples kept no question tokens at all (the template and the answer alone "
+                        "fill max_seq_l=%d; first: question %s); raise --max_seq_l", desc, len(lost), len(encoded),
+                        self.max_seq_length, lost[0].guid)
         return encoded
 
 

@@ -153,10 +153,18 @@ def test_cut_examples_are_counted_in_the_log(tokenizer, caplog):
         r.getMessage() for r in caplog.records]
 
 
-def test_template_and_answer_alone_too_long_keep_everything_but_the_question(tokenizer):
+def test_template_and_answer_alone_too_long_keep_everything_but_the_question(tokenizer, caplog):
     # the limit is then exceeded rather than cutting an answer or the template: a wrong target is worse
     wrapper = _wrapper(tokenizer, 4)
     encoded = wrapper.encode(InputExample(text_a=LONG, tgt_text=["a"]), target="carbon dioxide gas")
+    assert encoded.question_lost
+    examples = [InputExample(guid=f"q{i}", text_a=text, tgt_text=["carbon dioxide gas"])
+                for i, text in enumerate(["Why?", LONG])]
+    with caplog.at_level(logging.WARNING, logger="optqa.data"):
+        wrapper.encode_all(examples, targets="first", desc="tokenising train")
+    assert ("tokenising train: 2 of 2 examples kept no question tokens at all (the template and the answer alone "
+            "fill max_seq_l=4; first: question q0); raise --max_seq_l") in [r.getMessage() for r in caplog.records]
+    assert not _wrapper(tokenizer, 128).encode(examples[1], target="gas").question_lost
     assert encoded.prompt_ids == [wrapper.bos_id] + _ids(tokenizer, "Question:") + _ids(tokenizer, " Answer:")
     assert encoded.target_ids == _ids(tokenizer, " carbon dioxide gas") + [tokenizer.eos_token_id]
 
