@@ -125,8 +125,13 @@ def make_accelerator(config):
     # tests) may ask for another. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     plugin = fsdp_plugin(config)
+    launcher_flag = os.environ.get("ACCELERATE_USE_FSDP")
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed, fsdp_plugin=plugin,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
+    # given a plugin, accelerate sets ACCELERATE_USE_FSDP=true for the whole process (and its children), which
+    # would turn the next run in this process, or a run it starts, into an FSDP run: only a launcher may set it
+    if launcher_flag is None:
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
     _settle_sharding(accelerator, plugin)
     if not accelerator.is_main_process:
         # the other processes compute but stay silent: one log, one progress bar, one summary per run

@@ -183,6 +183,9 @@ def test_fsdp_in_one_process_warns_and_trains_unsharded(tiny_opt, memory_data, t
     assert "--fsdp: a single process has nothing to shard with; training unsharded" in caplog.text
     assert "FSDP: each of" not in caplog.text
     assert (tmp_path / "delta_ckpts" / ckpt.WEIGHTS_NAME).is_file()
+    # --fsdp is this run's: the process (and what it starts next) is not left flagged as an FSDP launch
+    assert "ACCELERATE_USE_FSDP" not in os.environ
+    train_in_process(tiny_opt, memory_data, tmp_path / "next", *EXACT, "--train_epochs", "1")
 
 
 def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
