@@ -196,6 +196,7 @@ class PromptForGeneration(nn.Module):
         loss_sum, count = self.loss_terms(batch)
         return loss_sum / count.clamp(min=1)
 
+    @torch.inference_mode()
     def generate(self, batch, max_new_tokens: int | None = None, verbose: bool = False) -> list[str]:
         """Greedy answers for a left-padded batch; each row stops at its own eos."""
         from transformers import GenerationConfig
@@ -205,10 +206,7 @@ class PromptForGeneration(nn.Module):
                                   num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=eos)
         input_ids = batch["input_ids"].to(self.device)
         sharded = is_sharded(self)
-        # not inference_mode when sharded: FSDP keeps the gathered weights' storage for the next training step,
-        # and storage allocated in inference mode cannot take part in autograd
-        no_grad = torch.no_grad() if sharded else torch.inference_mode()
-        with no_grad, self._running(batch), _gathered_root(self) if sharded else contextlib.nullcontext():
+        with self._running(batch), _gathered_root(self) if sharded else contextlib.nullcontext():
             # sharded, every process runs each decoding step until the last one's answers end (synced_gpus)
             out = self.plm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device),
                                     generation_config=config, synced_gpus=sharded)
