@@ -128,7 +128,7 @@ def train(config: RunConfig) -> dict:
     def save_resume() -> None:
         # gathering the delta, the optimiser state and the RNGs takes every process; then one writes
         delta, optimiser_state = model.delta_state_dict(), _whole_optimizer_state(model, optimizer)
-        rngs = _every_process_rng_state(accelerator)
+        rngs = _every_process_rng_state()
         if not main:
             return
         extra = partial(_write_training_state, state=state, optimizer_state=optimiser_state, scheduler=scheduler,
@@ -315,16 +315,13 @@ def _whole_optimizer_state(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer.optimizer, options=_state_dict_options(cpu_offload=True))
 
 
-def _every_process_rng_state(accelerator) -> list[dict]:
+def _every_process_rng_state() -> list[dict]:
     """Each process's torch (and CUDA) RNG state, by process index: their dropout masks differ, and each
     process continues its own stream on --resume."""
-    mine = {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if accelerator.num_processes == 1:
-        return [mine]
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object  # one process: the list as it is
 
-    return gather_object([mine])
+    return gather_object([{"torch": torch.get_rng_state(),
+                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}])
 
 
 def _write_training_state(folder: Path, state: TrainState, optimizer_state: dict, scheduler,
