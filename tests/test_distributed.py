@@ -44,14 +44,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
+    """``python -m <launcher...> <args>`` from the checkout, one torch thread per process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *launcher, *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+
+
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     """``python -m optqa`` in ``processes`` CPU processes (gloo), as torchrun starts them; must succeed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "optqa", *args],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    done = launch(["torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port())], "-m", "optqa", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
+    return launch(["accelerate.commands.launch", "--main_process_port", str(free_port())], *args)
+
+
+def held_parameters(stderr: str) -> tuple[int, int]:
+    """(parameters this process holds, parameters of the model) from the FSDP log line; the whole model must be
+    what was counted before sharding, in the delta's log line."""
+    held = re.search(r"FSDP: each of 2 processes holds its shard of the backbone, here ([\d,]+) of ([\d,]+) "
+                     r"parameters", stderr)
+    assert held, stderr[-2000:]
+    mine, total = (int(n.replace(",", "")) for n in held.groups())
+    assert f"/ total {total:,} (" in stderr
+    return mine, total
 
 
 # 8 questions, global batch 7, two batches per step: the step's second batch holds one question, so one
@@ -101,11 +121,7 @@ def test_fsdp_shards_the_backbone_and_trains_like_one_process(tiny_opt, memory_d
     seven = [write_split(tmp_path / "seven", MEMORY_SET[:7], split) for split in ("dev", "test")]
     done = torchrun(train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS, "--fsdp", "--eval_batch_size", "1",
                                "--dev_file", str(seven[0]), "--test_file", str(seven[1])))
-    held = re.search(r"FSDP: each of 2 processes holds its shard of the backbone, here ([\d,]+) of ([\d,]+) "
-                     r"parameters", done.stderr)
-    assert held, done.stderr[-2000:]
-    mine, total = (int(n.replace(",", "")) for n in held.groups())
-    assert f"/ total {total:,} (" in done.stderr  # the whole model, as counted before sharding
+    mine, total = held_parameters(done.stderr)
     assert total / 2 <= mine < total / 2 + 100  # half, up to the rounding of each tensor's split
     assert "returned a view tensor" not in done.stderr
     assert_trained_like_one_process(tmp_path, done, one_process_run, scored=7)
@@ -188,21 +204,13 @@ def test_fsdp_in_one_process_warns_and_trains_unsharded(tiny_opt, memory_data, t
     train_in_process(tiny_opt, memory_data, tmp_path / "next", *EXACT, "--train_epochs", "1")
 
 
-def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port",
-                           str(free_port()), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-
-
 def test_accelerate_launch_use_fsdp_trains_like_one_process(tiny_opt, memory_data, tmp_path, one_process_run):
     # accelerate's launcher defaults to loading the weights on the first process only and re-tying them
     # after a trip to the meta device: the head must stay tied to the embedding (same parameter count)
     done = accelerate_launch("--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "-m", "optqa",
                              *train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS))
     assert done.returncode == 0, done.stderr[-3000:]
-    held = re.search(r"FSDP: each of 2 processes holds its shard of the backbone, here ([\d,]+) of ([\d,]+)",
-                     done.stderr)
-    assert held and f"/ total {held.group(2)} (" in done.stderr, done.stderr[-2000:]
+    held_parameters(done.stderr)
     assert_trained_like_one_process(tmp_path, done, one_process_run, scored=len(MEMORY_SET))
 
 
