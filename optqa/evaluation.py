@@ -159,9 +159,9 @@ def predict(model, encoded, batch_size: int, desc: str = "answering", accelerato
     show = rank == 0
     for chunk in tqdm(batches, desc=desc, leave=False, disable=not show):
         batch = collate_for_generation(chunk, model.tokenizer.pad_token_id)
-        answers.update(zip(batch["index"], model.generate(batch)))
+        answers.update(zip(batch["index"], model.generate_answers(batch)))
     for _ in range(idle_batches):
-        model.generate(collate_for_generation(encoded[:1], model.tokenizer.pad_token_id))  # answer discarded
+        model.generate_answers(collate_for_generation(encoded[:1], model.tokenizer.pad_token_id))  # answer discarded
     if world > 1:
         from accelerate.utils import gather_object
 

@@ -197,7 +197,7 @@ class PromptForGeneration(nn.Module):
         return loss_sum / count.clamp(min=1)
 
     @torch.inference_mode()
-    def generate(self, batch, max_new_tokens: int | None = None, verbose: bool = False) -> list[str]:
+    def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False) -> list[str]:
         """Greedy answers for a left-padded batch; each row stops at its own eos."""
         from transformers import GenerationConfig
 
@@ -227,6 +227,6 @@ class PromptForGeneration(nn.Module):
         answers: list[str] = [""] * len(encoded)
         for chunk in generation_batches(encoded, batch_size):
             batch = collate_for_generation(chunk, self.tokenizer.pad_token_id)
-            for index, text in zip(batch["index"], self.generate(batch)):
+            for index, text in zip(batch["index"], self.generate_answers(batch)):
                 answers[index] = text
         return answers
