@@ -26,6 +26,6 @@ setup(
         "matplotlib>=3.8,<3.12",
     ],
     # "plot" stays as an empty extra: older instructions say ".[dev,plot]"
-    extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.20,<0.24"], "plot": []},
+    extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24"], "plot": []},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},
 )
