@@ -49,6 +49,20 @@ def _new_cache(model_config):
     return DynamicCache()
 
 
+def _virtual_kind(model: nn.Module) -> str | None:
+    """"soft_prompt" or "prefix" for a PEFT prompt-learning model (optqa's or one loaded with
+    ``PeftModel.from_pretrained``), else None."""
+    if not hasattr(model, "prompt_encoder"):
+        return None
+    from .errors import OptqaError
+
+    peft_type = str(model.peft_config[model.active_adapter].peft_type).rsplit(".", 1)[-1]
+    kinds = {"PROMPT_TUNING": "soft_prompt", "PREFIX_TUNING": "prefix"}
+    if peft_type not in kinds:
+        raise OptqaError(f"PEFT {peft_type} is not supported (prompt learning: prompt tuning and prefix tuning)")
+    return kinds[peft_type]
+
+
 def _all_done(done: torch.Tensor, synced: bool) -> bool:
     """Whether every row has ended; sharded, on every process (each must run every step: synced_gpus)."""
     if not synced:
@@ -85,8 +99,9 @@ class PromptForGeneration(nn.Module):
                  gen_config=None, tokenizer=None, max_seq_length: int = 128, max_new_tokens: int = 32):
         super().__init__()
         self.delta: DeltaModel | None = plm.__dict__.get("_optqa_delta")
-        self.backbone = plm
         self.plm = self.delta.model if self.delta else plm
+        # the transformers model itself: also when a PeftModel made elsewhere is passed in
+        self.backbone = plm.get_base_model() if hasattr(plm, "get_base_model") else plm
         self.template = template
         self.tokenizer = tokenizer or template.tokenizer
         self.wrapper = LMTokenizerWrapper(self.tokenizer, template, max_seq_length)
@@ -104,9 +119,8 @@ class PromptForGeneration(nn.Module):
             plm.get_input_embeddings().register_forward_hook(self._substitute_soft_embeddings)
         # soft prompts and prefixes are applied here, not by PEFT's generation glue, which broke when
         # transformers 5.24 renamed the cache argument; PEFT still holds their parameters (its layout and export)
-        kind = self.delta.config.delta_type if self.delta else None
-        self._virtual = kind if kind in ("soft_prompt", "prefix") else None
-        self._cache_arg = _cache_argument(plm)
+        self._virtual = _virtual_kind(self.plm)
+        self._cache_arg = _cache_argument(self.backbone)
 
     def tie_weights(self, *args, **kwargs) -> None:
         """The backbone's own ties (OPT's head is its input embedding). accelerate re-ties through this after
@@ -231,7 +245,7 @@ class PromptForGeneration(nn.Module):
     def _virtual_weight(self) -> torch.Tensor:
         """PEFT's prompt-encoder table: ``(num_virtual_tokens, width)``; width is the input embedding's for a
         soft prompt, ``layers * 2 * hidden`` for a prefix (PEFT's layout, kept so its export stays exact)."""
-        return self.plm.prompt_encoder["default"].embedding.weight
+        return self.plm.prompt_encoder[self.plm.active_adapter].embedding.weight
 
     def _prefix_cache(self, batch_size: int):
         """A fresh KV cache holding the prefix: per layer, keys and values of shape
