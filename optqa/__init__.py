@@ -13,6 +13,10 @@ _EXPORTS = {
     "load_plm": "plm", "ManualTemplate": "template", "AutoDeltaConfig": "deltas", "AutoDeltaModel": "deltas",
     "PromptForGeneration": "model", "InputExample": "data", "LMTokenizerWrapper": "data", "RunConfig": "config",
     "OptqaError": "errors", "load_trained": "build",
+    # the rest of what an OpenPrompt/OpenDelta course script calls (a script ports by changing its imports)
+    "PromptDataLoader": "prompt_loader", "GenerationVerbalizer": "prompt_loader", "MixedTemplate": "template",
+    "PrefixTuningTemplate": "template", "SoftTemplate": "template", "PtuningTemplate": "template",
+    "SoftManualTemplate": "template", "PTRTemplate": "template",
 }
 __all__ = list(_EXPORTS)
 
