@@ -190,3 +190,193 @@ def test_flipped_byte_is_refused_with_the_reason(course_run, tiny_opt, tmp_path)
                                          r"\(the file was modified\)"):
         AutoDeltaModel.from_finetuned(tampered, backbone_model=plm)
     assert "_optqa_delta" not in plm.__dict__  # nothing was attached
+
+
+# ---- each OpenPrompt / OpenDelta call on its own ----
+
+def memory_examples(with_targets: bool = True) -> list:
+    return [InputExample(guid=f"q{i}", text_a=q, label=0, tgt_text=answers if with_targets else None)
+            for i, (q, answers) in enumerate(MEMORY_SET)]
+
+
+@pytest.fixture()
+def fresh(tiny_opt):
+    """A backbone straight from its folder, with a delta of the given config attached."""
+    def make(delta: dict | None = None):
+        plm, tokenizer, _, wrapper = load_plm("opt", str(tiny_opt))
+        delta_model = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(delta), plm) if delta else None
+        return plm, tokenizer, wrapper, delta_model
+    return make
+
+
+def test_loader_pads_per_batch_or_to_max_when_asked(fresh):
+    plm, tokenizer, wrapper, _ = fresh()
+    template = ManualTemplate(tokenizer, text=TEMPLATE)
+    loader = PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, tokenizer_wrapper_class=wrapper,
+                              max_seq_length=40, batch_size=3, shuffle=True, teacher_forcing=True)
+    assert len(loader) == 3
+    epochs = [[guid for batch in loader for guid in batch["guid"]] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == [f"q{i}" for i in range(8)] and epochs[0] != epochs[1]
+    for batch in loader:
+        assert batch.to("cpu") is batch
+        rows = batch["attention_mask"].sum(dim=1)
+        assert batch["input_ids"].shape[1] == int(rows.max()) < 40  # padded to the batch's longest row
+        for guid, text, labels in zip(batch["guid"], batch["tgt_text"], batch["labels"]):
+            assert text == MEMORY_SET[int(guid[1:])][1][0]  # the first gold answer, as a string
+            target = labels[labels != -100].tolist()
+            assert target == tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    padded = PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, tokenizer_wrapper_class=wrapper,
+                              max_seq_length=40, batch_size=3, teacher_forcing=True, drop_last=True,
+                              pad_to_max_length=True)
+    batches = list(padded)
+    assert len(padded) == len(batches) == 2
+    assert [b["guid"] for b in batches] == [["q0", "q1", "q2"], ["q3", "q4", "q5"]]
+    assert all(b["input_ids"].shape == (3, 40) for b in batches)
+
+
+def test_verbalizer_and_loader_refusals(fresh):
+    plm, tokenizer, wrapper, _ = fresh()
+    template = ManualTemplate(tokenizer, text=TEMPLATE)
+    fixed = GenerationVerbalizer(tokenizer, label_words={0: "yes"})
+    loader = PromptDataLoader(memory_examples(False), template, tokenizer=tokenizer, tokenizer_wrapper_class=wrapper,
+                              verbalizer=fixed, batch_size=8, teacher_forcing=True)
+    assert next(iter(loader))["tgt_text"] == ["yes"] * 8
+    rule = GenerationVerbalizer(tokenizer, label_words=["{'meta':'answer', 'post_processing':'lower'}!"], is_rule=True)
+    assert rule.target_text(InputExample(guid=1, text_a="q", label=0, meta={"answer": "Ice"})) == "ice!"
+    with pytest.raises(OptqaError, match="example q0 has no target text"):
+        PromptDataLoader(memory_examples(False), template, tokenizer=tokenizer, teacher_forcing=True)
+    with pytest.raises(OptqaError, match="truncate_method 'head' is not supported"):
+        PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, truncate_method="head")
+    with pytest.raises(OptqaError, match="label 1 has no label words"):
+        fixed.target_text(InputExample(guid="x", label=1))
+    with pytest.raises(OptqaError, match="a mask piece cannot be part of a target text"):
+        GenerationVerbalizer(tokenizer, label_words={0: '{"mask"}'}, is_rule=True)
+
+
+def test_generate_counts_max_length_as_openprompt_and_answers_rows_as_alone(fresh):
+    torch.manual_seed(0)
+    plm, tokenizer, wrapper, _ = fresh({"delta_type": "lora", "modified_modules": ["fc1"]})
+    with torch.no_grad():  # a LoRA that changes the answers (B starts at zero)
+        for name, param in plm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    template = ManualTemplate(tokenizer, text=TEMPLATE)
+    model = PromptForGeneration(plm=plm, template=template)
+    model.eval()
+
+    def loader(examples, size):
+        return PromptDataLoader(examples, template, tokenizer=tokenizer, tokenizer_wrapper_class=wrapper,
+                                batch_size=size)
+
+    batch = next(iter(loader(memory_examples(), 8)))
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert len({len(p) for p in prompts}) > 1  # prompts of different lengths share the batch
+    ids, sentences = model.generate(batch, verbose=False, max_length=20)
+    alone = [model.generate(b, max_length=20) for b in loader(memory_examples(), 1)]
+    assert ids == [a[0][0] for a in alone] and sentences == [a[1][0] for a in alone]
+    for prompt, row, sentence in zip(prompts, ids, sentences):
+        assert row[:len(prompt)] == prompt and len(row) <= 20
+        assert sentence == model.decode_answer(row[len(prompt):])
+    assert any(len(row) == 20 for row in ids), sentences  # some answer ran into max_length
+    ids, _ = model.generate(batch, max_length=20, max_new_tokens=3)  # max_new_tokens wins, as in transformers
+    assert [len(row) - len(p) for row, p in zip(ids, prompts)] == [min(3, len(row) - len(p)) for row, p in zip(ids, prompts)]
+    assert max(len(row) - len(p) for row, p in zip(ids, prompts)) == 3
+    ids, _ = model.generate(batch, max_length=20, min_length=19)
+    assert all(len(row) >= 19 for row in ids)
+    ids, sentences = model.generate(batch, max_length=20, num_beams=2, top_p=0.9)  # top_p dropped: no sampling
+    assert len(ids) == len(sentences) == 8
+    for bad, message in (({"num_return_sequences": 2}, "num_return_sequences must be 1"),
+                         ({"foo": 1}, "generate does not take foo")):
+        with pytest.raises(OptqaError, match=message):
+            model.generate(batch, **bad)
+    train_batch = next(iter(PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, teacher_forcing=True)))
+    with pytest.raises(OptqaError, match="teacher_forcing=False"):
+        model.generate(train_batch)
+
+
+def test_delta_model_calls(fresh, tmp_path, caplog):
+    plm, tokenizer, _, delta_model = fresh({"delta_type": "adapter", "modified_modules": ["fc2"]})
+    names = [n for n, _ in delta_model.named_parameters()]
+    assert len(names) == 8 and all(".adapter." in n for n in names)
+    assert sum(p.numel() for p in delta_model.parameters()) == 2 * (2 * 64 * 24 + 24 + 64)
+    assert all(p.requires_grad for p in delta_model.parameters())
+    with pytest.raises(OptqaError, match="never backbone modules \\(layernorm_embedding\\)"):
+        delta_model.freeze_module(exclude=["deltas", "layernorm_embedding"])
+    delta_model.freeze_module(exclude=["deltas"], set_state_dict=True)
+    assert sorted("backbone." + k for k in plm.state_dict()) == sorted(names)
+    delta_model.freeze_module(set_state_dict=False)
+    assert len(plm.state_dict()) > len(names)
+    assert delta_model.log() == ("backbone.model.decoder.layers.0.fc2 <- adapter (3,160 parameters)\n"
+                                 "backbone.model.decoder.layers.1.fc2 <- adapter (3,160 parameters)\n"
+                                 "Trainable Ratio: 6,320/186,928=3.380981%\n"
+                                 "Delta Parameter Ratio: 6,320/180,608=3.499291%")
+
+    first = next(delta_model.parameters())
+    saved = first.detach().clone()
+    path = delta_model.save_checkpoint(tmp_path / "raw")
+    assert path == tmp_path / "raw" / "delta_model.safetensors"
+    with torch.no_grad():
+        first.add_(1.0)
+    delta_model.load_checkpoint(tmp_path / "raw")
+    assert torch.equal(first, saved)
+    with caplog.at_level(logging.INFO, logger="optqa"):
+        delta_model.save_finetuned(tmp_path / "shared", push_to_dc=True)
+    assert ("push_to_dc: OpenDelta's DeltaCenter is gone; share the checkpoint on the Hugging Face Hub with: "
+            f"python -m optqa --mode push --delta_save_path {tmp_path / 'shared'} --hub_repo OWNER/NAME") in caplog.messages
+    with pytest.raises(OptqaError, match="not supported: cache_dir"):
+        AutoDeltaModel.from_finetuned(tmp_path / "shared", fresh()[0], cache_dir="x")
+
+
+def test_mixed_template_soft_tokens_train_save_and_reload(fresh, tmp_path):
+    from optqa import MixedTemplate
+
+    text = '{"soft":"Question:"} {"placeholder":"text_a"} {"soft"} Answer: {"mask"}'
+    torch.manual_seed(0)
+    plm, tokenizer, wrapper, delta_model = fresh({"delta_type": "lora"})
+    template = MixedTemplate(model=plm, tokenizer=tokenizer, text=text)
+    model = PromptForGeneration(plm=plm, template=template)
+    loader = PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, tokenizer_wrapper_class=wrapper,
+                              batch_size=8, teacher_forcing=True)
+    start = template.soft_embeds.detach().clone()
+    optimizer = AdamW([*delta_model.parameters(), *template.parameters()], lr=1e-2)
+    for batch in loader:
+        model(batch).backward()
+        optimizer.step()
+    assert not torch.equal(template.soft_embeds, start)
+    delta_model.save_finetuned(tmp_path / "mixed")
+    dev = PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, batch_size=8)
+    expected = model.generate(next(iter(dev)), max_new_tokens=4)
+
+    plm2, tokenizer2, _, _ = fresh()
+    reloaded = AutoDeltaModel.from_finetuned(tmp_path / "mixed", plm2)
+    assert reloaded.manifest["template"] == text
+    template2 = MixedTemplate(plm2, tokenizer2, text=reloaded.manifest["template"])
+    model2 = PromptForGeneration(plm=plm2, template=template2)
+    assert torch.equal(template2.soft_embeds, template.soft_embeds)
+    assert model2.generate(next(iter(dev)), max_new_tokens=4) == expected
+
+    plm3, tokenizer3, _, _ = fresh()
+    AutoDeltaModel.from_finetuned(tmp_path / "mixed", plm3)
+    with pytest.raises(OptqaError, match="template soft tokens"):
+        PromptForGeneration(plm=plm3, template=ManualTemplate(tokenizer3, text=TEMPLATE))
+
+
+def test_prefix_tuning_template_is_the_prefix_delta(fresh):
+    from optqa import PrefixTuningTemplate
+
+    plm, tokenizer, _, _ = fresh()
+    template = PrefixTuningTemplate(model=plm, tokenizer=tokenizer, text=TEMPLATE, num_token=5)
+    model = PromptForGeneration(plm=plm, template=template)
+    assert model.delta is template.delta_model and template.delta_model.config.prefix_token_num == 5
+    assert sum(p.numel() for p in template.delta_model.parameters()) == 5 * 2 * 2 * 64  # n * layers * (k, v) * hidden
+    with pytest.raises(OptqaError, match="prefix_dropout are not supported"):
+        PrefixTuningTemplate(fresh()[0], tokenizer, prefix_dropout=0.1)
+
+
+@pytest.mark.parametrize("name, instead", [("SoftTemplate", "MixedTemplate"), ("PtuningTemplate", "MixedTemplate"),
+                                           ("PTRTemplate", "ManualTemplate")])
+def test_other_openprompt_templates_are_refused_naming_what_to_use(name, instead):
+    import optqa
+
+    with pytest.raises(OptqaError, match=f"OpenPrompt's {name} is not part of optqa; use {instead}"):
+        getattr(optqa, name)(model=None, tokenizer=None, text="x")
