@@ -5,7 +5,9 @@ The OpenPrompt + OpenDelta workflow on transformers + PEFT::
     plm, tokenizer, model_config, WrapperClass = load_plm("opt", "facebook/opt-125m")
     delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({"delta_type": "lora"}), backbone_model=plm)
     template = ManualTemplate(tokenizer, text='{"placeholder":"text_a"} Answer: {"mask"}')
-    model = PromptForGeneration(plm, template, tokenizer=tokenizer)
+    model = PromptForGeneration(plm, template)
+
+and what a course script calls besides (PromptDataLoader, GenerationVerbalizer, MixedTemplate, ...; README).
 """
 __version__ = "0.1.0"
 
