@@ -281,11 +281,10 @@ def test_generate_counts_max_length_as_openprompt_and_answers_rows_as_alone(fres
     ids, _ = model.generate(batch, max_length=20, max_new_tokens=3)  # max_new_tokens wins, as in transformers
     assert [len(row) - len(p) for row, p in zip(ids, prompts)] == [min(3, len(row) - len(p)) for row, p in zip(ids, prompts)]
     assert max(len(row) - len(p) for row, p in zip(ids, prompts)) == 3
-    ids, _ = model.generate(batch, max_length=20, min_length=19)
-    assert all(len(row) >= 19 for row in ids)
-    ids, sentences = model.generate(batch, max_length=20, num_beams=2, top_p=0.9)  # top_p dropped: no sampling
-    assert len(ids) == len(sentences) == 8
-    for bad, message in (({"num_return_sequences": 2}, "num_return_sequences must be 1"),
+    for bad, message in (({"num_return_sequences": 2}, "num_return_sequences=2 is not supported"),
+                         ({"num_beams": 2}, "optqa answers greedily; num_beams=2 is not supported"),
+                         ({"do_sample": True}, "do_sample=True is not supported"),
+                         ({"bad_words_ids": [[5, 6]]}, "bad_words_ids with sequences longer than one token"),
                          ({"foo": 1}, "generate does not take foo")):
         with pytest.raises(OptqaError, match=message):
             model.generate(batch, **bad)
@@ -293,6 +292,25 @@ def test_generate_counts_max_length_as_openprompt_and_answers_rows_as_alone(fres
     with pytest.raises(OptqaError, match="teacher_forcing=False"):
         model.generate(train_batch)
 
+
+
+def test_generate_min_length_eos_and_bad_words_as_openprompt(course_run):
+    """On the trained homework model, whose answers end with eos after a word or two."""
+    model, loader = course_run["prompt_model"], course_run["dev_dataloader"]
+    batch = next(iter(loader))
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    plain, sentences = model.generate(batch, max_length=40)
+    assert sentences == course_run["predictions"]
+    assert all(row[-1] == model.tokenizer.eos_token_id for row in plain)
+    longest = max(len(row) for row in plain)
+    ids, _ = model.generate(batch, max_length=40, min_length=longest + 2)
+    assert all(longest + 2 <= len(row) for row in ids)  # eos held back until prompt + answer reach min_length
+    assert [row[:len(p) + 1] for row, p in zip(ids, prompts)] == [row[:len(p) + 1] for row, p in zip(plain, prompts)]
+    first = plain[0][len(prompts[0])]
+    ids, sentences = model.generate(batch, max_length=40, eos_token_id=first)
+    assert ids[0] == prompts[0] + [first] and sentences[0] == model.decode_answer([first])
+    ids, _ = model.generate(batch, max_length=40, bad_words_ids=[[first]])
+    assert all(first not in row[len(p):] for row, p in zip(ids, prompts)) and ids[0] != plain[0]
 
 def test_delta_model_calls(fresh, tmp_path, caplog):
     plm, tokenizer, _, delta_model = fresh({"delta_type": "adapter", "modified_modules": ["fc2"]})
