@@ -60,13 +60,15 @@ def _state_and_settings(delta: DeltaModel) -> tuple[dict[str, torch.Tensor], str
 
 
 def _run_settings(delta: DeltaModel, name_or_path: str, text: str, lengths: dict[str, Any]) -> dict[str, Any]:
-    """RunConfig fields for the manifest, so the CLI can rebuild the model from the checkpoint alone."""
+    """RunConfig fields the CLI needs to rebuild the model from the checkpoint alone (backbone, delta, template,
+    lengths). A script's training settings are its own and unknown here, so none are recorded."""
     from .config import RunConfig
 
-    settings = RunConfig().to_dict()
+    fields = RunConfig().to_dict()
+    settings: dict[str, Any] = {"plm_name": fields["plm_name"], "delta_type": delta.config.delta_type}
     for key, value in delta.config.to_dict().items():
         key = "soft_init_text" if key == "init_text" else key
-        if key in settings and value is not None:
+        if key in fields and value is not None:
             settings[key] = value
     settings.update(lengths, plm_path=name_or_path, template=text, mode="save_finetuned")
     return settings

@@ -165,6 +165,7 @@ def test_reloaded_delta_answers_the_same(course_run, tiny_opt, caplog):
 
 def test_saved_delta_is_an_optqa_checkpoint(course_run, tiny_opt):
     from optqa.build import load_trained
+    from optqa.sharing import inspect_checkpoint
 
     manifest = json.loads((course_run["out"] / "delta_ckpts" / "optqa_manifest.json").read_bytes())
     assert manifest["delta"]["delta_type"] == "lora"
@@ -172,6 +173,13 @@ def test_saved_delta_is_an_optqa_checkpoint(course_run, tiny_opt):
     assert manifest["backbone"]["name_or_path"] == str(tiny_opt)
     assert manifest["delta_center"]["center_args"] == {"name": "arc-da-lora"}
     assert manifest["metrics"] == {"test_result": {"dev_f1": course_run["best_f1"]}}
+    assert manifest["hyperparameters"] == {
+        "plm_name": "opt", "delta_type": "lora", "modified_modules": ["self_attn", "fc1", "fc2"], "lora_r": 8,
+        "lora_alpha": 16, "lora_dropout": 0.0, "max_seq_l": 128, "max_new_tokens": 32, "plm_path": str(tiny_opt),
+        "template": TEMPLATE, "mode": "save_finetuned"}  # no training settings: the script's are unknown here
+    lines = inspect_checkpoint(course_run["out"] / "delta_ckpts")
+    assert "saved        by a script's delta_model.save_finetuned (its training settings are its own; not recorded)" in lines
+    assert 'metrics      test_result {"dev_f1": 100.0}' in lines
     # the CLI's loader (interactive_inference, evaluate) takes it and answers as the script's model did
     model, _, _ = load_trained(course_run["out"] / "delta_ckpts")
     questions = [q for q, _ in MEMORY_SET]
@@ -379,14 +387,34 @@ def test_mixed_template_soft_tokens_train_save_and_reload(fresh, tmp_path):
         PromptForGeneration(plm=plm3, template=ManualTemplate(tokenizer3, text=TEMPLATE))
 
 
-def test_prefix_tuning_template_is_the_prefix_delta(fresh):
+def test_prefix_tuning_template_is_the_prefix_delta(fresh, tmp_path):
     from optqa import PrefixTuningTemplate
 
-    plm, tokenizer, _, _ = fresh()
+    torch.manual_seed(0)
+    plm, tokenizer, wrapper, _ = fresh()
     template = PrefixTuningTemplate(model=plm, tokenizer=tokenizer, text=TEMPLATE, num_token=5)
     model = PromptForGeneration(plm=plm, template=template)
-    assert model.delta is template.delta_model and template.delta_model.config.prefix_token_num == 5
-    assert sum(p.numel() for p in template.delta_model.parameters()) == 5 * 2 * 2 * 64  # n * layers * (k, v) * hidden
+    delta_model = template.delta_model
+    assert model.delta is delta_model and delta_model.config.prefix_token_num == 5
+    assert sum(p.numel() for p in delta_model.parameters()) == 5 * 2 * 2 * 64  # n * layers * (k, v) * hidden
+    loader = PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, tokenizer_wrapper_class=wrapper,
+                              batch_size=8, teacher_forcing=True)
+    optimizer = AdamW(delta_model.parameters(), lr=1e-1)
+    losses = []
+    for _ in range(3):
+        for batch in loader:
+            loss = model(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    delta_model.save_finetuned(tmp_path / "prefix")
+    dev = next(iter(PromptDataLoader(memory_examples(), template, tokenizer=tokenizer, batch_size=8)))
+    expected = model.generate(dev, max_new_tokens=4)
+    plm2, tokenizer2, _, _ = fresh()
+    AutoDeltaModel.from_finetuned(tmp_path / "prefix", plm2)
+    assert PromptForGeneration(plm2, ManualTemplate(tokenizer2, text=TEMPLATE)).generate(dev, max_new_tokens=4) == expected
     with pytest.raises(OptqaError, match="prefix_dropout are not supported"):
         PrefixTuningTemplate(fresh()[0], tokenizer, prefix_dropout=0.1)
 
