@@ -157,8 +157,9 @@ def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, 
     from .model import load_delta_state
     from .plm import backbone_identity
 
-    refused = [name for name, given in (("delta_config", delta_config is not None), ("cache_dir", cache_dir is not None),
-                                        ("local_files_only=False", not local_files_only)) if given] + sorted(kwargs)
+    given = {"delta_config": delta_config is not None, "cache_dir": cache_dir is not None,
+             "local_files_only=False": not local_files_only}
+    refused = [name for name, present in given.items() if present] + sorted(kwargs)
     if refused:
         raise OptqaError("from_finetuned reads a local optqa checkpoint with its own delta config; not supported: "
                          + ", ".join(refused))

@@ -154,9 +154,9 @@ class PromptDataLoader:
         self.encoded = self.wrapper.encode_all(self.examples, list(self.tgt_text) if teacher_forcing else None,
                                                desc="tokenizing", progress=True)
         lengths = [len(e) for e in self.encoded]
+        grouped = (shuffle if group_by_length is None else group_by_length) and not pad_to_max_length
         self.sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=seed, shuffle=shuffle,
-                                                 group_by_length=(shuffle if group_by_length is None else group_by_length)
-                                                 and not pad_to_max_length)
+                                                 group_by_length=grouped)
 
     def _batches(self) -> list[list[int]]:
         self.sampler.set_epoch(self.epoch)
