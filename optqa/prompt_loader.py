@@ -23,8 +23,10 @@ class GenerationVerbalizer:
 
     The target text of an example is ``label_words[example.label]``; with ``is_rule=True`` that text is a rule
     in template syntax evaluated on the example, e.g. ``{0: ["{'meta':'answer'}"]}`` takes ``meta["answer"]``
-    (text, ``{"placeholder":"text_a"}`` and ``{"meta":...}`` pieces, with ``post_processing``). A list of
-    label words uses its first entry, as OpenPrompt does.
+    (text, ``{"placeholder":"text_a"}`` and ``{"meta":...}`` pieces, with ``post_processing``), the pieces
+    joined as written (OpenPrompt put a space between every two pieces; a one-piece rule is the same). A list
+    of label words uses its first entry, as OpenPrompt does. The examples are not modified (OpenPrompt wrote
+    the target into ``tgt_text``); the loader's batches carry it as ``tgt_text``.
 
     Raises:
         OptqaError: no label words, a rule with a mask/soft/special piece, an example whose label has no words.
