@@ -39,7 +39,7 @@ def build_model(config: RunConfig, delta_config: dict | None = None, template: s
                                      embedding=plm.get_input_embeddings())
     model = PromptForGeneration(plm, prompt_template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
                                 max_new_tokens=config.max_new_tokens)
-    delta.log()
+    log.info(delta.summary())
     log.info("template: %s", text.strip())
     return model, backbone
 

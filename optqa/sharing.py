@@ -86,6 +86,9 @@ def _origin_lines(manifest: dict[str, Any]) -> list[tuple[str, str]]:
                              f"{imported.get('path')} (backbone {imported.get('backbone_checkpoint_name')}); "
                              "not trained by optqa")]
     hyper = manifest.get("hyperparameters") or {}
+    if hyper.get("mode") == "save_finetuned":
+        return [("saved", "by a script's delta_model.save_finetuned (its training settings are its own; not "
+                          "recorded)")]
     training = ", ".join(f"{k} {hyper[k]}" for k in TRAINING_KEYS if k in hyper)
     data = hyper.get("train_file") or hyper.get("data_path")
     return [("training", training), ("data", str(data))]
@@ -102,6 +105,8 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
                          "questions)")
     if metrics.get("history"):
         parts.append(f"{len(metrics['history'])} epochs logged")
+    if "test_result" in metrics:  # what a script passed to save_finetuned(test_result=...)
+        parts.append(f"test_result {json.dumps(metrics['test_result'], default=str)}")
     return "; ".join(parts) or "none recorded"
 
 
