@@ -20,7 +20,8 @@ def _load_for_inference(config: RunConfig, explicit: set[str]):
     model, manifest, saved = load_trained(config.delta_save_path,
                                           plm_path=config.plm_path if "plm_path" in explicit else None,
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
-                                          overrides=overrides)
+                                          overrides=overrides,
+                                          template=config.template if "template" in explicit else None)
     model.autocast_dtype = autocast_dtype(saved.precision, model.device)
     if config.merge_lora and model.delta.merge_lora():
         log.info("LoRA merged into the backbone weights for answering")
@@ -132,7 +133,16 @@ def export(config: RunConfig, explicit: set[str]) -> int:
 
     for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
                                   plm_path=config.plm_path if "plm_path" in explicit else None,
-                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch):
+                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch,
+                                  template=config.template if "template" in explicit else None):
+        print(line)
+    return 0
+
+
+def push(config: RunConfig, explicit: set[str]) -> int:
+    from .hub import push as push_to_hub
+
+    for line in push_to_hub(config, explicit):
         print(line)
     return 0
 
