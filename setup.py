@@ -17,9 +17,11 @@ setup(
         "peft>=0.13",
         "safetensors>=0.4",
         "accelerate>=0.34",
+        # hf:// pulls, --mode push and the model card (snapshot_download, HfApi, ModelCard)
+        "huggingface_hub>=0.25,<3",
         "jsonlines>=4.0",
         "tqdm>=4.60",
     ],
-    extras_require={"dev": ["pytest>=7", "tokenizers>=0.19"], "plot": ["matplotlib>=3.5"]},
+    extras_require={"dev": ["pytest>=7", "tokenizers>=0.19", "pyyaml>=6,<7"], "plot": ["matplotlib>=3.5"]},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},
 )

@@ -63,7 +63,7 @@ def parse_args(argv=None) -> tuple[RunConfig, set[str]]:
 def main(argv=None) -> int:
     config, explicit = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from . import commands

@@ -200,6 +200,9 @@ def push(config, explicit: set[str]) -> list[str]:
         except HfHubHTTPError as exc:
             raise OptqaError(f"the Hub refused the push to {config.hub_repo} ({str(exc).splitlines()[0]}); "
                              f"check that your token can write there ({LOGIN_HINT})") from None
+        except ValueError as exc:  # the Hub's validation of the card's metadata
+            raise OptqaError(f"the Hub refused the push to {config.hub_repo}: "
+                             + "; ".join(line.strip() for line in str(exc).splitlines())) from None
         except _network_errors() as exc:
             raise OptqaError(f"could not reach the Hub at {api.endpoint} ({type(exc).__name__}): "
                              f"{str(exc).splitlines()[0] if str(exc) else 'no details'}") from None
@@ -296,8 +299,7 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
                     for name in ("adapter_config.json", "adapter_model.safetensors", PEFT_TEMPLATE_NAME):
                         shutil.copyfile(adapter / name, out / name)
                         peft_files.append(name)
-                if base_model:
-                    _name_base_model(out / "adapter_config.json", base_model)
+                    _finish_adapter_config(out / "adapter_config.json", base_model)
             else:
                 log.info("no PEFT adapter in the upload: %s", problem)
             card = model_card(manifest, config.hub_repo, base_model, peft_files, problem, library_versions())
@@ -306,13 +308,17 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
         return write_folder_atomically(target, write)
 
 
-def _name_base_model(path: Path, base_model: str) -> None:
+def _finish_adapter_config(path: Path, base_model: str | None) -> None:
     """PEFT records the backbone's local folder; on the Hub the adapter names the Hub model (AutoPeftModel loads
-    the backbone from it)."""
+    the backbone from it). PEFT writes target_modules from a set, in an order that changes between runs:
+    sorted, the same delta always gives the same upload."""
     import json
 
     config = json.loads(path.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = base_model
+    if base_model:
+        config["base_model_name_or_path"] = base_model
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8", newline="\n")
 
 

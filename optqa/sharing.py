@@ -73,7 +73,7 @@ def inspect_checkpoint(path: str | Path) -> list[str]:
     if local.is_file():
         exported = read_bundle_comment(local).get("exported_with")
         if exported:
-            lines.append(("bundled with", _versions_text(exported)))
+            lines.append(("bundled", "with " + _versions_text(exported)))
     delta = dict(manifest.get("delta") or {})
     lines.append(("delta", f"{delta.pop('delta_type', '?')} " + json.dumps(delta)))
     lines.append(("weights", f"{WEIGHTS_NAME}: {weights['bytes']:,} bytes, {weights['tensors']} tensors, "

@@ -54,11 +54,21 @@ def ckpts(tiny_opt, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def dry_run(ckpts, tmp_path_factory) -> Path:
     """The folder ``--mode push --dry_run`` writes for the current delta."""
+    import contextlib
+    import io
+
+    from optqa.cli import main
+
     target = tmp_path_factory.mktemp("dry") / "upload"
-    result = run_cli("--mode", "push", "--delta_save_path", str(ckpts[0]), "--hub_repo", REPO_ID, "--dry_run",
-                     "--export_path", str(target), "--base_model", "facebook/opt-125m", env=OFFLINE)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith(f"dry run: nothing uploaded; the folder that would go to {REPO_ID} is {target}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # in this process: the push test runs the same command as a user would
+        code = main(["--mode", "push", "--delta_save_path", str(ckpts[0]), "--hub_repo", REPO_ID, "--dry_run",
+                     "--export_path", str(target), "--base_model", "facebook/opt-125m"])
+    assert code == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"dry run: nothing uploaded; the folder that would go to {REPO_ID} is {target}:"
+    assert lines[1:] == [f"  {p.name}  {p.stat().st_size:,} bytes  sha256 {sha256_file(p)[:16]}"
+                         for p in sorted(target.iterdir())]
     return target
 
 
@@ -166,6 +176,96 @@ def test_push_without_token_or_offline_fails_in_one_line(ckpts, tmp_path):
     assert line == "error: --dry_run writes the folder it would upload to --export_path; pass --export_path DIR"
 
 
+class FakeHub:
+    """A local HTTP server answering the Hub API calls huggingface_hub makes for ``create_repo`` +
+    ``upload_folder`` of small files (whoami, repo creation, YAML validation of the card, pre-upload, commit),
+    recording what arrives. Every file is declared "regular" (inline in the commit), so the LFS/xet transfer of
+    large files, which the real Hub asks for, is not exercised here."""
+
+    def __init__(self):
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.requests: list[tuple[str, str]] = []
+        self.created: list[dict] = []
+        self.commits: list[tuple[dict, dict[str, bytes]]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                hub.requests.append(("GET", self.path))
+                if self.path == "/api/whoami-v2":
+                    return self._reply(200, {"name": "alice", "type": "user"})
+                self._reply(404, {"error": "not found"})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.requests.append(("POST", self.path))
+                if self.path == "/api/repos/create":
+                    request = json.loads(body)
+                    hub.created.append(request)
+                    return self._reply(200, {"url": f"{hub.endpoint}/{request['organization']}/{request['name']}"})
+                if self.path == "/api/validate-yaml":
+                    text = json.loads(body)["content"]
+                    front = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
+                    if not isinstance(front, dict):
+                        return self._reply(400, {"errors": [{"message": "no YAML metadata"}]})
+                    return self._reply(200, {"warnings": []})
+                if self.path == f"/api/models/{REPO_ID}/preupload/main":
+                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                       for f in json.loads(body)["files"]]})
+                if self.path == f"/api/models/{REPO_ID}/commit/main":
+                    lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                    files = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                             for line in lines if line["key"] == "file"}
+                    hub.commits.append((lines[0]["value"], files))
+                    return self._reply(200, {"commitUrl": f"{hub.endpoint}/{REPO_ID}/commit/{COMMIT_MAIN}",
+                                             "commitOid": COMMIT_MAIN})
+                self._reply(404, {"error": "not found"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_push_uploads_the_dry_run_folder_through_huggingface_hub(ckpts, dry_run, tmp_path):
+    hub = FakeHub()
+    try:
+        result = run_cli("--mode", "push", "--delta_save_path", str(ckpts[0]), "--hub_repo", REPO_ID, "--private",
+                         "--base_model", "facebook/opt-125m", "--commit_message", "first delta",
+                         env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test",
+                              "HF_HOME": str(tmp_path / "home")})
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert hub.created == [{"name": "tiny-lora", "organization": "alice", "visibility": "private", "type": "model"}]
+    [(header, files)] = hub.commits
+    assert header["summary"] == "first delta"
+    # exactly the folder the dry run wrote, byte for byte
+    assert files == {p.name: p.read_bytes() for p in dry_run.iterdir()}
+    lines = result.stdout.splitlines()
+    assert lines[0] == (f"pushed 6 files to {REPO_ID} as alice (commit {COMMIT_MAIN}): "
+                        f"{hub.endpoint}/{REPO_ID}/commit/{COMMIT_MAIN}")
+    assert lines[-1] == f"pull it with --delta_save_path hf://{REPO_ID}@{COMMIT_MAIN}"
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -228,7 +328,7 @@ def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, monkeypatch):
     assert f"pulled hf://{REPO_ID}@v1: commit {COMMIT_OLD}" in result.stderr
 
 
-def test_tampered_cache_and_unknown_revisions_refused(hub_cache, tmp_path):
+def test_tampered_cache_and_unknown_revisions_refused(hub_cache, tmp_path, monkeypatch):
     import shutil
 
     cache = tmp_path / "cache"
@@ -245,28 +345,21 @@ def test_tampered_cache_and_unknown_revisions_refused(hub_cache, tmp_path):
                            "has SHA-256 ")
     assert line.endswith("(the file was modified)")
 
+    from huggingface_hub import constants
+
     from optqa.hub import parse_hub_path, pull
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     for name in (f"hf://{REPO_ID}@v9", "hf://bob/nothing-here"):
         with pytest.raises(OptqaError) as caught:
-            _pull_offline(pull, parse_hub_path(name), cache)
+            pull(parse_hub_path(name))
         assert str(caught.value).startswith(f"{name} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 "
                                             "is set: pull it once with network access")
     for bad in ("hf://alice", "hf://alice/x@", "hf://a/b/c"):
         with pytest.raises(OptqaError):
             parse_hub_path(bad)
     assert parse_hub_path("runs/delta_ckpts") is None and parse_hub_path(Path("hf:/a/b")) is None
-
-
-def _pull_offline(pull, ref, cache: Path):
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
-    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache), True
-    try:
-        return pull(ref)
-    finally:
-        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
 
 
 # ---------------------------------------------------------------------------------------------- PEFT and versions
