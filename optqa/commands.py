@@ -69,7 +69,9 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
         from .evaluation import evaluate as score_model
 
         model, manifest, saved = _load_for_inference(config, explicit)
-        source = config.delta_save_path
+        pulled = manifest.get("pulled_from")
+        # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
+        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
         encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
         metrics, rows = score_model(model, encoded, saved.eval_batch_size, split)
     run = RunFolder.create(config.output_dir, "evaluate")

@@ -129,7 +129,8 @@ def pull(ref: HubRef) -> Pulled:
         raise OptqaError(f"{ref}: no such repository on the Hub ({constants.ENDPOINT}), or it is private and "
                          f"no token with access was sent: check the name, or {LOGIN_HINT}") from None
     except LocalEntryNotFoundError as exc:
-        if "incomplete" in str(exc).lower():
+        # IncompleteSnapshotError (huggingface_hub 2.x) is a LocalEntryNotFoundError: a download cut short
+        if type(exc).__name__ == "IncompleteSnapshotError":
             raise OptqaError(f"{ref}: the cached snapshot is incomplete and the Hub cannot be reached; pull it "
                              "again with network access") from None
         why = ("HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE

@@ -305,8 +305,9 @@ def test_pull_main_and_revisions_offline(hub_cache, ckpts):
         assert "[Hugging Face Hub snapshot]" in out and "saved with   optqa 0.1.0" in out
 
 
-def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, monkeypatch):
-    """Through the CLI's question loop, and in-process through load_trained (which records the commit)."""
+def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, memory_data, tmp_path, monkeypatch):
+    """Through the CLI's question loop, and in-process through load_trained (which records the commit) and
+    --mode evaluate (whose metrics name the commit, not the movable tag)."""
     from huggingface_hub import constants
 
     from optqa.build import load_trained
@@ -319,6 +320,13 @@ def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, monkeypatch):
     expected = [local.answer([q])[0] for q in QUESTIONS]
     assert [pulled.answer([q])[0] for q in QUESTIONS] == expected
     assert len(set(expected)) == len(QUESTIONS) and all(expected)  # real, question-dependent answers
+
+    from optqa.cli import main
+
+    assert main(["--mode", "evaluate", "--delta_save_path", f"hf://{REPO_ID}@v1", "--data_path", str(memory_data),
+                 "--output_dir", str(tmp_path), "--split", "dev"]) == 0
+    [metrics] = tmp_path.glob("evaluate-*/metrics.jsonl")
+    assert json.loads(metrics.read_text())["source"] == f"hf://{REPO_ID}@{COMMIT_OLD}"
 
     result = run_cli("--mode", "interactive_inference", "--delta_save_path", f"hf://{REPO_ID}@v1",
                      "--precision", "fp32", "--no-merge_lora", stdin="\n".join(QUESTIONS) + "\n",
