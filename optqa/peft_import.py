@@ -119,6 +119,7 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
     Raises:
         OptqaError: no template, another backbone, unsupported options, or weights that do not fit.
     """
+    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -147,10 +148,21 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
     except RuntimeError as exc:  # shapes that do not fit this backbone
         raise OptqaError(f"{source}: the adapter's weights do not fit {config.plm_path} "
                          f"({str(exc).strip().splitlines()[-1].strip()})") from None
+    unexpected = list(result.unexpected_keys)
     missing = sorted(k for k in result.missing_keys if is_delta_parameter(k))
-    if result.unexpected_keys or missing:
-        name = (result.unexpected_keys or missing)[0]
-        raise OptqaError(f"{source}: {'unexpected' if result.unexpected_keys else 'missing'} adapter tensor {name} "
+    if delta["delta_type"] != "lora":
+        # PEFT loads a prompt-learning adapter's one tensor (prompt_embeddings) into its prompt encoder itself,
+        # outside load_state_dict: check it arrived instead of trusting the two lists
+        unexpected = [k for k in unexpected if k != "prompt_embeddings"]
+        missing = [k for k in missing if "prompt_encoder." not in k]
+        loaded = [v for k, v in model.delta_state_dict().items() if "prompt_encoder." in k]
+        if len(loaded) != 1 or "prompt_embeddings" not in weights or not torch.equal(
+                loaded[0].cpu().float(), weights["prompt_embeddings"].float()):
+            raise OptqaError(f"{source}: the adapter's prompt_embeddings did not load into optqa's "
+                             f"{delta['delta_type']}")
+    if unexpected or missing:
+        name = (unexpected or missing)[0]
+        raise OptqaError(f"{source}: {'unexpected' if unexpected else 'missing'} adapter tensor {name} "
                          f"for {delta['delta_type']} on {config.plm_path}")
     model.eval()
     manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=text, backbone=backbone,
