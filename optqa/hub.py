@@ -252,11 +252,11 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _default_message(folder: Path) -> str:
-    from .checkpoint import MANIFEST_NAME, read_json
+    from .checkpoint import MANIFEST_NAME, WEIGHTS_NAME, read_json
 
     manifest = read_json(folder / MANIFEST_NAME, "damaged manifest")
     return (f"optqa {manifest['delta']['delta_type']} delta for {manifest['backbone']['name_or_path']} "
-            f"(weights sha256 {manifest['files']['delta_model.safetensors']['sha256'][:12]})")
+            f"(weights sha256 {manifest['files'][WEIGHTS_NAME]['sha256'][:12]})")
 
 
 def _listing(folder: Path) -> list[str]:

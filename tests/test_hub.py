@@ -162,6 +162,51 @@ def test_dry_run_writes_the_exact_upload(dry_run, ckpts):
     assert (dry_run / "optqa_template.txt").read_text(encoding="utf-8") == TEMPLATE
 
 
+def test_pushed_peft_files_alone_load_as_the_checkpoint(dry_run, ckpts, tiny_opt, tmp_path):
+    """The upload's PEFT part on its own is a plain PEFT adapter: optqa finds the template beside it and, after
+    the name check (the card named facebook/opt-125m, the test backbone is a local folder), answers as the
+    checkpoint does."""
+    import shutil
+
+    from optqa.build import load_trained
+
+    folder = tmp_path / "peft-only"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "optqa_template.txt"):
+        shutil.copyfile(dry_run / name, folder / name)
+    with pytest.raises(OptqaError, match="trained on backbone 'facebook/opt-125m', not"):
+        load_trained(folder, plm_path=str(tiny_opt))
+    model, manifest, _ = load_trained(folder, plm_path=str(tiny_opt), ignore_backbone_mismatch=True,
+                                      overrides={"max_new_tokens": 8})
+    assert manifest["template"] == TEMPLATE
+    reference, _, _ = load_trained(ckpts[0])
+    assert [model.answer([q])[0] for q in QUESTIONS] == [reference.answer([q])[0] for q in QUESTIONS]
+
+
+def test_card_of_a_delta_peft_cannot_hold(tiny_opt, tmp_path):
+    """An adapter delta on a backbone from a local folder: no base_model (a folder names nothing on the Hub),
+    library optqa, and the card says why there is no PEFT adapter."""
+    from optqa.build import build_model
+    from optqa.checkpoint import build_manifest, save_checkpoint
+    from optqa.cli import parse_args
+    from optqa.hub import build_upload_folder
+
+    config, explicit = parse_args(["--mode", "push", "--plm_path", str(tiny_opt), "--delta_type", "adapter",
+                                   "--delta_save_path", str(tmp_path / "adapter"), "--hub_repo", "alice/tiny-adapter"])
+    model, backbone = build_model(config)
+    save_checkpoint(tmp_path / "adapter", model.delta_state_dict(), build_manifest(
+        delta_config=model.delta.config.to_dict(), template_text=TEMPLATE, backbone=backbone,
+        hyperparameters=config.to_dict(), metrics={}, trainable_parameters=model.num_trainable_parameters()))
+    folder = build_upload_folder(config, explicit, tmp_path / "upload")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", WEIGHTS_NAME, MANIFEST_NAME]
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert "base_model" not in front and "model-index" not in front
+    assert front["library_name"] == "optqa" and "adapter" in front["tags"]
+    assert "PEFT cannot load this delta: PEFT has no adapter method (optqa implements it itself)." in card
+    assert "No scores were recorded with this delta." in card
+
+
 def test_push_without_token_or_offline_fails_in_one_line(ckpts, tmp_path):
     base = ["--mode", "push", "--delta_save_path", str(ckpts[0]), "--hub_repo", REPO_ID]
     home = {"HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": ""}  # no login stored there
@@ -207,6 +252,8 @@ class FakeHub:
             def do_GET(self):
                 hub.requests.append(("GET", self.path))
                 if self.path == "/api/whoami-v2":
+                    if self.headers.get("Authorization") != "Bearer hf_test":
+                        return self._reply(401, {"error": "Invalid credentials in Authorization header"})
                     return self._reply(200, {"name": "alice", "type": "user"})
                 self._reply(404, {"error": "not found"})
 
@@ -248,12 +295,16 @@ class FakeHub:
 def test_push_uploads_the_dry_run_folder_through_huggingface_hub(ckpts, dry_run, tmp_path):
     hub = FakeHub()
     try:
+        refused = run_cli("--mode", "push", "--delta_save_path", str(ckpts[0]), "--hub_repo", REPO_ID,
+                          env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_wrong"})
         result = run_cli("--mode", "push", "--delta_save_path", str(ckpts[0]), "--hub_repo", REPO_ID, "--private",
                          "--base_model", "facebook/opt-125m", "--commit_message", "first delta",
                          env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test",
                               "HF_HOME": str(tmp_path / "home")})
     finally:
         hub.close()
+    line = _one_line_error(refused)
+    assert line.startswith(f"error: the Hub at {hub.endpoint} did not accept the token (Invalid user token.")
     assert result.returncode == 0, result.stderr[-2000:]
     assert hub.created == [{"name": "tiny-lora", "organization": "alice", "visibility": "private", "type": "model"}]
     [(header, files)] = hub.commits
