@@ -387,6 +387,22 @@ def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, memory_data, tm
     assert f"pulled hf://{REPO_ID}@v1: commit {COMMIT_OLD}" in result.stderr
 
 
+def test_export_of_a_hub_name_writes_to_the_working_folder(hub_cache, ckpts, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from optqa.bundle import unpack_bundle
+    from optqa.sharing import export_checkpoint
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    [line] = export_checkpoint(f"hf://{REPO_ID}", peft=False)
+    assert line.startswith("bundle written: tiny-lora.optqa (")
+    unpacked = unpack_bundle(tmp_path / "tiny-lora.optqa", tmp_path / "unpacked")
+    for name in (MANIFEST_NAME, WEIGHTS_NAME):
+        assert (unpacked / name).read_bytes() == (ckpts[0] / name).read_bytes()
+
+
 def test_tampered_cache_and_unknown_revisions_refused(hub_cache, tmp_path, monkeypatch):
     import shutil
 
