@@ -162,6 +162,18 @@ def resolve_source(path: str | Path) -> tuple[str | Path, Pulled | None]:
     return pulled.folder, pulled
 
 
+def pin_source(path: str | Path) -> str | Path:
+    """A Hub name pinned to the commit its revision resolves to now (pulled once); anything else unchanged.
+
+    A command that reads a delta several times (export: the bundle, then the PEFT folder) reads the same commit
+    every time, from the cache, even if the branch moves meanwhile.
+    """
+    ref = parse_hub_path(path)
+    if ref is None:
+        return path
+    return str(HubRef(ref.repo_id, pull(ref).commit))
+
+
 def default_export_name(path: str | Path) -> str | None:
     """For a hub name, the file name an export writes to the working folder (``NAME.optqa``); else None.
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from .bundle import (BUNDLE_SUFFIX, default_bundle_path, open_checkpoint, open_source, read_bundle_comment,
                      write_bundle)
-from .hub import default_export_name
 from .checkpoint import WEIGHTS_NAME, read_manifest, verify_files, write_folder_atomically
 from .errors import OptqaError
+from .hub import default_export_name, pin_source
 
 PEFT_SUFFIX = "-peft"
 PEFT_TEMPLATE_NAME = "optqa_template.txt"
@@ -169,6 +169,7 @@ def export_checkpoint(source: str | Path, export_path: str | Path | None = None,
     from .peft_import import is_peft_adapter
 
     hub_name = default_export_name(source)
+    source = pin_source(source)  # the bundle and the PEFT folder are made from one and the same commit
     with open_source(source) as (folder, _):
         if is_peft_adapter(folder):
             bundle = Path(export_path) if export_path else (
