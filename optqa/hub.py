@@ -291,8 +291,13 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
 
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise OptqaError(f"{target} already exists and is not empty; choose a new --export_path for the dry run")
+    from .peft_import import is_peft_adapter
+
     source = config.delta_save_path
     with open_checkpoint(source) as folder:
+        if is_peft_adapter(folder):
+            raise OptqaError(f"{source} is a plain PEFT adapter, not an optqa checkpoint: convert it first (python -m "
+                             f"optqa --mode export --delta_save_path {source} --template ...), then push the bundle")
         folder, manifest = read_manifest(folder)
         verify_files(folder, manifest)
         manifest_bytes, names = shareable_files(folder, manifest)
