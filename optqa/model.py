@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 
 import torch
@@ -31,6 +32,32 @@ def _like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name is deprecated until 5.40). Read from the signature, not from a version number."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _new_cache(model_config):
+    """An empty ``DynamicCache``; given the model's config where this transformers takes one (>= 4.56)."""
+    from transformers import DynamicCache
+
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=model_config)
+    return DynamicCache()
+
+
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row has ended; sharded, on every process (each must run every step: synced_gpus)."""
+    if not synced:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    pending = torch.tensor(0.0 if bool(done.all()) else 1.0, device=done.device)
+    dist.all_reduce(pending)
+    return pending.item() == 0
 
 
 @contextlib.contextmanager
@@ -75,6 +102,11 @@ class PromptForGeneration(nn.Module):
         self._soft_index: torch.Tensor | None = None
         if template.num_soft_tokens:
             plm.get_input_embeddings().register_forward_hook(self._substitute_soft_embeddings)
+        # soft prompts and prefixes are applied here, not by PEFT's generation glue, which broke when
+        # transformers 5.24 renamed the cache argument; PEFT still holds their parameters (its layout and export)
+        kind = self.delta.config.delta_type if self.delta else None
+        self._virtual = kind if kind in ("soft_prompt", "prefix") else None
+        self._cache_arg = _cache_argument(plm)
 
     def tie_weights(self, *args, **kwargs) -> None:
         """The backbone's own ties (OPT's head is its input embedding). accelerate re-ties through this after
@@ -184,8 +216,8 @@ class PromptForGeneration(nn.Module):
         # the vocabulary projection is only needed where an answer token is predicted
         keep = width - first_target + 1
         with self._running(batch):
-            out = self.plm(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                           use_cache=False)
+            out = self.backbone(**self._backbone_inputs(input_ids, batch["attention_mask"], use_cache=False),
+                                logits_to_keep=keep)
         logits = out.logits[:, -keep:-1].float()
         targets = labels[:, first_target:]
         loss_sum = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -196,22 +228,107 @@ class PromptForGeneration(nn.Module):
         loss_sum, count = self.loss_terms(batch)
         return loss_sum / count.clamp(min=1)
 
+    def _virtual_weight(self) -> torch.Tensor:
+        """PEFT's prompt-encoder table: ``(num_virtual_tokens, width)``; width is the input embedding's for a
+        soft prompt, ``layers * 2 * hidden`` for a prefix (PEFT's layout, kept so its export stays exact)."""
+        return self.plm.prompt_encoder["default"].embedding.weight
+
+    def _prefix_cache(self, batch_size: int):
+        """A fresh KV cache holding the prefix: per layer, keys and values of shape
+        ``(batch, heads, num_virtual_tokens, head_dim)``, taken from the table as PEFT's ``get_prompt`` lays it out
+        (Li & Liang, 2021, "Prefix-Tuning", https://arxiv.org/abs/2101.00190)."""
+        config = self.backbone.config
+        weight = self._virtual_weight()
+        n, layers, heads = weight.shape[0], config.num_hidden_layers, config.num_attention_heads
+        table = weight.view(n, 2 * layers, heads, -1).permute(1, 2, 0, 3)  # (2 * layers, heads, n, head_dim)
+        cache = _new_cache(config)
+        for layer in range(layers):
+            keys, values = table[2 * layer], table[2 * layer + 1]
+            cache.update(keys.unsqueeze(0).expand(batch_size, -1, -1, -1),
+                         values.unsqueeze(0).expand(batch_size, -1, -1, -1), layer)
+        return cache
+
+    def _backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> dict:
+        """Keyword arguments for the backbone's forward pass over whole prompts.
+
+        A soft prompt (Lester et al., 2021, https://arxiv.org/abs/2104.08691) is prepended to the token
+        embeddings; a prefix goes into a fresh KV cache ahead of the prompt. Either way the attention mask
+        gains ``num_virtual_tokens`` leading ones, so OPT's positions (counted along the mask) are PEFT's.
+
+        Args:
+            input_ids: ``(batch, seq_len)`` token ids, left padded.
+            attention_mask: ``(batch, seq_len)``, 0 on padding.
+            use_cache: return a KV cache to decode with (always, for a prefix: it lives in the cache).
+        Returns:
+            ``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``use_cache`` and, where a cache is used,
+            the cache under this transformers' argument name.
+        """
+        batch = input_ids.shape[0]
+        inputs: dict = {"use_cache": use_cache or self._virtual == "prefix"}
+        if self._virtual == "soft_prompt":
+            embeds = self.backbone.get_input_embeddings()(input_ids)
+            prompt = self._virtual_weight().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        else:
+            inputs["input_ids"] = input_ids
+        if self._virtual:
+            ones = attention_mask.new_ones(batch, self._virtual_weight().shape[0])
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        inputs["attention_mask"] = attention_mask
+        if inputs["use_cache"]:
+            inputs[self._cache_arg] = (self._prefix_cache(batch) if self._virtual == "prefix"
+                                       else _new_cache(self.backbone.config))
+        return inputs
+
+    def _greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                synced: bool = False) -> torch.Tensor:
+        """Greedy decoding with a KV cache, owned here so no transformers generation internals are involved.
+
+        Args:
+            input_ids, attention_mask: ``(batch, seq_len)``, left padded.
+            max_new_tokens: the most tokens generated per row.
+            synced: sharded (FSDP): every process runs each step until every process's rows have ended.
+        Returns:
+            ``(batch, steps)`` new token ids, ``steps <= max_new_tokens``; a row that ended holds eos then pad.
+        """
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        inputs = self._backbone_inputs(input_ids, attention_mask, use_cache=True)
+        cache, mask = inputs[self._cache_arg], inputs["attention_mask"]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        steps = []
+        for _ in range(max_new_tokens):
+            logits = self.backbone(**inputs, logits_to_keep=1).logits[:, -1]
+            self._soft_index = None  # {"soft"} positions exist only in the pass over the whole prompt
+            next_ids = torch.where(done, pad, logits.argmax(dim=-1))
+            steps.append(next_ids)
+            done |= next_ids == eos
+            if _all_done(done, synced):
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "use_cache": True,
+                      self._cache_arg: cache}
+        return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+
     @torch.inference_mode()
     def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False) -> list[str]:
-        """Greedy answers for a left-padded batch; each row stops at its own eos."""
-        from transformers import GenerationConfig
+        """Greedy answers for a left-padded batch; each row stops at its own eos.
 
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        config = GenerationConfig(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
-                                  num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=eos)
+        Args:
+            batch: ``input_ids`` and ``attention_mask`` ``(batch, seq_len)``, left padded (and ``soft_index`` for
+                a template with ``{"soft"}`` tokens), as ``collate_for_generation`` builds them.
+            max_new_tokens: the most answer tokens (default: the model's ``max_new_tokens``).
+            verbose: log each answer.
+        Returns:
+            One answer string per row, special tokens removed and whitespace stripped.
+        """
+        eos = self.tokenizer.eos_token_id
         input_ids = batch["input_ids"].to(self.device)
         sharded = is_sharded(self)
         with self._running(batch), _gathered_root(self) if sharded else contextlib.nullcontext():
-            # sharded, every process runs each decoding step until the last one's answers end (synced_gpus)
-            out = self.plm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device),
-                                    generation_config=config, synced_gpus=sharded)
+            new_ids = self._greedy(input_ids, batch["attention_mask"].to(self.device),
+                                   max_new_tokens or self.max_new_tokens, synced=sharded)
         answers = []
-        for row in out[:, input_ids.shape[1]:].tolist():
+        for row in new_ids.tolist():
             if eos in row:
                 row = row[:row.index(eos)]
             answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
