@@ -515,8 +515,10 @@ def test_versions_recorded_and_old_checkpoints_still_load(ckpts, tmp_path):
 
 @pytest.mark.parametrize("method", ["prefix", "prompt_tuning"])
 def test_plain_peft_prompt_learning_loads_as_peft(tiny_opt, tmp_path, method):
-    """Prefix and prompt tuning saved by PEFT: optqa's delta config and the same logits as PEFT's own loader
-    (answers are left to the LoRA test: optqa's soft-prompt and prefix generation is being reworked)."""
+    """Prefix and prompt tuning saved by PEFT: optqa's delta config, and the same logits and greedy answers
+    (optqa's own decoder for these two) as PEFT's loader and generate. The logits are the decisive check: they
+    differ from the bare backbone's, while on this random backbone greedy answers only repeat the prompt's last
+    token whatever the prompt."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -536,9 +538,16 @@ def test_plain_peft_prompt_learning_loads_as_peft(tiny_opt, tmp_path, method):
             if "prompt_encoder" in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
     made.save_pretrained(tmp_path / method)
-    model, manifest, _ = load_trained(tmp_path / method, template=TEMPLATE)
+    model, manifest, _ = load_trained(tmp_path / method, template=TEMPLATE, overrides={"max_new_tokens": 6})
     assert manifest["delta"] == expected
     reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_opt), tmp_path / method)
-    ids = AutoTokenizer.from_pretrained(tiny_opt)(prompt_preview(TEMPLATE, QUESTIONS[0]), return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(model.delta.model(**ids).logits, reference.eval()(**ids).logits, rtol=0, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_opt)
+    bare = AutoModelForCausalLM.from_pretrained(tiny_opt).eval()
+    for question in QUESTIONS:
+        ids = tokenizer(prompt_preview(TEMPLATE, question), return_tensors="pt")
+        with torch.no_grad():
+            ours = model.delta.model(**ids).logits
+            torch.testing.assert_close(ours, reference.eval()(**ids).logits, rtol=0, atol=1e-5)
+            assert (ours[0, -1] - bare(**ids).logits[0, -1]).abs().max() > 0.1  # the loaded prompt acts
+        generated = reference.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        assert model.answer([question])[0] == tokenizer.decode(generated, skip_special_tokens=True).strip()
