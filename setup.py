@@ -20,12 +20,15 @@ setup(
         "peft>=0.18,<0.22",
         "safetensors>=0.4.3,<0.9",
         "accelerate>=1.10,<1.16",
+        # hf:// pulls, --mode push and the model card (snapshot_download, HfApi, ModelCard); run here on 2.4.0
+        # only; 0.34 is what transformers 4.57 (the lowest transformers above) installs with
+        "huggingface_hub>=0.34,<3",
         "jsonlines>=4.0,<5",
         "tqdm>=4.66,<5",
         # the learning-curve PNG is part of every run folder, so matplotlib is not optional
         "matplotlib>=3.8,<3.12",
     ],
     # "plot" stays as an empty extra: older instructions say ".[dev,plot]"
-    extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24"], "plot": []},
+    extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24", "pyyaml>=6,<7"], "plot": []},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},
 )

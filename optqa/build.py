@@ -45,16 +45,35 @@ def build_model(config: RunConfig, delta_config: dict | None = None, template: s
 
 
 def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
-                 overrides: dict | None = None):
-    """Rebuild a trained model from a checkpoint folder (or bundle) alone.
+                 overrides: dict | None = None, template: str | None = None):
+    """Rebuild a trained model from a checkpoint alone: a folder, a ``.optqa`` bundle, ``hf://OWNER/NAME[@REV]``
+    (pulled into the Hugging Face cache), or a plain PEFT adapter folder or repository.
 
     The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
-    fingerprint must match the checkpoint's. Returns ``(model, manifest, config)``.
-    """
-    from .bundle import open_checkpoint
+    fingerprint must match the checkpoint's. A PEFT adapter has no manifest: its template comes from
+    ``template`` (text or file), its backbone is checked by name (see :mod:`optqa.peft_import`).
 
-    with open_checkpoint(path) as folder:
+    Returns:
+        ``(model, manifest, config)``; a pulled delta's manifest carries ``pulled_from`` (repository, revision,
+        commit), in memory only.
+
+    Raises:
+        OptqaError: a checkpoint that fails to verify, another backbone, or a Hub name that cannot be pulled.
+    """
+    from .bundle import open_source
+    from .peft_import import is_peft_adapter, load_peft_adapter
+
+    with open_source(path) as (folder, pulled):
+        if is_peft_adapter(folder):
+            config = RunConfig.from_dict(overrides or {})
+            model, manifest = load_peft_adapter(folder, str(path), config, template, plm_path,
+                                                ignore_backbone_mismatch, pulled.as_dict() if pulled else None)
+            if pulled:
+                manifest["pulled_from"] = pulled.as_dict()
+            return model, manifest, config
         folder, manifest, state = read_checkpoint(folder)
+    if pulled:
+        manifest["pulled_from"] = pulled.as_dict()
     config = RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
     config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)

@@ -20,9 +20,11 @@ modes:
                          test scores; final delta to --delta_save_path
   evaluate               score a saved delta on --split (or a --predictions_file) and write predictions
   interactive_inference  answer questions typed (or piped) one per line, with the delta in --delta_save_path
+                         (a folder, a .optqa bundle, or hf://OWNER/NAME[@REVISION] on the Hugging Face Hub)
   demo                   offline first run: tiny random OPT + bundled sample, train, save, reload, answer
   inspect                show and verify a checkpoint without loading the backbone
   export                 write a single-file bundle (and a PEFT adapter folder where PEFT has the method)
+  push                   upload a delta to the Hugging Face Hub (--hub_repo OWNER/NAME; --dry_run writes it)
   import_opendelta       convert an OpenDelta checkpoint (config.json + pytorch_model.bin)
   download               fetch ARC-DA v1.1 into --data_path and check it"""
 
@@ -61,7 +63,7 @@ def parse_args(argv=None) -> tuple[RunConfig, set[str]]:
 def main(argv=None) -> int:
     config, explicit = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from . import commands

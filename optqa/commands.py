@@ -20,7 +20,8 @@ def _load_for_inference(config: RunConfig, explicit: set[str]):
     model, manifest, saved = load_trained(config.delta_save_path,
                                           plm_path=config.plm_path if "plm_path" in explicit else None,
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
-                                          overrides=overrides)
+                                          overrides=overrides,
+                                          template=config.template if "template" in explicit else None)
     model.autocast_dtype = autocast_dtype(saved.precision, model.device)
     if config.merge_lora and model.delta.merge_lora():
         log.info("LoRA merged into the backbone weights for answering")
@@ -68,7 +69,9 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
         from .evaluation import evaluate as score_model
 
         model, manifest, saved = _load_for_inference(config, explicit)
-        source = config.delta_save_path
+        pulled = manifest.get("pulled_from")
+        # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
+        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
         encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
         metrics, rows = score_model(model, encoded, saved.eval_batch_size, split)
     run = RunFolder.create(config.output_dir, "evaluate")
@@ -132,7 +135,16 @@ def export(config: RunConfig, explicit: set[str]) -> int:
 
     for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
                                   plm_path=config.plm_path if "plm_path" in explicit else None,
-                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch):
+                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch,
+                                  template=config.template if "template" in explicit else None):
+        print(line)
+    return 0
+
+
+def push(config: RunConfig, explicit: set[str]) -> int:
+    from .hub import push as push_to_hub
+
+    for line in push_to_hub(config, explicit):
         print(line)
     return 0
 

@@ -12,7 +12,8 @@ from typing import Any
 
 # templates/ and data/sample/ sit beside the package in a checkout; default paths are relative to it
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "download", "import_opendelta")
+MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "push", "download",
+         "import_opendelta")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 # Per-delta defaults, shared by AutoDeltaConfig (the library API) and the CLI flags below.
@@ -101,7 +102,8 @@ class RunConfig:
     seed: int = _opt(42, "random seed (data order, delta init, dropout)")
 
     # the final (best-dev) delta, as a self-describing checkpoint folder
-    delta_save_path: str = _opt("./delta_ckpts/", "final delta checkpoint folder (or a .optqa bundle to load)")
+    delta_save_path: str = _opt("./delta_ckpts/", "final delta checkpoint folder (to load: also a .optqa bundle, "
+                                                 "hf://OWNER/NAME[@REVISION] or a PEFT adapter folder)")
     # best-epoch delta plus the state needed by --resume
     raw_delta_save_path: str = _opt("./raw_delta_ckpts/", "best-epoch delta and resume state")
     # every run writes its config, metrics, predictions and plot into a new folder below this
@@ -116,13 +118,24 @@ class RunConfig:
     predictions_file: str | None = _opt(None, "evaluate: score this predictions jsonl instead of a model")
     # --mode evaluate: compare against a second predictions jsonl, question by question
     compare_file: str | None = _opt(None, "evaluate: second predictions jsonl to compare with")
-    # --mode export: single-file bundle to write
-    export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa)")
+    # --mode export: single-file bundle to write; --mode push --dry_run: the folder that would be uploaded
+    export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa); "
+                                         "push --dry_run: folder to write")
     # --mode export: PEFT users get an adapter folder; off, export needs no backbone at all
     export_peft: bool = _opt(True, "export: also write a PEFT adapter folder <bundle name>-peft/ (lora, soft_prompt, "
                                    "prefix)")
     # --mode import_opendelta: OpenDelta folder (config.json + pytorch_model.bin) to convert
     import_path: str | None = _opt(None, "import_opendelta: OpenDelta checkpoint folder to convert")
+    # --mode push: the Hub repository (created if missing) that receives the checkpoint, PEFT adapter and card
+    hub_repo: str | None = _opt(None, "push: Hugging Face Hub repository OWNER/NAME to upload to")
+    # --mode push: a new repository is public unless this is given (an existing one keeps its visibility)
+    private: bool = _opt(False, "push: create the repository as private")
+    commit_message: str | None = _opt(None, "push: commit message (default: delta type, backbone and weights hash)")
+    # --mode push: build the exact folder, write it to --export_path, contact nobody
+    dry_run: bool = _opt(False, "push: write the folder that would be uploaded to --export_path, upload nothing")
+    # the card's base_model: a backbone loaded from a local folder names no Hub model unless the user does
+    base_model: str | None = _opt(None, "push: the backbone's Hub id for the model card (default: --plm_path "
+                                        "recorded in the checkpoint, if it is a Hub id)")
     # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)
     ignore_backbone_mismatch: bool = _opt(False, "load a delta onto a backbone with different weights")
 
