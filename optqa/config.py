@@ -15,6 +15,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "download", "import_opendelta")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
+# the CLI's modules for adapter and lora, as in the homework (the library's LoRA default is q_proj and v_proj)
+CLI_MODIFIED_MODULES = ("self_attn", "fc2")
+# the delta types --modified_modules applies to
+MODULE_DELTA_TYPES = ("adapter", "lora", "bitfit")
 # Per-delta defaults, shared by AutoDeltaConfig (the library API) and the CLI flags below.
 # soft_token_num is 20, not OpenDelta's 100: ARC-DA prompts average ~29 tokens, and on a CPU the cost of a
 # step grows with the prompt length.
@@ -60,9 +64,11 @@ class RunConfig:
     plm_path: str = _opt("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder")
     # which delta to inject into the frozen backbone
     delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES)
-    # OpenDelta-style short module names the delta attaches to (adapter, lora)
-    modified_modules: list[str] = _opt(DELTA_DEFAULTS["adapter"]["modified_modules"], "modules the delta attaches to (OpenDelta short names)",
-                                       nargs="+")
+    # OpenDelta-style short module names the delta attaches to (adapter, lora, bitfit); None: the delta type's
+    # default, resolved in __post_init__ so that a manifest records what was actually modified
+    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to, OpenDelta short names (default: "
+                                                    f"{' '.join(CLI_MODIFIED_MODULES)} for adapter and lora, every "
+                                                    "Linear and LayerNorm of the decoder layers for bitfit)", nargs="+")
     # adapter: bottleneck width (OpenDelta's default)
     bottleneck_dim: int = _opt(DELTA_DEFAULTS["adapter"]["bottleneck_dim"], "adapter bottleneck width")
     # lora: rank, scale numerator and dropout (OpenDelta's defaults)
@@ -139,6 +145,16 @@ class RunConfig:
     # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
     max_steps: int = _opt(0, "stop after N optimiser steps (0: no limit)")
 
+    def __post_init__(self) -> None:
+        # one resolved value for --modified_modules, whatever the delta type: the manifest's hyperparameters and
+        # its delta config then say the same thing (a delta type without modules records None)
+        if self.delta_type not in MODULE_DELTA_TYPES:
+            self.modified_modules = None
+        elif self.modified_modules is None and self.delta_type != "bitfit":
+            self.modified_modules = list(CLI_MODIFIED_MODULES)
+        elif self.modified_modules is not None:
+            self.modified_modules = list(self.modified_modules)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -155,6 +171,8 @@ class RunConfig:
         elif self.delta_type == "lora":
             cfg.update(modified_modules=list(self.modified_modules), lora_r=self.lora_r,
                        lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        elif self.delta_type == "bitfit":
+            cfg.update(modified_modules=self.modified_modules)
         elif self.delta_type == "soft_prompt":
             cfg.update(soft_token_num=self.soft_token_num, init_text=self.soft_init_text)
         elif self.delta_type == "prefix":
