@@ -9,7 +9,8 @@ from .config import REPO_ROOT, RunConfig, find_repo_file
 from .deltas import AutoDeltaConfig, AutoDeltaModel
 from .errors import OptqaError
 from .model import PromptForGeneration
-from .plm import backbone_identity, load_plm
+from .options import check_length_budget
+from .plm import backbone_identity, load_plm, max_positions_of
 from .template import ManualTemplate
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,20 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
     """Rebuild a trained model from a checkpoint folder (or bundle) alone.
 
     The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
-    fingerprint must match the checkpoint's. Returns ``(model, manifest, config)``.
+    fingerprint must match the checkpoint's.
+
+    Args:
+        path: a checkpoint folder or a ``.optqa`` bundle.
+        plm_path: another copy of the backbone (hub id or folder); default the one the manifest records.
+        ignore_backbone_mismatch: load onto a backbone whose weights differ (shapes must still match).
+        overrides: run settings that replace the recorded ones (``max_new_tokens``, ``eval_batch_size``,
+            ``precision``).
+    Returns:
+        ``(model, manifest, config)``: a ``PromptForGeneration`` in eval mode, the manifest dict, and the
+        ``RunConfig`` it was rebuilt with (``config.plm_path`` is the backbone actually used).
+    Raises:
+        OptqaError: the checkpoint fails its integrity or backbone checks, or its prompts and answers would not
+            fit the backbone's positions.
     """
     from .bundle import open_checkpoint
 
@@ -57,6 +71,8 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
         folder, manifest, state = read_checkpoint(folder)
     config = RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
     config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
+    # the manifest records the backbone's config: the budget is checked before its weights are read
+    check_length_budget(config, max_positions_of(manifest["backbone"]["config"]), config.plm_path, manifest["delta"])
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
     identity = backbone_identity(plm, config.plm_path)
     check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
