@@ -19,6 +19,8 @@ setup(
         "accelerate>=0.34",
         "jsonlines>=4.0",
         "tqdm>=4.60",
+        # the REPL's line editing and history in a terminal (Linux, macOS and the Windows console)
+        "prompt_toolkit>=3.0.36,<4",
     ],
     extras_require={"dev": ["pytest>=7", "tokenizers>=0.19"], "plot": ["matplotlib>=3.5"]},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},

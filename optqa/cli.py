@@ -65,7 +65,22 @@ BROKEN_PIPE_STATUS = 141
 
 
 def main(argv=None) -> int:
+    """``python -m optqa``: run one mode; returns the exit status (0, 2 for an ``error:`` line, 130 after Ctrl-C,
+    141 when the reader of stdout went away)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`optqa ... | head`): nothing more can be shown, so stop quietly; stdout is pointed
+        # at devnull so that the interpreter's final flush does not raise the same error again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_STATUS
+
+
+def _run(argv: list[str]) -> int:
     try:
         config, explicit = parse_args(argv)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -82,12 +97,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(argv), file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader went away (`optqa ... | head`): nothing more can be shown, so stop quietly; stdout is pointed
-        # at devnull so that the interpreter's final flush does not raise the same error again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return BROKEN_PIPE_STATUS
+    except SystemExit as exc:
+        # argparse's --help and usage errors: their output may also meet a closed pipe in the flush above
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 def interrupted_message(argv: list[str]) -> str:

@@ -27,9 +27,10 @@ def one_line(text: str) -> str:
     return _LINE_BREAKS.sub(" ", text).strip()
 
 
-def terminal_session(history_path: Path = HISTORY_PATH):
-    """A prompt_toolkit session with the question history in ``history_path`` (in memory where it cannot be
-    written, e.g. a read-only home folder)."""
+def terminal_session(history_path: Path = HISTORY_PATH, **session_options):
+    """A prompt_toolkit ``PromptSession`` with the question history in ``history_path`` (in memory where it cannot
+    be written, e.g. a read-only home folder); ``session_options`` go to ``PromptSession`` (e.g. ``input`` and
+    ``output``)."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
@@ -41,7 +42,7 @@ def terminal_session(history_path: Path = HISTORY_PATH):
     except OSError as exc:
         log.warning("question history not kept (%s: %s)", path, exc.strerror)
         history = InMemoryHistory()
-    return PromptSession(history=history)
+    return PromptSession(history=history, **session_options)
 
 
 def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None, session=None) -> int:
