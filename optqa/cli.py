@@ -10,7 +10,7 @@ import shlex
 import sys
 import typing
 
-from .config import RunConfig
+from .config import RunConfig, shown_default
 from .errors import OptqaError
 
 log = logging.getLogger("optqa")
@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = " ".join(default) if isinstance(default, list) else default
+        shown = shown_default(f)
         # a help text that already explains its default (e.g. "<data_path>/train.jsonl") is not given a second one
         text = f.metadata["help"]
         kwargs: dict = {"help": text if "default:" in text else f"{text} (default: {shown})"}

@@ -66,9 +66,10 @@ class RunConfig:
     delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES)
     # OpenDelta-style short module names the delta attaches to (adapter, lora, bitfit); None: the delta type's
     # default, resolved in __post_init__ so that a manifest records what was actually modified
-    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to, OpenDelta short names (default: "
-                                                    f"{' '.join(CLI_MODIFIED_MODULES)} for adapter and lora, every "
-                                                    "Linear and LayerNorm of the decoder layers for bitfit)", nargs="+")
+    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to (OpenDelta short names; adapter, "
+                                                    "lora, and bitfit, which without it takes every Linear and "
+                                                    "LayerNorm of the decoder layers)", nargs="+",
+                                              shown=" ".join(CLI_MODIFIED_MODULES))
     # adapter: bottleneck width (OpenDelta's default)
     bottleneck_dim: int = _opt(DELTA_DEFAULTS["adapter"]["bottleneck_dim"], "adapter bottleneck width")
     # lora: rank, scale numerator and dropout (OpenDelta's defaults)
@@ -192,13 +193,20 @@ def find_repo_file(path: str | Path) -> Path | None:
     return None
 
 
+def shown_default(f: dataclasses.Field) -> Any:
+    """A field's default as --help and the README show it (``metadata["shown"]`` where the default is resolved
+    later, per delta type)."""
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return " ".join(default) if isinstance(default, list) else default
+
+
 def markdown_table() -> str:
     """The README's flag table, generated from RunConfig so the two cannot drift."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(RunConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if isinstance(default, list):
-            default = " ".join(default)
+        default = shown_default(f)
         rows.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows)
 
