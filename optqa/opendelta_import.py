@@ -124,7 +124,8 @@ def import_opendelta(config: RunConfig, explicit: set[str]) -> str:
     own = list(model.delta_state_dict())
     mapped = map_state(delta["delta_type"], state, own, dict(model.backbone.named_parameters()), weights_path)
     model.load_delta_state_dict(mapped, source=str(weights_path))
-    settings = {**config.to_dict(), **delta, "mode": "import_opendelta"}
+    # the imported delta's own settings, so that hyperparameters and delta agree (bitfit: every layer, None)
+    settings = {**config.to_dict(), "modified_modules": None, **delta, "mode": "import_opendelta"}
     manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=text, backbone=backbone,
                               hyperparameters=settings, metrics={},
                               trainable_parameters=model.num_trainable_parameters())

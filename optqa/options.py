@@ -103,6 +103,7 @@ COMBINATIONS: tuple[Combination, ...] = (
     Combination("--delta_type lora, bitfit, prefix", "--fsdp (2 processes)", BY_HAND),
     Combination('a {"soft"} template', "--fsdp (2 processes)", BY_HAND),
     Combination("--fsdp", "--gradient_checkpointing", BY_HAND + " with adapter and lora"),
+    Combination("--fsdp (2 processes)", "--precision bf16", "works: checked by hand (lora, 2 CPU processes)"),
     Combination("--fsdp", "1 process", "works unsharded, with a warning: tests/test_distributed.py::"
                                        "test_fsdp_in_one_process_warns_and_trains_unsharded"),
     Combination("--delta_type adapter", "2 processes (DDP)",
