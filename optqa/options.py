@@ -165,6 +165,35 @@ def check_typed_flags(config: RunConfig, typed: set[str]) -> None:
                              f"{', '.join(DELTA_FLAGS[name])}); drop it")
 
 
+# Numeric flags and the values they take; anything else used to end in a traceback deep in a run.
+AT_LEAST_ONE = ("batch_size", "eval_batch_size", "max_seq_l", "max_new_tokens", "train_epochs",
+                "gradient_accumulation_steps", "bottleneck_dim", "lora_r", "lora_alpha", "soft_token_num",
+                "prefix_token_num", "num_threads")
+AT_LEAST_ZERO = ("warmup_steps", "save_steps", "max_steps", "max_grad_norm", "weight_decay")
+
+
+def check_values(config: RunConfig) -> None:
+    """Refuse a numeric flag outside its range, naming the flag, the range and the value.
+
+    Raises:
+        OptqaError: the first such flag.
+    """
+    def refuse(name: str, wanted: str) -> None:
+        raise OptqaError(f"--{name} must be {wanted}, got {getattr(config, name)}")
+
+    for name in AT_LEAST_ONE:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            refuse(name, "at least 1")
+    for name in AT_LEAST_ZERO:
+        if getattr(config, name) < 0:
+            refuse(name, "at least 0")
+    if not config.lr > 0:
+        refuse("lr", "more than 0")
+    if not 0 <= config.lora_dropout < 1:
+        refuse("lora_dropout", "at least 0 and less than 1")
+
+
 def check_run(config: RunConfig, typed: set[str] | None = None) -> None:
     """Every check a run's options must pass before data or a backbone is read.
 
@@ -176,6 +205,7 @@ def check_run(config: RunConfig, typed: set[str] | None = None) -> None:
     """
     if typed is not None:
         check_typed_flags(config, typed)
+    check_values(config)
     check_combinations(config)
 
 

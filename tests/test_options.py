@@ -187,3 +187,22 @@ def test_library_config_resolves_modified_modules_per_delta_type():
     assert RunConfig(delta_type="lora").delta_config()["modified_modules"] == ["self_attn", "fc2"]
     assert RunConfig(delta_type="bitfit").delta_config() == {"delta_type": "bitfit", "modified_modules": None}
     assert RunConfig(delta_type="prefix", modified_modules=["fc2"]).to_dict()["modified_modules"] is None
+
+
+# ---- numbers out of range: one line, not a traceback in the first step -----------------------------------------
+
+@pytest.mark.parametrize("flag, value, wanted", [
+    ("batch_size", "0", "at least 1"), ("max_seq_l", "0", "at least 1"), ("train_epochs", "0", "at least 1"),
+    ("gradient_accumulation_steps", "0", "at least 1"), ("eval_batch_size", "-2", "at least 1"),
+    ("max_new_tokens", "0", "at least 1"), ("num_threads", "0", "at least 1"), ("warmup_steps", "-1", "at least 0"),
+    ("lr", "-1", "more than 0"), ("lr", "0", "more than 0"), ("max_grad_norm", "-0.5", "at least 0"),
+])
+def test_a_number_out_of_range_is_refused(capsys, caplog, tiny_opt, memory_data, tmp_path, flag, value, wanted):
+    argv = train_args(tiny_opt, memory_data, tmp_path, f"--{flag}", value)
+    shown = float(value) if flag in ("lr", "max_grad_norm") else int(value)
+    assert cli_error(capsys, caplog, argv) == f"--{flag} must be {wanted}, got {shown}"
+
+
+def test_lora_dropout_must_be_a_probability(capsys, caplog, tiny_opt, memory_data, tmp_path):
+    argv = train_args(tiny_opt, memory_data, tmp_path, "--delta_type", "lora", "--lora_dropout", "1")
+    assert cli_error(capsys, caplog, argv) == "--lora_dropout must be at least 0 and less than 1, got 1.0"
