@@ -110,7 +110,14 @@ def interactive_inference(config: RunConfig, explicit: set[str]) -> int:
 
 
 def answer_with_notes(model, question: str) -> str:
-    """The REPL's answer to one question, saying so when the question was cut to fit the checkpoint's max_seq_l."""
+    """The REPL's answer to one question, saying so when the question was cut to fit the checkpoint's max_seq_l.
+
+    Args:
+        model: a ``PromptForGeneration`` (from ``load_trained``).
+        question: the question as typed.
+    Returns:
+        The answer, followed by ``[question cut: its last N tokens did not fit max_seq_l M]`` when it was cut.
+    """
     from .data import InputExample
 
     answer = model.answer([question])[0]

@@ -93,14 +93,26 @@ def backbone_reference(model_path: str) -> str:
     A relative folder (``runs/demo/tiny-opt``) only means something from the folder it was typed in; the
     absolute path lets the checkpoint load from anywhere on that machine, and the fingerprint beside it
     identifies the weights on any other.
+
+    Args:
+        model_path: ``--plm_path`` as given (hub id or folder).
+    Returns:
+        The folder's resolved absolute path if it exists here, else ``model_path`` unchanged.
     """
     local = Path(model_path).expanduser()
     return str(local.resolve()) if local.exists() else str(model_path)
 
 
 def backbone_max_positions(model_path: str) -> int | None:
-    """The backbone's ``max_position_embeddings`` (``n_positions`` for GPT-2) from its config alone, without
-    loading the weights; None when the config cannot be read here (load_plm then reports why)."""
+    """The backbone's position limit, read from its config alone (transformers' ``AutoConfig``), without loading
+    the weights.
+
+    Args:
+        model_path: a hub id or a local folder.
+    Returns:
+        ``max_position_embeddings`` (``n_positions`` for GPT-2); None when the config cannot be read here (the
+        backbone load then reports why) or names no limit.
+    """
     from transformers import AutoConfig
 
     local = Path(model_path).expanduser()
