@@ -32,13 +32,14 @@ _TRAINING = {"template", "batch_size", "eval_batch_size", "max_seq_l", "max_new_
              "group_by_length", "seed", "save_steps", "resume", "max_steps", "gradient_checkpointing", "fsdp",
              "precision", "cpu", "num_threads", "output_dir"}
 # what answering from a checkpoint reads: everything else comes from the checkpoint's manifest
-_LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_tokens", "eval_batch_size",
-            "precision", "merge_lora", "num_threads", "cpu"}
+_LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_tokens", "precision", "merge_lora",
+            "num_threads", "cpu"}
 # The flags each mode reads (besides --mode). The demo builds its own backbone, save folders and dev file.
 MODE_FLAGS: dict[str, frozenset[str]] = {
     "train": frozenset(_DATA | _DOWNLOAD | _DELTA | _TRAINING | {"plm_name", "plm_path", "delta_save_path",
                                                                    "raw_delta_save_path", "ignore_backbone_mismatch"}),
-    "evaluate": frozenset(_DATA | _LOADING | {"split", "predictions_file", "compare_file", "output_dir"}),
+    "evaluate": frozenset(_DATA | _LOADING | {"eval_batch_size", "split", "predictions_file", "compare_file",
+                                              "output_dir"}),
     "interactive_inference": frozenset(_LOADING),
     "demo": frozenset((_DATA - {"dev_file"}) | _DELTA | _TRAINING),
     "inspect": frozenset({"delta_save_path"}),
