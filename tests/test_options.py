@@ -209,3 +209,10 @@ def test_a_number_out_of_range_is_refused(capsys, caplog, tiny_opt, memory_data,
 def test_lora_dropout_must_be_a_probability(capsys, caplog, tiny_opt, memory_data, tmp_path):
     argv = train_args(tiny_opt, memory_data, tmp_path, "--delta_type", "lora", "--lora_dropout", "1")
     assert cli_error(capsys, caplog, argv) == "--lora_dropout must be at least 0 and less than 1, got 1.0"
+
+
+def test_every_test_the_table_names_exists():
+    named = re.findall(r"(tests/\w+\.py)::(\w+)", combinations_table())
+    assert len(named) >= 8
+    for path, name in named:
+        assert f"def {name}(" in (REPO_ROOT / path).read_text(encoding="utf-8"), f"{path}::{name}"
