@@ -27,6 +27,8 @@ setup(
         "tqdm>=4.66,<5",
         # the learning-curve PNG is part of every run folder, so matplotlib is not optional
         "matplotlib>=3.8,<3.12",
+        # the REPL's line editing and history in a terminal (Linux, macOS and the Windows console)
+        "prompt_toolkit>=3.0.36,<4",
     ],
     # "plot" stays as an empty extra: older instructions say ".[dev,plot]"
     extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24", "pyyaml>=6,<7"], "plot": []},

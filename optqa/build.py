@@ -9,7 +9,8 @@ from .config import REPO_ROOT, RunConfig, find_repo_file
 from .deltas import AutoDeltaConfig, AutoDeltaModel
 from .errors import OptqaError
 from .model import PromptForGeneration
-from .plm import backbone_identity, load_plm
+from .options import check_length_budget
+from .plm import backbone_identity, load_plm, max_positions_of
 from .template import ManualTemplate
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,20 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
     fingerprint must match the checkpoint's. A PEFT adapter has no manifest: its template comes from
     ``template`` (text or file), its backbone is checked by name (see :mod:`optqa.peft_import`).
 
+    Args:
+        path: a checkpoint folder, a ``.optqa`` bundle, ``hf://OWNER/NAME[@REVISION]`` or a PEFT adapter folder.
+        plm_path: another copy of the backbone (hub id or folder); default the one the manifest records.
+        ignore_backbone_mismatch: load onto a backbone whose weights differ (shapes must still match).
+        overrides: run settings that replace the recorded ones (``max_new_tokens``, ``eval_batch_size``,
+            ``precision``).
+        template: a PEFT adapter's template (text or file); checkpoints carry their own.
     Returns:
-        ``(model, manifest, config)``; a pulled delta's manifest carries ``pulled_from`` (repository, revision,
-        commit), in memory only.
-
+        ``(model, manifest, config)``: a ``PromptForGeneration`` in eval mode, the manifest dict (a pulled delta's
+        carries ``pulled_from``: repository, revision, commit; in memory only), and the ``RunConfig`` it was
+        rebuilt with (``config.plm_path`` is the backbone actually used).
     Raises:
-        OptqaError: a checkpoint that fails to verify, another backbone, or a Hub name that cannot be pulled.
+        OptqaError: a checkpoint that fails its integrity or backbone checks, prompts and answers that would not
+            fit the backbone's positions, or a Hub name that cannot be pulled.
     """
     from .bundle import open_source
     from .peft_import import is_peft_adapter, load_peft_adapter
@@ -76,6 +85,8 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
         manifest["pulled_from"] = pulled.as_dict()
     config = RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
     config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
+    # the manifest records the backbone's config: the budget is checked before its weights are read
+    check_length_budget(config, max_positions_of(manifest["backbone"]["config"]), config.plm_path, manifest["delta"])
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
     identity = backbone_identity(plm, config.plm_path)
     check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from .config import RunConfig
+from .errors import OptqaError
 
 log = logging.getLogger("optqa")
 
@@ -58,6 +60,12 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
 
     split = config.split
     gold = str(split_files(config)[split])
+    if not Path(gold).is_file():
+        what = "--predictions_file" if config.predictions_file else "the model's answers"
+        raise OptqaError(f"--mode evaluate scores {what} against the gold answers of --split {split}, and {gold} "
+                         f"does not exist; name them with --{split}_file FILE (any jsonl with {config.id_field!r}, "
+                         f"{config.question_field!r} and {config.answers_field!r}) or --data_path FOLDER holding "
+                         f"{split}.jsonl")
     examples = load_split(config, split)
     # every file is read and matched to the gold ids before a model is loaded, so a bad file fails in seconds
     compared = (score_predictions(examples, read_predictions(config.compare_file, config.id_field),
@@ -98,10 +106,29 @@ def interactive_inference(config: RunConfig, explicit: set[str]) -> int:
     from .interactive import repl
 
     model, manifest, saved = _load_for_inference(config, explicit)
-    log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"],
-             manifest["backbone"]["name_or_path"])
-    repl(lambda question: model.answer([question])[0])
+    # the backbone actually loaded: --plm_path when given, else the checkpoint's
+    log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"], saved.plm_path)
+    repl(partial(answer_with_notes, model))
     return 0
+
+
+def answer_with_notes(model, question: str) -> str:
+    """The REPL's answer to one question, saying so when the question was cut to fit the checkpoint's max_seq_l.
+
+    Args:
+        model: a ``PromptForGeneration`` (from ``load_trained``).
+        question: the question as typed.
+    Returns:
+        The answer, followed by ``[question cut: its last N tokens did not fit max_seq_l M]`` when it was cut.
+    """
+    from .data import InputExample
+
+    answer = model.answer([question])[0]
+    encoded = model.wrapper.encode(InputExample(text_a=question))
+    if encoded.tokens_cut:
+        answer += (f"   [question cut: its last {encoded.tokens_cut} tokens did not fit max_seq_l "
+                   f"{model.wrapper.max_seq_length}]")
+    return answer
 
 
 def demo(config: RunConfig, explicit: set[str]) -> int:

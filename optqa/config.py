@@ -16,6 +16,10 @@ MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "expor
          "import_opendelta")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
+# the CLI's modules for adapter and lora, as in the homework (the library's LoRA default is q_proj and v_proj)
+CLI_MODIFIED_MODULES = ("self_attn", "fc2")
+# the delta types --modified_modules applies to
+MODULE_DELTA_TYPES = ("adapter", "lora", "bitfit")
 # Per-delta defaults, shared by AutoDeltaConfig (the library API) and the CLI flags below.
 # soft_token_num is 20, not OpenDelta's 100: ARC-DA prompts average ~29 tokens, and on a CPU the cost of a
 # step grows with the prompt length.
@@ -61,9 +65,12 @@ class RunConfig:
     plm_path: str = _opt("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder")
     # which delta to inject into the frozen backbone
     delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES)
-    # OpenDelta-style short module names the delta attaches to (adapter, lora)
-    modified_modules: list[str] = _opt(DELTA_DEFAULTS["adapter"]["modified_modules"], "modules the delta attaches to (OpenDelta short names)",
-                                       nargs="+")
+    # OpenDelta-style short module names the delta attaches to (adapter, lora, bitfit); None: the delta type's
+    # default, resolved in __post_init__ so that a manifest records what was actually modified
+    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to (OpenDelta short names; adapter, "
+                                                    "lora, and bitfit, which without it takes every Linear and "
+                                                    "LayerNorm of the decoder layers)", nargs="+",
+                                              shown=" ".join(CLI_MODIFIED_MODULES))
     # adapter: bottleneck width (OpenDelta's default)
     bottleneck_dim: int = _opt(DELTA_DEFAULTS["adapter"]["bottleneck_dim"], "adapter bottleneck width")
     # lora: rank, scale numerator and dropout (OpenDelta's defaults)
@@ -152,6 +159,16 @@ class RunConfig:
     # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
     max_steps: int = _opt(0, "stop after N optimiser steps (0: no limit)")
 
+    def __post_init__(self) -> None:
+        # one resolved value for --modified_modules, whatever the delta type: the manifest's hyperparameters and
+        # its delta config then say the same thing (a delta type without modules records None)
+        if self.delta_type not in MODULE_DELTA_TYPES:
+            self.modified_modules = None
+        elif self.modified_modules is None and self.delta_type != "bitfit":
+            self.modified_modules = list(CLI_MODIFIED_MODULES)
+        elif self.modified_modules is not None:
+            self.modified_modules = list(self.modified_modules)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -168,6 +185,8 @@ class RunConfig:
         elif self.delta_type == "lora":
             cfg.update(modified_modules=list(self.modified_modules), lora_r=self.lora_r,
                        lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        elif self.delta_type == "bitfit":
+            cfg.update(modified_modules=self.modified_modules)
         elif self.delta_type == "soft_prompt":
             cfg.update(soft_token_num=self.soft_token_num, init_text=self.soft_init_text)
         elif self.delta_type == "prefix":
@@ -187,13 +206,20 @@ def find_repo_file(path: str | Path) -> Path | None:
     return None
 
 
+def shown_default(f: dataclasses.Field) -> Any:
+    """A field's default as --help and the README show it (``metadata["shown"]`` where the default is resolved
+    later, per delta type)."""
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return " ".join(default) if isinstance(default, list) else default
+
+
 def markdown_table() -> str:
     """The README's flag table, generated from RunConfig so the two cannot drift."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(RunConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if isinstance(default, list):
-            default = " ".join(default)
+        default = shown_default(f)
         rows.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows)
 

@@ -122,6 +122,7 @@ class Encoded:
     target_ids: list[int] = field(default_factory=list)
     truncated: bool = False
     question_lost: bool = False  # cut to nothing: the template and the answer alone fill max_seq_l
+    tokens_cut: int = 0  # question tokens removed to fit max_seq_l
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
@@ -149,7 +150,8 @@ class LMTokenizerWrapper:
         segments = self.template.render(example)
         target_ids = self.encode_target(target) if target is not None else []
         budget = self.max_seq_length - 1 - len(target_ids)
-        truncated = _cut_to_budget(segments, budget)
+        tokens_cut = _cut_to_budget(segments, budget)
+        truncated = tokens_cut > 0
         question_lost = truncated and not any(ids for _, ids, shortenable in segments if shortenable)
         prompt_ids, soft_index = [self.bos_id], [SOFT_NONE]
         pad = self.tokenizer.pad_token_id
@@ -162,7 +164,7 @@ class LMTokenizerWrapper:
                 soft_index += [SOFT_NONE] * len(ids)
         golds = list(example.tgt_text or [])
         return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated,
-                       question_lost)
+                       question_lost, tokens_cut)
 
     def encode_all(self, examples: list[InputExample], targets: str | list[str] | None = None,
                    desc: str = "tokenising", progress: bool | None = None) -> list[Encoded]:
@@ -196,10 +198,10 @@ class LMTokenizerWrapper:
         return encoded
 
 
-def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> bool:
-    """Cut the tail of the longest shortenable segment until the prompt fits; True when anything was cut."""
+def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> int:
+    """Cut the tail of the longest shortenable segment until the prompt fits; returns how many tokens were cut."""
     excess = sum(len(ids) for _, ids, _ in segments) - budget
-    cut = False
+    cut = 0
     while excess > 0:
         candidates = [i for i, (_, ids, shortenable) in enumerate(segments) if shortenable and ids]
         if not candidates:
@@ -208,7 +210,7 @@ def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> 
         kind, ids, shortenable = segments[longest]
         segments[longest] = (kind, ids[:-1], shortenable)
         excess -= 1
-        cut = True
+        cut += 1
     return cut
 
 

@@ -246,15 +246,94 @@ def _soft_template_pieces(text: str) -> int:
 
 def write_peft_adapter(source: Path, target: Path, manifest: dict[str, Any], plm_path: str | None,
                        ignore_backbone_mismatch: bool) -> Path:
-    """Rebuild the delta on its backbone (checked against the fingerprint) and save it with PEFT's own writer."""
+    """Rebuild the delta on its backbone (checked against the fingerprint) and save it with PEFT's own writer,
+    with a model card (README.md) that gives the exact prompt string, in place of PEFT's blank template."""
     from .build import load_trained
 
-    model, _, _ = load_trained(source, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch)
+    model, _, saved = load_trained(source, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch)
+    card = model_card(manifest, model.template.prompt_format(), saved.max_new_tokens, target.name)
 
     def write(folder: Path) -> None:
         model.delta.model.save_pretrained(str(folder))
         # PEFT stores no prompt format; answers match optqa's only with the same rendering
         (folder / PEFT_TEMPLATE_NAME).write_bytes(manifest["template"].encode("utf-8"))
+        (folder / MODEL_CARD_NAME).write_bytes(card.encode("utf-8"))
 
     return write_folder_atomically(target, write)
+
+
+MODEL_CARD_NAME = "README.md"
+
+
+def model_card(manifest: dict[str, Any], prompt: str, max_new_tokens: int, folder_name: str) -> str:
+    """The exported PEFT folder's README.md: what the adapter is, the exact prompt, how to load and run it with
+    plain transformers + PEFT, how it was trained and how it scored.
+
+    Args:
+        manifest: the checkpoint's manifest.
+        prompt: the template as a format string with ``{text_a}`` (``ManualTemplate.prompt_format``).
+        max_new_tokens: the answer length the delta was used with.
+        folder_name: the PEFT folder's name, for the snippet.
+    Returns:
+        Markdown text with a Hugging Face metadata header.
+    """
+    from . import __version__
+
+    delta = dict(manifest["delta"])
+    method = PEFT_METHODS[delta.pop("delta_type")]
+    backbone = manifest["backbone"]
+    hyper = manifest.get("hyperparameters") or {}
+    training = ", ".join(f"{k} {hyper[k]}" for k in TRAINING_KEYS if k in hyper) or "not recorded"
+    base = backbone["name_or_path"]
+    return f"""---
+base_model: {json.dumps(base)}
+library_name: peft
+tags:
+- optqa
+- {method.replace(" ", "-").lower()}
+- question-answering
+---
+
+# {method} adapter for {base}, direct-answer question answering
+
+Exported by optqa {__version__} from a delta checkpoint (`python -m optqa --mode export`). It answers a question
+with a short phrase, greedily decoded after the prompt below.
+
+- **Method**: PEFT {method}, {json.dumps(delta)}
+- **Backbone**: `{base}` ({backbone.get("architecture")}); optqa's weight fingerprint
+  `{backbone.get("fingerprint")}` (SHA-256 over sampled weights, see optqa's README): any other weights give
+  other answers.
+- **Training**: {training}; data {hyper.get("train_file") or hyper.get("data_path")}
+- **Scores** (SQuAD-style token F1 and exact match, percent): {_metrics_text(manifest.get("metrics") or {})}
+
+## Prompt
+
+The exact prompt string, with the question in place of `{{text_a}}` (the question stripped of surrounding
+white space):
+
+```
+{prompt}
+```
+
+Tokenise it with the backbone's tokenizer as it is (`add_special_tokens=True`: OPT's tokenizer puts its bos
+`</s>` first, as optqa does), decode greedily for at most {max_new_tokens} new tokens, and cut the answer at the
+first `</s>`. optqa's template for the same prompt is in `{PEFT_TEMPLATE_NAME}`: `{manifest["template"].strip()}`
+
+## Use with transformers + PEFT
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+PROMPT = {json.dumps(prompt)}
+tokenizer = AutoTokenizer.from_pretrained({json.dumps(base)})
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({json.dumps(base)}), {json.dumps(folder_name)}).eval()
+
+question = "What is frozen water called?"
+inputs = tokenizer(PROMPT.format(text_a=question.strip()), return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+print(answer)
+```
+"""
 

@@ -196,38 +196,64 @@ class ManualTemplate(nn.Module):
                 rows.append(weight[token_id].clone())
         return torch.stack(rows)
 
-    def render(self, example) -> list[tuple[str, list[int], bool]]:
-        """The prompt as ``(kind, token_ids, shortenable)`` segments, without bos and without the answer.
+    def _piece_texts(self, example):
+        """``(piece, text)`` for each piece before the mask; text is None for soft and special pieces.
 
-        Pieces are tokenised separately (so the question can be cut alone); whitespace that ends one
-        piece is moved to the start of the next, which is how byte-level BPE expects word boundaries.
+        Whitespace that ends one piece is moved to the start of the next, which is how byte-level BPE expects
+        word boundaries; white space before a piece that is not text has no word to attach to (carrying both it
+        and the space after it would give the next piece two leading spaces), and at the mask it is dropped.
         """
-        segments: list[tuple[str, list[int], bool]] = []
         carry = ""
-        soft_index = 0
         for piece in self.pieces:
             if piece.kind == "mask":
                 break
             if piece.kind in ("soft", "special"):
-                # white space before a token that is not text has no word to attach to; the space after it
-                # still goes to the next piece (carrying both would give that piece two leading spaces)
                 carry = ""
+                yield piece, None
+                continue
+            text = carry + self._piece_text(piece, example)
+            stripped = text.rstrip()
+            carry = text[len(stripped):]
+            if stripped:
+                yield piece, stripped
+
+    def render(self, example) -> list[tuple[str, list[int], bool]]:
+        """The prompt as ``(kind, token_ids, shortenable)`` segments, without bos and without the answer.
+
+        Pieces are tokenised separately (so the question can be cut alone), with whitespace placed as
+        ``_piece_texts`` says.
+        """
+        segments: list[tuple[str, list[int], bool]] = []
+        soft_index = 0
+        for piece, text in self._piece_texts(example):
             if piece.kind == "soft":
                 start = sum(len(ids) for ids in self._soft_token_ids[:soft_index])
                 count = len(self._soft_token_ids[soft_index])
                 segments.append(("soft", list(range(start, start + count)), False))
                 soft_index += 1
-                continue
-            if piece.kind == "special":
+            elif piece.kind == "special":
                 segments.append(("special", [self._special_ids[piece.value]], False))
-                continue
-            text = self._piece_text(piece, example)
-            text = carry + text
-            stripped = text.rstrip()
-            carry = text[len(stripped):]
-            if stripped:
-                segments.append((piece.kind, self._encode(stripped), piece.shortenable))
+            else:
+                segments.append((piece.kind, self._encode(text), piece.shortenable))
         return segments
+
+    def prompt_format(self) -> str:
+        """The prompt as one format string, for tools that take text: ``{text_a}``/``{text_b}`` and ``{meta
+        name}`` stand for the example's fields. The tokenizer's own bos (``add_special_tokens``) comes first,
+        as in optqa's prompts; tokenised whole, the string gives the ids ``render`` gives (the whitespace
+        rules above are what make the two agree).
+
+        Raises:
+            OptqaError: the template has ``{"soft"}`` pieces, which are embeddings, not text.
+        """
+        if self.num_soft_tokens:
+            raise OptqaError('a template with {"soft"} pieces has no text form: its soft tokens are embeddings')
+        fields = _FieldNames()
+        example = _FieldNames(text_a="{text_a}", text_b="{text_b}", meta=fields, guid="template")
+        parts = []
+        for piece, text in self._piece_texts(example):
+            parts.append(self._special_token(piece.value) if piece.kind == "special" else text)
+        return "".join(parts)
 
     def _special_token(self, name: str, where: str = "template") -> str:
         aliases = {"<eos>": self.tokenizer.eos_token, "<bos>": self.tokenizer.bos_token,
@@ -326,3 +352,17 @@ PtuningTemplate = _refused_template(
     "PtuningTemplate", 'MixedTemplate with {"soft"} pieces (trained directly, without the LSTM/MLP prompt encoder)')
 SoftManualTemplate = _refused_template("SoftManualTemplate", 'MixedTemplate with {"soft":"words"} pieces')
 PTRTemplate = _refused_template("PTRTemplate", "ManualTemplate (PTR's sub-prompts are for classification)")
+
+
+class _FieldNames(dict):
+    """Stands in for an example when a template is rendered as a format string: every field is ``{name}``."""
+
+    def __init__(self, **fields):
+        super().__init__()
+        self.__dict__.update(fields)
+
+    def __contains__(self, name) -> bool:
+        return True
+
+    def __getitem__(self, name) -> str:
+        return "{" + str(name) + "}"
