@@ -89,7 +89,6 @@ def _delta(name: str) -> Callable[[RunConfig], bool]:
 
 
 BY_HAND = "works: checked by hand (2 CPU processes, trains, saves and answers)"
-SOFT_PROMPT_PENDING = "works with the soft-prompt generation fix (lead's rewrite of model.py); retest then"
 COMBINATIONS: tuple[Combination, ...] = (
     Combination("--delta_type prefix", "--gradient_checkpointing",
                 "--delta_type prefix cannot be combined with --gradient_checkpointing (transformers recomputes the "
@@ -97,9 +96,8 @@ COMBINATIONS: tuple[Combination, ...] = (
                 lambda c: c.delta_type == "prefix" and c.gradient_checkpointing),
     Combination("--delta_type adapter", "--gradient_checkpointing",
                 "works, same losses: tests/test_distributed.py::test_gradient_checkpointing_gives_the_same_losses"),
-    Combination("--delta_type lora, bitfit", "--gradient_checkpointing",
+    Combination("--delta_type lora, bitfit, soft_prompt", "--gradient_checkpointing",
                 "works, same losses: tests/test_options.py::test_gradient_checkpointing_keeps_the_losses"),
-    Combination("--delta_type soft_prompt", "--gradient_checkpointing", SOFT_PROMPT_PENDING),
     Combination('a {"soft"} template', "--gradient_checkpointing",
                 "works, same losses: tests/test_options.py::test_gradient_checkpointing_keeps_the_losses"),
     Combination("--delta_type adapter", "--fsdp (2 processes)",
@@ -114,7 +112,8 @@ COMBINATIONS: tuple[Combination, ...] = (
     Combination("--delta_type adapter", "2 processes (DDP)",
                 "works, same delta as 1 process: tests/test_distributed.py::test_two_processes_train_like_one"),
     Combination("--delta_type lora, bitfit, prefix", "2 processes (DDP)", BY_HAND),
-    Combination("--delta_type soft_prompt", "--fsdp, 2 processes, --precision bf16", SOFT_PROMPT_PENDING),
+    Combination("--delta_type soft_prompt", "--fsdp, 2 processes, --precision bf16",
+                "works: checked by hand (2 CPU processes with --fsdp --precision bf16; DDP; 1 process bf16)"),
     Combination("--delta_type adapter, lora", "--precision bf16",
                 "works, tracks fp32: tests/test_speed_paths.py::test_bf16_and_fp32_give_matching_losses_and_answers"),
     Combination("--delta_type bitfit, prefix", "--precision bf16", "works: checked by hand (1 process)"),
@@ -122,8 +121,7 @@ COMBINATIONS: tuple[Combination, ...] = (
                 "--precision fp16 trains only on a CUDA GPU (it needs loss scaling); on a CPU use bf16 or fp32",
                 lambda c: c.mode in ("train", "demo") and c.precision == "fp16" and _on_cpu(c)),
     Combination('a {"soft"} template', "every --delta_type",
-                "works: tests/test_backbones.py::test_every_delta_trains_saves_and_reloads (soft_prompt: "
-                "with the soft-prompt fix)"),
+                "works: tests/test_backbones.py::test_every_delta_trains_saves_and_reloads"),
     Combination("merged LoRA (--merge_lora)", "unmerged",
                 "works, same answers: tests/test_speed_paths.py::test_merged_and_unmerged_lora_agree"),
     Combination("merged LoRA (--merge_lora)", 'a {"soft"} template, --precision bf16',

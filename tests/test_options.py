@@ -87,9 +87,9 @@ def step_losses(summary: dict) -> list[float]:
     return [json.loads(line)["loss"] for line in rows]
 
 
-@pytest.mark.parametrize("extra", [("--delta_type", "lora"), ("--delta_type", "bitfit"),
+@pytest.mark.parametrize("extra", [("--delta_type", "lora"), ("--delta_type", "bitfit"), ("--delta_type", "soft_prompt"),
                                    ("--template", '{"soft"} {"placeholder":"text_a"} Answer: {"mask"}')],
-                         ids=["lora", "bitfit", "soft-template"])
+                         ids=["lora", "bitfit", "soft_prompt", "soft-template"])
 def test_gradient_checkpointing_keeps_the_losses(tiny_opt, memory_data, tmp_path, extra):
     flags = (*FP32, *extra, "--batch_size", "4", "--train_epochs", "1", "--lr", "2e-2")
     plain = train_in_process(tiny_opt, memory_data, tmp_path / "plain", *flags)
