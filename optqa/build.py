@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
 from pathlib import Path
+
+from torch import nn
 
 from .checkpoint import backbone_fingerprint, check_backbone, read_checkpoint
 from .config import REPO_ROOT, RunConfig, find_repo_file
@@ -44,22 +47,36 @@ def build_model(config: RunConfig, delta_config: dict | None = None, template: s
     return model, backbone
 
 
-def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
-                 overrides: dict | None = None):
-    """Rebuild a trained model from a checkpoint folder (or bundle) alone.
+def read_verified(path: str | Path) -> tuple[Path, dict, dict]:
+    """Verify a checkpoint folder or ``.optqa`` bundle and read it: ``(folder, manifest, delta tensors)``.
 
-    The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
-    fingerprint must match the checkpoint's. Returns ``(model, manifest, config)``.
+    Raises:
+        OptqaError: the folder, bundle, manifest or any hash does not check out.
     """
     from .bundle import open_checkpoint
 
     with open_checkpoint(path) as folder:
-        folder, manifest, state = read_checkpoint(folder)
-    config = RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
-    config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
-    plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
-    identity = backbone_identity(plm, config.plm_path)
-    check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
+        return read_checkpoint(folder)
+
+
+def checkpoint_config(manifest: dict, overrides: dict | None = None) -> RunConfig:
+    """The run settings a checkpoint recorded, with ``overrides`` (flags the user typed) on top."""
+    return RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
+
+
+def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
+                      config: RunConfig) -> PromptForGeneration:
+    """Attach a verified checkpoint's delta to ``plm`` (in place) and load its weights.
+
+    Args:
+        plm: a backbone that carries no delta yet and has passed ``check_backbone`` for this manifest.
+        folder, manifest, state: what ``read_verified`` returned.
+        config: the checkpoint's settings (``checkpoint_config``): max_seq_l and max_new_tokens.
+    Returns:
+        The model in eval mode, answering with the checkpoint's template.
+    Raises:
+        OptqaError: the weights do not fit the delta the manifest describes.
+    """
     AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(manifest["delta"]), backbone_model=plm, tokenizer=tokenizer)
     template = ManualTemplate(tokenizer, text=manifest["template"], source=f"{folder} template",
                               embedding=plm.get_input_embeddings())
@@ -67,4 +84,79 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
                                 max_new_tokens=config.max_new_tokens)
     model.load_delta_state_dict(state, source=str(folder))
     model.eval()
-    return model, manifest, config
+    return model
+
+
+def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
+                 overrides: dict | None = None):
+    """Rebuild a trained model from a checkpoint folder (or bundle) alone.
+
+    The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
+    fingerprint must match the checkpoint's. Returns ``(model, manifest, config)``.
+    """
+    folder, manifest, state = read_verified(path)
+    config = checkpoint_config(manifest, overrides)
+    config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
+    plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
+    identity = backbone_identity(plm, config.plm_path)
+    check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
+    return attach_checkpoint(plm, tokenizer, folder, manifest, state, config), manifest, config
+
+
+def shared_copy(plm: nn.Module) -> nn.Module:
+    """A structural copy of ``plm`` whose every parameter and buffer *is* the original's tensor.
+
+    Deltas attach in place (forward hooks, PEFT wrapping, new submodules), so each delta served next to others
+    gets its own module tree; the trees share the weights, so N deltas cost one backbone plus N deltas.
+    ``plm`` must not carry a delta or hooks yet (they would be copied too).
+
+    Raises:
+        OptqaError: ``plm`` already carries a delta.
+    """
+    if "_optqa_delta" in plm.__dict__:
+        raise OptqaError("shared_copy needs a backbone without a delta")
+    tensors = [*plm.parameters(), *plm.buffers()]
+    copy = deepcopy(plm, memo={id(t): t for t in tensors})
+    if any(a is not b for a, b in zip(tensors, [*copy.parameters(), *copy.buffers()])):
+        raise RuntimeError("a copied backbone holds a tensor of its own")  # deepcopy's memo contract broke
+    return copy
+
+
+def load_shared(paths: dict[str, str | Path], plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
+                overrides: dict | None = None) -> dict[str, tuple[PromptForGeneration, dict, RunConfig]]:
+    """Several checkpoints on one backbone, each verified as ``load_trained`` verifies one.
+
+    Every checkpoint is read and hash-checked first (no backbone needed, so a bad file fails in seconds), then
+    the backbone is loaded once (``plm_path``, else the first checkpoint's recorded backbone), fingerprinted
+    once, checked against every manifest, and each delta is attached to its own ``shared_copy``.
+
+    Args:
+        paths: served name -> checkpoint folder or bundle, in the order to serve them.
+    Returns:
+        name -> ``(model, manifest, config)``, in the order of ``paths``.
+    Raises:
+        OptqaError: a checkpoint fails its checks (the message names it), or the backbone cannot be loaded.
+    """
+    read = {}
+    for name, path in paths.items():
+        try:
+            read[name] = read_verified(path)
+        except OptqaError as exc:
+            raise OptqaError(f"delta {name!r} refused: {exc}") from exc
+    first = next(iter(read.values()))[1]
+    backbone_path = plm_path or first["backbone"]["name_or_path"]
+    base = checkpoint_config(first, overrides)
+    plm, tokenizer, _, _ = load_plm(base.plm_name, backbone_path)
+    identity = backbone_identity(plm, backbone_path)
+    fingerprint = backbone_fingerprint(plm)
+    models = {}
+    for name, (folder, manifest, state) in read.items():
+        try:
+            check_backbone(manifest, identity, fingerprint, ignore_backbone_mismatch)
+        except OptqaError as exc:
+            raise OptqaError(f"delta {name!r} refused: {exc}") from exc
+        config = checkpoint_config(manifest, overrides)
+        config.plm_path = backbone_path
+        models[name] = (attach_checkpoint(shared_copy(plm), tokenizer, folder, manifest, state, config),
+                        manifest, config)
+    return models

@@ -24,7 +24,9 @@ modes:
   inspect                show and verify a checkpoint without loading the backbone
   export                 write a single-file bundle (and a PEFT adapter folder where PEFT has the method)
   import_opendelta       convert an OpenDelta checkpoint (config.json + pytorch_model.bin)
-  download               fetch ARC-DA v1.1 into --data_path and check it"""
+  download               fetch ARC-DA v1.1 into --data_path and check it
+  serve                  answer over HTTP with several deltas on one backbone: OpenAI-style
+                         /v1/completions and /v1/models, and a web page at /"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,8 @@ from typing import Any
 
 # templates/ and data/sample/ sit beside the package in a checkout; default paths are relative to it
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "download", "import_opendelta")
+MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "download", "import_opendelta",
+         "serve")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 # Per-delta defaults, shared by AutoDeltaConfig (the library API) and the CLI flags below.
@@ -123,6 +124,16 @@ class RunConfig:
                                    "prefix)")
     # --mode import_opendelta: OpenDelta folder (config.json + pytorch_model.bin) to convert
     import_path: str | None = _opt(None, "import_opendelta: OpenDelta checkpoint folder to convert")
+    # --mode serve: the deltas put behind the HTTP API, each verified at start as the question loop verifies one
+    deltas: list[str] | None = _opt(None, "serve: deltas to serve as NAME=CHECKPOINT (folder or .optqa bundle); "
+                                          "default: --delta_save_path as 'default'", nargs="+")
+    # loopback only unless asked: the API has no rate limits and answering costs CPU
+    host: str = _opt("127.0.0.1", "serve: address to listen on (0.0.0.0: every interface)")
+    # 0 picks a free port; the log line 'serving ... at http://HOST:PORT/' names it
+    port: int = _opt(8000, "serve: TCP port (0: any free port)")
+    # the environment variable keeps the key out of shell history and process listings
+    api_key: str | None = _opt(None, "serve: require 'Authorization: Bearer KEY' on every API endpoint "
+                                     "(default: the OPTQA_API_KEY environment variable, else no key)")
     # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)
     ignore_backbone_mismatch: bool = _opt(False, "load a delta onto a backbone with different weights")
 

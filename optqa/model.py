@@ -220,13 +220,15 @@ class PromptForGeneration(nn.Module):
                 log.info("generated: %s", answer)
         return answers
 
-    def answer(self, questions: list[str], batch_size: int = 32) -> list[str]:
-        """Answer raw question strings (the REPL's path): render, batch by length, generate."""
+    def answer(self, questions: list[str], batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
+        """Answer raw question strings (the REPL's path): render, batch by length, generate.
+
+        ``max_new_tokens`` caps each answer (default: the model's ``max_new_tokens``)."""
         examples = [InputExample(guid=i, text_a=q) for i, q in enumerate(questions)]
         encoded = [self.wrapper.encode(e, i) for i, e in enumerate(examples)]
         answers: list[str] = [""] * len(encoded)
         for chunk in generation_batches(encoded, batch_size):
             batch = collate_for_generation(chunk, self.tokenizer.pad_token_id)
-            for index, text in zip(batch["index"], self.generate_answers(batch)):
+            for index, text in zip(batch["index"], self.generate_answers(batch, max_new_tokens)):
                 answers[index] = text
         return answers
