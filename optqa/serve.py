@@ -232,33 +232,42 @@ class Batcher:
             await asyncio.sleep(self.window_s)
             while not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
-            prepared = await loop.run_in_executor(self._executor, self._prepare, jobs)
-            groups: dict[tuple[str, int], list[tuple[Job, list[int]]]] = {}
-            for job, result in zip(jobs, prepared):
-                if job.future.done():  # the client went away
-                    continue
-                if isinstance(result, RequestError):
-                    job.future.set_exception(result)
-                    continue
-                max_tokens, prompt_lengths = result
-                groups.setdefault((job.name, max_tokens), []).append((job, prompt_lengths))
-            for (name, max_tokens), group in groups.items():
-                questions = [q for job, _ in group for q in job.questions]
-                try:
-                    answers = await loop.run_in_executor(self._executor, self._generate, name, questions, max_tokens)
-                except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the server lives on
-                    log.exception("answering %d questions with %s failed", len(questions), name)
-                    for job, _ in group:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
-                    continue
-                start = 0
-                for job, prompt_lengths in group:
-                    mine = answers[start:start + len(job.questions)]
-                    start += len(job.questions)
+            try:
+                await self._answer(loop, jobs)
+            except Exception as exc:  # noqa: BLE001 - the collector must outlive any one batch
+                log.exception("answering a batch failed")
+                for job in jobs:
                     if not job.future.done():
-                        job.future.set_result([Answered(text, p, c, max_tokens)
-                                               for (text, c), p in zip(mine, prompt_lengths)])
+                        job.future.set_exception(exc)
+
+    async def _answer(self, loop, jobs: list[Job]) -> None:
+        prepared = await loop.run_in_executor(self._executor, self._prepare, jobs)
+        groups: dict[tuple[str, int], list[tuple[Job, list[int]]]] = {}
+        for job, result in zip(jobs, prepared):
+            if job.future.done():  # the client went away
+                continue
+            if isinstance(result, RequestError):
+                job.future.set_exception(result)
+                continue
+            max_tokens, prompt_lengths = result
+            groups.setdefault((job.name, max_tokens), []).append((job, prompt_lengths))
+        for (name, max_tokens), group in groups.items():
+            questions = [q for job, _ in group for q in job.questions]
+            try:
+                answers = await loop.run_in_executor(self._executor, self._generate, name, questions, max_tokens)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the server lives on
+                log.exception("answering %d questions with %s failed", len(questions), name)
+                for job, _ in group:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            start = 0
+            for job, prompt_lengths in group:
+                mine = answers[start:start + len(job.questions)]
+                start += len(job.questions)
+                if not job.future.done():
+                    job.future.set_result([Answered(text, p, c, max_tokens)
+                                           for (text, c), p in zip(mine, prompt_lengths)])
 
     # --- in the worker thread: the only code that touches the models and their tokenizer ---
 
