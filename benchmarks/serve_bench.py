@@ -69,7 +69,7 @@ def memory_worker(args) -> None:
     """In a fresh process: load ``--count`` deltas as --mode serve does, answer once with each, report peak RSS."""
     from optqa.runtime import configure_threads
 
-    configure_threads(None)
+    configure_threads(args.threads)
     paths = json.loads(args.paths)
     started = time.perf_counter()
     if args.count == 0:
@@ -95,20 +95,24 @@ def memory_worker(args) -> None:
     Path(args.out).write_text(json.dumps(result))
 
 
-def measure_memory(paths: dict[str, Path], plm: str, precision: str, workdir: Path) -> list[dict]:
+def measure_memory(paths: dict[str, Path], plm: str, precision: str, workdir: Path,
+                   threads: int | None) -> list[dict]:
     rows = []
     for count in (0, 1, len(paths)):
         print(f"memory: {count} deltas ...", flush=True)
         rows.append(run_worker(Path(__file__), ["--worker", "memory", "--count", str(count), "--plm", plm,
+                                                *(["--threads", str(threads)] if threads else []),
                                                 "--precision", precision,
                                                 "--paths", json.dumps({k: str(v) for k, v in paths.items()})],
                                workdir / "serve-memory.json"))
     return rows
 
 
-def start_server(paths: dict[str, Path], precision: str) -> tuple[subprocess.Popen, str]:
+def start_server(paths: dict[str, Path], precision: str, threads: int | None) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "optqa", "--mode", "serve", "--port", "0", "--precision", precision,
                "--deltas", *[f"{k}={v}" for k, v in paths.items()]]
+    if threads:
+        command += ["--num_threads", str(threads)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=child_env(), cwd=REPO)
     line = process.stdout.readline()
@@ -151,11 +155,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_throughput(paths: dict[str, Path], data: Path, precision: str, requests: int,
-                       max_tokens: int) -> list[dict]:
+                       max_tokens: int, threads: int | None) -> list[dict]:
     questions = [json.loads(line)["question"] for line in (data / "dev.jsonl").read_text().splitlines()]
     names = list(paths)
     jobs = [(names[i % len(names)], questions[i]) for i in range(requests)]
-    process, url = start_server(paths, precision)
+    process, url = start_server(paths, precision, threads)
     try:
         asyncio.run(_sequential(url, jobs[:4], max_tokens))  # warm-up: first-call casts and allocations
         rows = []
@@ -181,6 +185,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max_tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="the server's --num_threads (default: one per usable core); "
+                        "on a machine other jobs keep busy, 1 avoids OpenMP threads spinning against them")
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--skip_throughput", action="store_true")
     parser.add_argument("--json", help="also write every number to this file")
@@ -202,9 +208,10 @@ def main() -> None:
     print(machine_markdown(info))
     print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}" if hasattr(os, "getloadavg")
           else "")
-    report: dict = {"machine": info, "precision": args.precision}
+    report: dict = {"machine": info, "precision": args.precision, "threads": args.threads}
+    print(f"precision {args.precision}, server threads: {args.threads or 'default'}")
     if not args.skip_memory:
-        rows = measure_memory(paths, assets["plm"], args.precision, workdir)
+        rows = measure_memory(paths, assets["plm"], args.precision, workdir, args.threads)
         report["memory"] = rows
         one = rows[1]["peak_mb"]
         print("\n| deltas served | peak RSS | vs 1 delta | answered |\n| ---: | ---: | ---: | --- |")
@@ -218,7 +225,8 @@ def main() -> None:
               "one (goal <= 1.15x)")
     if not args.skip_throughput:
         two = {k: paths[k] for k in ("adapter", "lora")}
-        rows = measure_throughput(two, Path(assets["data"]), args.precision, args.requests, args.max_tokens)
+        rows = measure_throughput(two, Path(assets["data"]), args.precision, args.requests, args.max_tokens,
+                                  args.threads)
         report["throughput"] = rows
         print(f"\n{args.requests} requests over 2 deltas (adapter, lora), one question each, max_tokens "
               f"{args.max_tokens}:\n")
