@@ -63,7 +63,7 @@ def shoot(url: str, out: Path) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,560",
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,700",
                  "--hide-scrollbars", "--force-device-scale-factor=1"):
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""

@@ -121,14 +121,15 @@ class Served:
             created = int(datetime.datetime.fromisoformat(manifest["created"]).timestamp())
         except (KeyError, TypeError, ValueError):
             created = 0
+        served_on = self.config.plm_path  # the backbone loaded (and verified against this manifest)
         return {
             "id": self.name, "object": "model", "created": created, "owned_by": "optqa",
-            "root": backbone["name_or_path"], "parent": backbone["name_or_path"],
+            "root": served_on, "parent": served_on,
             "delta_type": manifest["delta"]["delta_type"], "delta": manifest["delta"],
             "template": manifest["template"], "sha256": weights["sha256"], "bytes": weights["bytes"],
             "trainable_parameters": manifest.get("trainable_parameters"),
-            "backbone": {"name_or_path": backbone["name_or_path"], "architecture": backbone.get("architecture"),
-                         "fingerprint": backbone.get("fingerprint")},
+            "backbone": {"name_or_path": served_on, "trained_on": backbone["name_or_path"],
+                         "architecture": backbone.get("architecture"), "fingerprint": backbone.get("fingerprint")},
             "scores": scores, "max_tokens": self.model.max_new_tokens, "context_length": self.context_length,
         }
 
