@@ -247,6 +247,26 @@ def test_deltas_share_the_backbone_and_answer_as_alone(ckpts, one_torch_thread):
         assert [model.answer([q])[0] for q in QUESTIONS] == [alone.answer([q])[0] for q in QUESTIONS]
 
 
+def test_bf16_deltas_share_one_cast_of_the_tied_head(ckpts, one_torch_thread):
+    """bf16 answering computes the tied output head from a bf16 copy of the input embedding: one for all deltas
+    (77 MB on OPT-125m), not one per delta; and the frozen Linear weights are cast once, in place, for all."""
+    import torch
+
+    from optqa.serve import load_served
+
+    served = load_served({"a": str(ckpts["adapter"]), "l": str(ckpts["lora"])}, precision="bf16")
+    for s in served.values():
+        s.model.answer(QUESTIONS[:1])
+    heads = [s.model.backbone.get_output_embeddings() for s in served.values()]
+    assert heads[0] is not heads[1]
+    assert heads[0].__dict__["_optqa_weight"] is heads[1].__dict__["_optqa_weight"]
+    assert heads[0].__dict__["_optqa_weight"].dtype == torch.bfloat16
+    fc2 = [dict(s.model.plm.named_modules()) for s in served.values()]
+    weight = fc2[0]["model.decoder.layers.0.fc2"].weight
+    assert weight.dtype == torch.bfloat16 and weight.data_ptr() == fc2[1][
+        "base_model.model.model.decoder.layers.0.fc2"].weight.data_ptr()
+
+
 def test_api_key_is_required_on_every_endpoint(ckpts, one_torch_thread):
     import openai
 
@@ -290,6 +310,27 @@ def test_a_refused_delta_stops_the_start_in_one_line(ckpts, tmp_path, capsys):
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
     assert main(["--mode", "serve", "--deltas", f"x={ckpts['lora']}", f"x={ckpts['adapter']}"]) == 2
     assert capsys.readouterr().err.strip().endswith("error: --deltas: the name 'x' is given twice")
+    from optqa.serve import bind
+
+    taken = bind("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    try:
+        assert main(["--mode", "serve", "--port", str(port), "--deltas", f"x={ckpts['lora']}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    finally:
+        taken.close()
+
+
+def test_deltas_that_recorded_different_precisions_need_one_chosen(ckpts, tiny_opt, tmp_path, capsys):
+    from optqa.cli import main
+    from optqa.tiny import build_random_checkpoint
+
+    fp32 = build_random_checkpoint(tiny_opt, tmp_path / "fp32", "bitfit", precision="fp32")
+    deltas = ["--deltas", f"auto={ckpts['adapter']}", f"fp32={fp32}"]
+    assert main(["--mode", "serve", "--port", "0", *deltas]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the deltas recorded different precisions (auto: auto, fp32: fp32); they share one backbone, so "
+        "pass --precision to serve them together")
 
 
 def _browser():
