@@ -25,7 +25,7 @@ setup(
     ],
     # the serve tests drive the server with the official openai client (its 3.x line brings httpx2, which the
     # tests also use) and the page with selenium on Debian's chromium + chromium-driver
-    extras_require={"dev": ["pytest>=7", "tokenizers>=0.19", "openai>=3.0,<4", "selenium>=4.11,<5"],
+    extras_require={"dev": ["pytest>=7", "tokenizers>=0.19", "openai>=3.57,<4", "selenium>=4.11,<5"],
                     "plot": ["matplotlib>=3.5"]},
     package_data={"optqa": ["static/*.html"]},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},
