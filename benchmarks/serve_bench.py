@@ -230,7 +230,8 @@ def main() -> None:
         report["throughput"] = rows
         print(f"\n{args.requests} requests over 2 deltas (adapter, lora), one question each, max_tokens "
               f"{args.max_tokens}:\n")
-        print("| requests sent | wall time | questions/s | p50 latency | p95 latency |\n| --- | ---: | ---: | ---: | ---: |")
+        print("| requests sent | wall time | questions/s | p50 latency | p95 latency |\n"
+              "| --- | ---: | ---: | ---: | ---: |")
         for row in rows[:2]:
             print(f"| {row['requests']} {row['run']} | {row['wall_s']:.2f} s | {row['questions_per_s']:.2f} | "
                   f"{row['p50_s']:.3f} s | {row['p95_s']:.3f} s |")

@@ -378,8 +378,8 @@ async def _send_error(send, status: int, body: dict, headers: dict | None = None
     await send({"type": "http.response.body", "body": data})
 
 
-def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, list[str], bool, int | None, list[str], bool]:
-    """Validate a completions body; returns (delta, questions, one prompt?, max_tokens, stop, stream).
+def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, list[str], int | None, list[str], bool]:
+    """Validate a completions body; returns (delta, questions, max_tokens, stop sequences, stream).
 
     Raises:
         RequestError: 404 for an unknown model, 422 for a missing field or a wrong type, 400 for a value
@@ -397,8 +397,7 @@ def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, lis
         raise RequestError(404, f"The model '{model}' does not exist; this server has: {', '.join(served)}",
                            "model", "model_not_found")
     prompt = body["prompt"]
-    single = isinstance(prompt, str)
-    questions = [prompt] if single else prompt
+    questions = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
         raise RequestError(422, "'prompt' must be a string or a list of strings (token ids are not accepted)",
                            "prompt", "invalid_type")
@@ -434,7 +433,7 @@ def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, lis
         if body.get(name) is not None and body[name] != neutral:
             raise RequestError(400, f"'{name}' is not supported by this server (greedy answers, one per prompt)",
                                name, "unsupported_parameter")
-    return served[model], questions, single, max_tokens, stops, bool(stream)
+    return served[model], questions, max_tokens, stops, bool(stream)
 
 
 def create_app(served: dict[str, Served], api_key: str | None = None, window_s: float = WINDOW_S,
@@ -505,7 +504,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RequestError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from exc
-        delta, questions, single, max_tokens, stops, stream = _check_completion(body, served)
+        delta, questions, max_tokens, stops, stream = _check_completion(body, served)
         answers = await batcher.answer(delta.name, questions, max_tokens)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         choices = []

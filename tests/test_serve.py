@@ -105,7 +105,8 @@ def test_openai_client_gets_the_question_loops_answers(server, ckpts):
     one = client.completions.create(model=name, prompt=QUESTIONS[0])
     assert one.choices[0].text == expected[0]
     assert one.choices[0].finish_reason in ("stop", "length") and one.object == "text_completion"
-    assert one.usage.prompt_tokens > 0 and one.usage.total_tokens == one.usage.prompt_tokens + one.usage.completion_tokens
+    usage = one.usage
+    assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     several = client.completions.create(model=name, prompt=QUESTIONS)
     assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == expected
     streamed = list(client.completions.create(model=name, prompt=QUESTIONS[1], stream=True))
@@ -319,7 +320,8 @@ def test_a_refused_delta_stops_the_start_in_one_line(ckpts, tmp_path, capsys):
     port = taken.getsockname()[1]
     try:
         assert main(["--mode", "serve", "--port", str(port), "--deltas", f"x={ckpts['lora']}"]) == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
     finally:
         taken.close()
 
@@ -351,7 +353,10 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(driver) if driver else None)
 
 
-@pytest.mark.skipif(not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser"))),
+HAS_CHROMIUM = bool(shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser")))
+
+
+@pytest.mark.skipif(not HAS_CHROMIUM,
                     reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
 def test_the_page_answers_with_every_chosen_delta(server):
     from selenium.webdriver.common.by import By
@@ -377,7 +382,9 @@ def test_the_page_answers_with_every_chosen_delta(server):
         # only the chosen deltas answer
         browser.find_element(By.CSS_SELECTOR, ".delta-choice[value='adapter']").click()
         browser.find_element(By.ID, "ask").click()
-        wait.until(lambda b: [el.get_attribute("data-model") for el in b.find_elements(By.CSS_SELECTOR,
-                                                                                        ".answer[data-done='1']")] == ["lora"])
+        def answered(b):
+            return [el.get_attribute("data-model") for el in b.find_elements(By.CSS_SELECTOR, ".answer[data-done='1']")]
+
+        wait.until(lambda b: answered(b) == ["lora"])
     finally:
         browser.quit()
