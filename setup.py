@@ -20,8 +20,7 @@ setup(
         "peft>=0.18,<0.22",
         "safetensors>=0.4.3,<0.9",
         "accelerate>=1.10,<1.16",
-        # hf:// pulls, --mode push and the model card (snapshot_download, HfApi, ModelCard); run here on 2.4.0
-        # only; 0.34 is what transformers 4.57 (the lowest transformers above) installs with
+        # hf:// pulls, --mode push and the model card (snapshot_download, HfApi, ModelCard)
         "huggingface_hub>=0.34,<3",
         "jsonlines>=4.0,<5",
         "tqdm>=4.66,<5",
@@ -29,8 +28,16 @@ setup(
         "matplotlib>=3.8,<3.12",
         # the REPL's line editing and history in a terminal (Linux, macOS and the Windows console)
         "prompt_toolkit>=3.0.36,<4",
+        # --mode serve: the ASGI app and its server (both run on Windows too)
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.29,<1",
     ],
-    # "plot" stays as an empty extra: older instructions say ".[dev,plot]"
-    extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24", "pyyaml>=6,<7"], "plot": []},
+    # The serve tests drive the server with the official openai client (its 3.x line brings httpx2, which the
+    # tests also use) and the page with selenium on Debian's chromium + chromium-driver.
+    # "plot" stays as an empty extra: older instructions say ".[dev,plot]".
+    extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24", "pyyaml>=6,<7", "openai>=3.57,<4",
+                            "selenium>=4.11,<5"],
+                    "plot": []},
+    package_data={"optqa": ["static/*.html"]},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},
 )

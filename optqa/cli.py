@@ -28,7 +28,9 @@ modes:
   export                 write a single-file bundle (and a PEFT adapter folder where PEFT has the method)
   push                   upload a delta to the Hugging Face Hub (--hub_repo OWNER/NAME; --dry_run writes it)
   import_opendelta       convert an OpenDelta checkpoint (config.json + pytorch_model.bin)
-  download               fetch ARC-DA v1.1 into --data_path and check it"""
+  download               fetch ARC-DA v1.1 into --data_path and check it
+  serve                  answer over HTTP with several deltas on one backbone: OpenAI-style
+                         /v1/completions and /v1/models, and a web page at /"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,3 +181,34 @@ def import_opendelta(config: RunConfig, explicit: set[str]) -> int:
 
     print(convert(config, explicit))
     return 0
+
+
+def serve(config: RunConfig, explicit: set[str]) -> int:
+    """Verify every delta, load the backbone once, and answer over HTTP until Ctrl-C."""
+    import os
+
+    from .runtime import configure_threads
+    from .serve import api_key_from, bind, create_app, describe, load_served, parse_delta_specs, run_server, url_of
+
+    deltas = parse_delta_specs(config.deltas, config.delta_save_path)
+    api_key = api_key_from(config.api_key, os.environ)
+    # bound before the slow loading, so a taken port fails at once and the printed port is the served one
+    sock = bind(config.host, config.port)
+    try:
+        configure_threads(config.num_threads)
+        overrides = {k: getattr(config, k) for k in ("max_new_tokens",) if k in explicit}
+        served = load_served(deltas, plm_path=config.plm_path if "plm_path" in explicit else None,
+                             ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
+                             precision=config.precision if "precision" in explicit else None)
+        app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size)
+        url = url_of(sock)
+        log.info("%d delta(s) on one backbone:\n%s", len(served), "\n".join(describe(served)))
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s: reachable from other machines%s", config.host,
+                        "" if api_key else " by anyone (no --api_key)")
+        # one line on stdout, flushed: scripts and the tests read the port from it
+        print(f"serving {', '.join(served)} at {url}/ (API: {url}/v1; Ctrl-C stops)", flush=True)
+        run_server(app, sock)
+    finally:
+        sock.close()
+    return 0

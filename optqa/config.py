@@ -13,7 +13,7 @@ from typing import Any
 # templates/ and data/sample/ sit beside the package in a checkout; default paths are relative to it
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "push", "download",
-         "import_opendelta")
+         "import_opendelta", "serve")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 # the CLI's modules for adapter and lora, as in the homework (the library's LoRA default is q_proj and v_proj)
@@ -143,6 +143,16 @@ class RunConfig:
     # the card's base_model: a backbone loaded from a local folder names no Hub model unless the user does
     base_model: str | None = _opt(None, "push: the backbone's Hub id for the model card (default: --plm_path "
                                         "recorded in the checkpoint, if it is a Hub id)")
+    # --mode serve: the deltas put behind the HTTP API, each verified at start as the question loop verifies one
+    deltas: list[str] | None = _opt(None, "serve: deltas to serve as NAME=CHECKPOINT (folder or .optqa bundle); "
+                                          "default: --delta_save_path as 'default'", nargs="+")
+    # loopback only unless asked: the API has no rate limits and answering costs CPU
+    host: str = _opt("127.0.0.1", "serve: address to listen on (0.0.0.0: every interface)")
+    # 0 picks a free port; the log line 'serving ... at http://HOST:PORT/' names it
+    port: int = _opt(8000, "serve: TCP port (0: any free port)")
+    # the environment variable keeps the key out of shell history and process listings
+    api_key: str | None = _opt(None, "serve: require 'Authorization: Bearer KEY' on every API endpoint "
+                                     "(default: the OPTQA_API_KEY environment variable, else no key)")
     # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)
     ignore_backbone_mismatch: bool = _opt(False, "load a delta onto a backbone with different weights")
 

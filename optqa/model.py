@@ -20,6 +20,17 @@ def _linear_with_cast_weight(module: nn.Linear, hidden: torch.Tensor) -> torch.T
     return nn.functional.linear(hidden, module.__dict__["_optqa_weight"], module.bias)
 
 
+def _cast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``, made once and kept on the tensor: every model whose head is tied to the same
+    embedding (the deltas ``--mode serve`` puts on one backbone) shares the one copy instead of 77 MB each on
+    OPT-125m. An in-place change of the weight (its ``_version``) makes a fresh copy."""
+    cached = weight.__dict__.get("_optqa_cast")
+    if cached is None or cached[0] != (dtype, weight._version):
+        cached = ((dtype, weight._version), weight.detach().to(dtype))
+        weight.__dict__["_optqa_cast"] = cached
+    return cached[1]
+
+
 def _whole(param: torch.Tensor) -> torch.Tensor:
     """A parameter as one plain tensor: an FSDP shard (DTensor) is gathered from every process."""
     return param.full_tensor().detach() if hasattr(param, "full_tensor") else param.detach()
@@ -208,7 +219,7 @@ class PromptForGeneration(nn.Module):
                 if dtype != torch.float32:
                     # a head tied to the input embedding (which stays fp32) computes with its own cast copy;
                     # the tie, the state dict and the backbone fingerprint stay as they are
-                    module.__dict__["_optqa_weight"] = embedding.detach().to(dtype)
+                    module.__dict__["_optqa_weight"] = _cast_copy(embedding, dtype)
                     module.forward = functools.partial(_linear_with_cast_weight, module)
                     self._cast_heads.append(module)
                 continue
@@ -378,14 +389,16 @@ class PromptForGeneration(nn.Module):
             ids = ids[:ids.index(eos)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def answer(self, questions: list[str], batch_size: int = 32) -> list[str]:
-        """Answer raw question strings (the REPL's path): render, batch by length, generate."""
+    def answer(self, questions: list[str], batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
+        """Answer raw question strings (the REPL's path): render, batch by length, generate.
+
+        ``max_new_tokens`` caps each answer (default: the model's ``max_new_tokens``)."""
         examples = [InputExample(guid=i, text_a=q) for i, q in enumerate(questions)]
         encoded = [self.wrapper.encode(e, i) for i, e in enumerate(examples)]
         answers: list[str] = [""] * len(encoded)
         for chunk in generation_batches(encoded, batch_size):
             batch = collate_for_generation(chunk, self.tokenizer.pad_token_id)
-            for index, text in zip(batch["index"], self.generate_answers(batch)):
+            for index, text in zip(batch["index"], self.generate_answers(batch, max_new_tokens)):
                 answers[index] = text
         return answers
 

@@ -46,6 +46,8 @@ MODE_FLAGS: dict[str, frozenset[str]] = {
     "inspect": frozenset({"delta_save_path"}),
     "export": frozenset({"delta_save_path", "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch",
                          "template"}),
+    "serve": frozenset({"deltas", "host", "port", "api_key", "delta_save_path", "plm_path", "ignore_backbone_mismatch",
+                        "max_new_tokens", "precision", "eval_batch_size", "num_threads", "cpu"}),
     "push": frozenset({"delta_save_path", "hub_repo", "private", "commit_message", "dry_run", "base_model",
                        "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch"}),
     "download": frozenset({"data_path", *_DOWNLOAD}),

@@ -70,3 +70,30 @@ def build_opt(folder: str | Path, texts: Iterable[str] | None = None, seed: int 
         model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     model.save_pretrained(folder)
     return folder
+
+
+def build_random_checkpoint(plm_path: str | Path, folder: str | Path, delta_type: str, seed: int = 0,
+                            metrics: dict | None = None, **flags) -> Path:
+    """Save a checkpoint of ``delta_type`` on ``plm_path`` with random N(0, 1) delta weights, without training.
+
+    Large random weights make answers long and question-dependent, so tests that compare answers compare real
+    generations (a briefly trained tiny delta answers "" to everything). ``flags`` are RunConfig fields
+    (``modified_modules``, ``max_new_tokens``, ...); ``metrics`` goes into the manifest as a run's would.
+
+    Returns:
+        The checkpoint folder, verified like any other when loaded.
+    """
+    import torch
+
+    from .build import build_model, template_text
+    from .checkpoint import build_manifest, save_checkpoint
+    from .config import RunConfig
+
+    config = RunConfig(plm_path=str(plm_path), delta_type=delta_type, **flags)
+    model, backbone = build_model(config)
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=generator) for k, v in model.delta_state_dict().items()}
+    manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=template_text(config),
+                              backbone=backbone, hyperparameters=config.to_dict(), metrics=metrics or {},
+                              trainable_parameters=model.num_trainable_parameters())
+    return save_checkpoint(folder, state, manifest)
