@@ -159,7 +159,7 @@ def check_typed_flags(config: RunConfig, typed: set[str]) -> None:
     read = MODE_FLAGS[config.mode]
     for name in sorted(typed - {"mode"}):
         if name not in read:
-            users = [mode for mode, flags in MODE_FLAGS.items() if name in flags]
+            users = [mode for mode in MODES if name in MODE_FLAGS[mode]]
             raise OptqaError(f"--{name} does not apply to --mode {config.mode} (it is read by "
                              f"{', '.join('--mode ' + m for m in users) or 'no mode'}); drop it")
     if "delta_type" not in read:

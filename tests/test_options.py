@@ -164,10 +164,10 @@ def test_a_delta_flag_for_another_delta_type_is_refused(capsys, caplog, tiny_opt
      "--delta_type does not apply to --mode interactive_inference (it is read by --mode train, --mode demo); drop it"),
     (["--mode", "demo", "--plm_path", "facebook/opt-125m"],
      "--plm_path does not apply to --mode demo (it is read by --mode train, --mode evaluate, "
-     "--mode interactive_inference, --mode export, --mode import_opendelta); drop it"),
+     "--mode interactive_inference, --mode export, --mode push, --mode import_opendelta, --mode serve); drop it"),
     (["--mode", "interactive_inference", "--eval_batch_size", "4"],
      "--eval_batch_size does not apply to --mode interactive_inference (it is read by --mode train, --mode evaluate, "
-     "--mode demo); drop it"),
+     "--mode demo, --mode serve); drop it"),
     (["--mode", "inspect", "--fsdp"], "--fsdp does not apply to --mode inspect (it is read by --mode train, "
                                       "--mode demo); drop it"),
     (["--mode", "train", "--split", "dev"], "--split does not apply to --mode train (it is read by --mode evaluate); "
