@@ -389,18 +389,28 @@ class PromptForGeneration(nn.Module):
             ids = ids[:ids.index(eos)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def answer(self, questions: list[str], batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
+    def answer(self, questions: list[str], batch_size: int = 32, max_new_tokens: int | None = None,
+               return_ids: bool = False):
         """Answer raw question strings (the REPL's path): render, batch by length, generate.
 
-        ``max_new_tokens`` caps each answer (default: the model's ``max_new_tokens``)."""
+        Args:
+            questions: the questions, each rendered through the template.
+            batch_size: questions answered at once.
+            max_new_tokens: caps each answer (default: the model's ``max_new_tokens``).
+            return_ids: also return each answer's generated ids (up to and including eos, if it came).
+        Returns:
+            The answers in the order of ``questions``; with ``return_ids``, ``(answers, ids)``.
+        """
         examples = [InputExample(guid=i, text_a=q) for i, q in enumerate(questions)]
         encoded = [self.wrapper.encode(e, i) for i, e in enumerate(examples)]
         answers: list[str] = [""] * len(encoded)
+        ids: list[list[int]] = [[] for _ in encoded]
         for chunk in generation_batches(encoded, batch_size):
             batch = collate_for_generation(chunk, self.tokenizer.pad_token_id)
-            for index, text in zip(batch["index"], self.generate_answers(batch, max_new_tokens)):
-                answers[index] = text
-        return answers
+            texts, rows = self.generate_answers(batch, max_new_tokens, return_ids=True)
+            for index, text, row in zip(batch["index"], texts, rows):
+                answers[index], ids[index] = text, row
+        return (answers, ids) if return_ids else answers
 
     def generate(self, batch, verbose: bool = False, **generation_arguments) -> tuple[list[list[int]], list[str]]:
         """OpenPrompt's ``output_ids, output_sentences = prompt_model.generate(batch, verbose=False, **args)``.

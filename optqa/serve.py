@@ -296,13 +296,12 @@ class Batcher:
 
     def _generate(self, name: str, questions: list[str], max_tokens: int) -> list[tuple[str, int]]:
         model = self.served[name].model
-        texts = model.answer(questions, batch_size=self.batch_size, max_new_tokens=max_tokens)
+        texts, ids = model.answer(questions, batch_size=self.batch_size, max_new_tokens=max_tokens, return_ids=True)
         self.batches += 1
         self.questions += len(questions)
-        # the answer's tokens as training encodes an answer (leading space, no eos); decoding may merge or
-        # replace bytes, so the count is capped at what could have been generated
-        return [(text, min(len(model.wrapper.encode_target(text)) - 1, max_tokens) if text else 0)
-                for text in texts]
+        eos = model.tokenizer.eos_token_id
+        # completion tokens: the generated ids without the eos that ended the answer (OpenAI counts no stop token)
+        return [(text, len(row) - (1 if row and row[-1] == eos else 0)) for text, row in zip(texts, ids)]
 
 
 def finish(answered: Answered, stop: list[str]) -> tuple[str, str]:

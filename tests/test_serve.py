@@ -130,9 +130,11 @@ def test_max_tokens_and_stop(server):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     full = client.completions.create(model="adapter", prompt=QUESTIONS[0]).choices[0].text
-    short = client.completions.create(model="adapter", prompt=QUESTIONS[0], max_tokens=2).choices[0]
+    cut = client.completions.create(model="adapter", prompt=QUESTIONS[0], max_tokens=2)
+    short = cut.choices[0]
     # greedy: the first two tokens of the full answer, and the answer was cut by the budget
     assert short.finish_reason == "length" and full.startswith(short.text) and len(short.text) < len(full)
+    assert cut.usage.completion_tokens == 2  # the generated ids, counted, not the text re-encoded
     stop = full[len(full) // 2:][:2]
     cut = client.completions.create(model="adapter", prompt=QUESTIONS[0], stop=[stop]).choices[0]
     assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
