@@ -252,6 +252,15 @@ def read_json(path: Path, problem: str) -> Any:
         raise OptqaError(f"{path}: {problem} ({exc})") from None
 
 
+def read_config_json(path: Path, key: str, what: str) -> dict[str, Any]:
+    """A JSON config file that must be an object naming its kind under ``key`` (OpenDelta's ``delta_type``,
+    PEFT's ``peft_type``); otherwise an OptqaError ``<path>: not <what> (no <key>)``."""
+    config = read_json(path, "not valid JSON")
+    if not isinstance(config, dict) or key not in config:
+        raise OptqaError(f"{path}: not {what} (no {key})")
+    return config
+
+
 def read_manifest(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     folder = resolve_folder(folder)
     path = folder / MANIFEST_NAME

@@ -18,7 +18,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_json
+from .checkpoint import read_config_json
 from .config import RunConfig
 from .errors import OptqaError
 
@@ -38,9 +38,7 @@ def read_opendelta(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], 
     for path in (config_path, weights_path):
         if not path.is_file():
             raise OptqaError(f"not an OpenDelta checkpoint: {path} is missing")
-    config = read_json(config_path, "not valid JSON")
-    if not isinstance(config, dict) or "delta_type" not in config:
-        raise OptqaError(f"{config_path}: not an OpenDelta delta config (no delta_type)")
+    config = read_config_json(config_path, "delta_type", "an OpenDelta delta config")
     if config["delta_type"] not in IMPORTABLE:
         raise OptqaError(f"{config_path}: OpenDelta delta type {config['delta_type']!r} cannot be imported "
                          f"(optqa imports {', '.join(IMPORTABLE)})")

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import MANIFEST_NAME, read_json, sha256_file
+from .checkpoint import MANIFEST_NAME, read_config_json, sha256_file
 from .errors import OptqaError
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         OptqaError: unreadable, another task, another PEFT method, or pickled weights only.
     """
     path = folder / ADAPTER_CONFIG_NAME
-    config = read_json(path, "not valid JSON")
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise OptqaError(f"{path}: not a PEFT adapter config (no peft_type)")
+    config = read_config_json(path, "peft_type", "a PEFT adapter config")
     if config["peft_type"] not in PEFT_TYPES:
         raise OptqaError(f"{path}: PEFT method {config['peft_type']} has no optqa counterpart (optqa loads "
                          f"{', '.join(PEFT_TYPES)})")
