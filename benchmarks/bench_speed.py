@@ -203,7 +203,9 @@ def worker_answer(args) -> dict:
         from optqa.evaluation import predict
 
         config = RunConfig(mode="evaluate", delta_save_path=args.checkpoint, max_new_tokens=args.max_new_tokens)
-        model, _, saved = _load_for_inference(config, {"mode", "delta_save_path", "max_new_tokens"})
+        # evaluate's path on an fp32 / bf16 backbone; benchmarks/bench_int8.py measures int8
+        model, _, saved = _load_for_inference(config, {"mode", "delta_save_path", "max_new_tokens"},
+                                              quantize_default="none")
         encoded = model.wrapper.encode_all(dev[:args.questions])
         model.answer([dev[-1].text_a])  # warm-up, untimed, as for the peer
         common.reset_peak_rss()

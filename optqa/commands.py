@@ -9,10 +9,15 @@ from .config import RunConfig
 log = logging.getLogger("optqa")
 
 
-def _load_for_inference(config: RunConfig, explicit: set[str]):
-    """A checkpoint rebuilds everything; only flags the user typed override what it recorded."""
+def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default: str):
+    """A checkpoint rebuilds everything; only flags the user typed override what it recorded.
+
+    How to answer on this machine (--quantize, --merge_lora) is never taken from the checkpoint; the
+    --quantize actually applied is written back into ``config`` (and so into the run folder's config.json).
+    """
     from .build import load_trained
-    from .runtime import autocast_dtype, configure_threads
+    from .quantize import prepare_for_answering
+    from .runtime import configure_threads
 
     configure_threads(config.num_threads)
     overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision")
@@ -21,9 +26,8 @@ def _load_for_inference(config: RunConfig, explicit: set[str]):
                                           plm_path=config.plm_path if "plm_path" in explicit else None,
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
                                           overrides=overrides)
-    model.autocast_dtype = autocast_dtype(saved.precision, model.device)
-    if config.merge_lora and model.delta.merge_lora():
-        log.info("LoRA merged into the backbone weights for answering")
+    saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
+    config.quantize = prepare_for_answering(model, saved, default=quantize_default)
     return model, manifest, saved
 
 
@@ -67,7 +71,7 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
     else:
         from .evaluation import evaluate as score_model
 
-        model, manifest, saved = _load_for_inference(config, explicit)
+        model, manifest, saved = _load_for_inference(config, explicit, quantize_default="none")
         source = config.delta_save_path
         encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
         metrics, rows = score_model(model, encoded, saved.eval_batch_size, split)
@@ -75,7 +79,8 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
     run.write_config(config)
     path = run.write_predictions(split, rows)
     run.append(METRICS_NAME, [{"split": split, f"{split}_f1": metrics["f1"], f"{split}_em": metrics["em"],
-                               "count": metrics["count"], "source": source}])
+                               "count": metrics["count"], "source": source,
+                               **({} if config.predictions_file else {"quantize": config.quantize})}])
     print(f"{split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions from {source}; "
           f"predictions in {path}")
     if compared is not None:
@@ -94,7 +99,7 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
 def interactive_inference(config: RunConfig, explicit: set[str]) -> int:
     from .interactive import repl
 
-    model, manifest, saved = _load_for_inference(config, explicit)
+    model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto")
     log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"],
              manifest["backbone"]["name_or_path"])
     repl(lambda question: model.answer([question])[0])
