@@ -250,11 +250,11 @@ def worker_answer(args) -> dict:
 
 # --- interactive start-up ---------------------------------------------------------------------------------
 
-def time_repl(checkpoint: str, max_new_tokens: int, timeout: float = 600) -> dict:
-    """Seconds from launching the REPL to its first prompt, and to its first answer."""
+def time_repl(checkpoint: str, max_new_tokens: int, timeout: float = 600, extra: tuple[str, ...] = ()) -> dict:
+    """Seconds from launching the REPL to its first prompt, and to its first answer; ``extra``: more flags."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "optqa", "--mode", "interactive_inference", "--delta_save_path",
-                             checkpoint, "--max_new_tokens", str(max_new_tokens)], stdin=subprocess.PIPE,
+                             checkpoint, "--max_new_tokens", str(max_new_tokens), *extra], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=common.child_env(),
                             cwd=common.REPO)
     errors: list[str] = []

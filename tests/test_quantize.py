@@ -84,12 +84,12 @@ def test_the_output_head_is_quantised_through_its_tie(tiny_opt):
 
 def test_auto_is_int8_only_on_a_cpu_without_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(quantize, "native_bf16", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
     assert quantize.resolve_quantize("auto", "auto", cpu) == "int8"
     assert quantize.resolve_quantize("auto", "bf16", cpu) == "none"  # an explicit precision is kept
     assert quantize.resolve_quantize("auto", "auto", cpu, sharded=True) == "none"
     assert quantize.resolve_quantize("auto", "auto", torch.device("cuda")) == "none"
-    monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: True)
     assert quantize.resolve_quantize("auto", "auto", cpu) == "none"
     assert quantize.resolve_quantize("int8", "auto", cpu) == "int8"
     with pytest.raises(OptqaError, match="cannot be combined with --precision bf16"):
@@ -97,17 +97,19 @@ def test_auto_is_int8_only_on_a_cpu_without_native_bf16(monkeypatch):
 
 
 def test_emulated_avx2_has_no_native_bf16(monkeypatch):
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2": True, "avx512f": True, "avx512_bf16": True,
+    from optqa import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2": True, "avx512f": True, "avx512_bf16": True,
                                                         "amx": True, "vnni": True, "arm_bf16": False})
-    monkeypatch.setattr(quantize.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    assert quantize.native_bf16()
+    assert runtime.cpu_has_native_bf16()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not quantize.native_bf16()
+    assert not runtime.cpu_has_native_bf16()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
-    assert not quantize.native_bf16()
+    assert not runtime.cpu_has_native_bf16()
 
 
 # ------------------------------------------------------------------------------------------- a checkpoint
@@ -163,7 +165,7 @@ def test_int8_refused_in_one_line_without_kernels(adapter_checkpoint, memory_dat
     assert err[-1] == ("error: --quantize int8: this PyTorch build has no int8 CPU kernels (quantized engines: "
                        "qnnpack; needs one of x86, fbgemm, onednn); use --quantize none")
     assert not list(tmp_path.iterdir())  # refused before any run folder was written
-    monkeypatch.setattr(quantize, "native_bf16", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
     assert quantize.resolve_quantize("auto", "auto", torch.device("cpu")) == "none"  # auto just stays fp32
 
 
