@@ -3,7 +3,7 @@
 Each frozen ``nn.Linear`` of the backbone (and the output head, see ``QUANTIZE_HEAD``) computes with int8
 weights (one scale per output row) and int8 activations quantised per call (dynamic quantisation), through
 PyTorch's own quantised CPU kernels (fbgemm / x86 / oneDNN): decoding one question multiplies a single row
-per matrix, where int8 reads a quarter of fp32's bytes and runs 4-5x faster on an AVX2 CPU.
+per matrix, where int8 reads a quarter of fp32's bytes (about 4x faster on AVX2, measured).
 Why torch's kernels and not torchao: with torch 2.13 on CPU, torchao 0.18's
 Int8DynamicActivationInt8WeightConfig ran slower than fp32 in eager mode (it is built for torch.compile and
 GPUs) and its wheel carries native parts, while these kernels ship inside every x86 torch wheel, Windows
@@ -20,7 +20,6 @@ import contextlib
 import logging
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,7 +62,7 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
 
     Args:
         choice: ``none``, ``int8`` or ``auto`` (int8 where the CPU has no native bf16 and the kernels exist).
-        precision: the ``--precision`` answering runs with; ``auto`` never overrides an explicit bf16/fp16.
+        precision: the ``--precision`` answering runs with; ``auto`` picks int8 only under ``auto``.
         device: where the model is.
         sharded: whether FSDP shards the backbone (its weights exist only in pieces, nothing to quantise).
     Returns:
@@ -78,9 +77,10 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
         return "none"
     engine = int8_engine()
     if choice == "auto":
-        plain_fp32 = precision in ("auto", "fp32")
-        return "int8" if (device.type == "cpu" and not sharded and engine and plain_fp32 and not cpu_has_native_bf16()) \
-            else "none"
+        # an explicit --precision (fp32 included) is the user's word on how to compute: auto keeps it
+        chosen = (device.type == "cpu" and not sharded and engine is not None and precision == "auto"
+                  and not cpu_has_native_bf16())
+        return "int8" if chosen else "none"
     if engine is None:
         raise OptqaError(f"--quantize int8: this PyTorch build has no int8 CPU kernels (quantized engines: "
                          f"{', '.join(_supported_engines()) or 'none'}; needs one of {', '.join(INT8_ENGINES)}); "

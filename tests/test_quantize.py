@@ -87,6 +87,7 @@ def test_auto_is_int8_only_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
     assert quantize.resolve_quantize("auto", "auto", cpu) == "int8"
     assert quantize.resolve_quantize("auto", "bf16", cpu) == "none"  # an explicit precision is kept
+    assert quantize.resolve_quantize("auto", "fp32", cpu) == "none"
     assert quantize.resolve_quantize("auto", "auto", cpu, sharded=True) == "none"
     assert quantize.resolve_quantize("auto", "auto", torch.device("cuda")) == "none"
     monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: True)
