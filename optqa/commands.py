@@ -9,7 +9,7 @@ from .config import RunConfig
 log = logging.getLogger("optqa")
 
 
-def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default: str):
+def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default: str, background: bool = False):
     """A checkpoint rebuilds everything; only flags the user typed override what it recorded.
 
     How to answer on this machine (--quantize, --merge_lora) is never taken from the checkpoint; the
@@ -27,7 +27,7 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
                                           overrides=overrides)
     saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
-    config.quantize = prepare_for_answering(model, saved, default=quantize_default)
+    config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
     return model, manifest, saved
 
 
@@ -98,11 +98,21 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
 
 def interactive_inference(config: RunConfig, explicit: set[str]) -> int:
     from .interactive import repl
+    from .quantize import wait_until_ready
 
-    model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto")
+    # int8 packing runs while the first prompt waits for a person to type (about 2 s for OPT-125m)
+    model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto", background=True)
     log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"],
              manifest["backbone"]["name_or_path"])
-    repl(lambda question: model.answer([question])[0])
+
+    def answer(question: str) -> str:
+        wait_until_ready(model)
+        return model.answer([question])[0]
+
+    try:
+        repl(answer)
+    finally:
+        wait_until_ready(model)  # never leave the packing thread running into interpreter shutdown
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import warnings
 
@@ -36,6 +37,7 @@ INT8_ENGINES = ("x86", "fbgemm", "onednn")
 # decoding step; benchmarks/bench_int8.py measures what quantising it adds (README, "int8 answering").
 QUANTIZE_HEAD = True
 _INT8 = "_optqa_int8"  # where a quantised Linear keeps its packed int8 module (not a submodule: no state dict)
+_PENDING = "_optqa_int8_pending"  # a background quantisation still running on a PromptForGeneration
 
 
 def _supported_engines() -> list[str]:
@@ -199,7 +201,7 @@ def int8_while_scoring(model, quantize: str):
         model.autocast_dtype = autocast
 
 
-def prepare_for_answering(model, config, default: str = "auto") -> str:
+def prepare_for_answering(model, config, default: str = "auto", background: bool = False) -> str:
     """Make a loaded model ready to answer: precision, LoRA merged, and ``--quantize`` applied.
 
     The one entry point for everything that only answers (the question loop, ``--mode evaluate``, a server).
@@ -209,8 +211,10 @@ def prepare_for_answering(model, config, default: str = "auto") -> str:
         config: a ``RunConfig``; reads ``quantize`` (None: ``default``), ``precision`` and ``merge_lora``.
         default: what ``quantize=None`` means for this caller: ``auto`` for the question loop and serving,
             ``none`` where scores are reported (they must not move with the CPU they were computed on).
+        background: quantise in a thread and return at once (the question loop shows its prompt while a
+            person types); call ``wait_until_ready(model)`` before answering.
     Returns:
-        ``"none"`` or ``"int8"``, what was applied (also logged in one line with the CPU's flags).
+        ``"none"`` or ``"int8"``, what is applied (also logged in one line with the CPU's flags).
     Raises:
         OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
     """
@@ -221,14 +225,42 @@ def prepare_for_answering(model, config, default: str = "auto") -> str:
     model.autocast_dtype = None if resolved == "int8" else autocast_dtype(config.precision, model.device)
     if config.merge_lora and model.delta is not None and model.delta.merge_lora():
         log.info("LoRA merged into the backbone weights for answering")
-    if resolved == "int8":
-        stats = _to_int8(model)
-        log.info("quantize %s: int8 backbone (%d Linear layers, %.1fM weights, %s kernels, %.2f s); CPU: %s",
-                 choice, stats["layers"], stats["parameters"] / 1e6, stats["engine"], stats["seconds"],
-                 describe_cpu())
-    else:
+    if resolved == "none":
         dtype = model.autocast_dtype
         log.info("quantize %s: none (%s answering); CPU: %s", choice,
                  str(dtype).replace("torch.", "") if dtype else "fp32", describe_cpu() if model.device.type == "cpu"
                  else model.device.type)
+        return resolved
+
+    def to_int8() -> None:
+        stats = _to_int8(model)
+        log.info("quantize %s: int8 backbone (%d Linear layers, %.1fM weights, %s kernels, %.2f s); CPU: %s",
+                 choice, stats["layers"], stats["parameters"] / 1e6, stats["engine"], stats["seconds"],
+                 describe_cpu())
+
+    if not background:
+        to_int8()
+        return resolved
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            to_int8()
+        except BaseException as exc:  # handed to the thread that waits for it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="optqa-int8", daemon=True)
+    model.__dict__[_PENDING] = (thread, outcome)
+    thread.start()
     return resolved
+
+
+def wait_until_ready(model) -> None:
+    """Wait for ``prepare_for_answering(..., background=True)`` to finish; re-raise what it raised, if anything."""
+    pending = model.__dict__.pop(_PENDING, None)
+    if pending is None:
+        return
+    thread, outcome = pending
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]

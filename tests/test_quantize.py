@@ -208,3 +208,17 @@ def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path
     # scoring on int8 after epoch 1 left training exactly as it was: the same loss at every step
     losses = [(Path(s["run_dir"]) / "train_loss.jsonl").read_text() for s in runs.values()]
     assert losses[0] == losses[1] and len(losses[0].splitlines()) == 2
+
+
+def test_background_quantisation_answers_as_the_synchronous_one(adapter_checkpoint):
+    from optqa.build import load_trained
+    from optqa.config import RunConfig
+
+    answers = {}
+    for background in (False, True):
+        model, _, _ = load_trained(adapter_checkpoint)
+        assert quantize.prepare_for_answering(model, RunConfig(quantize="int8"), background=background) == "int8"
+        quantize.wait_until_ready(model)
+        assert model.quantization == "int8" and quantize.is_quantized(model.plm)
+        answers[background] = model.answer(QUESTIONS)
+    assert answers[True] == answers[False] == [golds[0] for _, golds in MEMORY_SET]
