@@ -5,7 +5,9 @@ The OpenPrompt + OpenDelta workflow on transformers + PEFT::
     plm, tokenizer, model_config, WrapperClass = load_plm("opt", "facebook/opt-125m")
     delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({"delta_type": "lora"}), backbone_model=plm)
     template = ManualTemplate(tokenizer, text='{"placeholder":"text_a"} Answer: {"mask"}')
-    model = PromptForGeneration(plm, template, tokenizer=tokenizer)
+    model = PromptForGeneration(plm, template)
+
+and what a course script calls besides (PromptDataLoader, GenerationVerbalizer, MixedTemplate, ...; README).
 """
 __version__ = "0.1.0"
 
@@ -13,6 +15,10 @@ _EXPORTS = {
     "load_plm": "plm", "ManualTemplate": "template", "AutoDeltaConfig": "deltas", "AutoDeltaModel": "deltas",
     "PromptForGeneration": "model", "InputExample": "data", "LMTokenizerWrapper": "data", "RunConfig": "config",
     "OptqaError": "errors", "load_trained": "build",
+    # the rest of what an OpenPrompt/OpenDelta course script calls (a script ports by changing its imports)
+    "PromptDataLoader": "prompt_loader", "GenerationVerbalizer": "prompt_loader", "MixedTemplate": "template",
+    "PrefixTuningTemplate": "template", "SoftTemplate": "template", "PtuningTemplate": "template",
+    "SoftManualTemplate": "template", "PTRTemplate": "template",
 }
 __all__ = list(_EXPORTS)
 

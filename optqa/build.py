@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
 from pathlib import Path
+
+from torch import nn
 
 from .checkpoint import backbone_fingerprint, check_backbone, read_checkpoint
 from .config import REPO_ROOT, RunConfig, find_repo_file
 from .deltas import AutoDeltaConfig, AutoDeltaModel
 from .errors import OptqaError
 from .model import PromptForGeneration
-from .plm import backbone_identity, load_plm
+from .options import check_length_budget
+from .plm import backbone_identity, load_plm, max_positions_of
 from .template import ManualTemplate
 
 log = logging.getLogger(__name__)
@@ -39,27 +43,62 @@ def build_model(config: RunConfig, delta_config: dict | None = None, template: s
                                      embedding=plm.get_input_embeddings())
     model = PromptForGeneration(plm, prompt_template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
                                 max_new_tokens=config.max_new_tokens)
-    delta.log()
+    log.info(delta.summary())
     log.info("template: %s", text.strip())
     return model, backbone
 
 
-def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
-                 overrides: dict | None = None):
-    """Rebuild a trained model from a checkpoint folder (or bundle) alone.
+def read_verified(path: str | Path) -> tuple[Path, dict, dict]:
+    """Verify an optqa checkpoint and read it: ``(folder, manifest, delta tensors)``.
 
-    The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
-    fingerprint must match the checkpoint's. Returns ``(model, manifest, config)``.
+    Args:
+        path: a checkpoint folder, a ``.optqa`` bundle or ``hf://OWNER/NAME[@REVISION]`` (pulled into the Hugging
+            Face cache; the manifest then carries ``pulled_from``: repository, revision, commit, in memory only).
+    Raises:
+        OptqaError: the folder, bundle, manifest or any hash does not check out, a Hub name cannot be pulled, or
+            the path is a plain PEFT adapter (``load_trained`` reads those, given a template).
     """
-    from .bundle import open_checkpoint
+    from .bundle import open_source
 
-    with open_checkpoint(path) as folder:
-        folder, manifest, state = read_checkpoint(folder)
-    config = RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
-    config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
-    plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
-    identity = backbone_identity(plm, config.plm_path)
-    check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
+    with open_source(path) as (folder, pulled):
+        return _read_opened(folder, pulled, path)
+
+
+def _read_opened(folder: Path, pulled, path: str | Path) -> tuple[Path, dict, dict]:
+    from .peft_import import is_peft_adapter
+
+    if is_peft_adapter(folder):
+        raise OptqaError(f"{path} is a plain PEFT adapter, not an optqa checkpoint: convert it first with "
+                         f"python -m optqa --mode export --delta_save_path {path} --template TEMPLATE")
+    folder, manifest, state = read_checkpoint(folder)
+    if pulled:
+        manifest["pulled_from"] = pulled.as_dict()
+    return folder, manifest, state
+
+
+def checkpoint_config(manifest: dict, overrides: dict | None = None) -> RunConfig:
+    """The run settings a checkpoint recorded, with ``overrides`` (flags the user typed) on top."""
+    return RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
+
+
+def check_checkpoint_budget(config: RunConfig, manifest: dict, plm_path: str) -> None:
+    """The manifest records the backbone's config: the length budget is checked before its weights are read."""
+    check_length_budget(config, max_positions_of(manifest["backbone"]["config"]), plm_path, manifest["delta"])
+
+
+def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
+                      config: RunConfig) -> PromptForGeneration:
+    """Attach a verified checkpoint's delta to ``plm`` (in place) and load its weights.
+
+    Args:
+        plm: a backbone that carries no delta yet and has passed ``check_backbone`` for this manifest.
+        folder, manifest, state: what ``read_verified`` returned.
+        config: the checkpoint's settings (``checkpoint_config``): max_seq_l and max_new_tokens.
+    Returns:
+        The model in eval mode, answering with the checkpoint's template.
+    Raises:
+        OptqaError: the weights do not fit the delta the manifest describes.
+    """
     AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(manifest["delta"]), backbone_model=plm, tokenizer=tokenizer)
     template = ManualTemplate(tokenizer, text=manifest["template"], source=f"{folder} template",
                               embedding=plm.get_input_embeddings())
@@ -67,4 +106,113 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
                                 max_new_tokens=config.max_new_tokens)
     model.load_delta_state_dict(state, source=str(folder))
     model.eval()
-    return model, manifest, config
+    return model
+
+
+def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
+                 overrides: dict | None = None, template: str | None = None):
+    """Rebuild a trained model from a checkpoint alone: a folder, a ``.optqa`` bundle, ``hf://OWNER/NAME[@REV]``
+    (pulled into the Hugging Face cache), or a plain PEFT adapter folder or repository.
+
+    The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
+    fingerprint must match the checkpoint's. A PEFT adapter has no manifest: its template comes from
+    ``template`` (text or file), its backbone is checked by name (see :mod:`optqa.peft_import`).
+
+    Args:
+        path: a checkpoint folder, a ``.optqa`` bundle, ``hf://OWNER/NAME[@REVISION]`` or a PEFT adapter folder.
+        plm_path: another copy of the backbone (hub id or folder); default the one the manifest records.
+        ignore_backbone_mismatch: load onto a backbone whose weights differ (shapes must still match).
+        overrides: run settings that replace the recorded ones (``max_new_tokens``, ``eval_batch_size``,
+            ``precision``).
+        template: a PEFT adapter's template (text or file); checkpoints carry their own.
+    Returns:
+        ``(model, manifest, config)``: a ``PromptForGeneration`` in eval mode, the manifest dict (a pulled delta's
+        carries ``pulled_from``: repository, revision, commit; in memory only), and the ``RunConfig`` it was
+        rebuilt with (``config.plm_path`` is the backbone actually used).
+    Raises:
+        OptqaError: a checkpoint that fails its integrity or backbone checks, prompts and answers that would not
+            fit the backbone's positions, or a Hub name that cannot be pulled.
+    """
+    from .bundle import open_source
+    from .peft_import import is_peft_adapter, load_peft_adapter
+
+    with open_source(path) as (folder, pulled):
+        if is_peft_adapter(folder):
+            config = RunConfig.from_dict(overrides or {})
+            model, manifest = load_peft_adapter(folder, str(path), config, template, plm_path,
+                                                ignore_backbone_mismatch, pulled.as_dict() if pulled else None)
+            if pulled:
+                manifest["pulled_from"] = pulled.as_dict()
+            return model, manifest, config
+        folder, manifest, state = _read_opened(folder, pulled, path)
+    config = checkpoint_config(manifest, overrides)
+    config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
+    check_checkpoint_budget(config, manifest, config.plm_path)
+    plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
+    identity = backbone_identity(plm, config.plm_path)
+    check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
+    return attach_checkpoint(plm, tokenizer, folder, manifest, state, config), manifest, config
+
+
+def shared_copy(plm: nn.Module) -> nn.Module:
+    """A structural copy of ``plm`` whose every parameter and buffer *is* the original's tensor.
+
+    Deltas attach in place (forward hooks, PEFT wrapping, new submodules), so each delta served next to others
+    gets its own module tree; the trees share the weights, so N deltas cost one backbone plus N deltas.
+    ``plm`` must not carry a delta or hooks yet (they would be copied too).
+
+    Raises:
+        OptqaError: ``plm`` already carries a delta.
+    """
+    if "_optqa_delta" in plm.__dict__:
+        raise OptqaError("shared_copy needs a backbone without a delta")
+    tensors = [*plm.parameters(), *plm.buffers()]
+    copy = deepcopy(plm, memo={id(t): t for t in tensors})
+    if any(a is not b for a, b in zip(tensors, [*copy.parameters(), *copy.buffers()])):
+        raise RuntimeError("a copied backbone holds a tensor of its own")  # deepcopy's memo contract broke
+    return copy
+
+
+def load_shared(paths: dict[str, str | Path], plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
+                overrides: dict | None = None) -> dict[str, tuple[PromptForGeneration, dict, RunConfig]]:
+    """Several checkpoints on one backbone, each verified as ``load_trained`` verifies one.
+
+    Every checkpoint is read and hash-checked first (no backbone needed, so a bad file fails in seconds), then
+    the backbone is loaded once (``plm_path``, else the first checkpoint's recorded backbone), fingerprinted
+    once, checked against every manifest, and each delta is attached to its own ``shared_copy``.
+
+    Args:
+        paths: served name -> checkpoint folder or bundle, in the order to serve them.
+    Returns:
+        name -> ``(model, manifest, config)``, in the order of ``paths``.
+    Raises:
+        OptqaError: a checkpoint fails its checks (the message names it), or the backbone cannot be loaded.
+    """
+    read = {}
+    for name, path in paths.items():
+        try:
+            read[name] = read_verified(path)
+        except OptqaError as exc:
+            raise OptqaError(f"delta {name!r} refused: {exc}") from exc
+    first = next(iter(read.values()))[1]
+    backbone_path = plm_path or first["backbone"]["name_or_path"]
+    base = checkpoint_config(first, overrides)
+    for name, (_, manifest, _) in read.items():
+        try:
+            check_checkpoint_budget(checkpoint_config(manifest, overrides), manifest, backbone_path)
+        except OptqaError as exc:
+            raise OptqaError(f"delta {name!r} refused: {exc}") from exc
+    plm, tokenizer, _, _ = load_plm(base.plm_name, backbone_path)
+    identity = backbone_identity(plm, backbone_path)
+    fingerprint = backbone_fingerprint(plm)
+    models = {}
+    for name, (folder, manifest, state) in read.items():
+        try:
+            check_backbone(manifest, identity, fingerprint, ignore_backbone_mismatch)
+        except OptqaError as exc:
+            raise OptqaError(f"delta {name!r} refused: {exc}") from exc
+        config = checkpoint_config(manifest, overrides)
+        config.plm_path = backbone_path
+        models[name] = (attach_checkpoint(shared_copy(plm), tokenizer, folder, manifest, state, config),
+                        manifest, config)
+    return models

@@ -24,11 +24,14 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .checkpoint import (MANIFEST_NAME, PARTIAL_SUFFIX, WEIGHTS_NAME, read_manifest, verify_files,
                          write_folder_atomically)
 from .errors import OptqaError
+
+if TYPE_CHECKING:
+    from .hub import Pulled
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +61,7 @@ def write_bundle(folder: str | Path, bundle: str | Path) -> Path:
     """
     folder, manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    files = manifest["files"]
-    kept = {name: entry for name, entry in files.items() if not name.endswith((".pt", ".bin", ".pkl"))}
-    for name in sorted(set(files) - set(kept)):
-        log.info("left out of the bundle: %s (training state, not part of a shared delta)", name)
-    # the manifest is stored byte for byte unless an entry had to be dropped from its list
-    manifest_bytes = ((folder / MANIFEST_NAME).read_bytes() if kept == files
-                      else (json.dumps({**manifest, "files": kept}, indent=2, default=str) + "\n").encode())
+    manifest_bytes, kept = shareable_files(folder, manifest)
     bundle = Path(bundle)
     bundle.parent.mkdir(parents=True, exist_ok=True)
     # beside the target (a rename across drives is not atomic), created exclusively with the usual permissions
@@ -72,7 +69,7 @@ def write_bundle(folder: str | Path, bundle: str | Path) -> Path:
     try:
         with temp.open("xb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as archive:
-                archive.comment = BUNDLE_COMMENT
+                archive.comment = bundle_comment()
                 _add_entry(archive, MANIFEST_NAME, manifest_bytes)
                 for name in sorted(kept):
                     _add_entry(archive, name, (folder / name).read_bytes())
@@ -84,6 +81,40 @@ def write_bundle(folder: str | Path, bundle: str | Path) -> Path:
     finally:
         temp.unlink(missing_ok=True)
     return bundle
+
+
+def shareable_files(folder: Path, manifest: dict[str, Any]) -> tuple[bytes, list[str]]:
+    """What a shared copy (bundle, Hub upload) of a verified checkpoint holds: the manifest's bytes and the
+    names of the listed files, without training state (a pickle, never part of a shared delta).
+
+    The manifest is kept byte for byte unless an entry had to be dropped from its list.
+    """
+    files = manifest["files"]
+    kept = {name: entry for name, entry in files.items() if not name.endswith((".pt", ".bin", ".pkl"))}
+    for name in sorted(set(files) - set(kept)):
+        log.info("left out: %s (training state, not part of a shared delta)", name)
+    manifest_bytes = ((folder / MANIFEST_NAME).read_bytes() if kept == files
+                      else (json.dumps({**manifest, "files": kept}, indent=2, default=str) + "\n").encode())
+    return manifest_bytes, sorted(kept)
+
+
+def bundle_comment() -> bytes:
+    """The zip comment: the format line, then the versions of optqa and the libraries that wrote the bundle
+    (the manifest inside stays byte for byte the checkpoint's, so they cannot go there)."""
+    from .hub import library_versions
+
+    return BUNDLE_COMMENT + b"\n" + json.dumps({"exported_with": library_versions()}, sort_keys=True).encode()
+
+
+def read_bundle_comment(bundle: Path) -> dict[str, Any]:
+    """What :func:`bundle_comment` recorded (``{}`` for a bundle written before versions were recorded)."""
+    with zipfile.ZipFile(bundle) as archive:
+        _, _, rest = archive.comment.partition(b"\n")
+    try:
+        data = json.loads(rest) if rest else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _add_entry(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
@@ -235,14 +266,33 @@ def _extracted(bundle: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def open_checkpoint(path: str | Path) -> Iterator[Path]:
-    """A checkpoint folder as is, or a bundle extracted and verified into a temporary folder (removed after)."""
-    path = Path(path)
-    if path.is_dir() or not path.exists() and path.suffix != BUNDLE_SUFFIX:
-        yield path  # read_manifest explains a missing folder
+def open_source(path: str | Path) -> Iterator[tuple[Path, Pulled | None]]:
+    """Every delta path optqa accepts, as a folder on disk: a checkpoint folder as is, a bundle extracted and
+    verified into a temporary folder (removed after), ``hf://OWNER/NAME[@REVISION]`` pulled into the Hugging
+    Face cache (its snapshot folder). The caller verifies the folder's files against its manifest.
+
+    Yields:
+        ``(folder, Pulled or None)``: the Pulled record names the repository, revision and commit.
+
+    Raises:
+        OptqaError: a bundle that fails its checks, or a Hub name that cannot be pulled.
+    """
+    from .hub import resolve_source
+
+    local, pulled = resolve_source(path)
+    local = Path(local)
+    if local.is_dir() or not local.exists() and local.suffix != BUNDLE_SUFFIX:
+        yield local, pulled  # read_manifest explains a missing folder
         return
-    with _extracted(path) as folder:
-        log.info("bundle %s: files extracted and SHA-256 verified", path)
+    with _extracted(local) as folder:
+        log.info("bundle %s: files extracted and SHA-256 verified", local)
+        yield folder, pulled
+
+
+@contextlib.contextmanager
+def open_checkpoint(path: str | Path) -> Iterator[Path]:
+    """:func:`open_source`'s folder alone."""
+    with open_source(path) as (folder, _):
         yield folder
 
 

@@ -206,11 +206,14 @@ def _write_json(path: Path, data: dict) -> None:
 def build_manifest(*, delta_config: dict, template_text: str, backbone: dict, hyperparameters: dict,
                    metrics: dict, trainable_parameters: int) -> dict[str, Any]:
     from . import __version__
+    from .hub import library_versions
 
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "optqa_version": __version__,
+        # informational (a loader never needs it; older checkpoints have none): what software made the delta
+        "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "delta": delta_config,
         "template": template_text,

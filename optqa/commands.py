@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from .config import RunConfig
+from .errors import OptqaError
 
 log = logging.getLogger("optqa")
 
@@ -25,7 +27,8 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
     model, manifest, saved = load_trained(config.delta_save_path,
                                           plm_path=config.plm_path if "plm_path" in explicit else None,
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
-                                          overrides=overrides)
+                                          overrides=overrides,
+                                          template=config.template if "template" in explicit else None)
     saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
     config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
     return model, manifest, saved
@@ -61,6 +64,12 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
 
     split = config.split
     gold = str(split_files(config)[split])
+    if not Path(gold).is_file():
+        what = "--predictions_file" if config.predictions_file else "the model's answers"
+        raise OptqaError(f"--mode evaluate scores {what} against the gold answers of --split {split}, and {gold} "
+                         f"does not exist; name them with --{split}_file FILE (any jsonl with {config.id_field!r}, "
+                         f"{config.question_field!r} and {config.answers_field!r}) or --data_path FOLDER holding "
+                         f"{split}.jsonl")
     examples = load_split(config, split)
     # every file is read and matched to the gold ids before a model is loaded, so a bad file fails in seconds
     compared = (score_predictions(examples, read_predictions(config.compare_file, config.id_field),
@@ -72,7 +81,9 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
         from .evaluation import evaluate as score_model
 
         model, manifest, saved = _load_for_inference(config, explicit, quantize_default="none")
-        source = config.delta_save_path
+        pulled = manifest.get("pulled_from")
+        # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
+        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
         encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
         metrics, rows = score_model(model, encoded, saved.eval_batch_size, split)
     run = RunFolder.create(config.output_dir, "evaluate")
@@ -102,18 +113,37 @@ def interactive_inference(config: RunConfig, explicit: set[str]) -> int:
 
     # int8 packing runs while the first prompt waits for a person to type (about 2 s for OPT-125m)
     model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto", background=True)
-    log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"],
-             manifest["backbone"]["name_or_path"])
+    # the backbone actually loaded: --plm_path when given, else the checkpoint's
+    log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"], saved.plm_path)
 
     def answer(question: str) -> str:
         wait_until_ready(model)
-        return model.answer([question])[0]
+        return answer_with_notes(model, question)
 
     try:
         repl(answer)
     finally:
         wait_until_ready(model)  # never leave the packing thread running into interpreter shutdown
     return 0
+
+
+def answer_with_notes(model, question: str) -> str:
+    """The REPL's answer to one question, saying so when the question was cut to fit the checkpoint's max_seq_l.
+
+    Args:
+        model: a ``PromptForGeneration`` (from ``load_trained``).
+        question: the question as typed.
+    Returns:
+        The answer, followed by ``[question cut: its last N tokens did not fit max_seq_l M]`` when it was cut.
+    """
+    from .data import InputExample
+
+    answer = model.answer([question])[0]
+    encoded = model.wrapper.encode(InputExample(text_a=question))
+    if encoded.tokens_cut:
+        answer += (f"   [question cut: its last {encoded.tokens_cut} tokens did not fit max_seq_l "
+                   f"{model.wrapper.max_seq_length}]")
+    return answer
 
 
 def demo(config: RunConfig, explicit: set[str]) -> int:
@@ -147,7 +177,16 @@ def export(config: RunConfig, explicit: set[str]) -> int:
 
     for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
                                   plm_path=config.plm_path if "plm_path" in explicit else None,
-                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch):
+                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch,
+                                  template=config.template if "template" in explicit else None):
+        print(line)
+    return 0
+
+
+def push(config: RunConfig, explicit: set[str]) -> int:
+    from .hub import push as push_to_hub
+
+    for line in push_to_hub(config, explicit):
         print(line)
     return 0
 
@@ -156,4 +195,35 @@ def import_opendelta(config: RunConfig, explicit: set[str]) -> int:
     from .opendelta_import import import_opendelta as convert
 
     print(convert(config, explicit))
+    return 0
+
+
+def serve(config: RunConfig, explicit: set[str]) -> int:
+    """Verify every delta, load the backbone once, and answer over HTTP until Ctrl-C."""
+    import os
+
+    from .runtime import configure_threads
+    from .serve import api_key_from, bind, create_app, describe, load_served, parse_delta_specs, run_server, url_of
+
+    deltas = parse_delta_specs(config.deltas, config.delta_save_path)
+    api_key = api_key_from(config.api_key, os.environ)
+    # bound before the slow loading, so a taken port fails at once and the printed port is the served one
+    sock = bind(config.host, config.port)
+    try:
+        configure_threads(config.num_threads)
+        overrides = {k: getattr(config, k) for k in ("max_new_tokens",) if k in explicit}
+        served = load_served(deltas, plm_path=config.plm_path if "plm_path" in explicit else None,
+                             ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
+                             precision=config.precision if "precision" in explicit else None)
+        app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size)
+        url = url_of(sock)
+        log.info("%d delta(s) on one backbone:\n%s", len(served), "\n".join(describe(served)))
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s: reachable from other machines%s", config.host,
+                        "" if api_key else " by anyone (no --api_key)")
+        # one line on stdout, flushed: scripts and the tests read the port from it
+        print(f"serving {', '.join(served)} at {url}/ (API: {url}/v1; Ctrl-C stops)", flush=True)
+        run_server(app, sock)
+    finally:
+        sock.close()
     return 0

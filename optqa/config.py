@@ -12,10 +12,15 @@ from typing import Any
 
 # templates/ and data/sample/ sit beside the package in a checkout; default paths are relative to it
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "download", "import_opendelta")
+MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "push", "download",
+         "import_opendelta", "serve")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 QUANTIZE_CHOICES = ("none", "int8", "auto")
+# the CLI's modules for adapter and lora, as in the homework (the library's LoRA default is q_proj and v_proj)
+CLI_MODIFIED_MODULES = ("self_attn", "fc2")
+# the delta types --modified_modules applies to
+MODULE_DELTA_TYPES = ("adapter", "lora", "bitfit")
 # Per-delta defaults, shared by AutoDeltaConfig (the library API) and the CLI flags below.
 # soft_token_num is 20, not OpenDelta's 100: ARC-DA prompts average ~29 tokens, and on a CPU the cost of a
 # step grows with the prompt length.
@@ -61,9 +66,12 @@ class RunConfig:
     plm_path: str = _opt("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder")
     # which delta to inject into the frozen backbone
     delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES)
-    # OpenDelta-style short module names the delta attaches to (adapter, lora)
-    modified_modules: list[str] = _opt(DELTA_DEFAULTS["adapter"]["modified_modules"], "modules the delta attaches to (OpenDelta short names)",
-                                       nargs="+")
+    # OpenDelta-style short module names the delta attaches to (adapter, lora, bitfit); None: the delta type's
+    # default, resolved in __post_init__ so that a manifest records what was actually modified
+    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to (OpenDelta short names; adapter, "
+                                                    "lora, and bitfit, which without it takes every Linear and "
+                                                    "LayerNorm of the decoder layers)", nargs="+",
+                                              shown=" ".join(CLI_MODIFIED_MODULES))
     # adapter: bottleneck width (OpenDelta's default)
     bottleneck_dim: int = _opt(DELTA_DEFAULTS["adapter"]["bottleneck_dim"], "adapter bottleneck width")
     # lora: rank, scale numerator and dropout (OpenDelta's defaults)
@@ -102,7 +110,8 @@ class RunConfig:
     seed: int = _opt(42, "random seed (data order, delta init, dropout)")
 
     # the final (best-dev) delta, as a self-describing checkpoint folder
-    delta_save_path: str = _opt("./delta_ckpts/", "final delta checkpoint folder (or a .optqa bundle to load)")
+    delta_save_path: str = _opt("./delta_ckpts/", "final delta checkpoint folder (to load: also a .optqa bundle, "
+                                                 "hf://OWNER/NAME[@REVISION] or a PEFT adapter folder)")
     # best-epoch delta plus the state needed by --resume
     raw_delta_save_path: str = _opt("./raw_delta_ckpts/", "best-epoch delta and resume state")
     # every run writes its config, metrics, predictions and plot into a new folder below this
@@ -117,13 +126,34 @@ class RunConfig:
     predictions_file: str | None = _opt(None, "evaluate: score this predictions jsonl instead of a model")
     # --mode evaluate: compare against a second predictions jsonl, question by question
     compare_file: str | None = _opt(None, "evaluate: second predictions jsonl to compare with")
-    # --mode export: single-file bundle to write
-    export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa)")
+    # --mode export: single-file bundle to write; --mode push --dry_run: the folder that would be uploaded
+    export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa); "
+                                         "push --dry_run: folder to write")
     # --mode export: PEFT users get an adapter folder; off, export needs no backbone at all
     export_peft: bool = _opt(True, "export: also write a PEFT adapter folder <bundle name>-peft/ (lora, soft_prompt, "
                                    "prefix)")
     # --mode import_opendelta: OpenDelta folder (config.json + pytorch_model.bin) to convert
     import_path: str | None = _opt(None, "import_opendelta: OpenDelta checkpoint folder to convert")
+    # --mode push: the Hub repository (created if missing) that receives the checkpoint, PEFT adapter and card
+    hub_repo: str | None = _opt(None, "push: Hugging Face Hub repository OWNER/NAME to upload to")
+    # --mode push: a new repository is public unless this is given (an existing one keeps its visibility)
+    private: bool = _opt(False, "push: create the repository as private")
+    commit_message: str | None = _opt(None, "push: commit message (default: delta type, backbone and weights hash)")
+    # --mode push: build the exact folder, write it to --export_path, contact nobody
+    dry_run: bool = _opt(False, "push: write the folder that would be uploaded to --export_path, upload nothing")
+    # the card's base_model: a backbone loaded from a local folder names no Hub model unless the user does
+    base_model: str | None = _opt(None, "push: the backbone's Hub id for the model card (default: --plm_path "
+                                        "recorded in the checkpoint, if it is a Hub id)")
+    # --mode serve: the deltas put behind the HTTP API, each verified at start as the question loop verifies one
+    deltas: list[str] | None = _opt(None, "serve: deltas to serve as NAME=CHECKPOINT (folder or .optqa bundle); "
+                                          "default: --delta_save_path as 'default'", nargs="+")
+    # loopback only unless asked: the API has no rate limits and answering costs CPU
+    host: str = _opt("127.0.0.1", "serve: address to listen on (0.0.0.0: every interface)")
+    # 0 picks a free port; the log line 'serving ... at http://HOST:PORT/' names it
+    port: int = _opt(8000, "serve: TCP port (0: any free port)")
+    # the environment variable keeps the key out of shell history and process listings
+    api_key: str | None = _opt(None, "serve: require 'Authorization: Bearer KEY' on every API endpoint "
+                                     "(default: the OPTQA_API_KEY environment variable, else no key)")
     # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)
     ignore_backbone_mismatch: bool = _opt(False, "load a delta onto a backbone with different weights")
 
@@ -147,6 +177,16 @@ class RunConfig:
     # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
     max_steps: int = _opt(0, "stop after N optimiser steps (0: no limit)")
 
+    def __post_init__(self) -> None:
+        # one resolved value for --modified_modules, whatever the delta type: the manifest's hyperparameters and
+        # its delta config then say the same thing (a delta type without modules records None)
+        if self.delta_type not in MODULE_DELTA_TYPES:
+            self.modified_modules = None
+        elif self.modified_modules is None and self.delta_type != "bitfit":
+            self.modified_modules = list(CLI_MODIFIED_MODULES)
+        elif self.modified_modules is not None:
+            self.modified_modules = list(self.modified_modules)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -163,6 +203,8 @@ class RunConfig:
         elif self.delta_type == "lora":
             cfg.update(modified_modules=list(self.modified_modules), lora_r=self.lora_r,
                        lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        elif self.delta_type == "bitfit":
+            cfg.update(modified_modules=self.modified_modules)
         elif self.delta_type == "soft_prompt":
             cfg.update(soft_token_num=self.soft_token_num, init_text=self.soft_init_text)
         elif self.delta_type == "prefix":
@@ -182,13 +224,20 @@ def find_repo_file(path: str | Path) -> Path | None:
     return None
 
 
+def shown_default(f: dataclasses.Field) -> Any:
+    """A field's default as --help and the README show it (``metadata["shown"]`` where the default is resolved
+    later, per delta type)."""
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return " ".join(default) if isinstance(default, list) else default
+
+
 def markdown_table() -> str:
     """The README's flag table, generated from RunConfig so the two cannot drift."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(RunConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if isinstance(default, list):
-            default = " ".join(default)
+        default = shown_default(f)
         rows.append(f"| `--{f.name}` | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows)
 

@@ -122,6 +122,7 @@ class Encoded:
     target_ids: list[int] = field(default_factory=list)
     truncated: bool = False
     question_lost: bool = False  # cut to nothing: the template and the answer alone fill max_seq_l
+    tokens_cut: int = 0  # question tokens removed to fit max_seq_l
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
@@ -149,7 +150,8 @@ class LMTokenizerWrapper:
         segments = self.template.render(example)
         target_ids = self.encode_target(target) if target is not None else []
         budget = self.max_seq_length - 1 - len(target_ids)
-        truncated = _cut_to_budget(segments, budget)
+        tokens_cut = _cut_to_budget(segments, budget)
+        truncated = tokens_cut > 0
         question_lost = truncated and not any(ids for _, ids, shortenable in segments if shortenable)
         prompt_ids, soft_index = [self.bos_id], [SOFT_NONE]
         pad = self.tokenizer.pad_token_id
@@ -162,15 +164,25 @@ class LMTokenizerWrapper:
                 soft_index += [SOFT_NONE] * len(ids)
         golds = list(example.tgt_text or [])
         return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated,
-                       question_lost)
+                       question_lost, tokens_cut)
 
-    def encode_all(self, examples: list[InputExample], targets: str | None = None,
-                   desc: str = "tokenising") -> list[Encoded]:
-        """Render every example once. ``targets``: None (prompts only), "first" or "all" gold answers."""
+    def encode_all(self, examples: list[InputExample], targets: str | list[str] | None = None,
+                   desc: str = "tokenising", progress: bool | None = None) -> list[Encoded]:
+        """Render every example once.
+
+        Args:
+            targets: None (prompts only), "first" or "all" gold answers (``tgt_text``), or a list holding one
+                target text per example (what a ``GenerationVerbalizer`` made).
+            progress: show a tqdm bar; None shows it from 500 examples on.
+        """
         encoded = []
-        for index, example in enumerate(tqdm(examples, desc=desc, leave=False, disable=len(examples) < 500)):
+        bar = tqdm(examples, desc=desc, leave=False, disable=len(examples) < 500 if progress is None else not progress)
+        for index, example in enumerate(bar):
             if targets is None:
                 encoded.append(self.encode(example, index))
+                continue
+            if isinstance(targets, list):
+                encoded.append(self.encode(example, index, targets[index]))
                 continue
             answers = example.tgt_text[:1] if targets == "first" else example.tgt_text
             encoded.extend(self.encode(example, index, answer) for answer in answers)
@@ -186,10 +198,10 @@ class LMTokenizerWrapper:
         return encoded
 
 
-def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> bool:
-    """Cut the tail of the longest shortenable segment until the prompt fits; True when anything was cut."""
+def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> int:
+    """Cut the tail of the longest shortenable segment until the prompt fits; returns how many tokens were cut."""
     excess = sum(len(ids) for _, ids, _ in segments) - budget
-    cut = False
+    cut = 0
     while excess > 0:
         candidates = [i for i, (_, ids, shortenable) in enumerate(segments) if shortenable and ids]
         if not candidates:
@@ -198,13 +210,14 @@ def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> 
         kind, ids, shortenable = segments[longest]
         segments[longest] = (kind, ids[:-1], shortenable)
         excess -= 1
-        cut = True
+        cut += 1
     return cut
 
 
-def collate_for_training(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad prompt+target to the longest in the batch; the loss sees only target tokens."""
-    width = max(len(e) for e in batch)
+def collate_for_training(batch: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+target to the longest in the batch (or to ``width`` if longer, OpenPrompt's pad-to-max);
+    the loss sees only target tokens."""
+    width = max(width or 0, max(len(e) for e in batch))
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -218,9 +231,10 @@ def collate_for_training(batch: list[Encoded], pad_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "soft_index": soft}
 
 
-def collate_for_generation(batch: list[Encoded], pad_id: int) -> dict[str, Any]:
-    """Left-pad prompts so every row's next token is generated at the same position."""
-    width = max(len(e.prompt_ids) for e in batch)
+def collate_for_generation(batch: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Left-pad prompts (to the longest, or to ``width`` if longer) so every row's next token is generated at the
+    same position."""
+    width = max(width or 0, max(len(e.prompt_ids) for e in batch))
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     soft = torch.full((len(batch), width), SOFT_NONE, dtype=torch.long)

@@ -15,9 +15,11 @@ use it, so what trains and what is saved cannot drift apart.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections import OrderedDict
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -149,6 +151,9 @@ class DeltaModel:
 
     ``model`` is what to run: the backbone itself (adapter, bitfit, modified in place) or PEFT's wrapper
     around it (lora, soft_prompt, prefix). ``PromptForGeneration(plm, ...)`` finds it from the backbone.
+    OpenDelta's calls: ``parameters()`` / ``named_parameters()`` (the delta's own, so
+    ``AdamW(delta_model.parameters(), lr)`` trains it), ``freeze_module``, ``log``, ``save_finetuned``,
+    ``save_checkpoint`` / ``load_checkpoint`` and ``AutoDeltaModel.from_finetuned``.
     """
 
     def __init__(self, config: DeltaConfig, backbone_model: nn.Module, model: nn.Module):
@@ -156,12 +161,57 @@ class DeltaModel:
         self.backbone_model = backbone_model
         self.model = model
         backbone_model.__dict__["_optqa_delta"] = self  # not a submodule: no cycle in named_modules()
-        self.freeze_module()
+        self._freeze()
 
-    # OpenDelta compatibility: freezing is already done, by the same predicate that saving uses
-    def freeze_module(self, exclude=None, set_state_dict: bool = True) -> None:
+    def _freeze(self) -> None:
+        # by the same predicate that saving uses, so what trains is what is saved
         for name, param in self.model.named_parameters():
             param.requires_grad_(is_delta_parameter(name))
+
+    def freeze_module(self, module: nn.Module | None = None, exclude: list[str] | None = None,
+                      set_state_dict: bool = True) -> None:
+        """OpenDelta's ``freeze_module(exclude=["deltas"], set_state_dict=True)``: only the delta trains.
+
+        Args:
+            module: None or the backbone (OpenDelta's default).
+            exclude: names kept trainable; only ``"deltas"`` (the delta itself, always trainable here).
+            set_state_dict: True: the backbone's ``state_dict()`` returns only the delta's tensors, as
+                OpenDelta's does (so ``torch.save(plm.state_dict(), f)`` saves the delta); False restores it.
+
+        Raises:
+            OptqaError: another module or exclude name: optqa never trains backbone weights (they are not
+                part of the saved delta).
+        """
+        others = [name for name in (exclude or []) if name != "deltas"]
+        if others or (module is not None and module not in (self.backbone_model, self.model)):
+            raise OptqaError(f"freeze_module: optqa trains only the delta, never backbone modules "
+                             f"({', '.join(others) or type(module).__name__}); use exclude=['deltas']")
+        self._freeze()
+        if set_state_dict:
+            self.backbone_model.state_dict = functools.partial(_delta_only_state_dict, self.backbone_model)
+        elif "state_dict" in self.backbone_model.__dict__:
+            del self.backbone_model.state_dict
+
+    def bind(self, prompt_model: nn.Module) -> None:
+        """Called by ``PromptForGeneration``: its template's soft tokens and text are saved with the delta, and
+        soft tokens that ``from_finetuned`` read are loaded into that template now."""
+        self.__dict__["_prompt_model"] = prompt_model
+        pending = self.__dict__.pop("_pending_template_state", None)
+        if pending:
+            from .model import load_delta_state
+
+            state, source = pending
+            load_delta_state(prompt_model.template, state, f"{source} (template soft tokens; build the template "
+                                                           "from delta_model.manifest['template'])")
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The delta's own parameters, named as in optqa checkpoints (no backbone weight, no template token)."""
+        from .finetuned import named_delta_parameters
+
+        return iter(named_delta_parameters(self))
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (param for _, param in self.named_parameters())
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters() if is_delta_parameter(n)}
@@ -172,12 +222,49 @@ class DeltaModel:
     def num_total_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def log(self, delta_ratio: bool = True, trainable_ratio: bool = True, visualization: bool = False) -> str:
+    def summary(self) -> str:
         trainable, total = self.num_trainable_parameters(), self.num_total_parameters()
-        line = (f"delta {self.config.delta_type}: trainable parameters {trainable:,} / total {total:,} "
+        return (f"delta {self.config.delta_type}: trainable parameters {trainable:,} / total {total:,} "
                 f"({100 * trainable / total:.4f}%)")
-        log.info(line)
-        return line
+
+    def log(self, delta_ratio: bool = True, trainable_ratio: bool = True, visualization: bool = True) -> str:
+        """Print (and return) what OpenDelta's ``log`` shows: with ``visualization`` the modules carrying the
+        delta, with the ratios the trainable and delta parameters against the whole model."""
+        lines = []
+        if visualization:
+            modules: dict[str, int] = {}
+            for name, param in self.named_parameters():
+                cut = min(name.find(m) for m in DELTA_MARKERS if m in name)
+                modules[name[:cut].rstrip(".")] = modules.get(name[:cut].rstrip("."), 0) + param.numel()
+            lines += [f"{name} <- {self.config.delta_type} ({count:,} parameters)" for name, count in modules.items()]
+        total = self.num_total_parameters()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        delta = self.num_trainable_parameters()
+        if trainable_ratio:
+            lines.append(f"Trainable Ratio: {trainable:,}/{total:,}={100 * trainable / total:.6f}%")
+        if delta_ratio:
+            lines.append(f"Delta Parameter Ratio: {delta:,}/{total - delta:,}={100 * delta / (total - delta):.6f}%")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    def save_finetuned(self, finetuned_delta_path: str | Path = "./delta_checkpoints/", *args, **kwargs) -> Path:
+        """OpenDelta's ``save_finetuned``: an optqa checkpoint folder; see :func:`optqa.finetuned.save_finetuned`."""
+        from .finetuned import save_finetuned
+
+        return save_finetuned(self, finetuned_delta_path, *args, **kwargs)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """The raw delta (one safetensors file, no manifest); see :func:`optqa.finetuned.save_raw`."""
+        from .finetuned import save_raw
+
+        return save_raw(self, path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load a raw delta written by ``save_checkpoint``; see :func:`optqa.finetuned.load_raw`."""
+        from .finetuned import load_raw
+
+        load_raw(self, path)
 
     def merge_lora(self) -> bool:
         """Fold LoRA into the frozen weights for inference (exact up to float rounding). True if merged."""
@@ -186,6 +273,16 @@ class DeltaModel:
         self.model.merge_adapter()
         self._merged = True
         return True
+
+
+def _delta_only_state_dict(module: nn.Module, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+    """``module.state_dict()`` restricted to delta tensors (OpenDelta's ``set_state_dict=True``)."""
+    full = nn.Module.state_dict(module, prefix=prefix, keep_vars=keep_vars)
+    kept = OrderedDict((k, v) for k, v in full.items() if is_delta_parameter(k))
+    if destination is None:
+        return kept
+    destination.update(kept)
+    return destination
 
 
 class AutoDeltaModel:
@@ -199,6 +296,13 @@ class AutoDeltaModel:
                    "soft_prompt": _attach_soft_prompt, "prefix": _attach_prefix}[config.delta_type]
         model = builder(config, backbone_model, tokenizer)
         return DeltaModel(config, backbone_model, model)
+
+    @staticmethod
+    def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, *args, **kwargs) -> DeltaModel:
+        """OpenDelta's ``from_finetuned``: verify, then attach and load; see :func:`optqa.finetuned.from_finetuned`."""
+        from .finetuned import from_finetuned
+
+        return from_finetuned(finetuned_delta_path, backbone_model, *args, **kwargs)
 
 
 def _attach_adapter(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:

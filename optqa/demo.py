@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 from pathlib import Path
 
 from .config import RunConfig, find_repo_file
@@ -36,7 +37,10 @@ def run_demo(config: RunConfig, explicit: set[str]) -> None:
 
     sample = find_sample(config, explicit)
     root = Path(config.output_dir) / "demo"
-    settings = {**DEMO_SETTINGS, **{k: getattr(config, k) for k in explicit if k not in ("mode", "output_dir")}}
+    # typed flags override the demo's settings; the paths below are the demo's own (options.MODE_FLAGS refuses
+    # the others, and --data_path was read by find_sample)
+    settings = {**DEMO_SETTINGS, **{k: getattr(config, k) for k in explicit
+                                    if k not in ("mode", "output_dir", "data_path")}}
     demo_config = dataclasses.replace(config, **settings, data_path=str(sample), mode="train",
                                       plm_path=str(root / "tiny-opt"), delta_save_path=str(root / "delta_ckpts"),
                                       raw_delta_save_path=str(root / "raw_delta_ckpts"), output_dir=str(root / "runs"),
@@ -60,4 +64,6 @@ def run_demo(config: RunConfig, explicit: set[str]) -> None:
     print("4/4 reloaded from the checkpoint alone; answers to training questions it memorised:")
     for example, answer in zip(shown, model.answer([e.text_a for e in shown])):
         print(f"  Q: {example.text_a}\n  A: {answer}   (gold: {' | '.join(example.tgt_text)})")
-    print(f"next: python -m optqa --mode interactive_inference --delta_save_path {demo_config.delta_save_path}")
+    # absolute, like the backbone path in the manifest: the command works from any folder
+    print("next: python -m optqa --mode interactive_inference --delta_save_path "
+          + shlex.quote(str(Path(demo_config.delta_save_path).resolve())))

@@ -1,34 +1,81 @@
-"""The question-answering REPL: ``Input a question:`` -> ``Answer: ...`` until quit(), EOF or Ctrl-C."""
+"""The question-answering REPL: ``Input a question:`` -> ``Answer: ...`` until quit(), EOF or Ctrl-C.
+
+In a terminal the question is read by prompt_toolkit (line editing with the arrow keys, history kept in a file
+and recalled with Up, on Linux, macOS and the Windows console alike); piped input is read line by line as
+before, so a transcript can be scripted.
+"""
 from __future__ import annotations
 
+import logging
+import re
 import sys
+from pathlib import Path
 from typing import TextIO
+
+log = logging.getLogger(__name__)
 
 PROMPT = "Input a question:"
 QUIT_WORDS = {"quit()", "quit", "exit()", "exit"}
+# where typed questions are remembered between sessions (Up recalls them)
+HISTORY_PATH = Path("~/.optqa/question_history")
+# every character a terminal (or str.splitlines) starts a new line at, with the spaces around it
+_LINE_BREAKS = re.compile(r"\s*[\r\n\x0b\x0c\x85\u2028\u2029]+\s*")
 
 
-def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """Answer questions one line at a time; returns how many were answered.
+def one_line(text: str) -> str:
+    """``text`` with its line breaks folded to single spaces: one printed line per answer."""
+    return _LINE_BREAKS.sub(" ", text).strip()
 
-    A terminal gets the prompt on the input line; piped input gets it on a line of its own, so a transcript
-    reads question by question.
+
+def terminal_session(history_path: Path = HISTORY_PATH, **session_options):
+    """A prompt_toolkit ``PromptSession`` with the question history in ``history_path`` (in memory where it cannot
+    be written, e.g. a read-only home folder); ``session_options`` go to ``PromptSession`` (e.g. ``input`` and
+    ``output``)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    path = history_path.expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        history = FileHistory(str(path))
+    except OSError as exc:
+        log.warning("question history not kept (%s: %s)", path, exc.strerror)
+        history = InMemoryHistory()
+    return PromptSession(history=history, **session_options)
+
+
+def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None, session=None) -> int:
+    """Answer questions one line at a time.
+
+    Args:
+        answer_fn: question (str) -> answer (str).
+        stdin, stdout: the streams (default: the process's).
+        session: a prompt_toolkit ``PromptSession`` to read questions with; by default one is made when stdin
+            and stdout are both terminals, and piped input is read line by line.
+    Returns:
+        How many questions were answered.
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if hasattr(stdout, "reconfigure"):
         # a Windows pipe or legacy console encodes in cp1252: a character it lacks must not end the session
         stdout.reconfigure(errors="backslashreplace")
-    interactive = stdin.isatty() and stdout.isatty()
+    if session is None and stdin.isatty() and stdout.isatty():
+        session = terminal_session()
     answered = 0
+    prompting = False
     try:
         while True:
-            if interactive:
+            if session is not None:
+                prompting = True
                 try:
-                    line = input(PROMPT + " ")
-                except EOFError:
+                    line = session.prompt(PROMPT + " ")
+                except EOFError:  # Ctrl-D on an empty line; prompt_toolkit has ended the line
                     break
+                prompting = False
             else:
+                # piped: the prompt on a line of its own, so a transcript reads question by question
                 print(PROMPT, file=stdout, flush=True)
                 line = stdin.readline()
                 if not line:
@@ -38,8 +85,11 @@ def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None) -
                 break
             if not question:
                 continue  # ask again
-            print(f"Answer: {answer_fn(question)}", file=stdout, flush=True)
+            print(f"Answer: {one_line(answer_fn(question))}", file=stdout, flush=True)
             answered += 1
     except KeyboardInterrupt:
-        print(file=stdout)
+        # the shell's prompt comes back on a fresh line, not after the terminal's ^C (prompt_toolkit, reading a
+        # question, has already ended its line)
+        if not prompting:
+            print(file=stdout, flush=True)
     return answered

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 
 import torch
@@ -19,6 +20,17 @@ def _linear_with_cast_weight(module: nn.Linear, hidden: torch.Tensor) -> torch.T
     return nn.functional.linear(hidden, module.__dict__["_optqa_weight"], module.bias)
 
 
+def _cast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``, made once and kept on the tensor: every model whose head is tied to the same
+    embedding (the deltas ``--mode serve`` puts on one backbone) shares the one copy instead of 77 MB each on
+    OPT-125m. An in-place change of the weight (its ``_version``) makes a fresh copy."""
+    cached = weight.__dict__.get("_optqa_cast")
+    if cached is None or cached[0] != (dtype, weight._version):
+        cached = ((dtype, weight._version), weight.detach().to(dtype))
+        weight.__dict__["_optqa_cast"] = cached
+    return cached[1]
+
+
 def _whole(param: torch.Tensor) -> torch.Tensor:
     """A parameter as one plain tensor: an FSDP shard (DTensor) is gathered from every process."""
     return param.full_tensor().detach() if hasattr(param, "full_tensor") else param.detach()
@@ -31,6 +43,70 @@ def _like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name is deprecated until 5.40). Read from the signature, not from a version number."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _new_cache(model_config):
+    """An empty ``DynamicCache``; given the model's config where this transformers takes one (>= 4.56)."""
+    from transformers import DynamicCache
+
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=model_config)
+    return DynamicCache()
+
+
+def _virtual_kind(model: nn.Module) -> str | None:
+    """"soft_prompt" or "prefix" for a PEFT prompt-learning model (optqa's or one loaded with
+    ``PeftModel.from_pretrained``), else None."""
+    if not hasattr(model, "prompt_encoder"):
+        return None
+    from .errors import OptqaError
+
+    peft_type = str(model.peft_config[model.active_adapter].peft_type).rsplit(".", 1)[-1]
+    kinds = {"PROMPT_TUNING": "soft_prompt", "PREFIX_TUNING": "prefix"}
+    if peft_type not in kinds:
+        raise OptqaError(f"PEFT {peft_type} is not supported (prompt learning: prompt tuning and prefix tuning)")
+    return kinds[peft_type]
+
+
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row has ended; sharded, on every process (each must run every step: synced_gpus)."""
+    if not synced:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    pending = torch.tensor(0.0 if bool(done.all()) else 1.0, device=done.device)
+    dist.all_reduce(pending)
+    return pending.item() == 0
+
+
+def load_delta_state(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy delta weights into ``module``'s delta parameters by name (FSDP shards take their part).
+
+    Raises:
+        OptqaError: a missing, unexpected or mis-shaped name (a delta for another backbone); nothing is
+            skipped.
+    """
+    from .errors import OptqaError
+
+    own = {n: p for n, p in module.named_parameters() if is_delta_parameter(n)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise OptqaError(f"{source} does not fit this delta: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                         f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for name, param in own.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise OptqaError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model expects "
+                             f"{tuple(param.shape)} (a delta for another backbone?)")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(_like(param, state[name].to(param.dtype)))
 
 
 @contextlib.contextmanager
@@ -51,14 +127,17 @@ class PromptForGeneration(nn.Module):
     ``plm`` is the backbone as returned by ``load_plm``; if a delta was attached to it with
     ``AutoDeltaModel.from_config(..., backbone_model=plm)``, the delta's model is what runs.
     ``forward(batch)`` returns the mean cross-entropy over the answer tokens (and eos) only, with
-    teacher forcing; ``generate(batch)`` returns the answers as strings.
+    teacher forcing; ``generate(batch, **generation_arguments)`` returns OpenPrompt's ``(output_ids,
+    output_sentences)``; ``generate_answers(batch)`` and ``answer(questions)`` return answer strings.
     """
 
     def __init__(self, plm: nn.Module, template, freeze_plm: bool = True, plm_eval_mode: bool = False,
                  gen_config=None, tokenizer=None, max_seq_length: int = 128, max_new_tokens: int = 32):
         super().__init__()
         self.delta: DeltaModel | None = plm.__dict__.get("_optqa_delta")
-        self.backbone = plm
+        # the transformers model itself, also when a PeftModel made elsewhere is passed in; registered before
+        # ``plm`` so that parameter names (and so checkpoint keys) start with "backbone."
+        self.backbone = plm.get_base_model() if hasattr(plm, "get_base_model") else plm
         self.plm = self.delta.model if self.delta else plm
         self.template = template
         self.tokenizer = tokenizer or template.tokenizer
@@ -77,6 +156,12 @@ class PromptForGeneration(nn.Module):
         self._soft_index: torch.Tensor | None = None
         if template.num_soft_tokens:
             plm.get_input_embeddings().register_forward_hook(self._substitute_soft_embeddings)
+        # soft prompts and prefixes are applied here, not by PEFT's generation glue, which broke when
+        # transformers 5.24 renamed the cache argument; PEFT still holds their parameters (its layout and export)
+        self._virtual = _virtual_kind(self.plm)
+        self._cache_arg = _cache_argument(self.backbone)
+        if self.delta is not None:  # save_finetuned then saves this template's soft tokens and text too
+            self.delta.bind(self)
 
     def tie_weights(self, *args, **kwargs) -> None:
         """The backbone's own ties (OPT's head is its input embedding). accelerate re-ties through this after
@@ -94,21 +179,7 @@ class PromptForGeneration(nn.Module):
 
     def load_delta_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Copy delta weights in; a missing, unexpected or mis-shaped key is an error, never skipped."""
-        from .errors import OptqaError
-
-        own = {n: p for n, p in self.named_parameters() if is_delta_parameter(n)}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise OptqaError(f"{source} does not fit this delta: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                             f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        for name, param in own.items():
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise OptqaError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model expects "
-                                 f"{tuple(param.shape)} (a delta for another backbone?)")
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(_like(param, state[name].to(param.dtype)))
+        load_delta_state(self, state, source)
 
     def _substitute_soft_embeddings(self, module, inputs, output):
         index = self._soft_index
@@ -156,7 +227,7 @@ class PromptForGeneration(nn.Module):
                 if dtype != torch.float32:
                     # a head tied to the input embedding (which stays fp32) computes with its own cast copy;
                     # the tie, the state dict and the backbone fingerprint stay as they are
-                    module.__dict__["_optqa_weight"] = embedding.detach().to(dtype)
+                    module.__dict__["_optqa_weight"] = _cast_copy(embedding, dtype)
                     module.forward = functools.partial(_linear_with_cast_weight, module)
                     self._cast_heads.append(module)
                 continue
@@ -192,8 +263,8 @@ class PromptForGeneration(nn.Module):
         # the vocabulary projection is only needed where an answer token is predicted
         keep = width - first_target + 1
         with self._running(batch):
-            out = self.plm(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                           use_cache=False)
+            out = self.backbone(**self._backbone_inputs(input_ids, batch["attention_mask"], use_cache=False),
+                                logits_to_keep=keep)
         logits = out.logits[:, -keep:-1].float()
         targets = labels[:, first_target:]
         loss_sum = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -204,37 +275,237 @@ class PromptForGeneration(nn.Module):
         loss_sum, count = self.loss_terms(batch)
         return loss_sum / count.clamp(min=1)
 
-    @torch.inference_mode()
-    def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False) -> list[str]:
-        """Greedy answers for a left-padded batch; each row stops at its own eos."""
-        from transformers import GenerationConfig
+    def _virtual_weight(self) -> torch.Tensor:
+        """PEFT's prompt-encoder table: ``(num_virtual_tokens, width)``; width is the input embedding's for a
+        soft prompt, ``layers * 2 * hidden`` for a prefix (PEFT's layout, kept so its export stays exact)."""
+        return self.plm.prompt_encoder[self.plm.active_adapter].embedding.weight
 
+    def _prefix_cache(self, batch_size: int):
+        """A fresh KV cache holding the prefix: per layer, keys and values of shape
+        ``(batch, heads, num_virtual_tokens, head_dim)``, taken from the table as PEFT's ``get_prompt`` lays it out
+        (Li & Liang, 2021, "Prefix-Tuning", https://arxiv.org/abs/2101.00190)."""
+        config = self.backbone.config
+        weight = self._virtual_weight()
+        n, layers, heads = weight.shape[0], config.num_hidden_layers, config.num_attention_heads
+        table = weight.view(n, 2 * layers, heads, -1).permute(1, 2, 0, 3)  # (2 * layers, heads, n, head_dim)
+        cache = _new_cache(config)
+        for layer in range(layers):
+            keys, values = table[2 * layer], table[2 * layer + 1]
+            cache.update(keys.unsqueeze(0).expand(batch_size, -1, -1, -1),
+                         values.unsqueeze(0).expand(batch_size, -1, -1, -1), layer)
+        return cache
+
+    def _backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> dict:
+        """Keyword arguments for the backbone's forward pass over whole prompts.
+
+        A soft prompt (Lester et al., 2021, https://arxiv.org/abs/2104.08691) is prepended to the token
+        embeddings; a prefix goes into a fresh KV cache ahead of the prompt. Either way the attention mask
+        gains ``num_virtual_tokens`` leading ones, so OPT's positions (counted along the mask) are PEFT's.
+
+        Args:
+            input_ids: ``(batch, seq_len)`` token ids, left padded.
+            attention_mask: ``(batch, seq_len)``, 0 on padding.
+            use_cache: return a KV cache to decode with (always, for a prefix: it lives in the cache).
+        Returns:
+            ``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``use_cache`` and, where a cache is used,
+            the cache under this transformers' argument name.
+        """
+        batch = input_ids.shape[0]
+        inputs: dict = {"use_cache": use_cache or self._virtual == "prefix"}
+        if self._virtual == "soft_prompt":
+            embeds = self.backbone.get_input_embeddings()(input_ids)
+            prompt = self._virtual_weight().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        else:
+            inputs["input_ids"] = input_ids
+        if self._virtual:
+            ones = attention_mask.new_ones(batch, self._virtual_weight().shape[0])
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        inputs["attention_mask"] = attention_mask
+        if inputs["use_cache"]:
+            inputs[self._cache_arg] = (self._prefix_cache(batch) if self._virtual == "prefix"
+                                       else _new_cache(self.backbone.config))
+        return inputs
+
+    def _greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                synced: bool = False, logits_processor=None) -> torch.Tensor:
+        """Greedy decoding with a KV cache, owned here so no transformers generation internals are involved.
+
+        Args:
+            input_ids, attention_mask: ``(batch, seq_len)``, left padded.
+            max_new_tokens: the most tokens generated per row.
+            synced: sharded (FSDP): every process runs each step until every process's rows have ended.
+            logits_processor: ``f(logits, step) -> logits`` on each step's ``(batch, vocab)`` logits, or None.
+        Returns:
+            ``(batch, steps)`` new token ids, ``steps <= max_new_tokens``; a row that ended holds eos then pad.
+        """
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        config = GenerationConfig(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
-                                  num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=eos)
+        inputs = self._backbone_inputs(input_ids, attention_mask, use_cache=True)
+        cache, mask = inputs[self._cache_arg], inputs["attention_mask"]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        steps = []
+        for step in range(max_new_tokens):
+            logits = self.backbone(**inputs, logits_to_keep=1).logits[:, -1]
+            if logits_processor is not None:
+                logits = logits_processor(logits, step)
+            self._soft_index = None  # {"soft"} positions exist only in the pass over the whole prompt
+            next_ids = torch.where(done, pad, logits.argmax(dim=-1))
+            steps.append(next_ids)
+            done |= next_ids == eos
+            if _all_done(done, synced):
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "use_cache": True,
+                      self._cache_arg: cache}
+        return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    @torch.inference_mode()
+    def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False,
+                         logits_processor=None, return_ids: bool = False):
+        """Greedy answers for a left-padded batch; each row stops at its own eos.
+
+        Args:
+            batch: ``input_ids`` and ``attention_mask`` ``(batch, seq_len)``, left padded (and ``soft_index`` for
+                a template with ``{"soft"}`` tokens), as ``collate_for_generation`` builds them.
+            max_new_tokens: the most answer tokens (default: the model's ``max_new_tokens``).
+            verbose: log each answer.
+            logits_processor: ``f(logits, step) -> logits`` applied to each step's ``(batch, vocab)`` logits
+                before the argmax (``generate`` uses it for OpenPrompt's ``min_length`` and ``bad_words_ids``).
+            return_ids: also return each row's generated ids, up to and including its eos.
+        Returns:
+            One answer string per row, special tokens removed and whitespace stripped; with ``return_ids``,
+            ``(answers, ids)``.
+        """
+        eos = self.tokenizer.eos_token_id
         input_ids = batch["input_ids"].to(self.device)
         sharded = is_sharded(self)
         with self._running(batch), _gathered_root(self) if sharded else contextlib.nullcontext():
-            # sharded, every process runs each decoding step until the last one's answers end (synced_gpus)
-            out = self.plm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device),
-                                    generation_config=config, synced_gpus=sharded)
-        answers = []
-        for row in out[:, input_ids.shape[1]:].tolist():
-            if eos in row:
-                row = row[:row.index(eos)]
-            answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+            new_ids = self._greedy(input_ids, batch["attention_mask"].to(self.device),
+                                   max_new_tokens or self.max_new_tokens, synced=sharded,
+                                   logits_processor=logits_processor)
+        rows = [row[:row.index(eos) + 1] if eos in row else row for row in new_ids.tolist()]
+        answers = [self.decode_answer(row) for row in rows]
         if verbose:
             for answer in answers:
                 log.info("generated: %s", answer)
-        return answers
+        return (answers, rows) if return_ids else answers
 
-    def answer(self, questions: list[str], batch_size: int = 32) -> list[str]:
-        """Answer raw question strings (the REPL's path): render, batch by length, generate."""
+    def decode_answer(self, ids: list[int]) -> str:
+        """Generated ids as answer text: cut at the tokenizer's eos, special tokens dropped, stripped."""
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            ids = ids[:ids.index(eos)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def answer(self, questions: list[str], batch_size: int = 32, max_new_tokens: int | None = None,
+               return_ids: bool = False):
+        """Answer raw question strings (the REPL's path): render, batch by length, generate.
+
+        Args:
+            questions: the questions, each rendered through the template.
+            batch_size: questions answered at once.
+            max_new_tokens: caps each answer (default: the model's ``max_new_tokens``).
+            return_ids: also return each answer's generated ids (up to and including eos, if it came).
+        Returns:
+            The answers in the order of ``questions``; with ``return_ids``, ``(answers, ids)``.
+        """
         examples = [InputExample(guid=i, text_a=q) for i, q in enumerate(questions)]
         encoded = [self.wrapper.encode(e, i) for i, e in enumerate(examples)]
         answers: list[str] = [""] * len(encoded)
+        ids: list[list[int]] = [[] for _ in encoded]
         for chunk in generation_batches(encoded, batch_size):
             batch = collate_for_generation(chunk, self.tokenizer.pad_token_id)
-            for index, text in zip(batch["index"], self.generate_answers(batch)):
-                answers[index] = text
-        return answers
+            texts, rows = self.generate_answers(batch, max_new_tokens, return_ids=True)
+            for index, text, row in zip(batch["index"], texts, rows):
+                answers[index], ids[index] = text, row
+        return (answers, ids) if return_ids else answers
+
+    def generate(self, batch, verbose: bool = False, **generation_arguments) -> tuple[list[list[int]], list[str]]:
+        """OpenPrompt's ``output_ids, output_sentences = prompt_model.generate(batch, verbose=False, **args)``.
+
+        The whole batch is answered at once by optqa's greedy decoder (OpenPrompt answered decoder-only
+        batches one example at a time); every row gets the answer it would get alone.
+
+        Args:
+            batch: from ``PromptDataLoader(..., teacher_forcing=False)`` (left-padded prompts).
+            verbose: log each generated sentence.
+            generation_arguments: OpenPrompt's. ``max_length`` counts prompt plus answer tokens of each row, as
+                OpenPrompt counts them; ``max_new_tokens`` (taking precedence, as in transformers) the answer
+                alone; neither: the model's ``max_new_tokens``. ``min_length`` (counted like ``max_length``) and
+                ``min_new_tokens`` hold back eos; ``eos_token_id`` (int or list) also ends an answer (the text
+                keeps that token, as OpenPrompt's does); single-token ``bad_words_ids`` are never generated.
+                Settings that only act in sampling or beam search (``temperature``, ``top_k``, ``top_p``,
+                ``length_penalty``, ``early_stopping``) change nothing in greedy decoding and are accepted.
+
+        Returns:
+            ``(output_ids, output_sentences)``: per row, the prompt's ids without padding followed by the
+            generated ids up to and including the token it stopped at (``list[list[int]]``), and the answer
+            text (cut at eos, stripped).
+
+        Raises:
+            OptqaError: a teacher-forced batch; beam search, sampling, several sequences, repetition
+                penalties, multi-token ``bad_words_ids`` or an unknown argument (optqa answers greedily).
+        """
+        from .errors import OptqaError
+
+        if "labels" in batch:
+            raise OptqaError("generate answers prompts: use a PromptDataLoader with teacher_forcing=False (this batch "
+                             "holds the answers)")
+        args = {k: v for k, v in generation_arguments.items() if k not in IGNORED_IN_GREEDY}
+        max_length, max_new_tokens, min_length, min_new_tokens, eos_ids, bad_words = (
+            args.pop(k, None) for k in ("max_length", "max_new_tokens", "min_length", "min_new_tokens",
+                                        "eos_token_id", "bad_words_ids"))
+        unknown = sorted(set(args) - set(GREEDY_EQUIVALENT))
+        if unknown:
+            raise OptqaError(f"generate does not take {', '.join(unknown)} (it takes max_length, max_new_tokens, "
+                             "min_length, min_new_tokens, eos_token_id, bad_words_ids, "
+                             f"{', '.join(sorted(IGNORED_IN_GREEDY | set(GREEDY_EQUIVALENT)))})")
+        unsupported = [f"{k}={v!r}" for k, v in args.items() if GREEDY_EQUIVALENT[k] != v]
+        if unsupported or any(len(words) != 1 for words in bad_words or []):
+            what = ", ".join(unsupported) or "bad_words_ids with sequences longer than one token"
+            raise OptqaError(f"generate: optqa answers greedily; {what} is not supported (use num_beams=1, "
+                             "do_sample=False, repetition_penalty=1.0, single-token bad_words_ids)")
+        lengths = batch["attention_mask"].sum(dim=1)
+        count = len(lengths)
+        if max_new_tokens is not None:
+            budgets = [max_new_tokens] * count
+        elif max_length is not None:
+            budgets = (max_length - lengths).clamp(min=0).tolist()
+        else:
+            budgets = [self.max_new_tokens] * count
+        stops = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        held = sorted({self.tokenizer.eos_token_id, *stops})
+        banned = sorted({words[0] for words in bad_words or []})
+
+        def process(logits: torch.Tensor, step: int) -> torch.Tensor:
+            if banned:
+                logits[:, banned] = float("-inf")
+            # OpenPrompt's min_length counts each example's own prompt (one example at a time)
+            hold = (lengths.to(logits.device) + step < (min_length or 0)) | (step < (min_new_tokens or 0))
+            logits[:, held] = torch.where(hold[:, None], float("-inf"), logits[:, held])
+            return logits
+
+        generated: list[list[int]] = [[] for _ in range(count)]
+        if max(budgets) > 0:
+            needed = banned or min_length or min_new_tokens
+            _, generated = self.generate_answers(batch, max(budgets), logits_processor=process if needed else None,
+                                                 return_ids=True)
+        output_ids, sentences = [], []
+        for i, (budget, new) in enumerate(zip(budgets, generated)):
+            new = new[:budget]  # a row with a longer prompt has less of max_length left
+            end = next((j + 1 for j, token in enumerate(new) if token in stops), len(new))
+            new = new[:end]
+            output_ids.append(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist() + new)
+            sentences.append(self.decode_answer(new))
+        if verbose:
+            for sentence in sentences:
+                log.info("generated: %s", sentence)
+        return output_ids, sentences
+
+
+# OpenPrompt generation arguments that change nothing in greedy decoding (sampling and beam settings, and
+# output plumbing); the ones here with the greedy value are accepted, any other value is refused
+IGNORED_IN_GREEDY = {"temperature", "top_k", "top_p", "length_penalty", "early_stopping", "pad_token_id",
+                     "use_cache", "output_scores", "typical_p"}
+GREEDY_EQUIVALENT = {"num_beams": 1, "do_sample": False, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                     "no_repeat_ngram_size": 0, "num_beam_groups": 1}

@@ -102,6 +102,8 @@ def import_opendelta(config: RunConfig, explicit: set[str]) -> str:
     """Convert ``config.import_path`` into the optqa checkpoint ``config.delta_save_path``; returns a summary line."""
     from .build import build_model, template_text
     from .checkpoint import build_manifest, save_checkpoint, sha256_file
+    from .options import check_length_budget
+    from .plm import backbone_max_positions
 
     if not config.import_path:
         raise OptqaError("--mode import_opendelta needs --import_path (the OpenDelta checkpoint folder)")
@@ -111,6 +113,7 @@ def import_opendelta(config: RunConfig, explicit: set[str]) -> str:
     source = Path(config.import_path)
     opendelta_config, state, weights_path = read_opendelta(source)
     delta = delta_config_from_opendelta(opendelta_config)
+    check_length_budget(config, backbone_max_positions(config.plm_path), config.plm_path, delta)
     text = template_text(config)
     model, backbone = build_model(config, delta_config=delta, template=text)
     expected_class = opendelta_config.get("backbone_class")
@@ -124,7 +127,8 @@ def import_opendelta(config: RunConfig, explicit: set[str]) -> str:
     own = list(model.delta_state_dict())
     mapped = map_state(delta["delta_type"], state, own, dict(model.backbone.named_parameters()), weights_path)
     model.load_delta_state_dict(mapped, source=str(weights_path))
-    settings = {**config.to_dict(), **delta, "mode": "import_opendelta"}
+    # the imported delta's own settings, so that hyperparameters and delta agree (bitfit: every layer, None)
+    settings = {**config.to_dict(), "modified_modules": None, **delta, "mode": "import_opendelta"}
     manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=text, backbone=backbone,
                               hyperparameters=settings, metrics={},
                               trainable_parameters=model.num_trainable_parameters())

@@ -12,8 +12,17 @@ log = logging.getLogger(__name__)
 def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None = None, dtype=None):
     """Load a causal LM and its tokenizer.
 
-    Returns ``(plm, tokenizer, model_config, WrapperClass)`` like OpenPrompt. ``model_name`` is kept for
-    compatibility ("opt", "gpt2", ...): transformers' Auto classes pick the architecture from the folder.
+    Args:
+        model_name: kept for OpenPrompt compatibility ("opt", "gpt2", ...): transformers' Auto classes pick the
+            architecture from the folder.
+        model_path: a hub id or a local Hugging Face folder.
+        specials_to_add: OpenPrompt's special tokens to add; ``"<pad>"`` is added when the tokenizer has no pad
+            token, and the embeddings (and a tied output head) grow to the new vocabulary, as OpenPrompt does.
+        dtype: the weights' dtype (default float32).
+    Returns:
+        ``(plm, tokenizer, model_config, WrapperClass)`` like OpenPrompt.
+    Raises:
+        OptqaError: the backbone cannot be found or loaded.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -45,7 +54,7 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
     if model_config.model_type != model_name and model_name not in ("auto", ""):
         log.info("model_name %r, folder holds a %r model: using the folder's architecture", model_name,
                  model_config.model_type)
-    add_special_tokens(tokenizer, specials_to_add)
+    add_special_tokens(plm, tokenizer, specials_to_add)
     if tokenizer.pad_token_id is None:
         # GPT-2-style tokenizers have no pad token; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -60,10 +69,64 @@ def _looks_like_a_path(name: str) -> bool:
     return (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name)
 
 
-def add_special_tokens(tokenizer, specials_to_add: list[str] | None) -> None:
+def add_special_tokens(plm, tokenizer, specials_to_add: list[str] | None) -> None:
+    """OpenPrompt's ``add_special_tokens``: a pad token where there is none, with embeddings to match.
+
+    A token added to the tokenizer gets the id ``len(vocabulary)``; without a matching embedding row any
+    padded batch fails with an IndexError, so the input embeddings (and OPT's tied head) are resized.
+    """
     for token in specials_to_add or []:
-        if token == "<pad>" and tokenizer.pad_token is None:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        if "pad" in token.lower() and tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": token})
+            rows = plm.get_input_embeddings().num_embeddings
+            if len(tokenizer) > rows:
+                plm.resize_token_embeddings(len(tokenizer))
+                log.info("added pad token %s (id %d); resized the embeddings from %d to %d rows", token,
+                         tokenizer.pad_token_id, rows, plm.get_input_embeddings().num_embeddings)
+            else:
+                log.info("added pad token %s (id %d)", token, tokenizer.pad_token_id)
+
+
+def backbone_reference(model_path: str) -> str:
+    """What a checkpoint records as its backbone: the hub id as typed, or a local folder's absolute path.
+
+    A relative folder (``runs/demo/tiny-opt``) only means something from the folder it was typed in; the
+    absolute path lets the checkpoint load from anywhere on that machine, and the fingerprint beside it
+    identifies the weights on any other.
+
+    Args:
+        model_path: ``--plm_path`` as given (hub id or folder).
+    Returns:
+        The folder's resolved absolute path if it exists here, else ``model_path`` unchanged.
+    """
+    local = Path(model_path).expanduser()
+    return str(local.resolve()) if local.exists() else str(model_path)
+
+
+def backbone_max_positions(model_path: str) -> int | None:
+    """The backbone's position limit, read from its config alone (transformers' ``AutoConfig``), without loading
+    the weights.
+
+    Args:
+        model_path: a hub id or a local folder.
+    Returns:
+        ``max_position_embeddings`` (``n_positions`` for GPT-2); None when the config cannot be read here (the
+        backbone load then reports why) or names no limit.
+    """
+    from transformers import AutoConfig
+
+    local = Path(model_path).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else model_path)
+    except (OSError, ValueError):
+        return None
+    return max_positions_of(config.to_dict())
+
+
+def max_positions_of(config: dict) -> int | None:
+    """The position limit in a backbone's config dict (a manifest records one)."""
+    value = config.get("max_position_embeddings", config.get("n_positions"))
+    return int(value) if isinstance(value, int) else None
 
 
 def backbone_identity(plm, model_path: str) -> dict:
@@ -73,7 +136,7 @@ def backbone_identity(plm, model_path: str) -> dict:
                      "_attn_implementation_autoset", "_attn_implementation_internal"):
         config.pop(volatile, None)
     return {
-        "name_or_path": str(model_path),
+        "name_or_path": backbone_reference(model_path),
         "architecture": type(plm).__name__,
         "model_type": plm.config.model_type,
         "config": config,

@@ -73,6 +73,8 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
         OptqaError: ``int8`` asked for where it cannot run (no int8 kernels, a GPU, a sharded backbone,
             an explicit bf16/fp16 precision).
     """
+    from .options import QUANTIZE_WITH_FSDP, QUANTIZE_WITH_PRECISION
+
     if choice not in QUANTIZE_CHOICES:
         raise OptqaError(f"--quantize {choice!r}: choose from {', '.join(QUANTIZE_CHOICES)}")
     if choice == "none":
@@ -91,10 +93,9 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
         raise OptqaError(f"--quantize int8 runs on the CPU, the model is on {device.type}; add --cpu or use "
                          "--quantize none")
     if sharded:
-        raise OptqaError("--quantize int8 needs the whole backbone in one process; it cannot be combined with --fsdp")
+        raise OptqaError(QUANTIZE_WITH_FSDP)
     if precision in ("bf16", "fp16"):
-        raise OptqaError(f"--quantize int8 computes around its int8 matmuls in fp32; it cannot be combined with "
-                         f"--precision {precision}")
+        raise OptqaError(QUANTIZE_WITH_PRECISION)
     return "int8"
 
 

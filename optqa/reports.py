@@ -9,9 +9,6 @@ from .results import METRICS_NAME, PLOT_NAME, STEPS_NAME
 
 log = logging.getLogger(__name__)
 
-# matplotlib is an optional extra; its absence is reported once per process, not once per run or epoch.
-_missing_matplotlib_reported = False
-
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
@@ -33,20 +30,13 @@ def learning_curve_data(run_dir: str | Path) -> tuple[list[tuple[int, float]], l
 def plot_learning_curve(run_dir: str | Path) -> Path | None:
     """Draw train loss per step and dev F1 per epoch to ``<run_dir>/learning_curve.png``.
 
-    Returns the file, or None when matplotlib is not installed or there is nothing to draw.
+    Returns the file, or None when there is nothing to draw.
     """
-    global _missing_matplotlib_reported
-    try:
-        import matplotlib  # noqa: F401  (imported first so a missing package fails here, not half-way)
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        if not _missing_matplotlib_reported:
-            log.info("matplotlib is not installed: no learning-curve plot "
-                     "(install matplotlib, the 'plot' extra, to get one)")
-            _missing_matplotlib_reported = True
-        return None
+    # imported here, not at the top: the question loop never draws, and matplotlib takes a while to import
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     losses, dev = learning_curve_data(run_dir)
     if not losses and not dev:
         return None

@@ -134,13 +134,9 @@ def make_accelerator(config):
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState
 
-    from .errors import OptqaError
-
     use_cpu = config.cpu or not torch.cuda.is_available()
     dtype = autocast_dtype(config.precision, torch.device("cpu" if use_cpu else "cuda"))
-    if use_cpu and dtype == torch.float16:
-        raise OptqaError("--precision fp16 trains only on a CUDA GPU (it needs loss scaling); on a CPU use bf16 "
-                         "or fp32")
+    # fp16 on a CPU was refused by options.check_run before this point
     # on CUDA accelerate owns autocast and, for fp16, the GradScaler; on a CPU optqa's own bf16 autocast runs
     # (model.autocast_dtype), which also covers generation, outside the prepared forward
     mixed = "no" if use_cpu or dtype is None else ("bf16" if dtype == torch.bfloat16 else "fp16")

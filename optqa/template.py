@@ -37,8 +37,11 @@ class Piece:
     position: int = 0  # character offset in the template text, for error messages
 
 
-def parse_template(text: str, source: str = "template") -> list[Piece]:
-    """Split template text into pieces; a malformed ``{...}`` names the problem and its character position."""
+def parse_template(text: str, source: str = "template", require_mask: bool = True) -> list[Piece]:
+    """Split template text into pieces; a malformed ``{...}`` names the problem and its character position.
+
+    ``require_mask=False`` parses text that is not a prompt (a GenerationVerbalizer's target rule).
+    """
     pieces: list[Piece] = []
     i, plain = 0, []
     while i < len(text):
@@ -72,7 +75,8 @@ def parse_template(text: str, source: str = "template") -> list[Piece]:
         i = end + 1
     if plain:
         pieces.append(Piece("text", "".join(plain), position=len(text) - len(plain)))
-    _check_structure(pieces, source)
+    if require_mask:
+        _check_structure(pieces, source)
     return pieces
 
 
@@ -192,38 +196,64 @@ class ManualTemplate(nn.Module):
                 rows.append(weight[token_id].clone())
         return torch.stack(rows)
 
-    def render(self, example) -> list[tuple[str, list[int], bool]]:
-        """The prompt as ``(kind, token_ids, shortenable)`` segments, without bos and without the answer.
+    def _piece_texts(self, example):
+        """``(piece, text)`` for each piece before the mask; text is None for soft and special pieces.
 
-        Pieces are tokenised separately (so the question can be cut alone); whitespace that ends one
-        piece is moved to the start of the next, which is how byte-level BPE expects word boundaries.
+        Whitespace that ends one piece is moved to the start of the next, which is how byte-level BPE expects
+        word boundaries; white space before a piece that is not text has no word to attach to (carrying both it
+        and the space after it would give the next piece two leading spaces), and at the mask it is dropped.
         """
-        segments: list[tuple[str, list[int], bool]] = []
         carry = ""
-        soft_index = 0
         for piece in self.pieces:
             if piece.kind == "mask":
                 break
             if piece.kind in ("soft", "special"):
-                # white space before a token that is not text has no word to attach to; the space after it
-                # still goes to the next piece (carrying both would give that piece two leading spaces)
                 carry = ""
+                yield piece, None
+                continue
+            text = carry + self._piece_text(piece, example)
+            stripped = text.rstrip()
+            carry = text[len(stripped):]
+            if stripped:
+                yield piece, stripped
+
+    def render(self, example) -> list[tuple[str, list[int], bool]]:
+        """The prompt as ``(kind, token_ids, shortenable)`` segments, without bos and without the answer.
+
+        Pieces are tokenised separately (so the question can be cut alone), with whitespace placed as
+        ``_piece_texts`` says.
+        """
+        segments: list[tuple[str, list[int], bool]] = []
+        soft_index = 0
+        for piece, text in self._piece_texts(example):
             if piece.kind == "soft":
                 start = sum(len(ids) for ids in self._soft_token_ids[:soft_index])
                 count = len(self._soft_token_ids[soft_index])
                 segments.append(("soft", list(range(start, start + count)), False))
                 soft_index += 1
-                continue
-            if piece.kind == "special":
+            elif piece.kind == "special":
                 segments.append(("special", [self._special_ids[piece.value]], False))
-                continue
-            text = self._piece_text(piece, example)
-            text = carry + text
-            stripped = text.rstrip()
-            carry = text[len(stripped):]
-            if stripped:
-                segments.append((piece.kind, self._encode(stripped), piece.shortenable))
+            else:
+                segments.append((piece.kind, self._encode(text), piece.shortenable))
         return segments
+
+    def prompt_format(self) -> str:
+        """The prompt as one format string, for tools that take text: ``{text_a}``/``{text_b}`` and ``{meta
+        name}`` stand for the example's fields. The tokenizer's own bos (``add_special_tokens``) comes first,
+        as in optqa's prompts; tokenised whole, the string gives the ids ``render`` gives (the whitespace
+        rules above are what make the two agree).
+
+        Raises:
+            OptqaError: the template has ``{"soft"}`` pieces, which are embeddings, not text.
+        """
+        if self.num_soft_tokens:
+            raise OptqaError('a template with {"soft"} pieces has no text form: its soft tokens are embeddings')
+        fields = _FieldNames()
+        example = _FieldNames(text_a="{text_a}", text_b="{text_b}", meta=fields, guid="template")
+        parts = []
+        for piece, text in self._piece_texts(example):
+            parts.append(self._special_token(piece.value) if piece.kind == "special" else text)
+        return "".join(parts)
 
     def _special_token(self, name: str, where: str = "template") -> str:
         aliases = {"<eos>": self.tokenizer.eos_token, "<bos>": self.tokenizer.bos_token,
@@ -237,16 +267,102 @@ class ManualTemplate(nn.Module):
         return token
 
     def _piece_text(self, piece: Piece, example) -> str:
-        if piece.kind == "text":
-            value = piece.value
-        elif piece.kind == "placeholder":
-            value = getattr(example, piece.value) or ""
-        else:  # meta
-            meta = example.meta or {}
-            if piece.value not in meta:
-                raise OptqaError(f"template asks for meta {piece.value!r}, example {example.guid} has "
-                                 f"{sorted(meta) or 'no meta'}")
-            value = str(meta[piece.value])
-        if piece.post_processing:
-            value = POST_PROCESSING[piece.post_processing](value)
-        return value
+        return piece_text(piece, example)
+
+
+def piece_text(piece: Piece, example, what: str = "template") -> str:
+    """The text a text, placeholder or meta piece stands for in ``example`` (post-processing applied)."""
+    if piece.kind == "text":
+        value = piece.value
+    elif piece.kind == "placeholder":
+        value = getattr(example, piece.value) or ""
+    else:  # meta
+        meta = example.meta or {}
+        if piece.value not in meta:
+            raise OptqaError(f"{what} asks for meta {piece.value!r}, example {example.guid} has "
+                             f"{sorted(meta) or 'no meta'}")
+        value = str(meta[piece.value])
+    if piece.post_processing:
+        value = POST_PROCESSING[piece.post_processing](value)
+    return value
+
+
+class MixedTemplate(ManualTemplate):
+    """OpenPrompt's ``MixedTemplate(model, tokenizer, text=...)``: hard text with ``{"soft"}`` pieces.
+
+    It is a ManualTemplate whose soft pieces take their initial embeddings from ``model``'s input embedding
+    (``{"soft":"words"}``: one trainable vector per token of the words; ``{"soft"}``: one vector copied from a
+    random vocabulary row). The vectors are ``template.parameters()``: train them with the delta
+    (``AdamW([*delta_model.parameters(), *template.parameters()])``); ``save_finetuned`` saves them with it.
+
+    Args:
+        model: the backbone from ``load_plm`` (with or without a delta attached).
+        tokenizer: its tokenizer.
+        text: template text; the ``{"mask"}`` comes last.
+        placeholder_mapping: kept for OpenPrompt's signature.
+
+    Raises:
+        OptqaError: a malformed template, or OpenPrompt keys optqa's parser lacks (``soft_id``, ``duplicate``).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, text: str | None = None, placeholder_mapping: dict | None = None):
+        super().__init__(tokenizer, text=text, placeholder_mapping=placeholder_mapping, source="MixedTemplate",
+                         embedding=model.get_input_embeddings())
+
+
+class PrefixTuningTemplate(ManualTemplate):
+    """OpenPrompt's ``PrefixTuningTemplate(model, tokenizer, text=..., num_token=5)``, on optqa's prefix delta.
+
+    OpenPrompt's template owns trainable key/value prefixes for every layer; optqa's ``prefix`` delta (PEFT's
+    prefix tuning) is exactly that, so this attaches ``AutoDeltaConfig.from_dict({"delta_type": "prefix",
+    "prefix_token_num": num_token})`` to ``model`` and renders ``text`` like a ManualTemplate. The delta is
+    ``template.delta_model`` (train ``template.delta_model.parameters()``, save it with ``save_finetuned``).
+    The prefixes are trained directly: OpenPrompt's reparametrisation MLP (``mid_dim``) is a training aid that
+    is not part of the saved result, and optqa does not build it.
+
+    Raises:
+        OptqaError: ``prefix_dropout`` other than 0 or a ``mapping_hook`` (not supported), a backbone that
+            already carries a delta.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, mapping_hook=None, text: str | None = None, num_token: int = 5,
+                 placeholder_mapping: dict | None = None, prefix_dropout: float = 0.0, mid_dim: int = 512,
+                 using_encoder_past_key_values: bool = True, using_decoder_past_key_values: bool = True):
+        from .deltas import AutoDeltaModel
+
+        if mapping_hook is not None or prefix_dropout:
+            raise OptqaError("PrefixTuningTemplate: mapping_hook and prefix_dropout are not supported (optqa's "
+                             "prefix delta trains the key/value prefixes directly)")
+        super().__init__(tokenizer, text=text or '{"placeholder":"text_a"} {"mask"}', source="PrefixTuningTemplate",
+                         placeholder_mapping=placeholder_mapping, embedding=model.get_input_embeddings())
+        self.__dict__["delta_model"] = AutoDeltaModel.from_config(
+            {"delta_type": "prefix", "prefix_token_num": num_token}, backbone_model=model, tokenizer=tokenizer)
+
+
+def _refused_template(name: str, instead: str) -> type:
+    def __init__(self, *args, **kwargs):
+        raise OptqaError(f"OpenPrompt's {name} is not part of optqa; use {instead}")
+
+    return type(name, (), {"__init__": __init__, "__doc__": f"Refused with one line: use {instead}."})
+
+
+SoftTemplate = _refused_template(
+    "SoftTemplate", 'MixedTemplate with {"soft"} pieces, or AutoDeltaConfig.from_dict({"delta_type": "soft_prompt"})')
+PtuningTemplate = _refused_template(
+    "PtuningTemplate", 'MixedTemplate with {"soft"} pieces (trained directly, without the LSTM/MLP prompt encoder)')
+SoftManualTemplate = _refused_template("SoftManualTemplate", 'MixedTemplate with {"soft":"words"} pieces')
+PTRTemplate = _refused_template("PTRTemplate", "ManualTemplate (PTR's sub-prompts are for classification)")
+
+
+class _FieldNames(dict):
+    """Stands in for an example when a template is rendered as a format string: every field is ``{name}``."""
+
+    def __init__(self, **fields):
+        super().__init__()
+        self.__dict__.update(fields)
+
+    def __contains__(self, name) -> bool:
+        return True
+
+    def __getitem__(self, name) -> str:
+        return "{" + str(name) + "}"

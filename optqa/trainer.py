@@ -63,7 +63,18 @@ def ensure_training_data(config: RunConfig) -> None:
 
 
 def train(config: RunConfig) -> dict:
+    """Train the delta ``config`` describes; returns the run's summary (scores, paths, wall time).
+
+    Raises:
+        OptqaError: a refused combination of options, a length budget over the backbone's positions, bad data,
+            a bad backbone or checkpoint folder: all before the backbone is loaded where they can be.
+    """
+    from .options import check_length_budget, check_run
+    from .plm import backbone_max_positions
+
     started = time.perf_counter()
+    check_run(config)
+    check_length_budget(config, backbone_max_positions(config.plm_path), config.plm_path)
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
     configure_threads(config.num_threads)

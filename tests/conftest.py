@@ -61,6 +61,16 @@ def tiny_opt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lively_opt(tmp_path_factory):
+    """A tiny OPT with large random weights: its greedy answers differ from question to question without any
+    training (tiny_opt answers every question alike until a delta is trained), so soft prompts and prefixes,
+    which barely train on a random backbone, still get a meaningful batched-vs-single comparison."""
+    from optqa.tiny import build_opt
+
+    return build_opt(tmp_path_factory.mktemp("lively-opt"), sample_texts(), seed=0, init_std=0.3, embedding_std=1.0)
+
+
+@pytest.fixture(scope="session")
 def memory_data(tmp_path_factory) -> Path:
     """train = dev = test = MEMORY_SET: scores measure memorisation."""
     folder = tmp_path_factory.mktemp("memory-data")

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.metadata
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -170,8 +171,8 @@ def test_console_script_is_installed():
     "fp32",  # the path of CPUs without native bf16 (and of CI machines like them)
 ])
 def test_demo_runs_offline_and_answers_from_memory(tmp_path, precision):
-    result = run_cli("--mode", "demo", "--output_dir", str(tmp_path), "--precision", precision, cwd=tmp_path,
-                     env=ONE_THREAD)
+    # the default, relative --output_dir (./runs): the checkpoint must still load from any folder
+    result = run_cli("--mode", "demo", "--precision", precision, cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     for step in ("1/4", "2/4", "3/4", "4/4"):
         assert step in result.stdout
@@ -179,4 +180,21 @@ def test_demo_runs_offline_and_answers_from_memory(tmp_path, precision):
     assert len(pairs) == DEMO_SHOWN, result.stdout
     remembered = [answer for answer, golds in pairs if best_over_golds(answer, golds.split(" | "))[1]]
     assert len(remembered) >= DEMO_SHOWN - 1, result.stdout
-    assert (tmp_path / "demo" / "delta_ckpts" / MANIFEST_NAME).is_file()
+    demo = tmp_path / "runs" / "demo"
+    assert (demo / "delta_ckpts" / MANIFEST_NAME).is_file()
+    manifest = json.loads((demo / "delta_ckpts" / MANIFEST_NAME).read_text(encoding="utf-8"))
+    assert manifest["backbone"]["name_or_path"] == str(demo / "tiny-opt")
+    if precision != "fp32":
+        return
+    # the printed next: command, run from another folder, answers the first shown question as the demo did
+    [next_line] = [line for line in result.stdout.splitlines() if line.startswith("next: ")]
+    command = shlex.split(next_line[len("next: "):])
+    assert command == ["python", "-m", "optqa", "--mode", "interactive_inference", "--delta_save_path",
+                       str(demo / "delta_ckpts")]
+    [question] = re.findall(r"^\s+Q: (.*)$", result.stdout, re.MULTILINE)[:1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    answered = run_cli(*command[3:], stdin=question + "\n", cwd=elsewhere, env=ONE_THREAD)
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    assert f"delta adapter on {demo / 'tiny-opt'} ready" in answered.stderr
+    assert [line for line in answered.stdout.split("\n") if line.startswith("Answer:")] == [f"Answer: {pairs[0][0]}"]

@@ -52,6 +52,9 @@ def test_import_reproduces_opendelta(imported, delta):
     assert not {"backbone_hash", "opendelta_version", "exclude_modules", "common_structure"} & set(config)
     # OpenDelta's "attn@" patterns are not optqa's; None means optqa's default (the same 16 biases)
     assert (config.get("modified_modules") is None) == (delta == "bitfit")
+    # the manifest says the same thing twice (issue 13)
+    assert manifest["hyperparameters"]["modified_modules"] == config.get("modified_modules")
+    assert manifest["hyperparameters"]["delta_type"] == delta
     assert manifest["imported_from"]["format"] == "OpenDelta"
     assert manifest["imported_from"]["backbone_class"] == "OPTForCausalLM"
 

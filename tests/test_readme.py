@@ -23,7 +23,27 @@ def test_every_mode_is_documented():
 def test_ci_runs_the_readme_test_command_after_pinning_torch():
     commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
     setup, test_command = commands[0], commands[1]
-    assert setup.startswith("pip install torch==2.13.0 && ")
+    assert setup.startswith("pip install torch==2.13.0 && pip install -c constraints.txt -e ")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert test_command in ci.splitlines()
-    assert ci.index("torch==2.13.0") < ci.index('-e ".[dev,plot]"') < ci.index(test_command)
+    # a fresh venv first, then the same installs as the README, then its test command
+    assert (ci.index("python3 -m venv") < ci.index("torch==2.13.0") < ci.index('-c constraints.txt -e ".[dev,plot]"')
+            < ci.index(test_command))
+
+
+def test_constraints_pin_what_setup_py_allows():
+    """Every pinned direct requirement lies inside setup.py's range: the tested set is an installable set."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    direct = [Requirement(r) for r in requires("optqa")]
+    for requirement in direct:
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name], requirement)

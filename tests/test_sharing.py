@@ -170,6 +170,25 @@ def test_export_writes_bundle_and_peft_folder_through_the_cli(lora_ckpt, exporte
         assert archive.namelist() == [MANIFEST_NAME, WEIGHTS_NAME]
 
 
+def test_the_peft_folder_has_a_model_card_whose_recipe_gives_optqas_answers(lora_ckpt, exported, tiny_opt,
+                                                                            monkeypatch):
+    import re
+
+    peft_folder = lora_ckpt.with_name(lora_ckpt.name + "-peft")
+    card = (peft_folder / "README.md").read_text(encoding="utf-8")
+    assert "[More Information Needed]" not in card  # not PEFT's blank template
+    assert f'base_model: "{tiny_opt}"' in card and "LoRA adapter for" in card
+    # the exact prompt string of the default template, in the card's text and in its code
+    assert "\n```\n{text_a} Answer:\n```\n" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert 'PROMPT = "{text_a} Answer:"' in snippet
+    # the card's code, run as it is from the folder above the adapter, answers as optqa does
+    monkeypatch.chdir(peft_folder.parent)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["answer"] == answers(lora_ckpt)[QUESTIONS.index("What is frozen water called?")] != ""
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 def _zip(path: Path, entries: list[tuple]) -> Path:

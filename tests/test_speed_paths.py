@@ -104,17 +104,6 @@ def test_bf16_training_steps_track_fp32(tiny_opt):
         assert bf16 == pytest.approx(fp32, rel=0.1, abs=0.1)
 
 
-@pytest.fixture(scope="module")
-def lively_opt(tmp_path_factory):
-    """A tiny OPT with large random weights: its greedy answers differ from question to question without any
-    training (tiny_opt answers every question alike until a delta is trained), so soft prompts and prefixes,
-    which barely train on a random backbone, still get a meaningful batched-vs-single comparison."""
-    from conftest import sample_texts
-    from optqa.tiny import build_opt
-
-    return build_opt(tmp_path_factory.mktemp("lively-opt"), sample_texts(), seed=0, init_std=0.3, embedding_std=1.0)
-
-
 def give_lora_weight(model) -> None:
     # LoRA starts as a no-op (B = 0): small random B factors make it change the answers
     with torch.no_grad():

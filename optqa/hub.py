@@ -1,0 +1,505 @@
+"""Sharing deltas through the Hugging Face Hub: ``hf://OWNER/NAME[@REVISION]`` pulls and ``--mode push``.
+
+Everything goes through ``huggingface_hub`` (``snapshot_download``, ``HfApi.create_repo`` / ``upload_folder``,
+``ModelCard``), so the token, the cache (``HF_HUB_CACHE``), ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` behave as in
+every other Hugging Face tool. A pulled snapshot is then treated exactly like a local checkpoint folder: every
+file's SHA-256 against the manifest, then the backbone's fingerprint. A pushed repository holds the checkpoint
+byte for byte, the PEFT adapter where PEFT has the method (so ``PeftModel.from_pretrained(base, "OWNER/NAME")``
+works too), and a model card.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import platform
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import OptqaError
+
+log = logging.getLogger(__name__)
+
+HUB_PREFIX = "hf://"
+CARD_NAME = "README.md"
+# A full commit hash; huggingface_hub names snapshot folders by it.
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# The libraries whose versions decide what a delta computes and how it is stored.
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "huggingface_hub")
+LOGIN_HINT = "run `hf auth login` (`huggingface-cli login` with older huggingface_hub) or set HF_TOKEN"
+
+
+def library_versions() -> dict[str, str]:
+    """optqa's, Python's and the libraries' versions (``"not installed"`` for a missing one), for manifests,
+    bundles and model cards: which software made a delta."""
+    from . import __version__
+
+    versions = {"optqa": __version__, "python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------- pulling
+
+@dataclasses.dataclass(frozen=True)
+class HubRef:
+    """A delta on the Hub: ``repo_id`` (``OWNER/NAME``) and ``revision`` (branch, tag or commit; None: main)."""
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return HUB_PREFIX + self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pulled:
+    """A snapshot in the local Hugging Face cache: what was asked for, the commit it resolved to, its folder."""
+    ref: HubRef
+    commit: str
+    folder: Path
+
+    def describe(self) -> str:
+        return f"{self.ref} -> commit {self.commit} ({self.folder})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"repo_id": self.ref.repo_id, "revision": self.ref.revision or "main", "commit": self.commit}
+
+
+def parse_hub_path(path: Any) -> HubRef | None:
+    """``hf://OWNER/NAME`` or ``hf://OWNER/NAME@REVISION`` as a HubRef; anything else (a local path) None.
+
+    Raises:
+        OptqaError: the text starts with ``hf://`` but is not a valid repository id.
+    """
+    if not isinstance(path, str) or not path.startswith(HUB_PREFIX):
+        return None  # a Path cannot hold "hf://" (it collapses the double slash): only strings are hub names
+    body = path[len(HUB_PREFIX):]
+    repo_id, _, revision = body.partition("@")
+    if "@" in body and not revision:
+        raise OptqaError(f"{path}: nothing after '@'; write hf://OWNER/NAME@REVISION (a branch, tag or commit)")
+    validate_repo_id(repo_id, path)
+    return HubRef(repo_id, revision or None)
+
+
+def validate_repo_id(repo_id: str, shown: str) -> None:
+    """Raise OptqaError unless ``repo_id`` is ``OWNER/NAME`` by huggingface_hub's own rules."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
+
+    if repo_id.count("/") != 1:
+        raise OptqaError(f"{shown}: a Hub repository is named OWNER/NAME (e.g. hf://alice/opt125m-arcda-lora)")
+    try:
+        hub_validate(repo_id)
+    except HFValidationError as exc:
+        raise OptqaError(f"{shown}: not a valid Hub repository id ({str(exc).splitlines()[0]})") from None
+
+
+def pull(ref: HubRef) -> Pulled:
+    """Download (or find in the cache) the snapshot of ``ref`` with ``huggingface_hub.snapshot_download``.
+
+    Files land in the standard cache (``HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``); with
+    ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached, the cached snapshot of the revision is used.
+    Nothing here is trusted: the caller verifies the files against the manifest as for a local folder.
+
+    Returns:
+        Pulled: the resolved commit hash and the snapshot folder.
+
+    Raises:
+        OptqaError: one line for an unknown repository or revision, or no network and no cached copy.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    revision = ref.revision or "main"
+    try:
+        folder = Path(snapshot_download(ref.repo_id, revision=revision))
+    except GatedRepoError:
+        raise OptqaError(f"{ref}: the repository is gated; accept its conditions on the Hub and {LOGIN_HINT}") from None
+    except RevisionNotFoundError:
+        raise OptqaError(f"{ref}: the repository has no revision {revision!r} (a branch, tag or commit)") from None
+    except RepositoryNotFoundError:
+        raise OptqaError(f"{ref}: no such repository on the Hub ({constants.ENDPOINT}), or it is private and "
+                         f"no token with access was sent: check the name, or {LOGIN_HINT}") from None
+    except LocalEntryNotFoundError as exc:
+        # IncompleteSnapshotError (huggingface_hub 2.x) is a LocalEntryNotFoundError: a download cut short
+        if type(exc).__name__ == "IncompleteSnapshotError":
+            raise OptqaError(f"{ref}: the cached snapshot is incomplete and the Hub cannot be reached; pull it "
+                             "again with network access") from None
+        why = ("HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE
+               else f"the Hub at {constants.ENDPOINT} cannot be reached")
+        raise OptqaError(f"{ref} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: pull it "
+                         f"once with network access (python -m optqa --mode inspect --delta_save_path {ref}), "
+                         "or copy that cache folder from a machine that has it") from None
+    except HfHubHTTPError as exc:
+        raise OptqaError(f"{ref}: the Hub refused the download ({str(exc).splitlines()[0]})") from None
+    # snapshot_download returns <cache>/models--OWNER--NAME/snapshots/<commit>
+    commit = folder.name
+    if not COMMIT_RE.match(commit):
+        raise OptqaError(f"{ref}: huggingface_hub returned {folder}, not a snapshot folder named by its commit")
+    pulled = Pulled(ref, commit, folder)
+    log.info("pulled %s: commit %s, files in %s", ref, commit, folder)
+    return pulled
+
+
+def resolve_source(path: str | Path) -> tuple[str | Path, Pulled | None]:
+    """Where a delta path (``--delta_save_path``) lives on disk: a hub name is pulled, anything else is returned.
+
+    Returns:
+        ``(local path, Pulled or None)``.
+    """
+    ref = parse_hub_path(path)
+    if ref is None:
+        return path, None
+    pulled = pull(ref)
+    return pulled.folder, pulled
+
+
+def pin_source(path: str | Path) -> str | Path:
+    """A Hub name pinned to the commit its revision resolves to now (pulled once); anything else unchanged.
+
+    A command that reads a delta several times (export: the bundle, then the PEFT folder) reads the same commit
+    every time, from the cache, even if the branch moves meanwhile.
+    """
+    ref = parse_hub_path(path)
+    if ref is None:
+        return path
+    return str(HubRef(ref.repo_id, pull(ref).commit))
+
+
+def default_export_name(path: str | Path) -> str | None:
+    """For a hub name, the file name an export writes to the working folder (``NAME.optqa``); else None.
+
+    The snapshot lives in the shared cache, which is no place for new files.
+    """
+    ref = parse_hub_path(path)
+    return None if ref is None else ref.repo_id.split("/")[1]
+
+
+# ---------------------------------------------------------------------------------------------- pushing
+
+def push(config, explicit: set[str]) -> list[str]:
+    """``--mode push``: upload ``--delta_save_path`` to ``--hub_repo`` (or, with ``--dry_run``, write the folder
+    that would be uploaded to ``--export_path``). Returns the lines to print.
+
+    Raises:
+        OptqaError: no --hub_repo, an invalid repository id, no token, offline mode, or the Hub refusing.
+    """
+    if not config.hub_repo:
+        raise OptqaError("--mode push needs --hub_repo OWNER/NAME (the Hub repository to create or update)")
+    validate_repo_id(config.hub_repo, f"--hub_repo {config.hub_repo}")
+    if config.dry_run:
+        if not config.export_path:
+            raise OptqaError("--dry_run writes the folder it would upload to --export_path; pass --export_path DIR")
+        target = build_upload_folder(config, explicit, Path(config.export_path))
+        return [f"dry run: nothing uploaded; the folder that would go to {config.hub_repo} is {target}:",
+                *_listing(target)]
+    api, user = _hub_session()
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with tempfile.TemporaryDirectory(prefix="optqa-push-") as temp:
+        folder = build_upload_folder(config, explicit, Path(temp) / "upload")
+        try:
+            api.create_repo(config.hub_repo, private=config.private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(repo_id=config.hub_repo, folder_path=str(folder), repo_type="model",
+                                     commit_message=config.commit_message or _default_message(folder))
+        except HfHubHTTPError as exc:
+            raise OptqaError(f"the Hub refused the push to {config.hub_repo} ({str(exc).splitlines()[0]}); "
+                             f"check that your token can write there ({LOGIN_HINT})") from None
+        except ValueError as exc:  # the Hub's validation of the card's metadata
+            raise OptqaError(f"the Hub refused the push to {config.hub_repo}: "
+                             + "; ".join(line.strip() for line in str(exc).splitlines())) from None
+        except _network_errors() as exc:
+            raise OptqaError(f"could not reach the Hub at {api.endpoint} ({type(exc).__name__}): "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'no details'}") from None
+        listing = _listing(folder)
+    commit = getattr(info, "oid", None) or "?"
+    return [f"pushed {len(listing)} files to {config.hub_repo} as {user} (commit {commit}): {info}",
+            *listing, f"pull it with --delta_save_path hf://{config.hub_repo}@{commit}"]
+
+
+def _hub_session():
+    """An authenticated HfApi and the user name, checked before anything is built or loaded."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        raise OptqaError("HF_HUB_OFFLINE=1 is set: a push needs the network; unset it (or use --dry_run to write "
+                         "the folder only)")
+    token = get_token()
+    if not token:
+        raise OptqaError(f"no Hugging Face token found: {LOGIN_HINT} (a token with write access)")
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+    except HfHubHTTPError as exc:
+        raise OptqaError(f"the Hub at {api.endpoint} did not accept the token ({str(exc).splitlines()[0]}); "
+                         f"{LOGIN_HINT}") from None
+    except _network_errors() as exc:
+        raise OptqaError(f"could not reach the Hub at {api.endpoint} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); check the network, or use "
+                         "--dry_run to write the folder only") from None
+    return api, user
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a failed connection raises: huggingface_hub's HTTP client (httpx2 in 2.x, httpx in 1.x,
+    requests before) has its own hierarchy, not OSError."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def _default_message(folder: Path) -> str:
+    from .checkpoint import MANIFEST_NAME, WEIGHTS_NAME, read_json
+
+    manifest = read_json(folder / MANIFEST_NAME, "damaged manifest")
+    return (f"optqa {manifest['delta']['delta_type']} delta for {manifest['backbone']['name_or_path']} "
+            f"(weights sha256 {manifest['files'][WEIGHTS_NAME]['sha256'][:12]})")
+
+
+def _listing(folder: Path) -> list[str]:
+    from .checkpoint import sha256_file
+
+    return [f"  {path.name}  {path.stat().st_size:,} bytes  sha256 {sha256_file(path)[:16]}"
+            for path in sorted(folder.iterdir()) if path.is_file()]
+
+
+def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
+    """Write the folder a push uploads into ``target`` (a new or empty folder): the checkpoint's manifest and
+    files byte for byte, the PEFT adapter files where PEFT has the method, and the model card README.md.
+
+    Returns:
+        The written folder.
+    """
+    from .bundle import open_checkpoint, shareable_files
+    from .checkpoint import MANIFEST_NAME, read_manifest, verify_files, write_folder_atomically
+    from .sharing import PEFT_TEMPLATE_NAME, peft_export_problem, write_peft_adapter
+
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise OptqaError(f"{target} already exists and is not empty; choose a new --export_path for the dry run")
+    from .peft_import import is_peft_adapter
+
+    source = config.delta_save_path
+    with open_checkpoint(source) as folder:
+        if is_peft_adapter(folder):
+            raise OptqaError(f"{source} is a plain PEFT adapter, not an optqa checkpoint: convert it first (python -m "
+                             f"optqa --mode export --delta_save_path {source} --template ...), then push the bundle")
+        folder, manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+        manifest_bytes, names = shareable_files(folder, manifest)
+        problem = peft_export_problem(manifest) if config.export_peft else "--no-export_peft was given"
+        base_model = _base_model(config, explicit, manifest)
+
+        def write(out: Path) -> None:
+            (out / MANIFEST_NAME).write_bytes(manifest_bytes)
+            for name in names:
+                shutil.copyfile(folder / name, out / name)
+            peft_files = []
+            if problem is None:
+                with tempfile.TemporaryDirectory(prefix="optqa-peft-") as temp:
+                    adapter = write_peft_adapter(folder, Path(temp) / "adapter", manifest,
+                                                 config.plm_path if "plm_path" in explicit else None,
+                                                 config.ignore_backbone_mismatch)
+                    for name in ("adapter_config.json", "adapter_model.safetensors", PEFT_TEMPLATE_NAME):
+                        shutil.copyfile(adapter / name, out / name)
+                        peft_files.append(name)
+                    _finish_adapter_config(out / "adapter_config.json", base_model)
+            else:
+                log.info("no PEFT adapter in the upload: %s", problem)
+            card = model_card(manifest, config.hub_repo, base_model, peft_files, problem, library_versions())
+            (out / CARD_NAME).write_text(card, encoding="utf-8", newline="\n")
+
+        return write_folder_atomically(target, write)
+
+
+def _finish_adapter_config(path: Path, base_model: str | None) -> None:
+    """PEFT records the backbone's local folder; on the Hub the adapter names the Hub model (AutoPeftModel loads
+    the backbone from it). PEFT writes target_modules from a set, in an order that changes between runs:
+    sorted, the same delta always gives the same upload."""
+    import json
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if base_model:
+        config["base_model_name_or_path"] = base_model
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8", newline="\n")
+
+
+def _base_model(config, explicit: set[str], manifest: dict[str, Any]) -> str | None:
+    """The backbone's Hub id for the card: --base_model, else the manifest's name if it is a Hub id (a local
+    folder names nothing on the Hub)."""
+    if config.base_model:
+        if "/" in config.base_model:  # legacy Hub models ("gpt2") have no owner part
+            validate_repo_id(config.base_model, f"--base_model {config.base_model}")
+        return config.base_model
+    name = str(manifest["backbone"]["name_or_path"])
+    from .plm import _looks_like_a_path
+
+    if Path(name).expanduser().exists() or _looks_like_a_path(name) or name.count("/") != 1:
+        log.warning("the backbone %s is a local folder: the card names no base_model (pass --base_model "
+                    "OWNER/NAME, e.g. facebook/opt-125m, if it is a copy of a Hub model)", name)
+        return None
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- the model card
+
+METHOD_TAGS = {"lora": "lora", "soft_prompt": "prompt-tuning", "prefix": "prefix-tuning", "adapter": "adapter",
+               "bitfit": "bitfit"}
+
+
+def prompt_preview(template: str, question: str) -> str:
+    """The text a template puts before the answer for ``question``, as the model sees it after its bos token
+    (soft tokens shown as ``<soft:N>``, special tokens by name); trailing white space is dropped, as optqa
+    renders it."""
+    from .template import parse_template
+
+    out = ""
+    for piece in parse_template(template, "checkpoint template"):
+        if piece.kind == "mask":
+            break
+        if piece.kind == "soft":
+            out = out.rstrip() + f"<soft:{piece.value or ''}>"
+        elif piece.kind == "special":
+            out = out.rstrip() + piece.value
+        elif piece.kind == "placeholder":
+            out += question
+        elif piece.kind == "meta":
+            out += "{" + piece.value + "}"
+        else:
+            out += piece.value
+    return out.rstrip()
+
+
+def _dataset_name(hyper: dict[str, Any]) -> str:
+    train = hyper.get("train_file")
+    return Path(str(train)).parent.name if train else Path(str(hyper.get("data_path") or "data")).name
+
+
+def model_card(manifest: dict[str, Any], repo_id: str, base_model: str | None, peft_files: list[str],
+               peft_problem: str | None, versions: dict[str, str]) -> str:
+    """The README.md of a pushed delta: YAML front matter the Hub reads (base_model, library_name, tags,
+    datasets, model-index with dev/test F1 and EM) and a text with the template, delta config, exact prompt,
+    versions, and how to load it with optqa and with PEFT.
+
+    Returns:
+        The card's text.
+    """
+    import json
+
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    delta = manifest["delta"]
+    delta_type = delta["delta_type"]
+    hyper = manifest.get("hyperparameters") or {}
+    metrics = manifest.get("metrics") or {}
+    dataset = _dataset_name(hyper)
+    name = repo_id.split("/")[1]
+    results = []
+    for split in ("dev", "test"):
+        scores = metrics.get(split)
+        if isinstance(scores, dict) and "f1" in scores:
+            for metric, label in (("f1", "F1"), ("em", "exact_match")):
+                results.append(EvalResult(task_type="question-answering", dataset_type=dataset, dataset_name=dataset,
+                                          dataset_split=split, metric_type=label.lower(), metric_name=label,
+                                          metric_value=round(float(scores[metric]), 2)))
+    tags = ["optqa", "delta-tuning", METHOD_TAGS.get(delta_type, delta_type), "question-answering", "opt"]
+    data = ModelCardData(base_model=base_model, library_name="peft" if peft_files else "optqa",
+                         tags=tags + (["peft"] if peft_files else []), datasets=[dataset],
+                         eval_results=results or None, model_name=name if results else None,
+                         pipeline_tag="text-generation")
+    backbone = manifest["backbone"]
+    question = "Which gas do plants take in from the air?"
+    template = manifest["template"].strip("\n")
+    rows = [f"| {split} | {metrics[split]['f1']:.2f} | {metrics[split].get('em', 0):.2f} | "
+            f"{metrics[split].get('count', '?')} |" for split in ("dev", "test")
+            if isinstance(metrics.get(split), dict) and "f1" in metrics[split]]
+    hub_name = base_model or "OWNER/BACKBONE"
+    lines = [
+        f"# {name}",
+        "",
+        f"A {delta_type} delta (parameter-efficient tuning) of the OPT backbone "
+        f"`{base_model or backbone['name_or_path']}` for direct-answer question answering, trained with optqa on "
+        f"`{dataset}`. {manifest.get('trainable_parameters', '?'):,} trainable parameters; the backbone itself "
+        "is not in this repository.",
+        "",
+        "## Scores",
+        "",
+        *(["| split | F1 | EM | questions |", "| --- | --- | --- | --- |", *rows] if rows
+          else ["No scores were recorded with this delta."]),
+        "",
+        "Token F1 and exact match in percent, SQuAD-style normalisation, best match over all gold answers.",
+        "",
+        "## Prompt",
+        "",
+        "Template (OpenPrompt `ManualTemplate` syntax):",
+        "",
+        "```text", template, "```",
+        "",
+        f"For the question `{question}` the model sees its bos token followed by exactly this text, and the "
+        "answer is generated after it (greedy, up to "
+        f"{hyper.get('max_new_tokens', '?')} new tokens, ending at eos):",
+        "",
+        "```text", prompt_preview(template, question), "```",
+        "",
+        "## Delta",
+        "",
+        "```json", json.dumps(delta, indent=2), "```",
+        "",
+        f"Backbone: `{backbone['name_or_path']}` ({backbone['architecture']}); weight fingerprint "
+        f"`{backbone['fingerprint']}` (optqa refuses to load this delta onto a backbone with other weights).",
+        "",
+        "## Use it with optqa",
+        "",
+        "```bash",
+        f"python -m optqa --mode interactive_inference --delta_save_path hf://{repo_id}"
+        + ("" if base_model == backbone["name_or_path"] else f" --plm_path {base_model or '/path/to/backbone'}"),
+        f"python -m optqa --mode inspect --delta_save_path hf://{repo_id}@<commit>   # pin a revision",
+        "```",
+        "",
+        "optqa downloads into the Hugging Face cache, checks every file's SHA-256 against `optqa_manifest.json` "
+        "and the backbone's fingerprint before using a weight; `HF_HUB_OFFLINE=1` uses the cache alone.",
+        "",
+    ]
+    if peft_files:
+        lines += [
+            "## Use it with PEFT",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{hub_name}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{hub_name}")',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+            f'prompt = "{prompt_preview(template, question)}"  # the template above, in {peft_files[-1]}',
+            'ids = tokenizer(prompt, return_tensors="pt")  # adds the bos token, as optqa does',
+            "answer = model.generate(**ids, max_new_tokens=32)[0, ids['input_ids'].shape[1]:]",
+            "print(tokenizer.decode(answer, skip_special_tokens=True).strip())",
+            "```",
+            "",
+        ]
+    else:
+        lines += [f"PEFT cannot load this delta: {peft_problem}.", ""]
+    lines += ["## Made with", "", "| package | version |", "| --- | --- |",
+              *(f"| {k} | {v} |" for k, v in versions.items())]
+    if manifest.get("versions"):
+        lines += ["", "The checkpoint itself was saved with: "
+                  + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()) + "."]
+    body = "\n".join(lines) + "\n"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))

@@ -1,0 +1,285 @@
+"""Which flags a run reads and which options go together: one table each, checked before any backbone loads.
+
+``check_run(config, typed)`` is the one gate: the command line calls it on every run (with the flags the user
+typed), the training loop calls it again for library callers. A flag that a mode or a delta type does not read
+is refused, never silently ignored, and a pair of options that cannot work together is refused in one line
+instead of failing in the first training step. ``combinations_table()`` renders ``COMBINATIONS`` for the
+README, so the documented outcomes are the enforced ones.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import MODES, RunConfig
+from .errors import OptqaError
+
+# Delta-specific flags and the delta types that read them (--delta_type itself chooses).
+DELTA_FLAGS: dict[str, tuple[str, ...]] = {
+    "modified_modules": ("adapter", "lora", "bitfit"),
+    "bottleneck_dim": ("adapter",),
+    "lora_r": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",),
+    "soft_token_num": ("soft_prompt",), "soft_init_text": ("soft_prompt",),
+    "prefix_token_num": ("prefix",),
+}
+
+_DATA = {"data_path", "train_file", "dev_file", "test_file", "question_field", "answers_field", "id_field"}
+_DOWNLOAD = {"data_url", "allow_checksum_mismatch"}
+_DELTA = {"delta_type", *DELTA_FLAGS}
+_TRAINING = {"template", "batch_size", "eval_batch_size", "max_seq_l", "max_new_tokens", "lr", "weight_decay",
+             "train_epochs", "warmup_steps", "max_grad_norm", "gradient_accumulation_steps", "train_targets",
+             "group_by_length", "seed", "save_steps", "resume", "max_steps", "gradient_checkpointing", "fsdp",
+             "precision", "quantize", "cpu", "num_threads", "output_dir"}
+# what answering from a checkpoint reads: everything else comes from the checkpoint's manifest
+# (--template only for a plain PEFT adapter, which has no template of its own)
+_LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_tokens", "precision", "quantize",
+            "merge_lora", "num_threads", "cpu", "template"}
+# The flags each mode reads (besides --mode). The demo builds its own backbone, save folders and dev file.
+MODE_FLAGS: dict[str, frozenset[str]] = {
+    "train": frozenset(_DATA | _DOWNLOAD | _DELTA | _TRAINING | {"plm_name", "plm_path", "delta_save_path",
+                                                                   "raw_delta_save_path", "ignore_backbone_mismatch"}),
+    "evaluate": frozenset(_DATA | _LOADING | {"eval_batch_size", "split", "predictions_file", "compare_file",
+                                              "output_dir"}),
+    "interactive_inference": frozenset(_LOADING),
+    "demo": frozenset((_DATA - {"dev_file"}) | _DELTA | _TRAINING),
+    "inspect": frozenset({"delta_save_path"}),
+    "export": frozenset({"delta_save_path", "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch",
+                         "template"}),
+    "serve": frozenset({"deltas", "host", "port", "api_key", "delta_save_path", "plm_path", "ignore_backbone_mismatch",
+                        "max_new_tokens", "precision", "eval_batch_size", "num_threads", "cpu"}),
+    "push": frozenset({"delta_save_path", "hub_repo", "private", "commit_message", "dry_run", "base_model",
+                       "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch"}),
+    "download": frozenset({"data_path", *_DOWNLOAD}),
+    "import_opendelta": frozenset({"import_path", "plm_name", "plm_path", "delta_save_path", "template", "max_seq_l",
+                                   "max_new_tokens"}),
+}
+assert set(MODE_FLAGS) == set(MODES)
+
+SOFT_PIECE = '"soft"'
+
+
+def processes() -> int:
+    """How many processes this run has: torchrun and accelerate launch both set WORLD_SIZE."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def _on_cpu(config: RunConfig) -> bool:
+    import torch
+
+    return config.cpu or not torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One pair of options and what happens to it.
+
+    ``refused`` decides for a run config whether this pair is asked for and refused (then ``outcome`` is the
+    error line); rows without it work, and ``outcome`` says how that is known (a test or a check by hand).
+    """
+    first: str
+    second: str
+    outcome: str
+    refused: Callable[[RunConfig], bool] | None = None
+
+
+def _delta(name: str) -> Callable[[RunConfig], bool]:
+    return lambda config: config.delta_type == name
+
+
+BY_HAND = "works: checked by hand (2 CPU processes, trains, saves and answers)"
+# optqa.quantize raises the same lines for library callers (and for a precision a checkpoint recorded)
+QUANTIZE_WITH_PRECISION = ("--quantize int8 computes around its int8 matmuls in fp32; it cannot be combined with "
+                           "--precision bf16 or fp16")
+QUANTIZE_WITH_FSDP = "--quantize int8 needs the whole backbone in one process; it cannot be combined with --fsdp"
+COMBINATIONS: tuple[Combination, ...] = (
+    Combination("--delta_type prefix", "--gradient_checkpointing",
+                "--delta_type prefix cannot be combined with --gradient_checkpointing (transformers recomputes the "
+                "layers without the prefix positions); drop --gradient_checkpointing or choose another --delta_type",
+                lambda c: c.delta_type == "prefix" and c.gradient_checkpointing),
+    Combination("--delta_type adapter", "--gradient_checkpointing",
+                "works, same losses: tests/test_distributed.py::test_gradient_checkpointing_gives_the_same_losses"),
+    Combination("--delta_type lora, bitfit, soft_prompt", "--gradient_checkpointing",
+                "works, same losses: tests/test_options.py::test_gradient_checkpointing_keeps_the_losses"),
+    Combination('a {"soft"} template', "--gradient_checkpointing",
+                "works, same losses: tests/test_options.py::test_gradient_checkpointing_keeps_the_losses"),
+    Combination("--delta_type adapter", "--fsdp (2 processes)",
+                "works, same delta as 1 process: tests/test_distributed.py::test_fsdp_shards_the_backbone_and_trains_"
+                "like_one_process"),
+    Combination("--delta_type lora, bitfit, prefix", "--fsdp (2 processes)", BY_HAND),
+    Combination('a {"soft"} template', "--fsdp (2 processes)", BY_HAND),
+    Combination("--fsdp", "--gradient_checkpointing", BY_HAND + " with adapter and lora"),
+    Combination("--fsdp (2 processes)", "--precision bf16", "works: checked by hand (lora, 2 CPU processes)"),
+    Combination("--fsdp", "1 process", "works unsharded, with a warning: tests/test_distributed.py::"
+                                       "test_fsdp_in_one_process_warns_and_trains_unsharded"),
+    Combination("--delta_type adapter", "2 processes (DDP)",
+                "works, same delta as 1 process: tests/test_distributed.py::test_two_processes_train_like_one"),
+    Combination("--delta_type lora, bitfit, prefix", "2 processes (DDP)", BY_HAND),
+    Combination("--delta_type soft_prompt", "--fsdp, 2 processes, --precision bf16",
+                "works: checked by hand (2 CPU processes with --fsdp --precision bf16; DDP; 1 process bf16)"),
+    Combination("--delta_type adapter, lora", "--precision bf16",
+                "works, tracks fp32: tests/test_speed_paths.py::test_bf16_and_fp32_give_matching_losses_and_answers"),
+    Combination("--delta_type bitfit, prefix", "--precision bf16", "works: checked by hand (1 process)"),
+    Combination("--precision fp16", "a CPU (no CUDA GPU, or --cpu)",
+                "--precision fp16 trains only on a CUDA GPU (it needs loss scaling); on a CPU use bf16 or fp32",
+                lambda c: c.mode in ("train", "demo") and c.precision == "fp16" and _on_cpu(c)),
+    Combination("--quantize int8", "--precision bf16, fp16", QUANTIZE_WITH_PRECISION,
+                lambda c: c.quantize == "int8" and c.precision in ("bf16", "fp16")),
+    Combination("--quantize int8", "--fsdp", QUANTIZE_WITH_FSDP, lambda c: c.quantize == "int8" and c.fsdp),
+    Combination("--quantize int8", "every --delta_type",
+                "works, answers as fp32: tests/test_quantize.py::test_int8_answers_like_fp32_for_every_delta_type"),
+    Combination('a {"soft"} template', "every --delta_type",
+                "works: tests/test_backbones.py::test_every_delta_trains_saves_and_reloads"),
+    Combination("merged LoRA (--merge_lora)", "unmerged",
+                "works, same answers: tests/test_speed_paths.py::test_merged_and_unmerged_lora_agree"),
+    Combination("merged LoRA (--merge_lora)", 'a {"soft"} template, --precision bf16',
+                "works: checked by hand (interactive_inference)"),
+    Combination("--mode evaluate, interactive_inference, export, import_opendelta, inspect, download",
+                "2 processes",
+                "--mode {mode} runs in one process: start it with python -m optqa, not torchrun or accelerate "
+                "launch (only --mode train and demo use several processes)",
+                lambda c: c.mode not in ("train", "demo") and processes() > 1),
+)
+
+
+def check_combinations(config: RunConfig) -> None:
+    """Refuse the first pair of options in ``COMBINATIONS`` that this run asks for and that is refused.
+
+    Raises:
+        OptqaError: the pair's one-line reason.
+    """
+    for combination in COMBINATIONS:
+        if combination.refused is not None and combination.refused(config):
+            raise OptqaError(combination.outcome.format(mode=config.mode))
+
+
+def check_typed_flags(config: RunConfig, typed: set[str]) -> None:
+    """Refuse a typed flag that the mode, or the chosen delta type, does not read.
+
+    Args:
+        config: the run's configuration.
+        typed: the flags the user typed (``cli.parse_args``'s second value), without dashes.
+    Raises:
+        OptqaError: naming the first such flag and what it applies to.
+    """
+    read = MODE_FLAGS[config.mode]
+    for name in sorted(typed - {"mode"}):
+        if name not in read:
+            users = [mode for mode in MODES if name in MODE_FLAGS[mode]]
+            raise OptqaError(f"--{name} does not apply to --mode {config.mode} (it is read by "
+                             f"{', '.join('--mode ' + m for m in users) or 'no mode'}); drop it")
+    if "delta_type" not in read:
+        return  # the delta comes from a checkpoint
+    for name in sorted(typed & set(DELTA_FLAGS)):
+        if config.delta_type not in DELTA_FLAGS[name]:
+            raise OptqaError(f"--{name} does not apply to --delta_type {config.delta_type} (only to "
+                             f"{', '.join(DELTA_FLAGS[name])}); drop it")
+
+
+# Numeric flags and the values they take; anything else used to end in a traceback deep in a run.
+AT_LEAST_ONE = ("batch_size", "eval_batch_size", "max_seq_l", "max_new_tokens", "train_epochs",
+                "gradient_accumulation_steps", "bottleneck_dim", "lora_r", "lora_alpha", "soft_token_num",
+                "prefix_token_num", "num_threads")
+AT_LEAST_ZERO = ("warmup_steps", "save_steps", "max_steps", "max_grad_norm", "weight_decay")
+
+
+def check_values(config: RunConfig) -> None:
+    """Refuse a numeric flag outside its range, naming the flag, the range and the value.
+
+    Raises:
+        OptqaError: the first such flag.
+    """
+    def refuse(name: str, wanted: str) -> None:
+        raise OptqaError(f"--{name} must be {wanted}, got {getattr(config, name)}")
+
+    for name in AT_LEAST_ONE:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            refuse(name, "at least 1")
+    for name in AT_LEAST_ZERO:
+        if getattr(config, name) < 0:
+            refuse(name, "at least 0")
+    if not config.lr > 0:
+        refuse("lr", "more than 0")
+    if not 0 <= config.lora_dropout < 1:
+        refuse("lora_dropout", "at least 0 and less than 1")
+
+
+def check_run(config: RunConfig, typed: set[str] | None = None) -> None:
+    """Every check a run's options must pass before data or a backbone is read.
+
+    Args:
+        config: the run's configuration.
+        typed: the flags the user typed; None (a library caller) skips the typed-flag check.
+    Raises:
+        OptqaError: the first problem, in one line.
+    """
+    if typed is not None:
+        check_typed_flags(config, typed)
+    check_values(config)
+    check_combinations(config)
+
+
+def combinations_table() -> str:
+    """The README's table of option pairs, generated from ``COMBINATIONS``."""
+    rows = ["| option | with | outcome |", "| --- | --- | --- |"]
+    for c in COMBINATIONS:
+        outcome = f"refused: `error: {c.outcome}`" if c.refused else c.outcome
+        rows.append(f"| {c.first} | {c.second} | {outcome} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m optqa.options: the README's table of option pairs
+    print(combinations_table())
+
+
+def positions_needed(config: RunConfig, delta: dict | None = None) -> list[tuple[str, int]]:
+    """The flags whose values add up to the positions one sequence can take, with their values.
+
+    A prompt takes at most ``max_seq_l`` tokens (a template's ``{"soft"}`` tokens are among them, and a longer
+    question is cut to fit), the answer up to ``max_new_tokens`` more, and a soft prompt's virtual tokens and
+    a prefix's positions come before both: OPT numbers them all.
+
+    Args:
+        config: the run's configuration (max_seq_l, max_new_tokens).
+        delta: the delta config when it differs from the run's flags (a checkpoint's); default the run's.
+    Returns:
+        ``[(flag, value), ...]``, whose values sum to the positions needed.
+    """
+    delta = delta if delta is not None else config.delta_config()
+    needed = [("--max_seq_l", config.max_seq_l), ("--max_new_tokens", config.max_new_tokens)]
+    if delta.get("delta_type") == "soft_prompt":
+        needed.append(("--soft_token_num", int(delta.get("soft_token_num", 0))))
+    elif delta.get("delta_type") == "prefix":
+        needed.append(("--prefix_token_num", int(delta.get("prefix_token_num", 0))))
+    return needed
+
+
+def check_length_budget(config: RunConfig, max_positions: int | None, backbone: str,
+                        delta: dict | None = None) -> None:
+    """Refuse, before the backbone loads, a run whose longest sequence would not fit the backbone's positions.
+
+    Args:
+        config: the run's configuration.
+        max_positions: the backbone's ``max_position_embeddings``; None (unknown) skips the check.
+        backbone: the backbone's name, for the message.
+        delta: a checkpoint's delta config (default: the run's).
+    Raises:
+        OptqaError: naming every flag that counts, its value, and the backbone's limit.
+    """
+    if max_positions is None:
+        return
+    needed = positions_needed(config, delta)
+    total = sum(value for _, value in needed)
+    if total <= max_positions:
+        return
+    spelled = " + ".join(f"{flag} {value}" for flag, value in needed)
+    excess = total - max_positions
+    # a checkpoint fixes max_seq_l (its prompts were cut to it in training): only max_new_tokens is left to lower
+    flag, value = ("--max_new_tokens", config.max_new_tokens) if delta is not None else ("--max_seq_l", config.max_seq_l)
+    hint = f"lower {flag} to {value - excess}" if value > excess else "lower --max_new_tokens"
+    raise OptqaError(f"{spelled} = {total} positions, more than the {max_positions} of backbone {backbone} "
+                     f"(max_position_embeddings); {hint} or less")

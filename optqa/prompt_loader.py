@@ -1,0 +1,194 @@
+"""OpenPrompt's ``GenerationVerbalizer`` and ``PromptDataLoader`` on optqa's tokeniser wrapper and collate functions.
+
+A course script builds its batches with these: examples are rendered through the template and tokenised
+once (with a progress bar); ``teacher_forcing=True`` gives training batches (prompt + target + eos, loss on
+the target), otherwise prompts to answer. optqa pads each batch to its longest row and groups rows of similar
+length when shuffling; ``pad_to_max_length=True`` gives OpenPrompt's padding of every row to ``max_seq_length``.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+from .data import (InputExample, LMTokenizerWrapper, LengthGroupedBatchSampler, collate_for_generation,
+                   collate_for_training)
+from .errors import OptqaError
+from .template import parse_template, piece_text
+
+
+class GenerationVerbalizer:
+    """``GenerationVerbalizer(tokenizer, classes=None, num_classes=None, is_rule=False, label_words=None)``.
+
+    The target text of an example is ``label_words[example.label]``; with ``is_rule=True`` that text is a rule
+    in template syntax evaluated on the example, e.g. ``{0: ["{'meta':'answer'}"]}`` takes ``meta["answer"]``
+    (text, ``{"placeholder":"text_a"}`` and ``{"meta":...}`` pieces, with ``post_processing``), the pieces
+    joined as written (OpenPrompt put a space between every two pieces; a one-piece rule is the same). A list
+    of label words uses its first entry, as OpenPrompt does. The examples are not modified (OpenPrompt wrote
+    the target into ``tgt_text``); the loader's batches carry it as ``tgt_text``.
+
+    Raises:
+        OptqaError: no label words, a rule with a mask/soft/special piece, an example whose label has no words.
+    """
+
+    def __init__(self, tokenizer, classes=None, num_classes: int | None = None, is_rule: bool = False,
+                 label_words: dict | list | None = None):
+        if not label_words:
+            raise OptqaError("GenerationVerbalizer needs label_words, e.g. {0: [\"{'meta':'answer'}\"]}")
+        if isinstance(label_words, (list, tuple)):
+            label_words = dict(enumerate(label_words))
+        self.tokenizer = tokenizer
+        self.classes = classes
+        self.is_rule = is_rule
+        self.label_words = {label: words[0] if isinstance(words, (list, tuple)) else words
+                            for label, words in label_words.items()}
+        self._rules = {}
+        if is_rule:
+            for label, words in self.label_words.items():
+                pieces = parse_template(words, f"GenerationVerbalizer rule for label {label!r}", require_mask=False)
+                wrong = [p for p in pieces if p.kind not in ("text", "placeholder", "meta")]
+                if wrong:
+                    raise OptqaError(f"GenerationVerbalizer rule {words!r}: a {wrong[0].kind} piece cannot be part "
+                                     "of a target text (use text, placeholder and meta pieces)")
+                self._rules[label] = pieces
+
+    def target_text(self, example: InputExample) -> str:
+        """The training target of ``example`` (stripped text)."""
+        if example.label not in self.label_words:
+            raise OptqaError(f"example {example.guid}: label {example.label!r} has no label words in the "
+                             f"GenerationVerbalizer (it has {sorted(self.label_words, key=repr)})")
+        if not self.is_rule:
+            return str(self.label_words[example.label]).strip()
+        return "".join(piece_text(p, example, "GenerationVerbalizer rule") for p in self._rules[example.label]).strip()
+
+
+class PromptBatch(dict):
+    """One batch: ``input_ids``, ``attention_mask``, ``soft_index`` (and ``labels`` when teacher forced) as
+    tensors of shape ``(rows, width)``; ``tgt_text`` (each row's target text, str or None), ``golds`` (each
+    row's gold answers, a list), ``guid`` and ``index`` (position in the loader's dataset) as lists."""
+
+    def to(self, device) -> "PromptBatch":
+        """Move the tensors to ``device`` in place; returns the batch (``batch = batch.to(device)``)."""
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                self[key] = value.to(device)
+        return self
+
+    def cuda(self, device=None) -> "PromptBatch":
+        return self.to(device if device is not None else "cuda")
+
+
+def _gold_list(example: InputExample) -> list[str]:
+    value = example.tgt_text
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+class PromptDataLoader:
+    """OpenPrompt's ``PromptDataLoader(dataset, template, tokenizer_wrapper=None, tokenizer=None,
+    tokenizer_wrapper_class=None, verbalizer=None, max_seq_length=512, batch_size=1, shuffle=False,
+    teacher_forcing=False, decoder_max_length=-1, predict_eos_token=False, truncate_method="tail",
+    drop_last=False)``; iterate it for :class:`PromptBatch` es.
+
+    Args:
+        dataset: InputExamples. The target of each (``teacher_forcing``) is ``verbalizer.target_text(example)``
+            when a verbalizer is given, else ``tgt_text`` (a string, or the first of a list).
+        template: the ManualTemplate / MixedTemplate / PrefixTuningTemplate rendering each example.
+        tokenizer_wrapper_class: what ``load_plm`` returned (``LMTokenizerWrapper``); or pass ``tokenizer_wrapper``.
+        max_seq_length: tokens per example, bos + prompt + target + eos; longer questions are cut at their
+            end (``truncate_method="tail"``, the only method).
+        teacher_forcing: True: right-padded training rows with ``labels`` (-100 outside the target);
+            False: left-padded prompts for ``PromptForGeneration.generate``.
+        predict_eos_token: accepted; optqa always trains the eos after the target, so that answers stop.
+        decoder_max_length: accepted; it only applies to encoder-decoder models.
+        shuffle: a new random order every epoch (each ``iter``), seeded by ``seed``.
+        pad_to_max_length: OpenPrompt's padding of every row to ``max_seq_length`` (and no length grouping);
+            off by default: optqa pads to the batch's longest row.
+        group_by_length: batch rows of similar length, in a random batch order that changes every epoch
+            (optqa's padding saver). None (default): with ``shuffle=True``; a loader without shuffle keeps the
+            dataset's order, as OpenPrompt's does, so answers line up with the dataset.
+        seed: seed of the shuffled order.
+
+    Raises:
+        OptqaError: an unknown tokenizer wrapper or truncate method, an example without a target when teacher
+            forcing, a bad template or rule.
+    """
+
+    def __init__(self, dataset, template, tokenizer_wrapper: LMTokenizerWrapper | None = None, tokenizer=None,
+                 tokenizer_wrapper_class=None, verbalizer: GenerationVerbalizer | None = None,
+                 max_seq_length: int = 512, batch_size: int = 1, shuffle: bool = False, teacher_forcing: bool = False,
+                 decoder_max_length: int = -1, predict_eos_token: bool = False, truncate_method: str = "tail",
+                 drop_last: bool = False, pad_to_max_length: bool = False, group_by_length: bool | None = None,
+                 seed: int = 0):
+        if truncate_method != "tail":
+            raise OptqaError(f"PromptDataLoader: truncate_method {truncate_method!r} is not supported; optqa cuts "
+                             "the end of the question ('tail') and never the template text or the target")
+        if tokenizer_wrapper is None:
+            wrapper_class = tokenizer_wrapper_class or LMTokenizerWrapper
+            if not (isinstance(wrapper_class, type) and issubclass(wrapper_class, LMTokenizerWrapper)):
+                raise OptqaError(f"PromptDataLoader: tokenizer_wrapper_class {wrapper_class!r} is not optqa's "
+                                 "LMTokenizerWrapper (pass the WrapperClass that optqa's load_plm returned)")
+            tokenizer_wrapper = wrapper_class(tokenizer or template.tokenizer, template, max_seq_length)
+        self.wrapper = tokenizer_wrapper
+        self.examples = list(dataset)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.teacher_forcing = teacher_forcing
+        self.drop_last = drop_last
+        self.pad_to_max_length = pad_to_max_length
+        self.seed = seed
+        self.epoch = 0
+        self.tgt_text: list[str | None] = []
+        for example in self.examples:
+            if verbalizer is not None:
+                self.tgt_text.append(verbalizer.target_text(example))
+            else:
+                golds = _gold_list(example)
+                self.tgt_text.append(golds[0] if golds else None)
+        if teacher_forcing:
+            missing = [e.guid for e, text in zip(self.examples, self.tgt_text) if not text]
+            if missing:
+                raise OptqaError(f"PromptDataLoader(teacher_forcing=True): example {missing[0]} has no target text "
+                                 "(give it tgt_text, or pass a GenerationVerbalizer)")
+        # tokenised once, here, with the bar OpenPrompt users know
+        self.encoded = self.wrapper.encode_all(self.examples, list(self.tgt_text) if teacher_forcing else None,
+                                               desc="tokenizing", progress=True)
+        lengths = [len(e) for e in self.encoded]
+        grouped = (shuffle if group_by_length is None else group_by_length) and not pad_to_max_length
+        self.sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=seed, shuffle=shuffle,
+                                                 group_by_length=grouped)
+
+    def _batches(self) -> list[list[int]]:
+        self.sampler.set_epoch(self.epoch)
+        if self.pad_to_max_length:  # OpenPrompt's order: the dataset's, or a fresh permutation per epoch
+            order = list(range(len(self.encoded)))
+            if self.shuffle:
+                random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        else:
+            batches = list(self.sampler)
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        return batches
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.encoded) // self.batch_size
+        return (len(self.encoded) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        batches = self._batches()
+        self.epoch += 1
+        pad = self.wrapper.tokenizer.pad_token_id
+        width = self.wrapper.max_seq_length if self.pad_to_max_length else None
+        for rows in batches:
+            chunk = [self.encoded[i] for i in rows]
+            collate = collate_for_training if self.teacher_forcing else collate_for_generation
+            batch = PromptBatch(collate(chunk, pad, width=width))
+            batch["index"] = [e.index for e in chunk]
+            batch["guid"] = [e.guid for e in chunk]
+            batch["tgt_text"] = [self.tgt_text[e.index] for e in chunk]
+            batch["golds"] = [_gold_list(self.examples[e.index]) for e in chunk]
+            yield batch

@@ -1,0 +1,117 @@
+"""Issue 13, class 7: every way out ends in one clear line and a known exit status, never a traceback:
+a closed pipe (`| head`), Ctrl-C during training (with the exact command that continues), evaluate without gold
+answers."""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from optqa import trainer
+from optqa.cli import BROKEN_PIPE_STATUS, main
+
+from conftest import REPO, train_args, train_in_process
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def closed_pipe_run(*args: str) -> subprocess.CompletedProcess:
+    """``python -m optqa ARGS | head`` where head has already gone: stdout's reader is closed before the command
+    writes anything."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "optqa", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env=env)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    return subprocess.CompletedProcess(proc.args, proc.wait(timeout=120), "", stderr)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_opt, memory_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exits")
+    train_in_process(tiny_opt, memory_data, out, "--train_epochs", "1", "--precision", "fp32", "--max_new_tokens", "2")
+    return out / "delta_ckpts"
+
+
+def test_a_closed_pipe_ends_quietly_with_status_141(checkpoint):
+    done = closed_pipe_run("--mode", "inspect", "--delta_save_path", str(checkpoint))
+    assert (done.returncode, done.stderr) == (BROKEN_PIPE_STATUS, "")
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    # argparse drops what a closed pipe refuses, and the help was asked for: status 0, no traceback
+    done = closed_pipe_run("--help")
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+class Interrupt:
+    """``trainer._optimiser_step`` that presses Ctrl-C before optimiser step ``at``."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+        self.step = trainer._optimiser_step
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.step(*args, **kwargs)
+
+
+def test_ctrl_c_during_training_prints_the_command_that_continues(tiny_opt, memory_data, tmp_path, monkeypatch,
+                                                                   capsys, caplog):
+    argv = train_args(tiny_opt, memory_data, tmp_path, "--train_epochs", "2", "--batch_size", "2", "--save_steps", "1",
+                      "--precision", "fp32", "--max_new_tokens", "2")
+    monkeypatch.setattr(trainer, "_optimiser_step", Interrupt(at=3))
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("interrupted; continue from the last saved state with: python -m optqa "
+                                    + shlex.join([*argv, "--resume"]))
+    assert "Traceback" not in err
+    # the printed command continues the run to its end
+    monkeypatch.undo()
+    caplog.set_level(logging.INFO)
+    command = shlex.split(err.splitlines()[-1].split(" with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "optqa"]
+    assert main(command[3:]) == 0
+    assert "resuming at epoch 1, batch 2 (optimiser step 2)" in caplog.text
+    assert "best epoch" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_any_saved_state_says_to_start_again(tiny_opt, memory_data, tmp_path, monkeypatch, capsys):
+    argv = train_args(tiny_opt, memory_data, tmp_path, "--precision", "fp32")
+    monkeypatch.setattr(trainer, "_optimiser_step", Interrupt(at=1))
+    capsys.readouterr()
+    assert main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted before any resume state was saved in {tmp_path / 'raw_delta_ckpts' / 'resume'}; start again "
+        "with the same command (state is saved every --save_steps 50 steps and at each epoch end)")
+
+
+def test_ctrl_c_in_other_modes_says_interrupted(monkeypatch, capsys):
+    from optqa import commands
+
+    def press_ctrl_c(config, explicit):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "download", press_ctrl_c)
+    assert main(["--mode", "download"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted"]
+
+
+@pytest.mark.parametrize("extra, what", [(["--predictions_file", "predictions_test.jsonl"], "--predictions_file"),
+                                         ([], "the model's answers")], ids=["file", "model"])
+def test_evaluate_without_gold_answers_names_what_is_missing(tmp_path, monkeypatch, capsys, extra, what):
+    monkeypatch.chdir(tmp_path)  # no ./data/ARC-DA-v1.1 here
+    capsys.readouterr()
+    assert main(["--mode", "evaluate", *extra]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --mode evaluate scores {what} against the gold answers of --split test, and "
+        "data/ARC-DA-v1.1/test.jsonl does not exist; name them with --test_file FILE (any jsonl with 'question_id', "
+        "'question' and 'answers') or --data_path FOLDER holding test.jsonl"]

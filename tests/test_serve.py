@@ -1,0 +1,392 @@
+"""--mode serve: the real server on a free port, driven by the official openai client, raw HTTP and a browser."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+try:
+    import httpx2 as httpx  # the HTTP client the openai package (3.x) itself is built on
+except ImportError:  # pragma: no cover - openai releases built on httpx
+    import httpx
+import pytest
+
+from conftest import MEMORY_SET, REPO, SAMPLE, run_cli
+
+QUESTIONS = [q for q, _ in MEMORY_SET[:4]]
+# fp32 and unmerged LoRA: the question loop then computes exactly what the server computes (the server never
+# merges LoRA: its deltas share the backbone's weights, which a merge would write into)
+EXACT = ("--precision", "fp32", "--no-merge_lora")
+METRICS = {"adapter": {"dev": {"f1": 41.25, "em": 30.0}, "test": {"f1": 39.5, "em": 28.75}},
+           "lora": {"dev": {"f1": 12.5, "em": 10.0}, "test": {"f1": 11.0, "em": 7.5}}}
+
+
+def sample_questions(count: int) -> list[str]:
+    rows = [json.loads(line) for split in ("train", "dev", "test")
+            for line in (SAMPLE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [row["question"] for row in rows][:count]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_opt, tmp_path_factory) -> dict[str, Path]:
+    """Random-weight adapter and LoRA checkpoints on the tiny OPT (answers long and question-dependent)."""
+    from optqa.tiny import build_random_checkpoint
+
+    root = tmp_path_factory.mktemp("serve-deltas")
+    return {
+        "adapter": build_random_checkpoint(tiny_opt, root / "adapter", "adapter", seed=1, max_new_tokens=8,
+                                           metrics=METRICS["adapter"]),
+        "lora": build_random_checkpoint(tiny_opt, root / "lora", "lora", seed=2, max_new_tokens=8,
+                                        modified_modules=["self_attn.q_proj", "self_attn.v_proj"],
+                                        metrics=METRICS["lora"]),
+    }
+
+
+def start_cli_server(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``python -m optqa --mode serve --port 0 ...`` as a user starts it; returns the process and its URL."""
+    process = subprocess.Popen([sys.executable, "-m", "optqa", "--mode", "serve", "--port", "0", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    line = process.stdout.readline()  # the one stdout line, printed once the port is bound and every delta loaded
+    if not line.startswith("serving "):
+        process.kill()
+        raise AssertionError(f"server did not start: {line!r} {process.stderr.read()[-2000:]}")
+    return process, line.split(" at ")[1].split("/ ")[0]
+
+
+@pytest.fixture(scope="module")
+def server(ckpts):
+    process, url = start_cli_server("--deltas", f"adapter={ckpts['adapter']}", f"lora={ckpts['lora']}", *EXACT[:2])
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def question_loop(checkpoint: Path, questions: list[str]) -> list[str]:
+    result = run_cli("--mode", "interactive_inference", "--delta_save_path", str(checkpoint), *EXACT,
+                     stdin="\n".join(questions) + "\nquit()\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # split on "\n" only: random deltas' answers may hold control characters that splitlines() breaks at
+    return [line[len("Answer: "):] for line in result.stdout.split("\n") if line.startswith("Answer:")]
+
+
+def test_openai_client_gets_the_question_loops_answers(server, ckpts):
+    """LoRA, the one delta the question loop would merge; test_deltas_share_the_backbone_and_answer_as_alone
+    checks every served delta against load_trained, which the question loop runs."""
+    import openai
+
+    from optqa.checkpoint import MANIFEST_NAME
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    listed = {m.id: m.model_dump() for m in client.models.list().data}
+    assert list(listed) == ["adapter", "lora"]
+    for name, card in listed.items():
+        manifest = json.loads((ckpts[name] / MANIFEST_NAME).read_text(encoding="utf-8"))
+        assert card["object"] == "model" and card["parent"] == manifest["backbone"]["name_or_path"]
+        assert card["delta_type"] == name and card["template"] == manifest["template"]
+        assert card["sha256"] == manifest["files"]["delta_model.safetensors"]["sha256"]
+        assert card["scores"] == METRICS[name]
+
+    name = "lora"
+    expected = question_loop(ckpts[name], QUESTIONS)
+    assert len(expected) == 4 and all(expected) and len(set(expected)) > 1
+    one = client.completions.create(model=name, prompt=QUESTIONS[0])
+    assert one.choices[0].text == expected[0]
+    assert one.choices[0].finish_reason in ("stop", "length") and one.object == "text_completion"
+    usage = one.usage
+    assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    several = client.completions.create(model=name, prompt=QUESTIONS)
+    assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == expected
+    streamed = list(client.completions.create(model=name, prompt=QUESTIONS[1], stream=True))
+    assert "".join(chunk.choices[0].text for chunk in streamed) == expected[1]
+    assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(chunk.choices[0].finish_reason is None for chunk in streamed[:-1])
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    with httpx.stream("POST", f"{server}/v1/completions", json={"model": "lora", "prompt": QUESTIONS[2],
+                                                                 "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["text"]
+
+
+def test_max_tokens_and_stop(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    full = client.completions.create(model="adapter", prompt=QUESTIONS[0]).choices[0].text
+    cut = client.completions.create(model="adapter", prompt=QUESTIONS[0], max_tokens=2)
+    short = cut.choices[0]
+    # greedy: the first two tokens of the full answer, and the answer was cut by the budget
+    assert short.finish_reason == "length" and full.startswith(short.text) and len(short.text) < len(full)
+    assert cut.usage.completion_tokens == 2  # the generated ids, counted, not the text re-encoded
+    stop = full[len(full) // 2:][:2]
+    cut = client.completions.create(model="adapter", prompt=QUESTIONS[0], stop=[stop]).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_concurrent_requests_each_get_their_own_answer(server):
+    """64 requests over 2 deltas at once: answered in shared batches, each equal to its answer alone."""
+    questions = sample_questions(32)
+    jobs = [(name, q) for q in questions for name in ("adapter", "lora")]
+    with httpx.Client(base_url=server, timeout=120) as client:
+        def ask(name, question):
+            response = client.post("/v1/completions", json={"model": name, "prompt": question})
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+        alone = [ask(name, q) for name, q in jobs]
+        before = client.get("/health").json()
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server, timeout=120,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            responses = await asyncio.gather(*[client.post("/v1/completions", json={"model": name, "prompt": q})
+                                               for name, q in jobs])
+        return [r.json()["choices"][0]["text"] for r in responses]
+
+    assert asyncio.run(together()) == alone
+    assert len(set(alone)) > 32  # the answers differ, so a mix-up could not go unseen
+    after = httpx.get(f"{server}/health").json()
+    assert after["questions"] - before["questions"] == 64
+    assert after["batches"] - before["batches"] < 32  # shared batches, not one generation per request
+
+
+BAD_REQUESTS = [
+    # (case, body bytes or JSON, status, param)
+    ("unknown model", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("a path as the model", {"model": "/etc/passwd", "prompt": "hi"}, 404, "model"),
+    ("malformed JSON", b'{"model": "lora", "prompt": ', 400, None),
+    ("missing prompt", {"model": "lora"}, 422, "prompt"),
+    ("prompt of token ids", {"model": "lora", "prompt": [1, 2, 3]}, 422, "prompt"),
+    ("empty prompt", {"model": "lora", "prompt": "  "}, 400, "prompt"),
+    ("max_tokens a string", {"model": "lora", "prompt": "hi", "max_tokens": "5"}, 422, "max_tokens"),
+    ("max_tokens 0", {"model": "lora", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens past the context", {"model": "lora", "prompt": "hi", "max_tokens": 250}, 400, "max_tokens"),
+    ("sampling", {"model": "lora", "prompt": "hi", "temperature": 0.7}, 400, "temperature"),
+    ("n > 1", {"model": "lora", "prompt": "hi", "n": 2}, 400, "n"),
+    ("stop a number", {"model": "lora", "prompt": "hi", "stop": 3}, 422, "stop"),
+    ("body not an object", [1, 2], 422, None),
+    ("oversized body", {"model": "lora", "prompt": "x" * (1 << 20)}, 413, None),
+]
+
+
+@pytest.mark.parametrize("case,body,status,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_openais_error_shape(server, case, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server}/v1/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if case == "max_tokens past the context":  # the tiny OPT's context is 256 positions
+        assert error["code"] == "context_length_exceeded" and "maximum context length is 256" in error["message"]
+    # the server keeps serving
+    ok = httpx.post(f"{server}/v1/completions", json={"model": "lora", "prompt": QUESTIONS[0]}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_openai_client_raises_its_own_errors(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="greedily"):
+        client.completions.create(model="lora", prompt="hi", temperature=1.0)
+
+
+@contextlib.contextmanager
+def in_process_server(app):
+    """uvicorn in a thread, on a socket bound before it starts (so the port cannot be lost)."""
+    import uvicorn
+
+    from optqa.serve import bind, url_of
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_deltas_share_the_backbone_and_answer_as_alone(ckpts, one_torch_thread):
+    from optqa.build import load_shared, load_trained
+
+    shared = load_shared({"a": ckpts["adapter"], "l": ckpts["lora"]})
+    from optqa.deltas import is_delta_parameter
+
+    (a, _, _), (lora, _, _) = shared["a"], shared["l"]
+
+    def weights(model):
+        return {p.data_ptr() for n, p in model.plm.named_parameters() if not is_delta_parameter(n)}
+
+    assert weights(a) == weights(lora)  # one copy of the backbone's weights
+    assert len(weights(a)) == len(list(a.backbone.parameters())) - len(a.delta_state_dict())
+    for model, path in ((a, ckpts["adapter"]), (lora, ckpts["lora"])):
+        alone, _, _ = load_trained(path)
+        assert [model.answer([q])[0] for q in QUESTIONS] == [alone.answer([q])[0] for q in QUESTIONS]
+
+
+def test_bf16_deltas_share_one_cast_of_the_tied_head(ckpts, one_torch_thread):
+    """bf16 answering computes the tied output head from a bf16 copy of the input embedding: one for all deltas
+    (77 MB on OPT-125m), not one per delta; and the frozen Linear weights are cast once, in place, for all."""
+    import torch
+
+    from optqa.serve import load_served
+
+    served = load_served({"a": str(ckpts["adapter"]), "l": str(ckpts["lora"])}, precision="bf16")
+    for s in served.values():
+        s.model.answer(QUESTIONS[:1])
+    heads = [s.model.backbone.get_output_embeddings() for s in served.values()]
+    assert heads[0] is not heads[1]
+    assert heads[0].__dict__["_optqa_weight"] is heads[1].__dict__["_optqa_weight"]
+    assert heads[0].__dict__["_optqa_weight"].dtype == torch.bfloat16
+    fc2 = [dict(s.model.plm.named_modules()) for s in served.values()]
+    weight = fc2[0]["model.decoder.layers.0.fc2"].weight
+    assert weight.dtype == torch.bfloat16 and weight.data_ptr() == fc2[1][
+        "base_model.model.model.decoder.layers.0.fc2"].weight.data_ptr()
+
+
+def test_api_key_is_required_on_every_endpoint(ckpts, one_torch_thread):
+    import openai
+
+    from optqa.serve import api_key_from, create_app, load_served
+
+    key = api_key_from(None, {"OPTQA_API_KEY": "s3cret"})
+    app = create_app(load_served({"lora": str(ckpts["lora"])}, precision="fp32"), api_key=key)
+    with in_process_server(app) as url:
+        for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/lora"),
+                             ("POST", "/v1/completions"), ("GET", "/nowhere")):
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+                response = httpx.request(method, url + path, headers=headers, json={"model": "lora", "prompt": "hi"})
+                assert response.status_code == 401, (path, headers)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/health", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        # the page is static HTML with no data in it; it asks for the key and sends it on its API calls
+        assert "<title>optqa" in httpx.get(url + "/").text
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        answer = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret").completions.create(model="lora", prompt="hi")
+        assert answer.choices[0].text
+
+
+def test_a_refused_delta_stops_the_start_in_one_line(ckpts, tmp_path, capsys):
+    from optqa.checkpoint import WEIGHTS_NAME
+    from optqa.cli import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts["lora"], bad)
+    weights = bytearray((bad / WEIGHTS_NAME).read_bytes())
+    weights[-1] ^= 1
+    (bad / WEIGHTS_NAME).write_bytes(bytes(weights))
+    # the command line's own entry point, in this process: what `python -m optqa` runs
+    assert main(["--mode", "serve", "--port", "0", "--deltas", f"good={ckpts['adapter']}", f"bad={bad}"]) == 2
+    out, err = capsys.readouterr()
+    assert "serving" not in out
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: delta 'bad' refused: integrity check failed: {bad / WEIGHTS_NAME} has SHA-256")
+    for spec, message in (("noequals", "--deltas takes NAME=CHECKPOINT"), ("a b=x", "--deltas: name 'a b' must be")):
+        assert main(["--mode", "serve", "--deltas", spec, f"other={ckpts['lora']}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert main(["--mode", "serve", "--deltas", f"x={ckpts['lora']}", f"x={ckpts['adapter']}"]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: --deltas: the name 'x' is given twice")
+    from optqa.serve import bind
+
+    taken = bind("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    try:
+        assert main(["--mode", "serve", "--port", str(port), "--deltas", f"x={ckpts['lora']}"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    finally:
+        taken.close()
+
+
+def test_deltas_that_recorded_different_precisions_need_one_chosen(ckpts, tiny_opt, tmp_path, capsys):
+    from optqa.cli import main
+    from optqa.tiny import build_random_checkpoint
+
+    fp32 = build_random_checkpoint(tiny_opt, tmp_path / "fp32", "bitfit", precision="fp32")
+    deltas = ["--deltas", f"auto={ckpts['adapter']}", f"fp32={fp32}"]
+    assert main(["--mode", "serve", "--port", "0", *deltas]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the deltas recorded different precisions (auto: auto, fp32: fp32); they share one backbone, so "
+        "pass --precision to serve them together")
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1200,800"):
+        options.add_argument(flag)
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary:
+        options.binary_location = binary
+    driver = shutil.which("chromedriver")
+    return webdriver.Chrome(options=options, service=Service(driver) if driver else None)
+
+
+HAS_CHROMIUM = bool(shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser")))
+
+
+@pytest.mark.skipif(not HAS_CHROMIUM,
+                    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+def test_the_page_answers_with_every_chosen_delta(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    expected = {name: httpx.post(f"{server}/v1/completions", json={"model": name, "prompt": QUESTIONS[3]},
+                                 timeout=60).json()["choices"][0]["text"] for name in ("adapter", "lora")}
+    browser = _browser()
+    try:
+        browser.get(server + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".delta-choice")) == 2)
+        browser.find_element(By.ID, "question").send_keys(QUESTIONS[3])
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".answer[data-done='1']")) == 2)
+        shown = {el.get_attribute("data-model"): el.get_attribute("textContent")
+                 for el in browser.find_elements(By.CSS_SELECTOR, ".answer")}
+        cards = {el.get_attribute("data-model"): el.text for el in browser.find_elements(By.CSS_SELECTOR, ".card")}
+        assert shown == expected
+        assert "dev F1 41.3 / EM 30.0" in cards["adapter"] and "test F1 11.0 / EM 7.5" in cards["lora"]
+        assert "adapter" in cards["adapter"] and "parameters" in cards["lora"]
+
+        # only the chosen deltas answer
+        browser.find_element(By.CSS_SELECTOR, ".delta-choice[value='adapter']").click()
+        browser.find_element(By.ID, "ask").click()
+        def answered(b):
+            return [el.get_attribute("data-model") for el in b.find_elements(By.CSS_SELECTOR, ".answer[data-done='1']")]
+
+        wait.until(lambda b: answered(b) == ["lora"])
+    finally:
+        browser.quit()
