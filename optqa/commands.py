@@ -214,7 +214,8 @@ def serve(config: RunConfig, explicit: set[str]) -> int:
         overrides = {k: getattr(config, k) for k in ("max_new_tokens",) if k in explicit}
         served = load_served(deltas, plm_path=config.plm_path if "plm_path" in explicit else None,
                              ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
-                             precision=config.precision if "precision" in explicit else None)
+                             precision=config.precision if "precision" in explicit else None,
+                             quantize=config.quantize)
         app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size)
         url = url_of(sock)
         log.info("%d delta(s) on one backbone:\n%s", len(served), "\n".join(describe(served)))

@@ -164,7 +164,8 @@ class RunConfig:
     # research number does not move with the CPU it was computed on
     quantize: str | None = _opt(None, "answer on an int8 frozen backbone: none, int8, or auto (int8 where the CPU "
                                       "lacks native bf16 and has int8 kernels) (default: auto for "
-                                      "interactive_inference, none for the scores of train and evaluate)",
+                                      "interactive_inference and serve, none for the scores of train and "
+                                      "evaluate)",
                                 choices=QUANTIZE_CHOICES)
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
     gradient_checkpointing: bool = _opt(False, "recompute activations to save memory (large backbones)")

@@ -47,7 +47,7 @@ MODE_FLAGS: dict[str, frozenset[str]] = {
     "export": frozenset({"delta_save_path", "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch",
                          "template"}),
     "serve": frozenset({"deltas", "host", "port", "api_key", "delta_save_path", "plm_path", "ignore_backbone_mismatch",
-                        "max_new_tokens", "precision", "eval_batch_size", "num_threads", "cpu"}),
+                        "max_new_tokens", "precision", "quantize", "eval_batch_size", "num_threads", "cpu"}),
     "push": frozenset({"delta_save_path", "hub_repo", "private", "commit_message", "dry_run", "base_model",
                        "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch"}),
     "download": frozenset({"data_path", *_DOWNLOAD}),

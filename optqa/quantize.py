@@ -121,13 +121,16 @@ def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[s
     return chosen
 
 
-def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD) -> dict:
+def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | None = None) -> dict:
     """Route every frozen Linear of ``model`` through an int8 copy of its weight (see the module docstring).
 
     Args:
         model: the network that runs (``PromptForGeneration.plm``); LoRA should be merged first, or its
             fp32 update is added to the int8 base layer's output.
         head: also quantise the output head.
+        shared: packed layers by the weight tensors they were packed from, reused across calls: deltas served on
+            one backbone (``build.load_shared``'s copies share its tensors) share one int8 copy. Only for
+            weights that no merge changes.
     Returns:
         ``{"layers": n, "parameters": weights quantised, "seconds": time taken, "engine": engine}``.
     Raises:
@@ -150,12 +153,18 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD) -> dict:
         for _, module in frozen_linears(model, head):
             if _INT8 in module.__dict__:
                 continue
-            module.qconfig = per_channel_dynamic_qconfig
-            try:
-                with torch.no_grad():
-                    packed = DynamicInt8Linear.from_float(module)
-            finally:
-                del module.qconfig
+            key = (module.weight.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
+                   tuple(module.weight.shape))
+            packed = shared.get(key) if shared is not None else None
+            if packed is None:
+                module.qconfig = per_channel_dynamic_qconfig
+                try:
+                    with torch.no_grad():
+                        packed = DynamicInt8Linear.from_float(module)
+                finally:
+                    del module.qconfig
+                if shared is not None:
+                    shared[key] = packed
             module.__dict__[_INT8] = packed
             module.forward = _int8_forward.__get__(module)
             layers += 1
@@ -175,12 +184,12 @@ def dequantize(model: nn.Module) -> None:
             del module.forward
 
 
-def _to_int8(model) -> dict:
+def _to_int8(model, shared: dict | None = None) -> dict:
     """A PromptForGeneration's frozen Linear layers to int8, its compute around them to fp32."""
     model.autocast_dtype = None
     if model._weights_dtype != torch.float32:
         model._store_frozen_weights_as(torch.float32)  # int8 is packed from the weights as they are held now
-    stats = quantize_int8(model.plm)
+    stats = quantize_int8(model.plm, shared=shared)
     model.quantization = "int8"
     return stats
 
@@ -265,3 +274,37 @@ def wait_until_ready(model) -> None:
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
+
+
+def prepare_shared_for_answering(models: list, quantize: str | None, precision: str) -> str:
+    """``prepare_for_answering`` for several deltas on one shared backbone (``--mode serve``).
+
+    LoRA stays unmerged (merging would change the weights every delta shares; its update is added in fp32),
+    and the shared Linear layers are packed to int8 once for all of them.
+
+    Args:
+        models: ``PromptForGeneration`` objects whose backbones share their weight tensors.
+        quantize: ``--quantize`` (None: ``auto``, as for the question loop).
+        precision: the one ``--precision`` they all compute in.
+    Returns:
+        ``"none"`` or ``"int8"``.
+    Raises:
+        OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
+    """
+    from .runtime import autocast_dtype
+
+    choice = quantize or "auto"
+    resolved = resolve_quantize(choice, precision, models[0].device)
+    shared: dict = {}
+    started = time.perf_counter()
+    for model in models:
+        if resolved == "int8":
+            _to_int8(model, shared)
+        else:
+            model.autocast_dtype = autocast_dtype(precision, model.device)
+    if resolved == "int8":
+        log.info("quantize %s: int8 backbone shared by %d delta(s) (%d packed Linear layers, %.2f s); CPU: %s",
+                 choice, len(models), len(shared), time.perf_counter() - started, describe_cpu())
+    else:
+        log.info("quantize %s: none", choice)
+    return resolved

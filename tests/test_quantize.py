@@ -222,3 +222,14 @@ def test_background_quantisation_answers_as_the_synchronous_one(adapter_checkpoi
         assert model.quantization == "int8" and quantize.is_quantized(model.plm)
         answers[background] = model.answer(QUESTIONS)
     assert answers[True] == answers[False] == [golds[0] for _, golds in MEMORY_SET]
+
+
+def test_served_deltas_share_one_int8_backbone(adapter_checkpoint):
+    from optqa.serve import load_served
+
+    served = load_served({"a": str(adapter_checkpoint), "b": str(adapter_checkpoint)}, quantize="int8")
+    first, second = (s.model for s in served.values())
+    assert first.quantization == second.quantization == "int8"
+    packed = [[m.__dict__["_optqa_int8"] for _, m in quantize.frozen_linears(s.model.plm)] for s in served.values()]
+    assert len(packed[0]) == TINY_LINEARS and all(a is b for a, b in zip(*packed))  # packed once, used by both
+    assert first.answer(QUESTIONS) == second.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]
