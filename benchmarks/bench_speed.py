@@ -203,7 +203,9 @@ def worker_answer(args) -> dict:
         from optqa.evaluation import predict
 
         config = RunConfig(mode="evaluate", delta_save_path=args.checkpoint, max_new_tokens=args.max_new_tokens)
-        model, _, saved = _load_for_inference(config, {"mode", "delta_save_path", "max_new_tokens"})
+        # evaluate's path on an fp32 / bf16 backbone; benchmarks/bench_int8.py measures int8
+        model, _, saved = _load_for_inference(config, {"mode", "delta_save_path", "max_new_tokens"},
+                                              quantize_default="none")
         encoded = model.wrapper.encode_all(dev[:args.questions])
         model.answer([dev[-1].text_a])  # warm-up, untimed, as for the peer
         common.reset_peak_rss()
@@ -248,11 +250,11 @@ def worker_answer(args) -> dict:
 
 # --- interactive start-up ---------------------------------------------------------------------------------
 
-def time_repl(checkpoint: str, max_new_tokens: int, timeout: float = 600) -> dict:
-    """Seconds from launching the REPL to its first prompt, and to its first answer."""
+def time_repl(checkpoint: str, max_new_tokens: int, timeout: float = 600, extra: tuple[str, ...] = ()) -> dict:
+    """Seconds from launching the REPL to its first prompt, and to its first answer; ``extra``: more flags."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "optqa", "--mode", "interactive_inference", "--delta_save_path",
-                             checkpoint, "--max_new_tokens", str(max_new_tokens)], stdin=subprocess.PIPE,
+                             checkpoint, "--max_new_tokens", str(max_new_tokens), *extra], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=common.child_env(),
                             cwd=common.REPO)
     errors: list[str] = []

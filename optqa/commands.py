@@ -11,10 +11,15 @@ from .errors import OptqaError
 log = logging.getLogger("optqa")
 
 
-def _load_for_inference(config: RunConfig, explicit: set[str]):
-    """A checkpoint rebuilds everything; only flags the user typed override what it recorded."""
+def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default: str, background: bool = False):
+    """A checkpoint rebuilds everything; only flags the user typed override what it recorded.
+
+    How to answer on this machine (--quantize, --merge_lora) is never taken from the checkpoint; the
+    --quantize actually applied is written back into ``config`` (and so into the run folder's config.json).
+    """
     from .build import load_trained
-    from .runtime import autocast_dtype, configure_threads
+    from .quantize import prepare_for_answering
+    from .runtime import configure_threads
 
     configure_threads(config.num_threads)
     overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision")
@@ -24,9 +29,8 @@ def _load_for_inference(config: RunConfig, explicit: set[str]):
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
                                           overrides=overrides,
                                           template=config.template if "template" in explicit else None)
-    model.autocast_dtype = autocast_dtype(saved.precision, model.device)
-    if config.merge_lora and model.delta.merge_lora():
-        log.info("LoRA merged into the backbone weights for answering")
+    saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
+    config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
     return model, manifest, saved
 
 
@@ -76,7 +80,7 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
     else:
         from .evaluation import evaluate as score_model
 
-        model, manifest, saved = _load_for_inference(config, explicit)
+        model, manifest, saved = _load_for_inference(config, explicit, quantize_default="none")
         pulled = manifest.get("pulled_from")
         # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
         source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
@@ -86,7 +90,8 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
     run.write_config(config)
     path = run.write_predictions(split, rows)
     run.append(METRICS_NAME, [{"split": split, f"{split}_f1": metrics["f1"], f"{split}_em": metrics["em"],
-                               "count": metrics["count"], "source": source}])
+                               "count": metrics["count"], "source": source,
+                               **({} if config.predictions_file else {"quantize": config.quantize})}])
     print(f"{split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions from {source}; "
           f"predictions in {path}")
     if compared is not None:
@@ -104,11 +109,21 @@ def evaluate(config: RunConfig, explicit: set[str]) -> int:
 
 def interactive_inference(config: RunConfig, explicit: set[str]) -> int:
     from .interactive import repl
+    from .quantize import wait_until_ready
 
-    model, manifest, saved = _load_for_inference(config, explicit)
+    # int8 packing runs while the first prompt waits for a person to type (about 2 s for OPT-125m)
+    model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto", background=True)
     # the backbone actually loaded: --plm_path when given, else the checkpoint's
     log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"], saved.plm_path)
-    repl(partial(answer_with_notes, model))
+
+    def answer(question: str) -> str:
+        wait_until_ready(model)
+        return answer_with_notes(model, question)
+
+    try:
+        repl(answer)
+    finally:
+        wait_until_ready(model)  # never leave the packing thread running into interpreter shutdown
     return 0
 
 
@@ -199,7 +214,8 @@ def serve(config: RunConfig, explicit: set[str]) -> int:
         overrides = {k: getattr(config, k) for k in ("max_new_tokens",) if k in explicit}
         served = load_served(deltas, plm_path=config.plm_path if "plm_path" in explicit else None,
                              ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
-                             precision=config.precision if "precision" in explicit else None)
+                             precision=config.precision if "precision" in explicit else None,
+                             quantize=config.quantize)
         app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size)
         url = url_of(sock)
         log.info("%d delta(s) on one backbone:\n%s", len(served), "\n".join(describe(served)))

@@ -16,6 +16,7 @@ MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "expor
          "import_opendelta", "serve")
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
+QUANTIZE_CHOICES = ("none", "int8", "auto")
 # the CLI's modules for adapter and lora, as in the homework (the library's LoRA default is q_proj and v_proj)
 CLI_MODIFIED_MODULES = ("self_attn", "fc2")
 # the delta types --modified_modules applies to
@@ -158,6 +159,14 @@ class RunConfig:
 
     # auto: bf16 autocast where the CPU/GPU has native bf16, else fp32
     precision: str = _opt("auto", "compute precision", choices=("auto", "fp32", "bf16", "fp16"))
+    # int8 frozen backbone when answering (optqa/quantize.py); unset, it depends on the mode: auto where a person
+    # waits for the answer (the question loop, serving), none for the scores train and evaluate report, so a
+    # research number does not move with the CPU it was computed on
+    quantize: str | None = _opt(None, "answer on an int8 frozen backbone: none, int8, or auto (int8 where the CPU "
+                                      "lacks native bf16 and has int8 kernels) (default: auto for "
+                                      "interactive_inference and serve, none for the scores of train and "
+                                      "evaluate)",
+                                choices=QUANTIZE_CHOICES)
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
     gradient_checkpointing: bool = _opt(False, "recompute activations to save memory (large backbones)")
     # FSDP2 through accelerate: each of N processes keeps 1/N of the frozen backbone; only with several processes

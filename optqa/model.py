@@ -148,6 +148,8 @@ class PromptForGeneration(nn.Module):
         self._autocast_dtype: torch.dtype | None = None
         self._weights_dtype = torch.float32  # what the frozen Linear weights are stored in now
         self._cast_heads: list[nn.Linear] = []
+        # "int8" while optqa.quantize routes the frozen Linear layers through int8 kernels (answering only)
+        self.quantization = "none"
         if freeze_plm:
             for name, param in self.named_parameters():
                 param.requires_grad_(is_delta_parameter(name))
@@ -196,7 +198,12 @@ class PromptForGeneration(nn.Module):
     @autocast_dtype.setter
     def autocast_dtype(self, dtype: torch.dtype | None) -> None:
         # the frozen weights follow on the next run, not now: a LoRA merge done after choosing the precision
-        # (commands._load_for_inference) is then still computed on fp32 weights
+        # (quantize.prepare_for_answering) is then still computed on fp32 weights
+        if dtype is not None and self.quantization != "none":
+            from .errors import OptqaError
+
+            raise OptqaError(f"an {self.quantization} backbone computes around its int8 matmuls in fp32; "
+                             f"{dtype} autocast does not apply to it")
         self._autocast_dtype = dtype
 
     def _store_frozen_weights_as(self, dtype: torch.dtype) -> None:
@@ -213,7 +220,8 @@ class PromptForGeneration(nn.Module):
             del module.forward, module.__dict__["_optqa_weight"]
         self._cast_heads = []
         for module in self.plm.modules():
-            if not isinstance(module, nn.Linear):
+            # an int8 Linear (optqa.quantize) computes with its own packed copy, never with this weight
+            if not isinstance(module, nn.Linear) or "_optqa_int8" in module.__dict__:
                 continue
             if module.weight is embedding:
                 if dtype != torch.float32:

@@ -30,11 +30,11 @@ _DELTA = {"delta_type", *DELTA_FLAGS}
 _TRAINING = {"template", "batch_size", "eval_batch_size", "max_seq_l", "max_new_tokens", "lr", "weight_decay",
              "train_epochs", "warmup_steps", "max_grad_norm", "gradient_accumulation_steps", "train_targets",
              "group_by_length", "seed", "save_steps", "resume", "max_steps", "gradient_checkpointing", "fsdp",
-             "precision", "cpu", "num_threads", "output_dir"}
+             "precision", "quantize", "cpu", "num_threads", "output_dir"}
 # what answering from a checkpoint reads: everything else comes from the checkpoint's manifest
 # (--template only for a plain PEFT adapter, which has no template of its own)
-_LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_tokens", "precision", "merge_lora",
-            "num_threads", "cpu", "template"}
+_LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_tokens", "precision", "quantize",
+            "merge_lora", "num_threads", "cpu", "template"}
 # The flags each mode reads (besides --mode). The demo builds its own backbone, save folders and dev file.
 MODE_FLAGS: dict[str, frozenset[str]] = {
     "train": frozenset(_DATA | _DOWNLOAD | _DELTA | _TRAINING | {"plm_name", "plm_path", "delta_save_path",
@@ -47,7 +47,7 @@ MODE_FLAGS: dict[str, frozenset[str]] = {
     "export": frozenset({"delta_save_path", "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch",
                          "template"}),
     "serve": frozenset({"deltas", "host", "port", "api_key", "delta_save_path", "plm_path", "ignore_backbone_mismatch",
-                        "max_new_tokens", "precision", "eval_batch_size", "num_threads", "cpu"}),
+                        "max_new_tokens", "precision", "quantize", "eval_batch_size", "num_threads", "cpu"}),
     "push": frozenset({"delta_save_path", "hub_repo", "private", "commit_message", "dry_run", "base_model",
                        "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch"}),
     "download": frozenset({"data_path", *_DOWNLOAD}),
@@ -91,6 +91,10 @@ def _delta(name: str) -> Callable[[RunConfig], bool]:
 
 
 BY_HAND = "works: checked by hand (2 CPU processes, trains, saves and answers)"
+# optqa.quantize raises the same lines for library callers (and for a precision a checkpoint recorded)
+QUANTIZE_WITH_PRECISION = ("--quantize int8 computes around its int8 matmuls in fp32; it cannot be combined with "
+                           "--precision bf16 or fp16")
+QUANTIZE_WITH_FSDP = "--quantize int8 needs the whole backbone in one process; it cannot be combined with --fsdp"
 COMBINATIONS: tuple[Combination, ...] = (
     Combination("--delta_type prefix", "--gradient_checkpointing",
                 "--delta_type prefix cannot be combined with --gradient_checkpointing (transformers recomputes the "
@@ -122,6 +126,11 @@ COMBINATIONS: tuple[Combination, ...] = (
     Combination("--precision fp16", "a CPU (no CUDA GPU, or --cpu)",
                 "--precision fp16 trains only on a CUDA GPU (it needs loss scaling); on a CPU use bf16 or fp32",
                 lambda c: c.mode in ("train", "demo") and c.precision == "fp16" and _on_cpu(c)),
+    Combination("--quantize int8", "--precision bf16, fp16", QUANTIZE_WITH_PRECISION,
+                lambda c: c.quantize == "int8" and c.precision in ("bf16", "fp16")),
+    Combination("--quantize int8", "--fsdp", QUANTIZE_WITH_FSDP, lambda c: c.quantize == "int8" and c.fsdp),
+    Combination("--quantize int8", "every --delta_type",
+                "works, answers as fp32: tests/test_quantize.py::test_int8_answers_like_fp32_for_every_delta_type"),
     Combination('a {"soft"} template', "every --delta_type",
                 "works: tests/test_backbones.py::test_every_delta_trains_saves_and_reloads"),
     Combination("merged LoRA (--merge_lora)", "unmerged",

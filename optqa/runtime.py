@@ -76,16 +76,39 @@ def _cgroup_cpu_quota() -> int | None:
 
 
 @lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16, AMX or Arm BF16: bf16 matmuls run natively; elsewhere bf16 on a CPU is emulated and slower."""
+def cpu_flags() -> dict[str, bool]:
+    """What the CPU can do, from its flags: avx2, avx512f, avx512_bf16, amx (bf16 tiles), vnni (int8 dot).
+
+    Read with ``torch.cpu.get_capabilities()`` (cpuinfo, on Linux, Windows and macOS alike; torch >= 2.8),
+    else from ``/proc/cpuinfo``. These are the hardware's flags: ``ATEN_CPU_CAPABILITY`` cannot hide them
+    (see ``cpu_has_native_bf16``).
+    """
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        c = dict(caps())
+        return {"avx2": bool(c.get("avx2")), "avx512f": bool(c.get("avx512_f")),
+                "avx512_bf16": bool(c.get("avx512_bf16")), "amx": bool(c.get("amx_bf16")),
+                "vnni": bool(c.get("avx512_vnni") or c.get("avx_vnni")), "arm_bf16": bool(c.get("bf16"))}
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        flags = set(cpuinfo.read_text(errors="ignore").split())
-        if platform.machine().lower() in ("arm64", "aarch64"):
-            return "bf16" in flags
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    return "AMX" in capability or (platform.machine().lower() in ("arm64", "aarch64") and "SVE" in capability)
+    flags = set(cpuinfo.read_text(errors="ignore").split()) if cpuinfo.is_file() else set()
+    return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "amx": "amx_bf16" in flags, "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
+            "arm_bf16": "bf16" in flags and platform.machine().lower() in ("arm64", "aarch64")}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether torch computes bf16 natively here: the CPU has AVX512-BF16 or AMX (Arm: BF16) *and* torch is
+    allowed to use them. ``ATEN_CPU_CAPABILITY=avx2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` make torch run as on an
+    AVX2-only laptop (benchmarks/bench_int8.py uses that): bf16 then runs emulated, so it is not native."""
+    flags = cpu_flags()
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return flags["arm_bf16"]
+    if not (flags["avx512_bf16"] or flags["amx"]):
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    onednn_capped = bool(isa) and isa not in ("ALL", "DEFAULT") and not any(
+        key in isa for key in ("BF16", "AMX", "FP16", "AVX10"))
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and not onednn_capped
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -135,19 +135,21 @@ class Served:
 
 
 def load_served(deltas: dict[str, str], plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
-                overrides: dict | None = None, precision: str | None = None) -> dict[str, Served]:
+                overrides: dict | None = None, precision: str | None = None,
+                quantize: str | None = None) -> dict[str, Served]:
     """Load and verify every delta on one backbone (``build.load_shared``) and set one compute precision.
 
     The frozen weights are shared, and PromptForGeneration keeps them in its autocast dtype, so every delta
     must compute in the same precision: ``precision`` (a typed ``--precision``) or, if None, the one every
-    checkpoint recorded.
+    checkpoint recorded. ``quantize`` is ``--quantize`` (None: auto, int8 where the CPU lacks native bf16), applied
+    once to the shared backbone (``quantize.prepare_shared_for_answering``).
 
     Raises:
         OptqaError: a delta is refused (its one-line reason), or the checkpoints recorded different
             precisions and none was given.
     """
     from .build import load_shared
-    from .runtime import autocast_dtype
+    from .quantize import prepare_shared_for_answering
 
     loaded = load_shared(deltas, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch,
                          overrides=overrides)
@@ -157,9 +159,9 @@ def load_served(deltas: dict[str, str], plm_path: str | None = None, ignore_back
             f"{name}: {value}" for name, value in recorded.items()) + "); they share one backbone, so pass "
             "--precision to serve them together")
     chosen = precision or next(iter(recorded.values()))
+    prepare_shared_for_answering([model for model, _, _ in loaded.values()], quantize, chosen)
     served = {}
     for name, (model, manifest, config) in loaded.items():
-        model.autocast_dtype = autocast_dtype(chosen, model.device)
         context = int(getattr(model.backbone.config, "max_position_embeddings", 0) or 0)
         served[name] = Served(name, model, manifest, config, context)
     return served

@@ -20,6 +20,7 @@ from .config import RunConfig
 from .data import IGNORE_INDEX, LengthGroupedBatchSampler, collate_for_training, load_split, split_files
 from .errors import OptqaError
 from .evaluation import evaluate
+from .quantize import int8_while_scoring, resolve_quantize
 from .reports import plot_learning_curve
 from .results import METRICS_NAME, STEPS_NAME, RunFolder
 from .runtime import autocast_dtype, configure_threads, is_sharded, make_accelerator, parameter_counts, seed_everything
@@ -122,6 +123,10 @@ def train(config: RunConfig) -> dict:
         log.info("FSDP: each of %d processes holds its shard of the backbone, here %s of %s parameters",
                  accelerator.num_processes, f"{held:,}", f"{total:,}")
 
+    # the scores this run reports: on the training precision, int8 only when asked for by name (auto is none here)
+    scoring = resolve_quantize("int8" if config.quantize == "int8" else "none", config.precision, accelerator.device,
+                               sharded=is_sharded(model))
+
     raw_root = Path(config.raw_delta_save_path)
     resume_dir = raw_root / ckpt.RESUME_DIR_NAME
     state = TrainState()
@@ -181,7 +186,9 @@ def train(config: RunConfig) -> dict:
             log.info("stopped after %d optimiser steps (--max_steps)", state.global_step)
             break
         prepared.eval()
-        dev_metrics, dev_rows = evaluate(model, dev_set, config.eval_batch_size, f"dev epoch {epoch + 1}", accelerator)
+        with int8_while_scoring(model, scoring):
+            dev_metrics, dev_rows = evaluate(model, dev_set, config.eval_batch_size, f"dev epoch {epoch + 1}",
+                                             accelerator)
         row = {"epoch": epoch + 1, "train_loss": round(sum(losses) / max(len(losses), 1), 6) if losses else None,
                "dev_f1": dev_metrics["f1"], "dev_em": dev_metrics["em"], "step": state.global_step}
         state.history.append(row)
@@ -205,13 +212,14 @@ def train(config: RunConfig) -> dict:
         raise OptqaError("training stopped before the first epoch ended: no delta to save (see --max_steps)")
     model.load_delta_state_dict(best_state, "best epoch")
     prepared.eval()
-    test_metrics, test_rows = evaluate(model, test_set, config.eval_batch_size, "test", accelerator)
+    with int8_while_scoring(model, scoring):
+        test_metrics, test_rows = evaluate(model, test_set, config.eval_batch_size, "test", accelerator)
     run.write_predictions("test", test_rows)
     truncated = {name: sum(e.truncated for e in encoded)
                  for name, encoded in (("train", train_set), ("dev", dev_set), ("test", test_set))}
     run.append(METRICS_NAME, [{"split": "test", "best_epoch": state.best_epoch, "test_f1": test_metrics["f1"],
                                "test_em": test_metrics["em"], "dev_f1": state.best_dev["f1"],
-                               "dev_em": state.best_dev["em"], "truncated": truncated}])
+                               "dev_em": state.best_dev["em"], "truncated": truncated, "quantize": scoring}])
     metrics = {"best_epoch": state.best_epoch, "dev": state.best_dev, "test": test_metrics,
                "history": state.history}
     final = Path(config.delta_save_path)

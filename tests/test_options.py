@@ -44,6 +44,8 @@ def cli_error(capsys, caplog, argv: list[str]) -> str:
 REFUSED_ARGV = {
     ("--delta_type prefix", "--gradient_checkpointing"): ["--delta_type", "prefix", "--gradient_checkpointing"],
     ("--precision fp16", "a CPU (no CUDA GPU, or --cpu)"): ["--precision", "fp16", "--cpu"],
+    ("--quantize int8", "--precision bf16, fp16"): ["--quantize", "int8", "--precision", "bf16"],
+    ("--quantize int8", "--fsdp"): ["--quantize", "int8", "--fsdp"],
 }
 PREFIX_GC_LINE = ("--delta_type prefix cannot be combined with --gradient_checkpointing (transformers recomputes "
                   "the layers without the prefix positions); drop --gradient_checkpointing or choose another "

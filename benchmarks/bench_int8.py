@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""int8 answering (``--quantize int8``) against fp32 (and bf16 where native) on an OPT-125m-shaped model, in one run.
+
+    python benchmarks/bench_int8.py                # ~5 min on 2 cores, after the assets are built once
+    python benchmarks/bench_int8.py --quick        # smoke run
+    # an AVX2-only laptop's kernels, emulated on a newer CPU (torch and oneDNN told not to use AVX-512/AMX):
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_int8.py
+
+Prints what the CPU is (its flags, and the kernel level torch actually runs), then:
+
+- the question loop: seconds per answer, one question at a time as a person types them, fp32 vs int8
+  (int8 with and without the output head quantised), with the same LoRA checkpoint, merged, as
+  ``--mode interactive_inference`` loads it;
+- batched answering (``--mode evaluate``'s path, batch 32): questions/s fp32 vs int8 vs bf16 (bf16 only where
+  it is native: emulated bf16 is several times slower than fp32);
+- agreement: greedy answers of a tiny OPT whose adapter memorised the bundled sample, fp32 vs int8;
+- start-up: seconds from launching the question loop to its first ``Input a question:`` and first answer,
+  with ``--quantize none`` and with the default (auto), against a bare transformers import-and-load.
+
+Random weights never emit eos, so every 125m-shaped answer runs to --max_new_tokens in every setting: each
+does the same work per question.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from bench_speed import make_checkpoint, time_bare_load, time_repl  # noqa: E402
+
+GOALS = {"loop": 2.5, "batched_vs_single": 7.0, "agreement": 95.0, "first_answer": 1.3}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: few questions, one start-up each")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "optqa-bench-speed"),
+                        help="where the backbone, data and checkpoint are built and cached (shared with bench_speed)")
+    parser.add_argument("--questions", type=int, help="dev questions answered in batches (default 64; quick 32)")
+    parser.add_argument("--single_questions", type=int, help="questions answered one at a time (default 8; quick 3)")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="answer tokens generated per question")
+    parser.add_argument("--repl_runs", type=int, help="start-ups timed per setting (default 2; quick 1)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: optqa's choice)")
+    args = parser.parse_args(argv)
+    for name, full, small in (("questions", 64, 32), ("single_questions", 8, 3), ("repl_runs", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.quick else full)
+    return args
+
+
+def answering(checkpoint: str, data: str, args) -> dict:
+    """Seconds per answer one at a time, and batched questions/s, per setting, on one loaded model."""
+    import torch
+
+    from optqa.build import load_trained
+    from optqa.config import RunConfig
+    from optqa.data import read_qa_jsonl
+    from optqa.evaluation import predict
+    from optqa.quantize import dequantize, prepare_for_answering, quantize_int8
+    from optqa.runtime import cpu_has_native_bf16
+    from optqa.runtime import configure_threads
+
+    configure_threads(args.threads)
+    dev = read_qa_jsonl(Path(data) / "dev.jsonl")
+    model, _, saved = load_trained(checkpoint, overrides={"max_new_tokens": args.max_new_tokens})
+    prepare_for_answering(model, RunConfig(quantize="none", precision="fp32"))  # LoRA merged, fp32
+    singles = [e.text_a for e in dev[:args.single_questions]]
+    encoded = model.wrapper.encode_all(dev[:args.questions])
+    results: dict[str, dict] = {}
+
+    def measure(name: str, batched: bool = True) -> None:
+        model.answer([dev[-1].text_a])  # warm-up, untimed
+        times = []
+        for question in singles:
+            started = time.perf_counter()
+            model.answer([question])
+            times.append(time.perf_counter() - started)
+        row = {"seconds_per_answer": statistics.median(times)}
+        if batched:
+            started = time.perf_counter()
+            predict(model, encoded, saved.eval_batch_size)
+            row["questions_per_s"] = len(encoded) / (time.perf_counter() - started)
+        results[name] = row
+        print(f"  {name}: {row}", flush=True)
+
+    measure("fp32")
+    stats = quantize_int8(model.plm)
+    model.quantization = "int8"
+    results["quantize_seconds"] = stats["seconds"]
+    measure("int8")
+    dequantize(model.plm)
+    quantize_int8(model.plm, head=False)
+    measure("int8, head fp32", batched=False)
+    dequantize(model.plm)
+    model.quantization = "none"
+    if cpu_has_native_bf16():
+        model.autocast_dtype = torch.bfloat16
+        measure("bf16")
+    results["batch_size"] = saved.eval_batch_size
+    return results
+
+
+def agreement() -> dict:
+    """Greedy answers of a tiny OPT whose adapter memorised the bundled sample's 40 training questions, fp32 vs
+    int8: on those (a trained model's answers) and on the unseen dev/test questions, where a random backbone
+    answers noise whose top tokens are near ties."""
+    import torch
+
+    from optqa.build import build_model
+    from optqa.config import REPO_ROOT, RunConfig
+    from optqa.data import collate_for_training, read_qa_jsonl
+    from optqa.quantize import quantize_int8
+    from optqa.tiny import build_opt
+
+    sample = REPO_ROOT / "data" / "sample"
+    rows = {split: read_qa_jsonl(sample / f"{split}.jsonl") for split in ("train", "dev", "test")}
+    texts = [t for split in rows.values() for e in split for t in (e.text_a, *e.tgt_text)]
+    folder = Path(tempfile.mkdtemp(prefix="optqa-int8-tiny-"))
+    build_opt(folder, texts, seed=0)
+    torch.manual_seed(0)
+    model, _ = build_model(RunConfig(plm_path=str(folder), delta_type="adapter", bottleneck_dim=64, max_new_tokens=12,
+                                     max_seq_l=96), template=common.TEMPLATE.read_text())
+    batch = collate_for_training(model.wrapper.encode_all(rows["train"], targets="first"), model.tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    for _ in range(300):  # memorises all 40 (loss ~0.06)
+        model(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    groups = {"trained": rows["train"], "unseen": rows["dev"] + rows["test"]}
+    fp32 = {name: model.answer([e.text_a for e in group]) for name, group in groups.items()}
+    quantize_int8(model.plm)
+    result = {"memorised": sum(a in e.tgt_text for a, e in zip(fp32["trained"], rows["train"]))}
+    for name, group in groups.items():
+        int8 = model.answer([e.text_a for e in group])
+        result[name] = {"questions": len(group), "same": sum(a == b for a, b in zip(fp32[name], int8)),
+                        "differ": [(e.text_a, a, b) for e, a, b in zip(group, fp32[name], int8) if a != b]}
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from optqa.quantize import describe_cpu, resolve_quantize
+    from optqa.runtime import cpu_has_native_bf16
+
+    info = common.machine()
+    info["threads"] = args.threads or info["threads"]  # machine() reports optqa's default; answering uses these
+    print(common.machine_markdown(info))
+    print(f"CPU flags: {describe_cpu()}; native bf16 for torch here: {'yes' if cpu_has_native_bf16() else 'no'}"
+          + (f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}, ONEDNN_MAX_CPU_ISA="
+             f"{os.environ.get('ONEDNN_MAX_CPU_ISA')}: emulating an older CPU's kernels)"
+             if os.environ.get("ATEN_CPU_CAPABILITY") else ""))
+    assets = common.build_assets(workdir / "assets")
+    checkpoint = make_checkpoint(assets, workdir)
+    print("answering (LoRA checkpoint, merged; OPT-125m shape):", flush=True)
+    answer = answering(checkpoint, assets["data"], args)
+    print("agreement (tiny OPT, adapter memorised data/sample):", flush=True)
+    agree = agreement()
+    print("start-up:", flush=True)
+    bare = [time_bare_load(assets["plm"]) for _ in range(args.repl_runs)]
+    threads = ("--num_threads", str(args.threads)) if args.threads else ()
+    repl = {q: [time_repl(checkpoint, args.max_new_tokens, extra=("--quantize", q, *threads))
+                for _ in range(args.repl_runs)] for q in ("none", "auto")}
+
+    fp32, int8 = answer["fp32"], answer["int8"]
+    print()
+    print(f"| {info['cpu']} ({torch.backends.cpu.get_cpu_capability()} kernels) | fp32 | int8 | int8, head fp32 |"
+          + (" bf16 |" if "bf16" in answer else ""))
+    print("| --- | --- | --- | --- |" + (" --- |" if "bf16" in answer else ""))
+    print(f"| question loop, s per answer ({args.max_new_tokens} tokens) | {fp32['seconds_per_answer']:.3f} | "
+          f"{int8['seconds_per_answer']:.3f} ({fp32['seconds_per_answer'] / int8['seconds_per_answer']:.2f}x) | "
+          f"{answer['int8, head fp32']['seconds_per_answer']:.3f} |"
+          + (f" {answer['bf16']['seconds_per_answer']:.3f} |" if "bf16" in answer else ""))
+    print(f"| batched (batch {answer['batch_size']}), questions/s | {fp32['questions_per_s']:.2f} | "
+          f"{int8['questions_per_s']:.2f} ({int8['questions_per_s'] / fp32['questions_per_s']:.2f}x) | - |"
+          + (f" {answer['bf16']['questions_per_s']:.2f} |" if "bf16" in answer else ""))
+    single_qps = 1 / fp32["seconds_per_answer"]
+    print(f"| batched vs fp32 one at a time | {fp32['questions_per_s'] / single_qps:.2f}x | "
+          f"{int8['questions_per_s'] / single_qps:.2f}x | - |"
+          + (f" {answer['bf16']['questions_per_s'] / single_qps:.2f}x |" if "bf16" in answer else ""))
+    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s")
+    print(f"agreement with fp32: the {agree['trained']['questions']} trained questions (fp32 memorised "
+          f"{agree['memorised']}): {agree['trained']['same']} identical "
+          f"({100 * agree['trained']['same'] / agree['trained']['questions']:.1f}%); the "
+          f"{agree['unseen']['questions']} unseen ones: {agree['unseen']['same']} identical")
+    for name in ("trained", "unseen"):
+        for question, a, b in agree[name]["differ"]:
+            print(f"  {name}, differs: {question!r}: fp32 {a!r}, int8 {b!r}")
+    floor = statistics.median(bare)
+    auto = resolve_quantize("auto", "auto", torch.device("cpu"))
+    print(f"\nstart-up (median of {args.repl_runs}; auto is {auto} here), import-and-load floor {floor:.2f} s:")
+    for q, runs in repl.items():
+        prompt = statistics.median(r["prompt"] for r in runs)
+        first = statistics.median(r["answer"] for r in runs)
+        print(f"  --quantize {q}: first prompt {prompt:.2f} s, first answer {first:.2f} s ({first / floor:.2f}x the "
+              f"floor; goal <= {GOALS['first_answer']}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""An int8 frozen backbone for answering on CPUs without native bf16 (``--quantize none|int8|auto``).
+
+Each frozen ``nn.Linear`` of the backbone (and the output head, see ``QUANTIZE_HEAD``) computes with int8
+weights (one scale per output row) and int8 activations quantised per call (dynamic quantisation), through
+PyTorch's own quantised CPU kernels (fbgemm / x86 / oneDNN): decoding one question multiplies a single row
+per matrix, where int8 reads a quarter of fp32's bytes (about 4x faster on AVX2, measured).
+Why torch's kernels and not torchao: with torch 2.13 on CPU, torchao 0.18's
+Int8DynamicActivationInt8WeightConfig ran slower than fp32 in eager mode (it is built for torch.compile and
+GPUs) and its wheel carries native parts, while these kernels ship inside every x86 torch wheel, Windows
+included, so int8 needs no extra package.
+
+The module objects stay where they are: each quantised Linear keeps its fp32 weight (state dict, backbone
+fingerprint, the head's tie to the input embedding) and only its ``forward`` is routed through the packed
+int8 copy. Hooks and children that a delta put on it (the adapter, BitFit's bias) keep working, delta
+parameters stay fp32, and ``dequantize`` restores plain fp32 answering exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from .config import QUANTIZE_CHOICES
+from .errors import OptqaError
+from .runtime import cpu_flags, cpu_has_native_bf16
+
+log = logging.getLogger(__name__)
+
+# engines with int8 kernels for x86 CPUs, best first (x86 picks fbgemm or oneDNN per shape)
+INT8_ENGINES = ("x86", "fbgemm", "onednn")
+# The tied output head (50272 x 768 on OPT-125m, a third of its weights) is the largest single matmul of a
+# decoding step; benchmarks/bench_int8.py measures what quantising it adds (README, "int8 answering").
+QUANTIZE_HEAD = True
+_INT8 = "_optqa_int8"  # where a quantised Linear keeps its packed int8 module (not a submodule: no state dict)
+_PENDING = "_optqa_int8_pending"  # a background quantisation still running on a PromptForGeneration
+
+
+def _supported_engines() -> list[str]:
+    """The quantised-kernel engines this torch build has (one place, so tests can take them away); none where
+    its dynamic int8 Linear is gone (torch marks torch.ao.quantization as moving to torchao)."""
+    try:
+        import torch.ao.nn.quantized.dynamic  # noqa: F401
+    except ImportError:
+        return []
+    return list(torch.backends.quantized.supported_engines)
+
+
+def int8_engine() -> str | None:
+    """The engine int8 answering uses here, or None where this torch build has no x86 int8 kernels."""
+    engines = _supported_engines()
+    return next((engine for engine in INT8_ENGINES if engine in engines), None)
+
+
+def describe_cpu() -> str:
+    """One line for logs and benchmark tables, e.g. ``avx2 yes, avx512f no, avx512_bf16 no, amx no, vnni no``."""
+    flags = cpu_flags()
+    text = ", ".join(f"{name} {'yes' if flags[name] else 'no'}"
+                     for name in ("avx2", "avx512f", "avx512_bf16", "amx", "vnni"))
+    return f"{text}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+def resolve_quantize(choice: str, precision: str, device: torch.device, sharded: bool = False) -> str:
+    """``none`` or ``int8``: what ``--quantize`` means on this machine.
+
+    Args:
+        choice: ``none``, ``int8`` or ``auto`` (int8 where the CPU has no native bf16 and the kernels exist).
+        precision: the ``--precision`` answering runs with; ``auto`` picks int8 only under ``auto``.
+        device: where the model is.
+        sharded: whether FSDP shards the backbone (its weights exist only in pieces, nothing to quantise).
+    Returns:
+        ``"none"`` or ``"int8"``.
+    Raises:
+        OptqaError: ``int8`` asked for where it cannot run (no int8 kernels, a GPU, a sharded backbone,
+            an explicit bf16/fp16 precision).
+    """
+    from .options import QUANTIZE_WITH_FSDP, QUANTIZE_WITH_PRECISION
+
+    if choice not in QUANTIZE_CHOICES:
+        raise OptqaError(f"--quantize {choice!r}: choose from {', '.join(QUANTIZE_CHOICES)}")
+    if choice == "none":
+        return "none"
+    engine = int8_engine()
+    if choice == "auto":
+        # an explicit --precision (fp32 included) is the user's word on how to compute: auto keeps it
+        chosen = (device.type == "cpu" and not sharded and engine is not None and precision == "auto"
+                  and not cpu_has_native_bf16())
+        return "int8" if chosen else "none"
+    if engine is None:
+        raise OptqaError(f"--quantize int8: this PyTorch build has no int8 CPU kernels (quantized engines: "
+                         f"{', '.join(_supported_engines()) or 'none'}; needs one of {', '.join(INT8_ENGINES)}); "
+                         "use --quantize none")
+    if device.type != "cpu":
+        raise OptqaError(f"--quantize int8 runs on the CPU, the model is on {device.type}; add --cpu or use "
+                         "--quantize none")
+    if sharded:
+        raise OptqaError(QUANTIZE_WITH_FSDP)
+    if precision in ("bf16", "fp16"):
+        raise OptqaError(QUANTIZE_WITH_PRECISION)
+    return "int8"
+
+
+def _int8_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return module.__dict__[_INT8](hidden)
+
+
+def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[str, nn.Linear]]:
+    """The backbone's frozen ``nn.Linear`` layers: what int8 replaces. A delta's own layers (adapter, LoRA,
+    prefix projections: ``is_delta_parameter``) and anything that trains are left out; with ``head=False``
+    so is the output head."""
+    from .deltas import is_delta_parameter
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    chosen = []
+    for name, module in model.named_modules():
+        # type(), not isinstance: a subclass (PEFT's layers) may compute more than the weight's matmul
+        if type(module) is not nn.Linear or is_delta_parameter(f"{name}.weight") or module.weight.requires_grad:
+            continue
+        if module is output and not head:
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | None = None) -> dict:
+    """Route every frozen Linear of ``model`` through an int8 copy of its weight (see the module docstring).
+
+    Args:
+        model: the network that runs (``PromptForGeneration.plm``); LoRA should be merged first, or its
+            fp32 update is added to the int8 base layer's output.
+        head: also quantise the output head.
+        shared: packed layers by the weight tensors they were packed from, reused across calls: deltas served on
+            one backbone (``build.load_shared``'s copies share its tensors) share one int8 copy. Only for
+            weights that no merge changes.
+    Returns:
+        ``{"layers": n, "parameters": weights quantised, "seconds": time taken, "engine": engine}``.
+    Raises:
+        OptqaError: no int8 kernels in this torch build.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization.qconfig import per_channel_dynamic_qconfig
+
+    engine = int8_engine()
+    if engine is None:
+        raise OptqaError("this PyTorch build has no int8 CPU kernels")
+    if torch.backends.quantized.engine not in INT8_ENGINES:
+        torch.backends.quantized.engine = engine  # packed weights are laid out for the engine that runs them
+    started = time.perf_counter()
+    layers = parameters = 0
+    with warnings.catch_warnings():
+        # torch marks torch.ao.quantization as moving to torchao; the kernels are still torch's (see above)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*deprecated")
+        for _, module in frozen_linears(model, head):
+            if _INT8 in module.__dict__:
+                continue
+            key = (module.weight.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
+                   tuple(module.weight.shape))
+            packed = shared.get(key) if shared is not None else None
+            if packed is None:
+                module.qconfig = per_channel_dynamic_qconfig
+                try:
+                    with torch.no_grad():
+                        packed = DynamicInt8Linear.from_float(module)
+                finally:
+                    del module.qconfig
+                if shared is not None:
+                    shared[key] = packed
+            module.__dict__[_INT8] = packed
+            module.forward = _int8_forward.__get__(module)
+            layers += 1
+            parameters += module.weight.numel()
+    return {"layers": layers, "parameters": parameters, "seconds": time.perf_counter() - started,
+            "engine": torch.backends.quantized.engine}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(_INT8 in module.__dict__ for module in model.modules())
+
+
+def dequantize(model: nn.Module) -> None:
+    """Undo ``quantize_int8``: every Linear computes with its fp32 weight again."""
+    for module in model.modules():
+        if module.__dict__.pop(_INT8, None) is not None:
+            del module.forward
+
+
+def _to_int8(model, shared: dict | None = None) -> dict:
+    """A PromptForGeneration's frozen Linear layers to int8, its compute around them to fp32."""
+    model.autocast_dtype = None
+    if model._weights_dtype != torch.float32:
+        model._store_frozen_weights_as(torch.float32)  # int8 is packed from the weights as they are held now
+    stats = quantize_int8(model.plm, shared=shared)
+    model.quantization = "int8"
+    return stats
+
+
+@contextlib.contextmanager
+def int8_while_scoring(model, quantize: str):
+    """``model`` (a PromptForGeneration) answers on an int8 backbone inside the block when ``quantize`` is
+    ``int8``, and trains on its own precision after it (LoRA stays unmerged: its update is added in fp32)."""
+    if quantize != "int8":
+        yield
+        return
+    autocast = model.autocast_dtype
+    _to_int8(model)
+    try:
+        yield
+    finally:
+        dequantize(model.plm)
+        model.quantization = "none"
+        model.autocast_dtype = autocast
+
+
+def prepare_for_answering(model, config, default: str = "auto", background: bool = False) -> str:
+    """Make a loaded model ready to answer: precision, LoRA merged, and ``--quantize`` applied.
+
+    The one entry point for everything that only answers (the question loop, ``--mode evaluate``, a server).
+
+    Args:
+        model: a ``PromptForGeneration`` (e.g. from ``optqa.build.load_trained``), in eval mode.
+        config: a ``RunConfig``; reads ``quantize`` (None: ``default``), ``precision`` and ``merge_lora``.
+        default: what ``quantize=None`` means for this caller: ``auto`` for the question loop and serving,
+            ``none`` where scores are reported (they must not move with the CPU they were computed on).
+        background: quantise in a thread and return at once (the question loop shows its prompt while a
+            person types); call ``wait_until_ready(model)`` before answering.
+    Returns:
+        ``"none"`` or ``"int8"``, what is applied (also logged in one line with the CPU's flags).
+    Raises:
+        OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
+    """
+    from .runtime import autocast_dtype, is_sharded
+
+    choice = config.quantize or default
+    resolved = resolve_quantize(choice, config.precision, model.device, sharded=is_sharded(model))
+    model.autocast_dtype = None if resolved == "int8" else autocast_dtype(config.precision, model.device)
+    if config.merge_lora and model.delta is not None and model.delta.merge_lora():
+        log.info("LoRA merged into the backbone weights for answering")
+    if resolved == "none":
+        dtype = model.autocast_dtype
+        log.info("quantize %s: none (%s answering); CPU: %s", choice,
+                 str(dtype).replace("torch.", "") if dtype else "fp32", describe_cpu() if model.device.type == "cpu"
+                 else model.device.type)
+        return resolved
+
+    def to_int8() -> None:
+        stats = _to_int8(model)
+        log.info("quantize %s: int8 backbone (%d Linear layers, %.1fM weights, %s kernels, %.2f s); CPU: %s",
+                 choice, stats["layers"], stats["parameters"] / 1e6, stats["engine"], stats["seconds"],
+                 describe_cpu())
+
+    if not background:
+        to_int8()
+        return resolved
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            to_int8()
+        except BaseException as exc:  # handed to the thread that waits for it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="optqa-int8", daemon=True)
+    model.__dict__[_PENDING] = (thread, outcome)
+    thread.start()
+    return resolved
+
+
+def wait_until_ready(model) -> None:
+    """Wait for ``prepare_for_answering(..., background=True)`` to finish; re-raise what it raised, if anything."""
+    pending = model.__dict__.pop(_PENDING, None)
+    if pending is None:
+        return
+    thread, outcome = pending
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def prepare_shared_for_answering(models: list, quantize: str | None, precision: str) -> str:
+    """``prepare_for_answering`` for several deltas on one shared backbone (``--mode serve``).
+
+    LoRA stays unmerged (merging would change the weights every delta shares; its update is added in fp32),
+    and the shared Linear layers are packed to int8 once for all of them.
+
+    Args:
+        models: ``PromptForGeneration`` objects whose backbones share their weight tensors.
+        quantize: ``--quantize`` (None: ``auto``, as for the question loop).
+        precision: the one ``--precision`` they all compute in.
+    Returns:
+        ``"none"`` or ``"int8"``.
+    Raises:
+        OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
+    """
+    from .runtime import autocast_dtype
+
+    choice = quantize or "auto"
+    resolved = resolve_quantize(choice, precision, models[0].device)
+    shared: dict = {}
+    started = time.perf_counter()
+    for model in models:
+        if resolved == "int8":
+            _to_int8(model, shared)
+        else:
+            model.autocast_dtype = autocast_dtype(precision, model.device)
+    if resolved == "int8":
+        log.info("quantize %s: int8 backbone shared by %d delta(s) (%d packed Linear layers, %.2f s); CPU: %s",
+                 choice, len(models), len(shared), time.perf_counter() - started, describe_cpu())
+    else:
+        log.info("quantize %s: none", choice)
+    return resolved

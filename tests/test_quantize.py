@@ -1,0 +1,235 @@
+"""--quantize: int8 answers against fp32 for every delta type, a checkpoint answering alike on both backbones,
+the refusal where the kernels are missing, and what the question loop imports."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import MEMORY_SET, REPO
+from optqa import quantize
+from optqa.data import InputExample, collate_for_generation
+from optqa.errors import OptqaError
+from test_speed_paths import make_model, train_a_little
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUESTIONS = [q for q, _ in MEMORY_SET]
+# int8 weights (per output row) and int8 activations (per call) move the first answer token's logits by at
+# most this share of their largest magnitude (measured 1-5% on the tiny models below)
+LOGIT_TOLERANCE = 0.08
+# tiny_opt: 2 decoder layers x (q, k, v, out_proj, fc1, fc2) + the output head
+TINY_LINEARS = 2 * 6 + 1
+# how many steps and how fast each delta memorises MEMORY_SET on tiny_opt, where it can: BitFit's biases and
+# a prefix barely move a random backbone's answers, so for them the logits are the measure
+TRAINING = {"adapter": (100, 3e-2), "lora": (100, 3e-2), "bitfit": (40, 1e-1), "prefix": (40, 1e-1),
+            "soft_prompt": (40, 1e-1)}
+
+
+def first_step_logits(model) -> torch.Tensor:
+    """Logits of the first answer token for every question, shape (questions, vocabulary)."""
+    encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS)]
+    batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
+    with torch.inference_mode(), model._running(batch):
+        out = model.plm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits[:, -1].float()
+
+
+@pytest.mark.parametrize("delta", ["adapter", "lora", "bitfit", "prefix", "soft_prompt"])
+def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
+    model = make_model(tiny_opt, delta)
+    steps, lr = TRAINING[delta]
+    train_a_little(model, steps=steps, lr=lr)
+    if delta == "lora":
+        assert model.delta.merge_lora()  # as prepare_for_answering does before quantising
+    delta_before = {k: v.clone() for k, v in model.delta_state_dict().items()}
+    fp32_logits, fp32_answers = first_step_logits(model), model.answer(QUESTIONS)
+
+    stats = quantize.quantize_int8(model.plm)
+    assert stats["layers"] == TINY_LINEARS
+    int8_logits, int8_answers = first_step_logits(model), model.answer(QUESTIONS)
+
+    error = (int8_logits - fp32_logits).abs().max() / fp32_logits.abs().max()
+    assert 0 < error <= LOGIT_TOLERANCE  # int8 really ran, and stayed close
+    assert torch.equal(int8_logits.argmax(-1), fp32_logits.argmax(-1))
+    assert int8_answers == fp32_answers
+    if delta in ("adapter", "lora"):  # memorised: the agreement is about real, distinct answers
+        assert fp32_answers == [golds[0] for _, golds in MEMORY_SET]
+    # the delta itself is untouched and stays fp32 and trainable; no delta module was quantised
+    assert all(torch.equal(delta_before[k], v) and v.dtype == torch.float32
+               for k, v in model.delta_state_dict().items())
+    assert not any("_optqa_int8" in m.__dict__ for n, m in model.plm.named_modules()
+                   if any(marker in n + "." for marker in ("lora_", ".adapter.", "prompt_encoder.")))
+
+    quantize.dequantize(model.plm)
+    assert torch.equal(first_step_logits(model), fp32_logits)  # back to exact fp32
+
+
+def test_the_output_head_is_quantised_through_its_tie(tiny_opt):
+    model = make_model(tiny_opt, "adapter")
+    head, embedding = model.plm.get_output_embeddings(), model.plm.get_input_embeddings()
+    assert len(quantize.frozen_linears(model.plm, head=False)) == TINY_LINEARS - 1
+    quantize.quantize_int8(model.plm)
+    assert "_optqa_int8" in head.__dict__ and head.weight is embedding.weight  # the tie is kept
+    with pytest.raises(OptqaError, match="bfloat16 autocast does not apply"):
+        model.quantization = "int8"
+        model.autocast_dtype = torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------- resolution
+
+def test_auto_is_int8_only_on_a_cpu_without_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
+    assert quantize.resolve_quantize("auto", "auto", cpu) == "int8"
+    assert quantize.resolve_quantize("auto", "bf16", cpu) == "none"  # an explicit precision is kept
+    assert quantize.resolve_quantize("auto", "fp32", cpu) == "none"
+    assert quantize.resolve_quantize("auto", "auto", cpu, sharded=True) == "none"
+    assert quantize.resolve_quantize("auto", "auto", torch.device("cuda")) == "none"
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: True)
+    assert quantize.resolve_quantize("auto", "auto", cpu) == "none"
+    assert quantize.resolve_quantize("int8", "auto", cpu) == "int8"
+    with pytest.raises(OptqaError, match="cannot be combined with --precision bf16"):
+        quantize.resolve_quantize("int8", "bf16", cpu)
+
+
+def test_emulated_avx2_has_no_native_bf16(monkeypatch):
+    from optqa import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2": True, "avx512f": True, "avx512_bf16": True,
+                                                        "amx": True, "vnni": True, "arm_bf16": False})
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert runtime.cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not runtime.cpu_has_native_bf16()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert not runtime.cpu_has_native_bf16()
+
+
+# ------------------------------------------------------------------------------------------- a checkpoint
+
+@pytest.fixture(scope="module")
+def adapter_checkpoint(tiny_opt, tmp_path_factory):
+    """An adapter that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
+    from optqa.build import build_model
+    from optqa.checkpoint import build_manifest, save_checkpoint
+    from optqa.config import RunConfig
+
+    torch.manual_seed(0)
+    template = '{"placeholder":"text_a"} Answer: {"mask"}'
+    config = RunConfig(plm_path=str(tiny_opt), delta_type="adapter", max_new_tokens=6, max_seq_l=64,
+                       eval_batch_size=8)
+    model, backbone = build_model(config, template=template)
+    train_a_little(model, steps=100, lr=3e-2)
+    assert model.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]  # real, distinct answers
+    manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=template, backbone=backbone,
+                              hyperparameters=config.to_dict(), metrics={},
+                              trainable_parameters=model.num_trainable_parameters())
+    return save_checkpoint(tmp_path_factory.mktemp("int8-ckpt") / "delta_ckpts", model.delta_state_dict(), manifest)
+
+
+def _evaluate(checkpoint, memory_data, out, *extra):
+    from optqa.cli import main
+
+    assert main(["--mode", "evaluate", "--delta_save_path", str(checkpoint), "--data_path", str(memory_data),
+                 "--output_dir", str(out), *extra]) == 0
+    run = next(out.iterdir())
+    rows = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    return [r["prediction"] for r in rows], metrics, json.loads((run / "config.json").read_text())
+
+
+def test_a_checkpoint_answers_alike_on_int8_and_fp32_backbones(adapter_checkpoint, memory_data, tmp_path):
+    fp32, metrics, config = _evaluate(adapter_checkpoint, memory_data, tmp_path / "fp32", "--precision", "fp32")
+    assert metrics["quantize"] == config["quantize"] == "none"  # evaluate's default: the score is not the CPU's
+    int8, metrics8, config8 = _evaluate(adapter_checkpoint, memory_data, tmp_path / "int8", "--quantize", "int8")
+    assert metrics8["quantize"] == config8["quantize"] == "int8"
+    assert fp32 == int8 == [golds[0] for _, golds in MEMORY_SET]
+    assert metrics8["test_f1"] == metrics["test_f1"] == 100.0
+
+
+def test_int8_refused_in_one_line_without_kernels(adapter_checkpoint, memory_data, tmp_path, monkeypatch, capsys):
+    from optqa.cli import main
+
+    monkeypatch.setattr(quantize, "_supported_engines", lambda: ["qnnpack"])
+    code = main(["--mode", "evaluate", "--delta_save_path", str(adapter_checkpoint), "--data_path",
+                 str(memory_data), "--output_dir", str(tmp_path), "--quantize", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == ("error: --quantize int8: this PyTorch build has no int8 CPU kernels (quantized engines: "
+                       "qnnpack; needs one of x86, fbgemm, onednn); use --quantize none")
+    assert not list(tmp_path.iterdir())  # refused before any run folder was written
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
+    assert quantize.resolve_quantize("auto", "auto", torch.device("cpu")) == "none"  # auto just stays fp32
+
+
+QUESTION_LOOP = """
+import io, json, sys
+sys.stdin = io.StringIO(sys.argv[2])
+from optqa.cli import main
+code = main(["--mode", "interactive_inference", "--delta_save_path", sys.argv[1], "--quantize", "int8"])
+print(json.dumps({"code": code, "loaded": sorted(m for m in ("peft", "optqa.trainer", "optqa.evaluation")
+                                                 if m in sys.modules)}))
+"""
+
+
+def test_question_loop_answers_on_int8_without_peft(adapter_checkpoint):
+    # accelerate is not in the list: transformers 5.24 imports it itself while loading any model, whenever it
+    # is installed (transformers.integrations.accelerate), so it is part of the import-and-load floor
+    questions = "\n".join(QUESTIONS[:3]) + "\nquit()\n"
+    done = subprocess.run([sys.executable, "-c", QUESTION_LOOP, str(adapter_checkpoint), questions],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line for line in lines if line.startswith("Answer:")] == [
+        f"Answer: {golds[0]}" for _, golds in MEMORY_SET[:3]]
+    assert json.loads(lines[-1]) == {"code": 0, "loaded": []}
+    assert "quantize int8: int8 backbone (13 Linear layers" in done.stderr
+
+
+def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path):
+    from conftest import train_in_process
+
+    flags = ("--train_epochs", "2", "--lr", "3e-2", "--max_new_tokens", "3", "--eval_batch_size", "8")
+    runs = {q: train_in_process(tiny_opt, memory_data, tmp_path / q, *flags, *(("--quantize", q) if q else ()))
+            for q in ("", "int8")}
+    for q, summary in runs.items():
+        final = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+        assert final["quantize"] == (q or "none")
+        assert summary["best_epoch"] in (1, 2)
+    # scoring on int8 after epoch 1 left training exactly as it was: the same loss at every step
+    losses = [(Path(s["run_dir"]) / "train_loss.jsonl").read_text() for s in runs.values()]
+    assert losses[0] == losses[1] and len(losses[0].splitlines()) == 2
+
+
+def test_background_quantisation_answers_as_the_synchronous_one(adapter_checkpoint):
+    from optqa.build import load_trained
+    from optqa.config import RunConfig
+
+    answers = {}
+    for background in (False, True):
+        model, _, _ = load_trained(adapter_checkpoint)
+        assert quantize.prepare_for_answering(model, RunConfig(quantize="int8"), background=background) == "int8"
+        quantize.wait_until_ready(model)
+        assert model.quantization == "int8" and quantize.is_quantized(model.plm)
+        answers[background] = model.answer(QUESTIONS)
+    assert answers[True] == answers[False] == [golds[0] for _, golds in MEMORY_SET]
+
+
+def test_served_deltas_share_one_int8_backbone(adapter_checkpoint):
+    from optqa.serve import load_served
+
+    served = load_served({"a": str(adapter_checkpoint), "b": str(adapter_checkpoint)}, quantize="int8")
+    first, second = (s.model for s in served.values())
+    assert first.quantization == second.quantization == "int8"
+    packed = [[m.__dict__["_optqa_int8"] for _, m in quantize.frozen_linears(s.model.plm)] for s in served.values()]
+    assert len(packed[0]) == TINY_LINEARS and all(a is b for a, b in zip(*packed))  # packed once, used by both
+    assert first.answer(QUESTIONS) == second.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]
