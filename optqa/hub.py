@@ -221,7 +221,9 @@ def push(config, explicit: set[str]) -> list[str]:
                              f"{str(exc).splitlines()[0] if str(exc) else 'no details'}") from None
         listing = _listing(folder)
     commit = getattr(info, "oid", None) or "?"
-    return [f"pushed {len(listing)} files to {config.hub_repo} as {user} (commit {commit}): {info}",
+    # the commit's page (str(info) is the folder's URL on huggingface_hub < 1.0)
+    return [f"pushed {len(listing)} files to {config.hub_repo} as {user} (commit {commit}): "
+            f"{getattr(info, 'commit_url', None) or info}",
             *listing, f"pull it with --delta_save_path hf://{config.hub_repo}@{commit}"]
 
 
@@ -239,10 +241,12 @@ def _hub_session():
     api = HfApi(token=token)
     try:
         user = api.whoami()["name"]
-    except HfHubHTTPError as exc:
-        raise OptqaError(f"the Hub at {api.endpoint} did not accept the token ({str(exc).splitlines()[0]}); "
-                         f"{LOGIN_HINT}") from None
-    except _network_errors() as exc:
+    except (HfHubHTTPError, *_network_errors()) as exc:
+        # huggingface_hub < 1.0 raises requests' HTTPError (an OSError) for a refused token: the answer's status
+        # code, not the exception's class, says whether the Hub was reached
+        if isinstance(exc, HfHubHTTPError) or getattr(getattr(exc, "response", None), "status_code", None):
+            raise OptqaError(f"the Hub at {api.endpoint} did not accept the token ({str(exc).splitlines()[0]}); "
+                             f"{LOGIN_HINT}") from None
         raise OptqaError(f"could not reach the Hub at {api.endpoint} ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); check the network, or use "
                          "--dry_run to write the folder only") from None
