@@ -38,21 +38,15 @@ GOALS = {"loop": 2.5, "batched_vs_single": 7.0, "agreement": 95.0, "first_answer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: few questions, one start-up each")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "optqa-bench-speed"),
-                        help="where the backbone, data and checkpoint are built and cached (shared with bench_speed)")
+    parser = common.bench_parser(__doc__, "smoke run: few questions, one start-up each",
+                                 "where the backbone, data and checkpoint are built and cached (shared with bench_speed)")
     parser.add_argument("--questions", type=int, help="dev questions answered in batches (default 64; quick 32)")
     parser.add_argument("--single_questions", type=int, help="questions answered one at a time (default 8; quick 3)")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="answer tokens generated per question")
     parser.add_argument("--repl_runs", type=int, help="start-ups timed per setting (default 2; quick 1)")
     parser.add_argument("--threads", type=int, help="torch threads (default: optqa's choice)")
-    args = parser.parse_args(argv)
-    for name, full, small in (("questions", 64, 32), ("single_questions", 8, 3), ("repl_runs", 2, 1)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if args.quick else full)
-    return args
+    return common.fill_counts(parser.parse_args(argv), (("questions", 64, 32), ("single_questions", 8, 3),
+                                                          ("repl_runs", 2, 1)))
 
 
 def answering(checkpoint: str, data: str, args) -> dict:

@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,11 +45,8 @@ PADDING_NAMES = {"grouped": "per batch, length-grouped", "per_batch": "per batch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: few steps, few questions, no ablation")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "optqa-bench-speed"),
-                        help="where the backbone, data and checkpoint are built and cached")
+    parser = common.bench_parser(__doc__, "smoke run: few steps, few questions, no ablation",
+                                 "where the backbone, data and checkpoint are built and cached")
     parser.add_argument("--steps", type=int, help="timed training steps per configuration (default 20; quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 2; quick 1)")
     parser.add_argument("--questions", type=int, help="dev questions answered by optqa (default 64; quick 8)")
@@ -72,13 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    quick = args.quick
-    for name, full, small in (("steps", 20, 3), ("warmup", 2, 1), ("questions", 64, 8), ("single_questions", 12, 3),
-                              ("repl_runs", 3, 1)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if quick else full)
-    return args
+    return common.fill_counts(parser.parse_args(argv), (("steps", 20, 3), ("warmup", 2, 1), ("questions", 64, 8),
+                                                          ("single_questions", 12, 3), ("repl_runs", 3, 1)))
 
 
 # --- workers (each runs in its own process) ------------------------------------------------------------------

@@ -31,6 +31,28 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
 
+def bench_parser(doc: str, quick_help: str, workdir_help: str):
+    """The arguments every speed benchmark shares: ``--quick`` and ``--workdir`` (the built backbone, data and
+    checkpoint are cached there, one folder for bench_speed and bench_int8)."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "optqa-bench-speed"),
+                        help=workdir_help)
+    return parser
+
+
+def fill_counts(args, counts: tuple[tuple[str, int, int], ...]):
+    """Counts left unset take their full default, or their small one with ``--quick``: (name, full, quick)."""
+    for name, full, small in counts:
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.quick else full)
+    return args
+
+
 def machine() -> dict:
     """What the numbers were measured on: CPU model, cores, library versions, bf16 support, threads."""
     import peft
