@@ -53,13 +53,12 @@ def answering(checkpoint: str, data: str, args) -> dict:
     """Seconds per answer one at a time, and batched questions/s, per setting, on one loaded model."""
     import torch
 
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
     from optqa.config import RunConfig
     from optqa.data import read_qa_jsonl
-    from optqa.evaluation import predict
+    from optqa.hardware import configure_threads, cpu_has_native_bf16
     from optqa.quantize import dequantize, prepare_for_answering, quantize_int8
-    from optqa.runtime import cpu_has_native_bf16
-    from optqa.runtime import configure_threads
+    from optqa.run.evaluation import predict
 
     configure_threads(args.threads)
     dev = read_qa_jsonl(Path(data) / "dev.jsonl")
@@ -107,7 +106,7 @@ def agreement() -> dict:
     answers noise whose top tokens are near ties."""
     import torch
 
-    from optqa.build import build_model
+    from optqa.checkpoints.assemble import build_model
     from optqa.config import REPO_ROOT, RunConfig
     from optqa.data import collate_for_training, read_qa_jsonl
     from optqa.quantize import quantize_int8
@@ -148,8 +147,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from optqa.hardware import cpu_has_native_bf16
     from optqa.quantize import describe_cpu, resolve_quantize
-    from optqa.runtime import cpu_has_native_bf16
 
     info = common.machine()
     info["threads"] = args.threads or info["threads"]  # machine() reports optqa's default; answering uses these

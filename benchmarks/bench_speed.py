@@ -104,15 +104,16 @@ def pad_to(batch: dict, width: int, pad_id: int) -> dict:
 def worker_train(args) -> dict:
     """Timed training steps of one configuration; tokens/s counts real (non-pad) tokens only."""
     import torch
+    from accelerate.utils import set_seed
 
     from optqa.data import LengthGroupedBatchSampler, collate_for_training
-    from optqa.runtime import autocast_dtype, configure_threads, seed_everything
+    from optqa.hardware import autocast_dtype, configure_threads
 
     configure_threads(None)
-    seed_everything(0)
+    set_seed(0)
     settings = delta_settings(args.delta)
     if args.impl.startswith("optqa"):
-        from optqa.build import build_model
+        from optqa.checkpoints.assemble import build_model
         from optqa.config import RunConfig
 
         config = RunConfig(plm_path=args.plm, data_path=args.data, template=str(common.TEMPLATE), lr=LR,
@@ -190,8 +191,8 @@ def worker_answer(args) -> dict:
 
     dev = read_qa_jsonl(Path(args.data) / "dev.jsonl")
     if args.impl == "optqa":
-        from optqa.commands import _load_for_inference
-        from optqa.evaluation import predict
+        from optqa.cli import _load_for_inference
+        from optqa.run.evaluation import predict
 
         config = RunConfig(mode="evaluate", delta_save_path=args.checkpoint, max_new_tokens=args.max_new_tokens)
         # evaluate's path on an fp32 / bf16 backbone; benchmarks/bench_int8.py measures int8
@@ -209,8 +210,8 @@ def worker_answer(args) -> dict:
         precision = str(model.autocast_dtype or torch.float32).replace("torch.", "")
         batch_size = saved.eval_batch_size
     else:
-        from optqa.build import load_trained
-        from optqa.runtime import configure_threads
+        from optqa.checkpoints.assemble import load_trained
+        from optqa.hardware import configure_threads
 
         configure_threads(None)
         model, _, _ = load_trained(args.checkpoint)  # LoRA left unmerged, fp32: what a plain PEFT user runs

@@ -41,7 +41,7 @@ def opt_125m_folder(folder: Path = DEFAULT_BACKBONE) -> Path:
 
 
 def measure(backbone: Path, delta_type: str, out: Path) -> dict:
-    from optqa import checkpoint as ckpt
+    from optqa.checkpoints import format as ckpt
     from optqa.config import DEFAULT_TEMPLATE, RunConfig
     from optqa.deltas import AutoDeltaConfig, AutoDeltaModel
     from optqa.plm import backbone_identity, load_plm

@@ -59,7 +59,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from optqa.runtime import configure_threads, cpu_has_native_bf16, usable_cpus
+    from optqa.hardware import configure_threads, cpu_has_native_bf16, usable_cpus
 
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")

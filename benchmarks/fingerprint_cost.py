@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from optqa.checkpoint import backbone_fingerprint, sha256_file
+    from optqa.checkpoints.format import backbone_fingerprint, sha256_file
     from optqa.plm import load_plm
 
     logging.disable(logging.INFO)

@@ -54,10 +54,10 @@ def worker(args: list[str], out_prefix: str) -> None:
     import os
 
     from common import peak_rss_mb, reset_peak_rss
-    from optqa import trainer
-    from optqa.cli import parse_args
 
-    from optqa.runtime import parameter_counts
+    from optqa.cli import parse_args
+    from optqa.hardware import parameter_counts
+    from optqa.run import training as trainer
 
     reset_peak_rss()
     after_step: list[dict] = []
@@ -81,6 +81,7 @@ def build_backbone(size: str, folder: Path) -> Path:
     """A random-weight OPT of the real ``size`` shape, with the benchmark assets' tokenizer."""
     from common import build_assets
     from memory_table import OPT_FAMILY
+
     from optqa.tiny import build_opt
 
     assets = build_assets(folder)

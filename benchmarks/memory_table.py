@@ -100,9 +100,9 @@ def estimate_gb(size: str, params: int, delta: int, coefficient: dict) -> dict:
 
 def worker(size: str, mode: str, out: Path) -> None:
     import torch
+    from common import peak_rss_mb, reset_peak_rss
     from transformers import OPTForCausalLM
 
-    from common import peak_rss_mb, reset_peak_rss
     from optqa.deltas import AutoDeltaModel
 
     torch.manual_seed(0)
@@ -114,8 +114,7 @@ def worker(size: str, mode: str, out: Path) -> None:
     if mode == "delta_ckpt":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if mode.startswith("delta"):
-        AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=model)  # freezes the backbone
-        model = model.__dict__["_optqa_delta"].model
+        model = AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=model).model  # freezes the backbone
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()

@@ -58,7 +58,7 @@ def checkpoints(workdir: Path, plm: str) -> dict[str, Path]:
 
 
 def _scale(folder: Path, factor: float) -> None:
-    from optqa.checkpoint import read_checkpoint, save_checkpoint
+    from optqa.checkpoints.format import read_checkpoint, save_checkpoint
 
     folder, manifest, state = read_checkpoint(folder)
     save_checkpoint(folder, {k: v * factor for k, v in state.items()}, {k: v for k, v in manifest.items()
@@ -67,7 +67,7 @@ def _scale(folder: Path, factor: float) -> None:
 
 def memory_worker(args) -> None:
     """In a fresh process: load ``--count`` deltas as --mode serve does, answer once with each, report peak RSS."""
-    from optqa.runtime import configure_threads
+    from optqa.hardware import configure_threads
 
     configure_threads(args.threads)
     paths = json.loads(args.paths)

@@ -12,13 +12,14 @@ and what a course script calls besides (PromptDataLoader, GenerationVerbalizer, 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_plm": "plm", "ManualTemplate": "template", "AutoDeltaConfig": "deltas", "AutoDeltaModel": "deltas",
-    "PromptForGeneration": "model", "InputExample": "data", "LMTokenizerWrapper": "data", "RunConfig": "config",
-    "OptqaError": "errors", "load_trained": "build",
+    "load_plm": "plm", "ManualTemplate": "template", "AutoDeltaConfig": "deltas",
+    "AutoDeltaModel": "compat.opendelta", "PromptForGeneration": "model", "InputExample": "data",
+    "LMTokenizerWrapper": "data", "RunConfig": "config", "OptqaError": "errors", "load_trained": "checkpoints.assemble",
     # the rest of what an OpenPrompt/OpenDelta course script calls (a script ports by changing its imports)
-    "PromptDataLoader": "prompt_loader", "GenerationVerbalizer": "prompt_loader", "MixedTemplate": "template",
-    "PrefixTuningTemplate": "template", "SoftTemplate": "template", "PtuningTemplate": "template",
-    "SoftManualTemplate": "template", "PTRTemplate": "template",
+    "PromptDataLoader": "compat.openprompt", "GenerationVerbalizer": "compat.openprompt",
+    "MixedTemplate": "compat.openprompt", "PrefixTuningTemplate": "compat.openprompt",
+    "SoftTemplate": "compat.openprompt", "PtuningTemplate": "compat.openprompt",
+    "SoftManualTemplate": "compat.openprompt", "PTRTemplate": "compat.openprompt",
 }
 __all__ = list(_EXPORTS)
 

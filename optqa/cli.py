@@ -1,17 +1,20 @@
-"""Command line: maps flags (generated from RunConfig) to calls. No logic of its own."""
+"""The command line, the top of the package: flags generated from RunConfig, one gate for option pairs
+(``optqa.options.check_run``), then one ``<mode>_mode`` function per ``--mode`` that turns the config into calls
+to the library below and prints the outcome. Exit status: 0, 2 for an ``error:`` line, 130 after Ctrl-C, 141
+when the reader of stdout went away."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import shlex
 import sys
 import typing
+from pathlib import Path
 
-from .config import RunConfig, shown_default
-from .errors import OptqaError
+from optqa.config import RunConfig, shown_default
+from optqa.errors import OptqaError
 
 log = logging.getLogger("optqa")
 
@@ -86,14 +89,11 @@ def main(argv=None) -> int:
 def _run(argv: list[str]) -> int:
     try:
         config, explicit = parse_args(argv)
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-        for noisy in ("transformers", "peft", "accelerate", "httpx", "httpx2", "huggingface_hub"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        from . import commands
-        from .options import check_run
+        configure_logging()
+        from optqa.options import check_run
 
         check_run(config, explicit)
-        return getattr(commands, config.mode)(config, explicit) or 0
+        return globals()[f"{config.mode}_mode"](config, explicit) or 0  # every mode in MODES has one (tested)
     except OptqaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -107,15 +107,13 @@ def _run(argv: list[str]) -> int:
 
 def interrupted_message(argv: list[str]) -> str:
     """What Ctrl-C prints: for training, the exact command that continues the run from its last saved state."""
-    from pathlib import Path
-
     try:
         config, _ = parse_args(argv)
     except SystemExit:
         return "interrupted"
     if config.mode != "train":
         return "interrupted"
-    from .checkpoint import MANIFEST_NAME, RESUME_DIR_NAME
+    from optqa.checkpoints.format import MANIFEST_NAME, RESUME_DIR_NAME
 
     state = Path(config.raw_delta_save_path) / RESUME_DIR_NAME
     if not (state / MANIFEST_NAME).is_file():
@@ -125,6 +123,234 @@ def interrupted_message(argv: list[str]) -> str:
     return f"interrupted; continue from the last saved state with: python -m optqa {shlex.join(again)}"
 
 
-def print_json(data) -> None:
-    print(json.dumps(data, indent=2, default=str))
+def configure_logging() -> None:
+    """Log lines on stderr, the libraries' own chatter off; in a multi-process run only the first process
+    (RANK 0, set by torchrun and accelerate launch) logs below warnings: one log per run."""
+    main_process = os.environ.get("RANK", "0") in ("", "0")
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "httpx2", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
+
+# ------------------------------------------------------------------------------------------ one per --mode
+
+def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default: str, background: bool = False):
+    """A checkpoint rebuilds everything; only flags the user typed override what it recorded.
+
+    How to answer on this machine (--quantize, --merge_lora) is never taken from the checkpoint; the
+    --quantize actually applied is written back into ``config`` (and so into the run folder's config.json).
+    """
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.hardware import configure_threads
+    from optqa.quantize import prepare_for_answering
+
+    configure_threads(config.num_threads)
+    overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision")
+                 if k in explicit}
+    model, manifest, saved = load_trained(config.delta_save_path,
+                                          plm_path=config.plm_path if "plm_path" in explicit else None,
+                                          ignore_backbone_mismatch=config.ignore_backbone_mismatch,
+                                          overrides=overrides,
+                                          template=config.template if "template" in explicit else None)
+    saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
+    config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
+    return model, manifest, saved
+
+
+def train_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.run.training import train
+
+    summary = train(config)
+    if summary.main_process:  # one summary per run, however many processes trained
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary) -> None:
+    """What a finished training run prints (a ``TrainSummary``)."""
+    size = summary.checkpoint_bytes
+    print(f"best epoch {summary.best_epoch}: dev F1 {summary.dev_f1:.2f} EM {summary.dev_em:.2f} | "
+          f"test F1 {summary.test_f1:.2f} EM {summary.test_em:.2f}")
+    print(f"delta saved to {summary.delta_save_path}" + (f" ({size / 1e6:.2f} MB)" if size else "")
+          + f"; results in {summary.run_dir}; wall time {summary.wall_time_s:.1f} s")
+    cut = {split: n for split, n in summary.truncated.items() if n}
+    if cut:
+        print("examples whose question was cut to fit --max_seq_l: "
+              + ", ".join(f"{split} {n}" for split, n in cut.items()))
+    if summary.plot:
+        print(f"learning curve: {summary.plot}")
+
+
+def evaluate_mode(config: RunConfig, explicit: set[str]) -> int:
+    """Score a saved delta, or a --predictions_file, on --split; --compare_file adds a question-by-question diff."""
+    from optqa.data import load_split, split_files
+    from optqa.run.folder import METRICS_NAME, RunFolder, compare_name
+    from optqa.run.predictions import compare_rows, read_predictions, score_predictions
+
+    split = config.split
+    gold = str(split_files(config)[split])
+    if not Path(gold).is_file():
+        what = "--predictions_file" if config.predictions_file else "the model's answers"
+        raise OptqaError(f"--mode evaluate scores {what} against the gold answers of --split {split}, and {gold} "
+                         f"does not exist; name them with --{split}_file FILE (any jsonl with {config.id_field!r}, "
+                         f"{config.question_field!r} and {config.answers_field!r}) or --data_path FOLDER holding "
+                         f"{split}.jsonl")
+    examples = load_split(config, split)
+    # every file is read and matched to the gold ids before a model is loaded, so a bad file fails in seconds
+    compared = (score_predictions(examples, read_predictions(config.compare_file, config.id_field),
+                                  config.compare_file, gold) if config.compare_file else None)
+    if config.predictions_file:
+        source = config.predictions_file
+        metrics, rows = score_predictions(examples, read_predictions(source, config.id_field), source, gold)
+    else:
+        from optqa.run.evaluation import evaluate as score_model
+
+        model, manifest, saved = _load_for_inference(config, explicit, quantize_default="none")
+        pulled = manifest.get("pulled_from")
+        # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
+        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
+        encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
+        metrics, rows = score_model(model, encoded, saved.eval_batch_size, split)
+    run = RunFolder.create(config.output_dir, "evaluate")
+    run.write_config(config)
+    path = run.write_predictions(split, rows)
+    run.append(METRICS_NAME, [{"split": split, f"{split}_f1": metrics["f1"], f"{split}_em": metrics["em"],
+                               "count": metrics["count"], "source": source,
+                               **({} if config.predictions_file else {"quantize": config.quantize})}])
+    print(f"{split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions from {source}; "
+          f"predictions in {path}")
+    if compared is not None:
+        from optqa.run.folder import comparison_table
+
+        metrics_b, rows_b = compared
+        counts, changed = compare_rows(rows, rows_b)
+        diff = run.write_rows(compare_name(split), changed)
+        run.append(METRICS_NAME, [{"split": split, "compare_file": config.compare_file, "compare_f1": metrics_b["f1"],
+                                   "compare_em": metrics_b["em"], **counts}])
+        print(comparison_table(source, config.compare_file, metrics, metrics_b, counts, changed))
+        print(f"questions with different predictions in {diff}")
+    return 0
+
+
+def interactive_inference_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.interactive import repl
+    from optqa.quantize import wait_until_ready
+
+    # int8 packing runs while the first prompt waits for a person to type (about 2 s for OPT-125m)
+    model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto", background=True)
+    # the backbone actually loaded: --plm_path when given, else the checkpoint's
+    log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"], saved.plm_path)
+
+    def answer(question: str) -> str:
+        wait_until_ready(model)
+        return answer_with_notes(model, question)
+
+    try:
+        repl(answer)
+    finally:
+        wait_until_ready(model)  # never leave the packing thread running into interpreter shutdown
+    return 0
+
+
+def answer_with_notes(model, question: str) -> str:
+    """The REPL's answer to one question, saying so when the question was cut to fit the checkpoint's max_seq_l.
+
+    Args:
+        model: a ``PromptForGeneration`` (from ``load_trained``).
+        question: the question as typed.
+    Returns:
+        The answer, followed by ``[question cut: its last N tokens did not fit max_seq_l M]`` when it was cut.
+    """
+    from optqa.data import InputExample
+
+    answer = model.answer([question])[0]
+    encoded = model.wrapper.encode(InputExample(text_a=question))
+    if encoded.tokens_cut:
+        answer += (f"   [question cut: its last {encoded.tokens_cut} tokens did not fit max_seq_l "
+                   f"{model.wrapper.max_seq_length}]")
+    return answer
+
+
+def demo_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.demo import run_demo
+
+    run_demo(config, explicit)
+    return 0
+
+
+def download_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.download import download_arc_da, has_data
+
+    target = Path(config.data_path)
+    if has_data(target):
+        print(f"ARC-DA already in {target}")
+        return 0
+    download_arc_da(target, url=config.data_url, allow_checksum_mismatch=config.allow_checksum_mismatch)
+    print(f"ARC-DA v1.1 in {target} (train/dev/test.jsonl, checksums verified)")
+    return 0
+
+
+def inspect_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.checkpoints.inspect import inspect_checkpoint
+
+    print("\n".join(inspect_checkpoint(config.delta_save_path)))
+    return 0
+
+
+def export_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.checkpoints.export import export_checkpoint
+
+    for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
+                                  plm_path=config.plm_path if "plm_path" in explicit else None,
+                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch,
+                                  template=config.template if "template" in explicit else None):
+        print(line)
+    return 0
+
+
+def push_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.checkpoints.push import push as push_to_hub
+
+    for line in push_to_hub(config, explicit):
+        print(line)
+    return 0
+
+
+def import_opendelta_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.checkpoints.opendelta import import_opendelta as convert
+
+    print(convert(config, explicit))
+    return 0
+
+
+def serve_mode(config: RunConfig, explicit: set[str]) -> int:
+    """Verify every delta, load the backbone once, and answer over HTTP until Ctrl-C."""
+    import os
+
+    from optqa.hardware import configure_threads
+    from optqa.serve import api_key_from, bind, create_app, describe, load_served, parse_delta_specs, run_server, url_of
+
+    deltas = parse_delta_specs(config.deltas, config.delta_save_path)
+    api_key = api_key_from(config.api_key, os.environ)
+    # bound before the slow loading, so a taken port fails at once and the printed port is the served one
+    sock = bind(config.host, config.port)
+    try:
+        configure_threads(config.num_threads)
+        overrides = {k: getattr(config, k) for k in ("max_new_tokens",) if k in explicit}
+        served = load_served(deltas, plm_path=config.plm_path if "plm_path" in explicit else None,
+                             ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
+                             precision=config.precision if "precision" in explicit else None,
+                             quantize=config.quantize)
+        app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size)
+        url = url_of(sock)
+        log.info("%d delta(s) on one backbone:\n%s", len(served), "\n".join(describe(served)))
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s: reachable from other machines%s", config.host,
+                        "" if api_key else " by anyone (no --api_key)")
+        # one line on stdout, flushed: scripts and the tests read the port from it
+        print(f"serving {', '.join(served)} at {url}/ (API: {url}/v1; Ctrl-C stops)", flush=True)
+        run_server(app, sock)
+    finally:
+        sock.close()
+    return 0

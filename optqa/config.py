@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # templates/ and data/sample/ sit beside the package in a checkout; default paths are relative to it
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -17,21 +17,160 @@ MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "expor
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 QUANTIZE_CHOICES = ("none", "int8", "auto")
-# the CLI's modules for adapter and lora, as in the homework (the library's LoRA default is q_proj and v_proj)
-CLI_MODIFIED_MODULES = ("self_attn", "fc2")
+
+
+# ------------------------------------------------------------------------------------ one config per delta
+# Each delta type's options and defaults, written once: AutoDeltaConfig (the library API) builds these, the
+# CLI's delta flags take their defaults from them (``delta_default``), and a checkpoint's manifest records
+# ``to_dict()``. Field metadata: ``help``; ``flag``, the RunConfig field when its name differs; ``cli_default``,
+# where the command line's default differs from the library's (said once, on the field).
+
+def _delta(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def _positive(config: Any, *names: str) -> None:
+    from optqa.errors import OptqaError
+
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise OptqaError(f"{config.delta_type}: {name} must be a positive whole number, got {value!r}")
+
+
+def _module_names(config: Any, allow_none: bool) -> None:
+    from optqa.errors import OptqaError
+
+    names = config.modified_modules
+    if names is None and allow_none:
+        return
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or not all(
+            isinstance(n, str) and n for n in names):
+        raise OptqaError(f"{config.delta_type}: modified_modules must be a non-empty list of module names, "
+                         f"got {names!r}")
+    config.modified_modules = list(names)
+
+
+@dataclass
+class DeltaConfig:
+    """The base of the typed delta configs (OpenDelta's ``*Config`` objects): attribute access, ``to_dict()``."""
+
+    delta_type: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"delta_type": ..., **options}``: what AutoDeltaConfig.from_dict takes and a manifest records."""
+        return {"delta_type": self.delta_type, **dataclasses.asdict(self)}
+
+
+@dataclass
+class AdapterConfig(DeltaConfig):
+    """Bottleneck adapter (Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP"), after each
+    modified module's output: ``out + up(act(down(out)))``, OpenDelta's layout."""
+
+    delta_type: ClassVar[str] = "adapter"
+    modified_modules: list[str] = _delta(["self_attn", "fc2"], "modules whose output the adapter follows")
+    bottleneck_dim: int = _delta(24, "bottleneck width")
+    non_linearity: str = _delta("gelu_new", "activation between the down and up projection (transformers' ACT2FN)")
+
+    def __post_init__(self) -> None:
+        _module_names(self, allow_none=False)
+        _positive(self, "bottleneck_dim")
+
+
+@dataclass
+class LoraConfig(DeltaConfig):
+    """LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), through PEFT: the frozen
+    ``W`` of each Linear in the modified modules computes ``W x + (alpha / r) B A x``."""
+
+    delta_type: ClassVar[str] = "lora"
+    # the library keeps PEFT's and OpenDelta's q_proj + v_proj; the command line follows the homework, whose
+    # runs put LoRA on every Linear of the attention block and on fc2
+    modified_modules: list[str] = _delta(["self_attn.q_proj", "self_attn.v_proj"], "modules whose Linears get LoRA",
+                                         cli_default=["self_attn", "fc2"])
+    lora_r: int = _delta(8, "rank r")
+    lora_alpha: int = _delta(16, "alpha (scale = alpha / r)")
+    lora_dropout: float = _delta(0.0, "dropout on the input of the LoRA path")
+
+    def __post_init__(self) -> None:
+        from optqa.errors import OptqaError
+
+        _module_names(self, allow_none=False)
+        _positive(self, "lora_r", "lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise OptqaError(f"lora: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+
+@dataclass
+class BitFitConfig(DeltaConfig):
+    """BitFit (Ben Zaken et al., 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
+    Masked Language-models"): a trainable bias added to the output of every Linear and LayerNorm of the
+    modified modules (None: all decoder layers); the backbone's own biases stay frozen."""
+
+    delta_type: ClassVar[str] = "bitfit"
+    modified_modules: list[str] | None = _delta(None, "modules whose Linears and LayerNorms get a bias "
+                                                      "(None: every decoder layer)")
+
+    def __post_init__(self) -> None:
+        _module_names(self, allow_none=True)
+
+
+@dataclass
+class SoftPromptConfig(DeltaConfig):
+    """Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"):
+    ``soft_token_num`` trainable input embeddings before the prompt. 20, not OpenDelta's 100: ARC-DA prompts
+    average ~29 tokens, and on a CPU the cost of a step grows with the prompt length."""
+
+    delta_type: ClassVar[str] = "soft_prompt"
+    soft_token_num: int = _delta(20, "number of virtual tokens")
+    init_text: str = _delta("Answer the science question briefly.", "text whose token embeddings initialise the "
+                            "prompt (\"\" for random init)", flag="soft_init_text")
+
+    def __post_init__(self) -> None:
+        _positive(self, "soft_token_num")
+
+
+@dataclass
+class PrefixConfig(DeltaConfig):
+    """Prefix tuning (Li and Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"):
+    ``prefix_token_num`` trainable key/value positions in every layer, through PEFT."""
+
+    delta_type: ClassVar[str] = "prefix"
+    prefix_token_num: int = _delta(6, "number of prefix positions")
+
+    def __post_init__(self) -> None:
+        _positive(self, "prefix_token_num")
+
+
+DELTA_CONFIGS: dict[str, type[DeltaConfig]] = {
+    cls.delta_type: cls for cls in (AdapterConfig, LoraConfig, BitFitConfig, SoftPromptConfig, PrefixConfig)}
+assert tuple(DELTA_CONFIGS) == DELTA_TYPES
+
+
+def delta_field(delta_type: str, flag: str) -> dataclasses.Field:
+    """The field of ``delta_type``'s config that RunConfig's ``--flag`` sets."""
+    return next(f for f in dataclasses.fields(DELTA_CONFIGS[delta_type]) if f.metadata.get("flag", f.name) == flag)
+
+
+def delta_default(delta_type: str, flag: str, cli: bool = False) -> Any:
+    """The default of ``--flag`` for ``delta_type`` (``cli``: the command line's, where it differs)."""
+    f = delta_field(delta_type, flag)
+    if cli and "cli_default" in f.metadata:
+        return list(f.metadata["cli_default"])
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def flags_of(delta_type: str) -> tuple[str, ...]:
+    """The names of ``delta_type``'s options as RunConfig calls them (``non_linearity`` has no flag: the library
+    API sets it)."""
+    return tuple(f.metadata.get("flag", f.name) for f in dataclasses.fields(DELTA_CONFIGS[delta_type]))
+
+
+# the CLI's modules for adapter and lora (shown in --help; lora's differs from its library default, see LoraConfig)
+CLI_MODIFIED_MODULES = tuple(delta_default("lora", "modified_modules", cli=True))
 # the delta types --modified_modules applies to
-MODULE_DELTA_TYPES = ("adapter", "lora", "bitfit")
-# Per-delta defaults, shared by AutoDeltaConfig (the library API) and the CLI flags below.
-# soft_token_num is 20, not OpenDelta's 100: ARC-DA prompts average ~29 tokens, and on a CPU the cost of a
-# step grows with the prompt length.
-DELTA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adapter": {"modified_modules": ["self_attn", "fc2"], "bottleneck_dim": 24, "non_linearity": "gelu_new"},
-    "lora": {"modified_modules": ["self_attn.q_proj", "self_attn.v_proj"], "lora_r": 8, "lora_alpha": 16,
-             "lora_dropout": 0.0},
-    "bitfit": {"modified_modules": None},
-    "soft_prompt": {"soft_token_num": 20, "init_text": "Answer the science question briefly."},
-    "prefix": {"prefix_token_num": 6},
-}
+MODULE_DELTA_TYPES = tuple(t for t in DELTA_TYPES if "modified_modules" in flags_of(t))
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -40,14 +179,27 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def _delta_flag(delta_type: str, flag: str) -> Any:
+    """A RunConfig field for one delta option: its default and help are the typed delta config's; a resumed
+    run must keep it (it shapes the delta)."""
+    f = delta_field(delta_type, flag)
+    return _opt(delta_default(delta_type, flag), f"{delta_type}: {f.metadata['help']}", resume=True)
+
+
 @dataclass
 class RunConfig:
+    """Every setting of a run: the CLI's flags, a run folder's config.json and a checkpoint's hyperparameters.
+
+    Field metadata: ``help``; ``choices``/``nargs``/``shown`` for argparse; ``resume=True``, a setting a
+    ``--resume`` must keep (it shapes the delta, the data order or the optimisation); ``training=True``, a
+    training setting that ``--mode inspect`` and model cards show.
+    """
     # what to do: train a delta, score one, chat with one, or manage checkpoints
     mode: str = _opt("train", "what to run", choices=MODES)
     # ARC-DA folder with train/dev/test.jsonl (downloaded automatically by --mode train when missing)
-    data_path: str = _opt("./data/ARC-DA-v1.1", "folder holding train.jsonl, dev.jsonl and test.jsonl")
+    data_path: str = _opt("./data/ARC-DA-v1.1", "folder holding train.jsonl, dev.jsonl and test.jsonl", resume=True)
     # per-split overrides so any QA jsonl can be used
-    train_file: str | None = _opt(None, "training jsonl (default: <data_path>/train.jsonl)")
+    train_file: str | None = _opt(None, "training jsonl (default: <data_path>/train.jsonl)", resume=True)
     dev_file: str | None = _opt(None, "dev jsonl (default: <data_path>/dev.jsonl)")
     test_file: str | None = _opt(None, "test jsonl (default: <data_path>/test.jsonl)")
     # field names inside each jsonl row, for QA sets that are not ARC-DA
@@ -63,51 +215,47 @@ class RunConfig:
     # model family name for load_plm (OpenPrompt's model_name)
     plm_name: str = _opt("opt", "model family, as in OpenPrompt's load_plm(model_name, ...)")
     # a hub name or a local Hugging Face folder; offline machines must pass a local folder
-    plm_path: str = _opt("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder")
+    plm_path: str = _opt("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder", resume=True)
     # which delta to inject into the frozen backbone
-    delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES)
+    delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES, resume=True)
     # OpenDelta-style short module names the delta attaches to (adapter, lora, bitfit); None: the delta type's
     # default, resolved in __post_init__ so that a manifest records what was actually modified
     modified_modules: list[str] | None = _opt(None, "modules the delta attaches to (OpenDelta short names; adapter, "
                                                     "lora, and bitfit, which without it takes every Linear and "
                                                     "LayerNorm of the decoder layers)", nargs="+",
-                                              shown=" ".join(CLI_MODIFIED_MODULES))
-    # adapter: bottleneck width (OpenDelta's default)
-    bottleneck_dim: int = _opt(DELTA_DEFAULTS["adapter"]["bottleneck_dim"], "adapter bottleneck width")
-    # lora: rank, scale numerator and dropout (OpenDelta's defaults)
-    lora_r: int = _opt(DELTA_DEFAULTS["lora"]["lora_r"], "LoRA rank")
-    lora_alpha: int = _opt(DELTA_DEFAULTS["lora"]["lora_alpha"], "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _opt(DELTA_DEFAULTS["lora"]["lora_dropout"], "LoRA dropout")
-    # soft_prompt: prompt length (see DELTA_DEFAULTS for why 20)
-    soft_token_num: int = _opt(DELTA_DEFAULTS["soft_prompt"]["soft_token_num"], "soft_prompt: number of virtual tokens")
-    # soft_prompt: text whose token embeddings initialise the prompt ("" for random init)
-    soft_init_text: str = _opt(DELTA_DEFAULTS["soft_prompt"]["init_text"], "soft_prompt: initialisation text")
-    # prefix: virtual key/value positions per layer (OpenDelta's default)
-    prefix_token_num: int = _opt(DELTA_DEFAULTS["prefix"]["prefix_token_num"], "prefix: number of prefix positions")
+                                              shown=" ".join(CLI_MODIFIED_MODULES), resume=True)
+    # each delta type's own options: default and help come from its typed config (AdapterConfig, ...)
+    bottleneck_dim: int = _delta_flag("adapter", "bottleneck_dim")
+    lora_r: int = _delta_flag("lora", "lora_r")
+    lora_alpha: int = _delta_flag("lora", "lora_alpha")
+    lora_dropout: float = _delta_flag("lora", "lora_dropout")
+    soft_token_num: int = _delta_flag("soft_prompt", "soft_token_num")
+    soft_init_text: str = _delta_flag("soft_prompt", "soft_init_text")
+    prefix_token_num: int = _delta_flag("prefix", "prefix_token_num")
 
     # OpenPrompt ManualTemplate file (or inline template text)
-    template: str = _opt(DEFAULT_TEMPLATE, "template file in templates/ (or inline template text)")
+    template: str = _opt(DEFAULT_TEMPLATE, "template file in templates/ (or inline template text)", resume=True)
     # questions per optimisation step
-    batch_size: int = _opt(8, "training batch size")
+    batch_size: int = _opt(8, "training batch size", resume=True, training=True)
     # questions answered at once when scoring
     eval_batch_size: int = _opt(32, "answering batch size")
     # prompt + answer + eos tokens; longer questions are cut, never the answer or the template text
-    max_seq_l: int = _opt(128, "maximum tokens per example (the question is cut to fit)")
+    max_seq_l: int = _opt(128, "maximum tokens per example (the question is cut to fit)", resume=True, training=True)
     # greedy answers stop at eos or after this many tokens
     max_new_tokens: int = _opt(32, "maximum generated answer tokens")
-    lr: float = _opt(1e-3, "learning rate (AdamW)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    train_epochs: int = _opt(3, "training epochs")
-    warmup_steps: int = _opt(0, "linear warm-up steps")
+    lr: float = _opt(1e-3, "learning rate (AdamW)", resume=True, training=True)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", resume=True, training=True)
+    train_epochs: int = _opt(3, "training epochs", resume=True, training=True)
+    warmup_steps: int = _opt(0, "linear warm-up steps", resume=True, training=True)
     # gradients are clipped to this norm (0 turns clipping off)
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
-    gradient_accumulation_steps: int = _opt(1, "batches per optimiser step")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", resume=True, training=True)
+    gradient_accumulation_steps: int = _opt(1, "batches per optimiser step", resume=True, training=True)
     # one target per question is the homework's setup and keeps an epoch 3.4x cheaper than 'all'
     train_targets: str = _opt("first", "train on the first gold answer or on every gold answer",
-                              choices=("first", "all"))
+                              choices=("first", "all"), resume=True, training=True)
     # batching examples of similar length cuts padding; order across batches stays random
-    group_by_length: bool = _opt(True, "bucket training examples by length")
-    seed: int = _opt(42, "random seed (data order, delta init, dropout)")
+    group_by_length: bool = _opt(True, "bucket training examples by length", resume=True)
+    seed: int = _opt(42, "random seed (data order, delta init, dropout)", resume=True, training=True)
 
     # the final (best-dev) delta, as a self-describing checkpoint folder
     delta_save_path: str = _opt("./delta_ckpts/", "final delta checkpoint folder (to load: also a .optqa bundle, "
@@ -158,7 +306,7 @@ class RunConfig:
     ignore_backbone_mismatch: bool = _opt(False, "load a delta onto a backbone with different weights")
 
     # auto: bf16 autocast where the CPU/GPU has native bf16, else fp32
-    precision: str = _opt("auto", "compute precision", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _opt("auto", "compute precision", choices=("auto", "fp32", "bf16", "fp16"), training=True)
     # int8 frozen backbone when answering (optqa/quantize.py); unset, it depends on the mode: auto where a person
     # waits for the answer (the question loop, serving), none for the scores train and evaluate report, so a
     # research number does not move with the CPU it was computed on
@@ -183,9 +331,9 @@ class RunConfig:
         # its delta config then say the same thing (a delta type without modules records None)
         if self.delta_type not in MODULE_DELTA_TYPES:
             self.modified_modules = None
-        elif self.modified_modules is None and self.delta_type != "bitfit":
-            self.modified_modules = list(CLI_MODIFIED_MODULES)
-        elif self.modified_modules is not None:
+        elif self.modified_modules is None:
+            self.modified_modules = delta_default(self.delta_type, "modified_modules", cli=True)
+        else:
             self.modified_modules = list(self.modified_modules)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,20 +345,22 @@ class RunConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def delta_config(self) -> dict[str, Any]:
-        """The AutoDeltaConfig dict this run asks for."""
-        cfg: dict[str, Any] = {"delta_type": self.delta_type}
-        if self.delta_type == "adapter":
-            cfg.update(modified_modules=list(self.modified_modules), bottleneck_dim=self.bottleneck_dim)
-        elif self.delta_type == "lora":
-            cfg.update(modified_modules=list(self.modified_modules), lora_r=self.lora_r,
-                       lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
-        elif self.delta_type == "bitfit":
-            cfg.update(modified_modules=self.modified_modules)
-        elif self.delta_type == "soft_prompt":
-            cfg.update(soft_token_num=self.soft_token_num, init_text=self.soft_init_text)
-        elif self.delta_type == "prefix":
-            cfg.update(prefix_token_num=self.prefix_token_num)
-        return cfg
+        """The AutoDeltaConfig dict this run asks for: its delta type's typed config from the delta flags."""
+        cls, flags = DELTA_CONFIGS[self.delta_type], {f.name for f in dataclasses.fields(self)}
+        return cls(**{f.name: getattr(self, f.metadata.get("flag", f.name)) for f in dataclasses.fields(cls)
+                      if f.metadata.get("flag", f.name) in flags}).to_dict()
+
+    @classmethod
+    def names_where(cls, key: str) -> tuple[str, ...]:
+        """The fields whose metadata sets ``key`` (``resume``, ``training``), in declaration order; for ``resume``
+        only the flags of ``delta_type``'s delta count, so the others are never compared."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(key))
+
+    def resume_settings(self) -> tuple[str, ...]:
+        """The settings a ``--resume`` of this run must keep: shared ones and this delta type's own."""
+        own = {"modified_modules", *flags_of(self.delta_type)}
+        delta_flags = {flag for t in DELTA_TYPES for flag in flags_of(t)} | {"modified_modules"}
+        return tuple(n for n in self.names_where("resume") if n not in delta_flags or n in own)
 
 
 def find_repo_file(path: str | Path) -> Path | None:

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .errors import OptqaError
-from .template import SOFT_NONE
+from optqa.errors import OptqaError
+from optqa.template import SOFT_NONE
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")

@@ -15,63 +15,124 @@ use it, so what trains and what is saved cannot drift apart.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
+import weakref
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from .config import DELTA_DEFAULTS, DELTA_TYPES
-from .errors import OptqaError
+from optqa.config import DELTA_CONFIGS, DELTA_TYPES, DeltaConfig
+from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
-PEFT_DELTA_TYPES = ("lora", "soft_prompt", "prefix")
 # Substrings that only delta parameter names contain: PEFT's lora_*/prompt_encoder, optqa's adapter and
 # bitfit, and a template's soft tokens. Backbone parameter names never contain them.
 DELTA_MARKERS = ("lora_", "prompt_encoder.", ".adapter.", "bitfit_delta_bias", "soft_embeds")
 # Keys OpenDelta writes into its config.json that describe the run rather than the delta.
 OPENDELTA_METADATA_KEYS = {"backbone_checkpoint_name", "backbone_class", "backbone_hash", "opendelta_version",
                            "transformers_version", "exclude_modules", "common_structure", "unfrozen_modules"}
+# backbone -> the delta attached to it: PromptForGeneration(plm, ...) finds the delta of the plm it is given, as
+# OpenPrompt's does after OpenDelta modified plm in place (PEFT's deltas run through a wrapper around plm)
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, DeltaModel]" = weakref.WeakKeyDictionary()
 
 
 def is_delta_parameter(name: str) -> bool:
-    """The single predicate deciding what is trained and what is saved."""
+    """The single predicate deciding what is trained and what is saved.
+
+    Args:
+        name: a parameter name as ``named_parameters()`` gives it.
+    Returns:
+        True for a delta parameter (or a template's soft tokens), False for a backbone weight.
+    """
     return any(marker in name for marker in DELTA_MARKERS)
 
 
-class DeltaConfig:
-    """A validated delta configuration with attribute access (OpenDelta's ``*Config`` objects)."""
+def attached_delta(plm: nn.Module) -> "DeltaModel | None":
+    """The delta ``AutoDeltaModel.from_config`` attached to backbone ``plm``, or None."""
+    return _ATTACHED.get(plm)
 
-    def __init__(self, delta_type: str, **values: Any):
-        if delta_type not in DELTA_TYPES:
-            raise OptqaError(f"unknown delta_type {delta_type!r} (choose from {', '.join(DELTA_TYPES)})")
-        defaults = copy.deepcopy(DELTA_DEFAULTS[delta_type])
-        unknown = set(values) - set(defaults) - OPENDELTA_METADATA_KEYS
-        if unknown:
-            raise OptqaError(f"{delta_type} does not take {', '.join(sorted(unknown))} "
-                             f"(it takes {', '.join(defaults) or 'no options'})")
-        defaults.update({k: v for k, v in values.items() if k in defaults})
-        self.delta_type = delta_type
-        self.__dict__.update(defaults)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain tensor: an FSDP shard (DTensor) is gathered from every process."""
+    return param.full_tensor().detach() if hasattr(param, "full_tensor") else param.detach()
 
-    def __repr__(self) -> str:
-        return f"DeltaConfig({self.to_dict()})"
+
+def _like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out like ``param``: this process's shard when ``param`` is an FSDP DTensor."""
+    if not hasattr(param, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+
+
+def load_delta_state(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy delta weights into ``module``'s delta parameters by name (FSDP shards take their part).
+
+    Raises:
+        OptqaError: a missing, unexpected or mis-shaped name (a delta for another backbone); nothing is
+            skipped.
+    """
+    own = {n: p for n, p in module.named_parameters() if is_delta_parameter(n)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise OptqaError(f"{source} does not fit this delta: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                         f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for name, param in own.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise OptqaError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model expects "
+                             f"{tuple(param.shape)} (a delta for another backbone?)")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(_like(param, state[name].to(param.dtype)))
+
+
+def _layout(delta: "DeltaModel") -> nn.Module:
+    """The backbone and the model that runs, registered in the order ``PromptForGeneration`` registers them
+    (``backbone``, then ``plm``): parameter names then equal those of optqa checkpoints."""
+    holder = nn.Module()
+    holder.backbone = delta.backbone_model
+    holder.plm = delta.model
+    return holder
+
+
+def named_delta_parameters(delta: "DeltaModel") -> list[tuple[str, nn.Parameter]]:
+    """The delta's own parameters under checkpoint names (a template's soft tokens are the template's)."""
+    return [(n, p) for n, p in _layout(delta).named_parameters() if is_delta_parameter(n)]
 
 
 class AutoDeltaConfig:
+    """OpenDelta's ``AutoDeltaConfig``: the typed config of a delta type from a dict."""
+
     @staticmethod
     def from_dict(config: dict[str, Any]) -> DeltaConfig:
+        """Args:
+            config: ``{"delta_type": ..., **options}``; options left out take the type's defaults, and the keys
+                OpenDelta writes about the run (``backbone_class``, ``opendelta_version``, ...) are ignored.
+        Returns:
+            An ``AdapterConfig``, ``LoraConfig``, ``BitFitConfig``, ``SoftPromptConfig`` or ``PrefixConfig``.
+        Raises:
+            OptqaError: no or an unknown ``delta_type``, an option the type does not take, an invalid value.
+        """
         if "delta_type" not in config:
             raise OptqaError("a delta config needs 'delta_type'")
-        values = dict(config)
-        return DeltaConfig(values.pop("delta_type"), **values)
+        values = {k: v for k, v in config.items() if k not in OPENDELTA_METADATA_KEYS}
+        delta_type = values.pop("delta_type")
+        if delta_type not in DELTA_CONFIGS:
+            raise OptqaError(f"unknown delta_type {delta_type!r} (choose from {', '.join(DELTA_TYPES)})")
+        cls = DELTA_CONFIGS[delta_type]
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(values) - set(known)
+        if unknown:
+            raise OptqaError(f"{delta_type} does not take {', '.join(sorted(unknown))} "
+                             f"(it takes {', '.join(known) or 'no options'})")
+        return cls(**copy.deepcopy(values))
 
 
 class AdapterLayer(nn.Module):
@@ -152,15 +213,16 @@ class DeltaModel:
     ``model`` is what to run: the backbone itself (adapter, bitfit, modified in place) or PEFT's wrapper
     around it (lora, soft_prompt, prefix). ``PromptForGeneration(plm, ...)`` finds it from the backbone.
     OpenDelta's calls: ``parameters()`` / ``named_parameters()`` (the delta's own, so
-    ``AdamW(delta_model.parameters(), lr)`` trains it), ``freeze_module``, ``log``, ``save_finetuned``,
-    ``save_checkpoint`` / ``load_checkpoint`` and ``AutoDeltaModel.from_finetuned``.
+    ``AdamW(delta_model.parameters(), lr)`` trains it), ``freeze_module`` and ``log``; the saving calls
+    (``save_finetuned``, ``save_checkpoint``, ``load_checkpoint``) are on ``optqa.compat.opendelta.OpenDeltaModel``,
+    which ``optqa.AutoDeltaModel`` returns.
     """
 
     def __init__(self, config: DeltaConfig, backbone_model: nn.Module, model: nn.Module):
         self.config = config
         self.backbone_model = backbone_model
         self.model = model
-        backbone_model.__dict__["_optqa_delta"] = self  # not a submodule: no cycle in named_modules()
+        _ATTACHED[backbone_model] = self  # not a submodule of the backbone: no cycle in named_modules()
         self._freeze()
 
     def _freeze(self) -> None:
@@ -198,16 +260,12 @@ class DeltaModel:
         self.__dict__["_prompt_model"] = prompt_model
         pending = self.__dict__.pop("_pending_template_state", None)
         if pending:
-            from .model import load_delta_state
-
             state, source = pending
             load_delta_state(prompt_model.template, state, f"{source} (template soft tokens; build the template "
                                                            "from delta_model.manifest['template'])")
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The delta's own parameters, named as in optqa checkpoints (no backbone weight, no template token)."""
-        from .finetuned import named_delta_parameters
-
         return iter(named_delta_parameters(self))
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -248,24 +306,6 @@ class DeltaModel:
         print(text)
         return text
 
-    def save_finetuned(self, finetuned_delta_path: str | Path = "./delta_checkpoints/", *args, **kwargs) -> Path:
-        """OpenDelta's ``save_finetuned``: an optqa checkpoint folder; see :func:`optqa.finetuned.save_finetuned`."""
-        from .finetuned import save_finetuned
-
-        return save_finetuned(self, finetuned_delta_path, *args, **kwargs)
-
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """The raw delta (one safetensors file, no manifest); see :func:`optqa.finetuned.save_raw`."""
-        from .finetuned import save_raw
-
-        return save_raw(self, path)
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Load a raw delta written by ``save_checkpoint``; see :func:`optqa.finetuned.load_raw`."""
-        from .finetuned import load_raw
-
-        load_raw(self, path)
-
     def merge_lora(self) -> bool:
         """Fold LoRA into the frozen weights for inference (exact up to float rounding). True if merged."""
         if self.config.delta_type != "lora" or getattr(self, "_merged", False):
@@ -286,23 +326,33 @@ def _delta_only_state_dict(module: nn.Module, *args, destination=None, prefix: s
 
 
 class AutoDeltaModel:
-    @staticmethod
-    def from_config(config: DeltaConfig | dict, backbone_model: nn.Module, tokenizer=None) -> DeltaModel:
+    """OpenDelta's ``AutoDeltaModel.from_config``; ``optqa.AutoDeltaModel`` (optqa/compat/opendelta.py) adds
+    ``from_finetuned`` and the saving calls."""
+
+    delta_model_class: type[DeltaModel] = DeltaModel
+
+    @classmethod
+    def from_config(cls, config: DeltaConfig | dict, backbone_model: nn.Module, tokenizer=None) -> DeltaModel:
+        """Attach a delta to ``backbone_model`` in place and freeze everything else.
+
+        Args:
+            config: a typed delta config or its dict (``AutoDeltaConfig.from_dict``).
+            backbone_model: a transformers causal LM (``load_plm``) without a delta.
+            tokenizer: its tokenizer (soft_prompt's ``init_text`` needs it).
+        Returns:
+            The delta model; ``.model`` is what runs (the backbone, or PEFT's wrapper around it), and
+            ``PromptForGeneration(backbone_model, ...)`` finds it (``attached_delta``).
+        Raises:
+            OptqaError: an invalid config, modules that match nothing, a backbone that already carries a delta.
+        """
         if isinstance(config, dict):
             config = AutoDeltaConfig.from_dict(config)
-        if "_optqa_delta" in backbone_model.__dict__:
+        if attached_delta(backbone_model) is not None:
             raise OptqaError("this backbone already carries a delta; load a fresh backbone for another one")
         builder = {"adapter": _attach_adapter, "bitfit": _attach_bitfit, "lora": _attach_lora,
                    "soft_prompt": _attach_soft_prompt, "prefix": _attach_prefix}[config.delta_type]
         model = builder(config, backbone_model, tokenizer)
-        return DeltaModel(config, backbone_model, model)
-
-    @staticmethod
-    def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, *args, **kwargs) -> DeltaModel:
-        """OpenDelta's ``from_finetuned``: verify, then attach and load; see :func:`optqa.finetuned.from_finetuned`."""
-        from .finetuned import from_finetuned
-
-        return from_finetuned(finetuned_delta_path, backbone_model, *args, **kwargs)
+        return cls.delta_model_class(config, backbone_model, model)
 
 
 def _attach_adapter(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:

@@ -7,8 +7,8 @@ import logging
 import shlex
 from pathlib import Path
 
-from .config import RunConfig, find_repo_file
-from .errors import OptqaError
+from optqa.config import RunConfig, find_repo_file
+from optqa.errors import OptqaError
 
 log = logging.getLogger("optqa")
 SAMPLE = Path("data/sample")
@@ -30,10 +30,10 @@ def find_sample(config: RunConfig, explicit: set[str]) -> Path:
 
 
 def run_demo(config: RunConfig, explicit: set[str]) -> None:
-    from .build import load_trained
-    from .data import load_split
-    from .tiny import build_opt
-    from .trainer import train
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.data import load_split
+    from optqa.run.training import train
+    from optqa.tiny import build_opt
 
     sample = find_sample(config, explicit)
     root = Path(config.output_dir) / "demo"
@@ -56,9 +56,10 @@ def run_demo(config: RunConfig, explicit: set[str]) -> None:
     print(f"2/4 training the {demo_config.delta_type} delta on {sample} ({len(train_examples)} questions, "
           f"{demo_config.train_epochs} epochs)")
     summary = train(demo_config)
-    print(f"3/4 saved the delta to {summary['delta_save_path']} ({summary['checkpoint_bytes'] / 1e3:.1f} kB); "
-          f"F1 on the training questions {summary['dev_f1']:.1f} (those shown below), on unseen test questions {summary['test_f1']:.1f} "
-          "(a random backbone knows no science)")
+    memorised_f1 = summary.dev_f1  # the demo's dev split is the training questions shown below (shown.jsonl)
+    print(f"3/4 saved the delta to {summary.delta_save_path} ({summary.checkpoint_bytes / 1e3:.1f} kB); "
+          f"F1 on the training questions {memorised_f1:.1f} (those shown below), on unseen test questions "
+          f"{summary.test_f1:.1f} (a random backbone knows no science)")
     model, manifest, _ = load_trained(demo_config.delta_save_path)
     shown = train_examples[:DEMO_SHOWN]
     print("4/4 reloaded from the checkpoint alone; answers to training questions it memorised:")

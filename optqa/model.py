@@ -9,9 +9,9 @@ import logging
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, LMTokenizerWrapper, InputExample, collate_for_generation, generation_batches
-from .deltas import DeltaModel, is_delta_parameter
-from .runtime import is_sharded
+from optqa.data import IGNORE_INDEX, InputExample, LMTokenizerWrapper, collate_for_generation, generation_batches
+from optqa.deltas import DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
+from optqa.hardware import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +29,6 @@ def _cast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         cached = ((dtype, weight._version), weight.detach().to(dtype))
         weight.__dict__["_optqa_cast"] = cached
     return cached[1]
-
-
-def _whole(param: torch.Tensor) -> torch.Tensor:
-    """A parameter as one plain tensor: an FSDP shard (DTensor) is gathered from every process."""
-    return param.full_tensor().detach() if hasattr(param, "full_tensor") else param.detach()
-
-
-def _like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """``whole`` laid out like ``param``: this process's shard when ``param`` is an FSDP DTensor."""
-    if not hasattr(param, "device_mesh"):
-        return whole
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -65,7 +51,7 @@ def _virtual_kind(model: nn.Module) -> str | None:
     ``PeftModel.from_pretrained``), else None."""
     if not hasattr(model, "prompt_encoder"):
         return None
-    from .errors import OptqaError
+    from optqa.errors import OptqaError
 
     peft_type = str(model.peft_config[model.active_adapter].peft_type).rsplit(".", 1)[-1]
     kinds = {"PROMPT_TUNING": "soft_prompt", "PREFIX_TUNING": "prefix"}
@@ -83,30 +69,6 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
     pending = torch.tensor(0.0 if bool(done.all()) else 1.0, device=done.device)
     dist.all_reduce(pending)
     return pending.item() == 0
-
-
-def load_delta_state(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy delta weights into ``module``'s delta parameters by name (FSDP shards take their part).
-
-    Raises:
-        OptqaError: a missing, unexpected or mis-shaped name (a delta for another backbone); nothing is
-            skipped.
-    """
-    from .errors import OptqaError
-
-    own = {n: p for n, p in module.named_parameters() if is_delta_parameter(n)}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise OptqaError(f"{source} does not fit this delta: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                         f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-    for name, param in own.items():
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise OptqaError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model expects "
-                             f"{tuple(param.shape)} (a delta for another backbone?)")
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(_like(param, state[name].to(param.dtype)))
 
 
 @contextlib.contextmanager
@@ -134,7 +96,7 @@ class PromptForGeneration(nn.Module):
     def __init__(self, plm: nn.Module, template, freeze_plm: bool = True, plm_eval_mode: bool = False,
                  gen_config=None, tokenizer=None, max_seq_length: int = 128, max_new_tokens: int = 32):
         super().__init__()
-        self.delta: DeltaModel | None = plm.__dict__.get("_optqa_delta")
+        self.delta: DeltaModel | None = attached_delta(plm)
         # the transformers model itself, also when a PeftModel made elsewhere is passed in; registered before
         # ``plm`` so that parameter names (and so checkpoint keys) start with "backbone."
         self.backbone = plm.get_base_model() if hasattr(plm, "get_base_model") else plm
@@ -200,7 +162,7 @@ class PromptForGeneration(nn.Module):
         # the frozen weights follow on the next run, not now: a LoRA merge done after choosing the precision
         # (quantize.prepare_for_answering) is then still computed on fp32 weights
         if dtype is not None and self.quantization != "none":
-            from .errors import OptqaError
+            from optqa.errors import OptqaError
 
             raise OptqaError(f"an {self.quantization} backbone computes around its int8 matmuls in fp32; "
                              f"{dtype} autocast does not apply to it")
@@ -446,7 +408,7 @@ class PromptForGeneration(nn.Module):
             OptqaError: a teacher-forced batch; beam search, sampling, several sequences, repetition
                 penalties, multi-token ``bad_words_ids`` or an unknown argument (optqa answers greedily).
         """
-        from .errors import OptqaError
+        from optqa.errors import OptqaError
 
         if "labels" in batch:
             raise OptqaError("generate answers prompts: use a PromptDataLoader with teacher_forcing=False (this batch "

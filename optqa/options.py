@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import MODES, RunConfig
-from .errors import OptqaError
+from optqa.config import MODES, RunConfig
+from optqa.errors import OptqaError
 
 # Delta-specific flags and the delta types that read them (--delta_type itself chooses).
 DELTA_FLAGS: dict[str, tuple[str, ...]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import OptqaError
+from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .data import LMTokenizerWrapper
+    from optqa.data import LMTokenizerWrapper
 
     # transformers' per-shard bars would interleave with optqa's own progress bars and log lines
     hf_logging.disable_progress_bar()

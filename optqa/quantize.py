@@ -25,9 +25,9 @@ import warnings
 import torch
 from torch import nn
 
-from .config import QUANTIZE_CHOICES
-from .errors import OptqaError
-from .runtime import cpu_flags, cpu_has_native_bf16
+from optqa.config import QUANTIZE_CHOICES
+from optqa.errors import OptqaError
+from optqa.hardware import cpu_flags, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
         OptqaError: ``int8`` asked for where it cannot run (no int8 kernels, a GPU, a sharded backbone,
             an explicit bf16/fp16 precision).
     """
-    from .options import QUANTIZE_WITH_FSDP, QUANTIZE_WITH_PRECISION
+    from optqa.options import QUANTIZE_WITH_FSDP, QUANTIZE_WITH_PRECISION
 
     if choice not in QUANTIZE_CHOICES:
         raise OptqaError(f"--quantize {choice!r}: choose from {', '.join(QUANTIZE_CHOICES)}")
@@ -112,7 +112,7 @@ def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[s
     """The backbone's frozen ``nn.Linear`` layers: what int8 replaces. A delta's own layers (adapter, LoRA,
     prefix projections: ``is_delta_parameter``) and anything that trains are left out; with ``head=False``
     so is the output head."""
-    from .deltas import is_delta_parameter
+    from optqa.deltas import is_delta_parameter
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     chosen = []
@@ -233,7 +233,7 @@ def prepare_for_answering(model, config, default: str = "auto", background: bool
     Raises:
         OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
     """
-    from .runtime import autocast_dtype, is_sharded
+    from optqa.hardware import autocast_dtype, is_sharded
 
     choice = config.quantize or default
     resolved = resolve_quantize(choice, config.precision, model.device, sharded=is_sharded(model))
@@ -296,7 +296,7 @@ def prepare_shared_for_answering(models: list, quantize: str | None, precision: 
     Raises:
         OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
     """
-    from .runtime import autocast_dtype
+    from optqa.hardware import autocast_dtype
 
     choice = quantize or "auto"
     resolved = resolve_quantize(choice, precision, models[0].device)

@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import OptqaError
+from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Served:
 
     def card(self) -> dict:
         """The ``/v1/models`` entry: OpenAI's fields plus what the manifest says about the delta."""
-        from .checkpoint import WEIGHTS_NAME
+        from optqa.checkpoints.format import WEIGHTS_NAME
 
         manifest = self.manifest
         weights = manifest["files"][WEIGHTS_NAME]
@@ -148,8 +148,8 @@ def load_served(deltas: dict[str, str], plm_path: str | None = None, ignore_back
         OptqaError: a delta is refused (its one-line reason), or the checkpoints recorded different
             precisions and none was given.
     """
-    from .build import load_shared
-    from .quantize import prepare_shared_for_answering
+    from optqa.checkpoints.assemble import load_shared
+    from optqa.quantize import prepare_shared_for_answering
 
     loaded = load_shared(deltas, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch,
                          overrides=overrides)
@@ -276,7 +276,7 @@ class Batcher:
 
     def _prepare(self, jobs: list[Job]) -> list[tuple[int, list[int]] | RequestError]:
         """Each job's max_tokens and prompt lengths in tokens, or the error that refuses it."""
-        from .data import InputExample
+        from optqa.data import InputExample
 
         results: list[tuple[int, list[int]] | RequestError] = []
         for job in jobs:

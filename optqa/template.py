@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import OptqaError
+from optqa.errors import OptqaError
 
 KNOWN_KEYS = {"placeholder", "mask", "meta", "soft", "special", "text", "shortenable", "post_processing"}
 POST_PROCESSING = {
@@ -285,73 +285,6 @@ def piece_text(piece: Piece, example, what: str = "template") -> str:
     if piece.post_processing:
         value = POST_PROCESSING[piece.post_processing](value)
     return value
-
-
-class MixedTemplate(ManualTemplate):
-    """OpenPrompt's ``MixedTemplate(model, tokenizer, text=...)``: hard text with ``{"soft"}`` pieces.
-
-    It is a ManualTemplate whose soft pieces take their initial embeddings from ``model``'s input embedding
-    (``{"soft":"words"}``: one trainable vector per token of the words; ``{"soft"}``: one vector copied from a
-    random vocabulary row). The vectors are ``template.parameters()``: train them with the delta
-    (``AdamW([*delta_model.parameters(), *template.parameters()])``); ``save_finetuned`` saves them with it.
-
-    Args:
-        model: the backbone from ``load_plm`` (with or without a delta attached).
-        tokenizer: its tokenizer.
-        text: template text; the ``{"mask"}`` comes last.
-        placeholder_mapping: kept for OpenPrompt's signature.
-
-    Raises:
-        OptqaError: a malformed template, or OpenPrompt keys optqa's parser lacks (``soft_id``, ``duplicate``).
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, text: str | None = None, placeholder_mapping: dict | None = None):
-        super().__init__(tokenizer, text=text, placeholder_mapping=placeholder_mapping, source="MixedTemplate",
-                         embedding=model.get_input_embeddings())
-
-
-class PrefixTuningTemplate(ManualTemplate):
-    """OpenPrompt's ``PrefixTuningTemplate(model, tokenizer, text=..., num_token=5)``, on optqa's prefix delta.
-
-    OpenPrompt's template owns trainable key/value prefixes for every layer; optqa's ``prefix`` delta (PEFT's
-    prefix tuning) is exactly that, so this attaches ``AutoDeltaConfig.from_dict({"delta_type": "prefix",
-    "prefix_token_num": num_token})`` to ``model`` and renders ``text`` like a ManualTemplate. The delta is
-    ``template.delta_model`` (train ``template.delta_model.parameters()``, save it with ``save_finetuned``).
-    The prefixes are trained directly: OpenPrompt's reparametrisation MLP (``mid_dim``) is a training aid that
-    is not part of the saved result, and optqa does not build it.
-
-    Raises:
-        OptqaError: ``prefix_dropout`` other than 0 or a ``mapping_hook`` (not supported), a backbone that
-            already carries a delta.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, mapping_hook=None, text: str | None = None, num_token: int = 5,
-                 placeholder_mapping: dict | None = None, prefix_dropout: float = 0.0, mid_dim: int = 512,
-                 using_encoder_past_key_values: bool = True, using_decoder_past_key_values: bool = True):
-        from .deltas import AutoDeltaModel
-
-        if mapping_hook is not None or prefix_dropout:
-            raise OptqaError("PrefixTuningTemplate: mapping_hook and prefix_dropout are not supported (optqa's "
-                             "prefix delta trains the key/value prefixes directly)")
-        super().__init__(tokenizer, text=text or '{"placeholder":"text_a"} {"mask"}', source="PrefixTuningTemplate",
-                         placeholder_mapping=placeholder_mapping, embedding=model.get_input_embeddings())
-        self.__dict__["delta_model"] = AutoDeltaModel.from_config(
-            {"delta_type": "prefix", "prefix_token_num": num_token}, backbone_model=model, tokenizer=tokenizer)
-
-
-def _refused_template(name: str, instead: str) -> type:
-    def __init__(self, *args, **kwargs):
-        raise OptqaError(f"OpenPrompt's {name} is not part of optqa; use {instead}")
-
-    return type(name, (), {"__init__": __init__, "__doc__": f"Refused with one line: use {instead}."})
-
-
-SoftTemplate = _refused_template(
-    "SoftTemplate", 'MixedTemplate with {"soft"} pieces, or AutoDeltaConfig.from_dict({"delta_type": "soft_prompt"})')
-PtuningTemplate = _refused_template(
-    "PtuningTemplate", 'MixedTemplate with {"soft"} pieces (trained directly, without the LSTM/MLP prompt encoder)')
-SoftManualTemplate = _refused_template("SoftManualTemplate", 'MixedTemplate with {"soft":"words"} pieces')
-PTRTemplate = _refused_template("PTRTemplate", "ManualTemplate (PTR's sub-prompts are for classification)")
 
 
 class _FieldNames(dict):

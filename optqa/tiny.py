@@ -85,9 +85,9 @@ def build_random_checkpoint(plm_path: str | Path, folder: str | Path, delta_type
     """
     import torch
 
-    from .build import build_model, template_text
-    from .checkpoint import build_manifest, save_checkpoint
-    from .config import RunConfig
+    from optqa.checkpoints.assemble import build_model, template_text
+    from optqa.checkpoints.format import build_manifest, save_checkpoint
+    from optqa.config import RunConfig
 
     config = RunConfig(plm_path=str(plm_path), delta_type=delta_type, **flags)
     model, backbone = build_model(config)

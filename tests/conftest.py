@@ -102,7 +102,7 @@ def train_args(plm: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def train_in_process(plm: Path, data: Path, out: Path, *extra: str) -> dict:
     """``python -m optqa`` train flags run by the library in this process (no interpreter start-up); the summary."""
     from optqa.cli import parse_args
-    from optqa.trainer import train
+    from optqa.run.training import train
 
     config, _ = parse_args(train_args(plm, data, out, *extra))
     return train(config)

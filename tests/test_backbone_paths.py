@@ -10,15 +10,14 @@ import sys
 
 import pytest
 import torch
+from conftest import MEMORY_SET, sample_texts, train_in_process
 
-from optqa import checkpoint as ckpt
+from optqa.checkpoints import format as ckpt
 from optqa.cli import main
 from optqa.data import InputExample, collate_for_training
 from optqa.model import PromptForGeneration
 from optqa.plm import backbone_reference, load_plm
 from optqa.template import ManualTemplate
-
-from conftest import MEMORY_SET, sample_texts, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

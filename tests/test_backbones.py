@@ -6,11 +6,11 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import MEMORY_SET, sample_texts, train_in_process
 from safetensors.torch import load_file
 
-from conftest import MEMORY_SET, sample_texts, train_in_process
-from optqa import checkpoint as ckpt
-from optqa.build import load_trained
+from optqa.checkpoints import format as ckpt
+from optqa.checkpoints.assemble import load_trained
 from optqa.config import DELTA_TYPES
 
 HIDDEN, EMBED, LAYERS = 64, 32, 2
@@ -52,7 +52,7 @@ def test_every_delta_trains_saves_and_reloads(opt_350m_like, memory_data, tmp_pa
     summary = train_in_process(opt_350m_like, memory_data, tmp_path, "--delta_type", delta_type, *extra,
                                "--template", SOFT_TEMPLATE, "--precision", "fp32", "--lr", "1e-2",
                                "--batch_size", "4", "--train_epochs", "3", "--max_new_tokens", "4")
-    run = Path(summary["run_dir"])
+    run = Path(summary.run_dir)
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
     losses = [row["train_loss"] for row in epochs]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses

@@ -8,14 +8,12 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import MEMORY_SET, train_args, train_in_process, write_split
 
-from optqa.build import build_model, load_trained
-from optqa.cli import main, parse_args
-from optqa.commands import answer_with_notes
+from optqa.checkpoints.assemble import build_model, load_trained
+from optqa.cli import answer_with_notes, main, parse_args
 from optqa.data import InputExample, LMTokenizerWrapper
 from optqa.interactive import one_line, repl
-
-from conftest import MEMORY_SET, train_args, train_in_process, write_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +58,7 @@ def test_a_budget_over_the_positions_is_refused_at_start(capsys, caplog, tiny_op
 def test_at_the_budget_the_long_question_is_cut_and_the_run_completes(tiny_opt, long_data, tmp_path):
     summary = train_in_process(tiny_opt, long_data, tmp_path, "--max_seq_l", "224", "--precision", "fp32",
                                "--train_epochs", "1", "--batch_size", "4")
-    assert summary["truncated"] == {"train": 1, "dev": 1, "test": 1}
+    assert summary.truncated == {"train": 1, "dev": 1, "test": 1}
 
 
 def test_at_the_budget_a_prefix_prompt_and_the_longest_answer_fit(tiny_opt):

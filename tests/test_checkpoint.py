@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MEMORY_SET, REPO, run_cli, train_args
-from optqa import checkpoint as ckpt
+
+from optqa.checkpoints import format as ckpt
 from optqa.errors import OptqaError
 
 QUESTIONS = [q for q, _ in MEMORY_SET[:3]]
@@ -30,7 +30,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
 def trained(tiny_opt, memory_data, tmp_path_factory) -> Path:
     """A checkpoint written by the real trainer (in-process: one short epoch)."""
     from optqa.cli import parse_args
-    from optqa.trainer import train
+    from optqa.run.training import train
 
     out = tmp_path_factory.mktemp("trained")
     config, _ = parse_args(train_args(tiny_opt, memory_data, out, "--train_epochs", "1", "--lr", "3e-2",
@@ -118,7 +118,7 @@ def _damaged_copy(trained: Path, where: Path, damage) -> Path:
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_damaged_checkpoint_is_refused(trained, tmp_path, case):
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     damage, message = DAMAGE[case]
     with pytest.raises(OptqaError, match=message):
@@ -127,14 +127,14 @@ def test_damaged_checkpoint_is_refused(trained, tmp_path, case):
 
 @pytest.mark.parametrize("case", sorted(WRONG_BACKBONE))
 def test_delta_for_another_backbone_is_refused(trained, backbones, case):
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     with pytest.raises(OptqaError, match=WRONG_BACKBONE[case]):
         load_trained(trained, plm_path=str(backbones[case]))
 
 
 def test_override_covers_the_weights_only(trained, backbones, caplog):
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     with caplog.at_level(logging.WARNING, logger="optqa.checkpoint"):
         model, _, _ = load_trained(trained, plm_path=str(backbones["weights"]), ignore_backbone_mismatch=True)
@@ -175,7 +175,7 @@ def test_cli_refusals_are_one_error_line_and_a_failing_exit(trained, backbones, 
 # ------------------------------------------------------------------------------------------------ loading
 
 def test_loading_logs_the_integrity_check_and_needs_no_other_flag(trained, caplog):
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     with caplog.at_level(logging.INFO, logger="optqa.checkpoint"):
         model, manifest, _ = load_trained(trained)
@@ -188,7 +188,7 @@ def test_loading_logs_the_integrity_check_and_needs_no_other_flag(trained, caplo
 
 
 def test_relocated_checkpoint_gives_the_same_answers(trained, tmp_path):
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     before = load_trained(trained)[0].answer(QUESTIONS)
     moved = Path(shutil.copytree(trained, tmp_path / "elsewhere" / "my delta"))

@@ -21,11 +21,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MEMORY_SET, write_split
 from torch.optim import AdamW
 
-from conftest import MEMORY_SET, write_split
-from optqa import (AutoDeltaConfig, AutoDeltaModel, GenerationVerbalizer, InputExample, ManualTemplate,
-                   PromptDataLoader, PromptForGeneration, load_plm)
+from optqa import (
+    AutoDeltaConfig,
+    AutoDeltaModel,
+    GenerationVerbalizer,
+    InputExample,
+    ManualTemplate,
+    PromptDataLoader,
+    PromptForGeneration,
+    load_plm,
+)
+from optqa.deltas import attached_delta
 from optqa.errors import OptqaError
 
 TEMPLATE = '{"placeholder":"text_a"} Answer: {"mask"}'
@@ -164,8 +173,8 @@ def test_reloaded_delta_answers_the_same(course_run, tiny_opt, caplog):
 
 
 def test_saved_delta_is_an_optqa_checkpoint(course_run, tiny_opt):
-    from optqa.build import load_trained
-    from optqa.sharing import inspect_checkpoint
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.checkpoints.inspect import inspect_checkpoint
 
     manifest = json.loads((course_run["out"] / "delta_ckpts" / "optqa_manifest.json").read_bytes())
     assert manifest["delta"]["delta_type"] == "lora"
@@ -198,7 +207,7 @@ def test_flipped_byte_is_refused_with_the_reason(course_run, tiny_opt, tmp_path)
     with pytest.raises(OptqaError, match=r"integrity check failed: .*delta_model.safetensors has SHA-256 .* "
                                          r"\(the file was modified\)"):
         AutoDeltaModel.from_finetuned(tampered, backbone_model=plm)
-    assert "_optqa_delta" not in plm.__dict__  # nothing was attached
+    assert attached_delta(plm) is None  # nothing was attached
 
 
 # ---- each OpenPrompt / OpenDelta call on its own ----

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, train_args
+
 from optqa.config import RunConfig
 from optqa.data import InputExample, LMTokenizerWrapper, load_split, read_qa_jsonl
 from optqa.errors import OptqaError

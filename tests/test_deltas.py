@@ -7,20 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
+from conftest import MEMORY_SET
 
-from optqa import trainer
-from optqa.build import build_model, load_trained
-from optqa.checkpoint import MANIFEST_NAME
+from optqa.checkpoints.assemble import build_model, load_trained
+from optqa.checkpoints.format import MANIFEST_NAME
 from optqa.config import RunConfig
 from optqa.data import InputExample, collate_for_training
 from optqa.deltas import AutoDeltaConfig, AutoDeltaModel, is_delta_parameter, resolve_modules
 from optqa.errors import OptqaError
-from optqa.evaluation import score
+from optqa.metrics import score
 from optqa.plm import load_plm
-from optqa.results import STEPS_NAME
-from optqa.runtime import seed_everything
-
-from conftest import MEMORY_SET
+from optqa.run import training as trainer
+from optqa.run.folder import STEPS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -158,7 +157,7 @@ def test_reloaded_delta_gives_identical_tensors_and_answers(trained):
 def memorise(tiny_opt, steps: int, lr: float, **delta) -> tuple[dict, list[str]]:
     """Full-batch AdamW on MEMORY_SET through the library API, clipped and decayed like the trainer's (which
     makes the outcome stable across seeds); returns the scores and the answers."""
-    seed_everything(0)
+    set_seed(0)
     model, _ = build_model(run_config(tiny_opt, "unused", tiny_opt, lr=lr, **delta))
     examples = [InputExample(guid=i, text_a=q, tgt_text=a) for i, (q, a) in enumerate(MEMORY_SET)]
     batch = collate_for_training(model.wrapper.encode_all(examples, targets="first"), model.tokenizer.pad_token_id)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MEMORY_SET, REPO, train_args, train_in_process, write_split
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import MEMORY_SET, REPO, train_args, train_in_process, write_split
-from optqa import checkpoint as ckpt
+from optqa.checkpoints import format as ckpt
 from optqa.errors import OptqaError
 
 # fp32: the runs compared below differ only in summation order, so their deltas agree to ~1e-5
@@ -91,7 +91,7 @@ def assert_trained_like_one_process(out: Path, done, one_process_run, scored: in
     assert_same_delta(final_delta(out), final_delta(one), atol=2e-4)
     runs = list((out / "runs").iterdir())
     assert len(runs) == 1
-    assert step_losses(runs[0]) == pytest.approx(step_losses(Path(summary["run_dir"])), abs=1e-4)
+    assert step_losses(runs[0]) == pytest.approx(step_losses(Path(summary.run_dir)), abs=1e-4)
     # every question scored once: not doubled by the two processes, none dropped
     manifest = json.loads((out / "delta_ckpts" / ckpt.MANIFEST_NAME).read_text())
     assert manifest["metrics"]["test"]["count"] == manifest["metrics"]["dev"]["count"] == scored

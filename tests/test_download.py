@@ -275,7 +275,7 @@ def test_cli_checksum_override_flag(server, tmp_path, capsys):
 
 def test_training_fetches_missing_data_unless_files_are_named(server, tmp_path):
     from optqa.config import RunConfig
-    from optqa.trainer import ensure_training_data
+    from optqa.run.training import ensure_training_data
 
     url = server.serve("/a.zip", GOOD_ZIP)
     own = tmp_path / "own.jsonl"

@@ -12,14 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import MEMORY_SET, run_cli, train_args
 
-from optqa.checkpoint import BEST_DIR_NAME, MANIFEST_NAME, RESUME_DIR_NAME, RESUME_STATE_NAME, WEIGHTS_NAME
+from optqa.checkpoints.format import BEST_DIR_NAME, MANIFEST_NAME, RESUME_DIR_NAME, RESUME_STATE_NAME, WEIGHTS_NAME
 from optqa.config import MODES, RunConfig
 from optqa.demo import DEMO_SHOWN
-from optqa.evaluation import best_over_golds
-from optqa.results import CONFIG_NAME, METRICS_NAME, predictions_name
-
-from conftest import MEMORY_SET, run_cli, train_args
+from optqa.metrics import best_over_golds
+from optqa.run.folder import CONFIG_NAME, METRICS_NAME, predictions_name
 
 EPOCHS = 30
 # one torch thread: a tiny model gains nothing from more, and a busy shared machine punishes spinning threads

@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
-
-from optqa import trainer
-from optqa.cli import BROKEN_PIPE_STATUS, main
-
 from conftest import REPO, train_args, train_in_process
+
+from optqa.cli import BROKEN_PIPE_STATUS, main
+from optqa.run import training as trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

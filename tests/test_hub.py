@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import MEMORY_SET, REPO, run_cli
-from optqa.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, sha256_file
+
+from optqa.checkpoints.format import MANIFEST_NAME, WEIGHTS_NAME, sha256_file
 from optqa.errors import OptqaError
 
 REPO_ID = "alice/tiny-lora"
@@ -30,8 +30,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 def _random_lora(tiny_opt: Path, out: Path, seed: int) -> Path:
     """A LoRA checkpoint with large random weights (answers long and question-dependent), saved as training does."""
-    from optqa.build import build_model
-    from optqa.checkpoint import build_manifest, save_checkpoint
+    from optqa.checkpoints.assemble import build_model
+    from optqa.checkpoints.format import build_manifest, save_checkpoint
     from optqa.config import RunConfig
 
     config = RunConfig(plm_path=str(tiny_opt), delta_type="lora", max_new_tokens=8,
@@ -169,7 +169,7 @@ def test_pushed_peft_files_alone_load_as_the_checkpoint(dry_run, ckpts, tiny_opt
     checkpoint does."""
     import shutil
 
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     folder = tmp_path / "peft-only"
     folder.mkdir()
@@ -187,10 +187,10 @@ def test_pushed_peft_files_alone_load_as_the_checkpoint(dry_run, ckpts, tiny_opt
 def test_card_of_a_delta_peft_cannot_hold(tiny_opt, tmp_path):
     """An adapter delta on a backbone from a local folder: no base_model (a folder names nothing on the Hub),
     library optqa, and the card says why there is no PEFT adapter."""
-    from optqa.build import build_model
-    from optqa.checkpoint import build_manifest, save_checkpoint
+    from optqa.checkpoints.assemble import build_model
+    from optqa.checkpoints.format import build_manifest, save_checkpoint
+    from optqa.checkpoints.push import build_upload_folder
     from optqa.cli import parse_args
-    from optqa.hub import build_upload_folder
 
     config, explicit = parse_args(["--mode", "push", "--plm_path", str(tiny_opt), "--delta_type", "adapter",
                                    "--delta_save_path", str(tmp_path / "adapter"), "--hub_repo", "alice/tiny-adapter"])
@@ -369,7 +369,7 @@ def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, memory_data, tm
     --mode evaluate (whose metrics name the commit, not the movable tag)."""
     from huggingface_hub import constants
 
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -398,8 +398,8 @@ def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, memory_data, tm
 def test_export_of_a_hub_name_writes_to_the_working_folder(hub_cache, ckpts, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from optqa.bundle import unpack_bundle
-    from optqa.sharing import export_checkpoint
+    from optqa.checkpoints.bundle import unpack_bundle
+    from optqa.checkpoints.export import export_checkpoint
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -430,7 +430,7 @@ def test_tampered_cache_and_unknown_revisions_refused(hub_cache, tmp_path, monke
 
     from huggingface_hub import constants
 
-    from optqa.hub import parse_hub_path, pull
+    from optqa.checkpoints.hub import parse_hub_path, pull
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -453,8 +453,8 @@ def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optqa.build import load_trained
-    from optqa.hub import prompt_preview
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.checkpoints.push import prompt_preview
 
     base = AutoModelForCausalLM.from_pretrained(tiny_opt)
     made = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
@@ -485,11 +485,12 @@ def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):
         assert model.answer([question])[0] == tokenizer.decode(generated, skip_special_tokens=True).strip()
 
     # inspect describes it without a backbone; export converts it into an optqa bundle that says where it came from
-    from optqa.sharing import export_checkpoint, inspect_checkpoint
+    from optqa.checkpoints.export import export_checkpoint
+    from optqa.checkpoints.inspect import inspect_checkpoint
 
     shown = "\n".join(inspect_checkpoint(folder))
     assert f"checkpoint  {folder} [plain PEFT adapter, no optqa manifest]" in shown
-    assert (f'delta       lora {{"modified_modules": ["fc1", "q_proj", "v_proj"], "lora_r": 4, "lora_alpha": 8, '
+    assert ('delta       lora {"modified_modules": ["fc1", "q_proj", "v_proj"], "lora_r": 4, "lora_alpha": 8, '
             '"lora_dropout": 0.0}') in shown
     lines = export_checkpoint(folder, tmp_path / "converted.optqa", template=TEMPLATE)
     assert lines[0].startswith(f"bundle written: {tmp_path / 'converted.optqa'} (")
@@ -507,10 +508,9 @@ def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):
 
 
 def test_versions_recorded_and_old_checkpoints_still_load(ckpts, tmp_path):
-    from optqa.build import load_trained
-    from optqa.bundle import read_bundle_comment, write_bundle
-    from optqa.checkpoint import read_checkpoint, save_checkpoint
-    from optqa.hub import library_versions
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.checkpoints.bundle import read_bundle_comment, write_bundle
+    from optqa.checkpoints.format import library_versions, read_checkpoint, save_checkpoint
 
     _, manifest, state = read_checkpoint(ckpts[0])
     assert manifest["versions"] == library_versions()
@@ -530,8 +530,8 @@ def test_plain_peft_prompt_learning_loads_as_peft(tiny_opt, tmp_path, method):
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optqa.build import load_trained
-    from optqa.hub import prompt_preview
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.checkpoints.push import prompt_preview
 
     config, expected = {
         "prefix": (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),

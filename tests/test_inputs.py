@@ -10,10 +10,9 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import MEMORY_SET, run_cli, train_args, write_split
 
 from optqa.cli import main
-
-from conftest import MEMORY_SET, run_cli, train_args, write_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from optqa.interactive import PROMPT, one_line, repl
-
-from conftest import REPO
 
 
 def test_an_answer_the_output_encoding_lacks_does_not_end_the_session():

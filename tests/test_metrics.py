@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from optqa.evaluation import best_over_golds, exact_match, normalize_answer, prediction_rows, score, token_f1
+from optqa.metrics import best_over_golds, exact_match, normalize_answer, score, token_f1
+from optqa.run.predictions import prediction_rows
 
 
 @pytest.mark.parametrize("raw, normal", [

@@ -9,17 +9,16 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import train_args, train_in_process
 from safetensors.torch import load_file
 
-from optqa import checkpoint as ckpt
+from optqa.checkpoints import format as ckpt
 from optqa.cli import main
 from optqa.config import REPO_ROOT, RunConfig
 from optqa.deltas import AutoDeltaConfig, AutoDeltaModel
 from optqa.errors import OptqaError
 from optqa.options import COMBINATIONS, DELTA_FLAGS, MODE_FLAGS, combinations_table
 from optqa.plm import load_plm
-
-from conftest import train_args, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,7 +84,7 @@ def test_single_process_modes_refuse_several_processes(capsys, caplog, monkeypat
 
 
 def step_losses(summary: dict) -> list[float]:
-    rows = (Path(summary["run_dir"]) / "train_loss.jsonl").read_text().splitlines()
+    rows = (Path(summary.run_dir) / "train_loss.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in rows]
 
 

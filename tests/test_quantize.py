@@ -3,18 +3,18 @@ the refusal where the kernels are missing, and what the question loop imports.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MEMORY_SET, REPO
+from test_speed_paths import make_model, train_a_little
+
 from optqa import quantize
 from optqa.data import InputExample, collate_for_generation
 from optqa.errors import OptqaError
-from test_speed_paths import make_model, train_a_little
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -98,7 +98,7 @@ def test_auto_is_int8_only_on_a_cpu_without_native_bf16(monkeypatch):
 
 
 def test_emulated_avx2_has_no_native_bf16(monkeypatch):
-    from optqa import runtime
+    from optqa.run import runtime
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2": True, "avx512f": True, "avx512_bf16": True,
                                                         "amx": True, "vnni": True, "arm_bf16": False})
@@ -118,8 +118,8 @@ def test_emulated_avx2_has_no_native_bf16(monkeypatch):
 @pytest.fixture(scope="module")
 def adapter_checkpoint(tiny_opt, tmp_path_factory):
     """An adapter that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
-    from optqa.build import build_model
-    from optqa.checkpoint import build_manifest, save_checkpoint
+    from optqa.checkpoints.assemble import build_model
+    from optqa.checkpoints.format import build_manifest, save_checkpoint
     from optqa.config import RunConfig
 
     torch.manual_seed(0)
@@ -202,16 +202,16 @@ def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path
     runs = {q: train_in_process(tiny_opt, memory_data, tmp_path / q, *flags, *(("--quantize", q) if q else ()))
             for q in ("", "int8")}
     for q, summary in runs.items():
-        final = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+        final = json.loads((Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
         assert final["quantize"] == (q or "none")
-        assert summary["best_epoch"] in (1, 2)
+        assert summary.best_epoch in (1, 2)
     # scoring on int8 after epoch 1 left training exactly as it was: the same loss at every step
     losses = [(Path(s["run_dir"]) / "train_loss.jsonl").read_text() for s in runs.values()]
     assert losses[0] == losses[1] and len(losses[0].splitlines()) == 2
 
 
 def test_background_quantisation_answers_as_the_synchronous_one(adapter_checkpoint):
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
     from optqa.config import RunConfig
 
     answers = {}

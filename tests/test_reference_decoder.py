@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import MEMORY_SET
-from optqa.build import build_model
+
+from optqa.checkpoints.assemble import build_model
 from optqa.config import DELTA_DEFAULTS, RunConfig
 from optqa.data import InputExample, collate_for_generation, collate_for_training
 

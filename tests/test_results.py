@@ -6,13 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import MEMORY_SET, run_cli, train_args
-from optqa import reports
+
 from optqa.cli import main as cli_main
 from optqa.data import InputExample
 from optqa.errors import OptqaError
-from optqa.evaluation import compare_rows, read_predictions, score_predictions
+from optqa.run import folder as reports
+from optqa.run.predictions import compare_rows, read_predictions, score_predictions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LONG = ("Which process moves water from the leaves of a plant into the air, and why does it happen faster "

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli, train_args
-from optqa.checkpoint import RESUME_DIR_NAME, WEIGHTS_NAME
+
+from optqa.checkpoints.format import RESUME_DIR_NAME, WEIGHTS_NAME
 
 # batch 1 on the 8 memory questions: 8 steps an epoch, 24 in all. LoRA dropout makes every step draw from the
 # torch RNG, and length grouping gives every epoch its own batch order: both must be restored on resume.

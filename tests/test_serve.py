@@ -17,7 +17,6 @@ try:
 except ImportError:  # pragma: no cover - openai releases built on httpx
     import httpx
 import pytest
-
 from conftest import MEMORY_SET, REPO, SAMPLE, run_cli
 
 QUESTIONS = [q for q, _ in MEMORY_SET[:4]]
@@ -87,7 +86,7 @@ def test_openai_client_gets_the_question_loops_answers(server, ckpts):
     checks every served delta against load_trained, which the question loop runs."""
     import openai
 
-    from optqa.checkpoint import MANIFEST_NAME
+    from optqa.checkpoints.format import MANIFEST_NAME
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     listed = {m.id: m.model_dump() for m in client.models.list().data}
@@ -236,7 +235,7 @@ def in_process_server(app):
 
 
 def test_deltas_share_the_backbone_and_answer_as_alone(ckpts, one_torch_thread):
-    from optqa.build import load_shared, load_trained
+    from optqa.checkpoints.assemble import load_shared, load_trained
 
     shared = load_shared({"a": ckpts["adapter"], "l": ckpts["lora"]})
     from optqa.deltas import is_delta_parameter
@@ -297,7 +296,7 @@ def test_api_key_is_required_on_every_endpoint(ckpts, one_torch_thread):
 
 
 def test_a_refused_delta_stops_the_start_in_one_line(ckpts, tmp_path, capsys):
-    from optqa.checkpoint import WEIGHTS_NAME
+    from optqa.checkpoints.format import WEIGHTS_NAME
     from optqa.cli import main
 
     bad = tmp_path / "bad"

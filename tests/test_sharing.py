@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from optqa.interactive import one_line
 from conftest import MEMORY_SET, REPO, run_cli, train_args
-from optqa.bundle import open_checkpoint, unpack_bundle, write_bundle
-from optqa.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+
+from optqa.checkpoints.bundle import open_checkpoint, unpack_bundle, write_bundle
+from optqa.checkpoints.format import MANIFEST_NAME, WEIGHTS_NAME
 from optqa.errors import OptqaError
+from optqa.interactive import one_line
 
 QUESTIONS = [q for q, _ in MEMORY_SET[:4]]
 # fp32 and unmerged LoRA: the CLI then computes exactly what load_trained computes in-process
@@ -38,7 +38,7 @@ def _make_decisive(folder: Path) -> Path:
     Large random delta weights (re-saved as a proper checkpoint) make answers long and question-dependent,
     so "same answers" compares real generations.
     """
-    from optqa.checkpoint import read_checkpoint, save_checkpoint
+    from optqa.checkpoints.format import read_checkpoint, save_checkpoint
 
     folder, manifest, state = read_checkpoint(folder)
     generator = torch.Generator().manual_seed(0)
@@ -70,7 +70,7 @@ def exported(lora_ckpt) -> Path:
 
 def answers(path) -> list[str]:
     """One question at a time, as the REPL asks them (batching pads, and padding may move the last digit)."""
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
 
     model, _, _ = load_trained(path)
     return [model.answer([question])[0] for question in QUESTIONS]
@@ -139,9 +139,9 @@ def test_peft_export_gives_the_same_answers(delta, request, tiny_opt, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from optqa.build import load_trained
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.checkpoints.export import export_checkpoint
     from optqa.model import PromptForGeneration
-    from optqa.sharing import export_checkpoint
 
     source = request.getfixturevalue(f"{delta}_ckpt")
     export_checkpoint(source, tmp_path / "shared.optqa")
@@ -306,7 +306,7 @@ def test_cli_refuses_bad_bundles_in_one_line(lora_ckpt, exported, tmp_path):
 
 
 def test_bundle_is_written_atomically(lora_ckpt, tmp_path, monkeypatch):
-    import optqa.bundle as bundle_module
+    import optqa.checkpoints.bundle as bundle_module
 
     target = write_bundle(lora_ckpt, tmp_path / "kept.optqa")
     before = target.read_bytes()

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MEMORY_SET, train_in_process
 from torch import nn
 
-from conftest import MEMORY_SET, train_in_process
-from optqa.build import build_model
-from optqa.checkpoint import backbone_fingerprint
+from optqa.checkpoints.assemble import build_model
+from optqa.checkpoints.format import backbone_fingerprint
 from optqa.config import DELTA_DEFAULTS, RunConfig
-from optqa.data import (Encoded, InputExample, LengthGroupedBatchSampler, LMTokenizerWrapper, collate_for_training,
-                        generation_batches)
-from optqa.runtime import configure_threads, usable_cpus
+from optqa.data import (
+    Encoded,
+    InputExample,
+    LengthGroupedBatchSampler,
+    LMTokenizerWrapper,
+    collate_for_training,
+    generation_batches,
+)
+from optqa.hardware import configure_threads, usable_cpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

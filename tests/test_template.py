@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 
 from optqa.data import InputExample
 from optqa.errors import OptqaError
 from optqa.template import ManualTemplate, parse_template
-
-from conftest import REPO
 
 QUESTION = "What is frozen water called?"
 

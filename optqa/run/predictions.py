@@ -1,56 +1,11 @@
-"""Token F1 and exact match (SQuAD normalisation, max over gold answers): scoring a model or a predictions file."""
+"""Predictions files: one jsonl row per question, written by every scoring run and read back by ``--mode evaluate
+--predictions_file`` / ``--compare_file``; rows are matched to the gold file by question id."""
 from __future__ import annotations
 
-import collections
-import re
-import string
 from pathlib import Path
-from typing import Iterable
 
-from tqdm.auto import tqdm
-
-from .errors import OptqaError
-
-ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-PUNCTUATION = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, drop punctuation and articles, squeeze white space (SQuAD v1.1's evaluation script)."""
-    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
-    return " ".join(ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
-    if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
-    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
-    overlap = sum(common.values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(pred_tokens), overlap / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def best_over_golds(prediction: str, golds: Iterable[str]) -> tuple[float, float]:
-    """(F1, EM) against the best-matching gold answer; ARC-DA lists 1-15 acceptable answers."""
-    golds = list(golds)
-    return (max(token_f1(prediction, g) for g in golds), max(exact_match(prediction, g) for g in golds))
-
-
-def score(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
-    """Mean F1 and EM in percent."""
-    if not predictions:
-        return {"f1": 0.0, "em": 0.0, "count": 0}
-    pairs = [best_over_golds(p, g) for p, g in zip(predictions, golds, strict=True)]
-    return {"f1": round(100 * sum(f for f, _ in pairs) / len(pairs), 4),
-            "em": round(100 * sum(e for _, e in pairs) / len(pairs), 4), "count": len(pairs)}
+from optqa.errors import OptqaError
+from optqa.metrics import best_over_golds, score
 
 
 def _row(guid, question: str, golds: list[str], prediction: str) -> dict:
@@ -69,7 +24,7 @@ def read_predictions(path: str | Path, id_field: str = "question_id") -> dict[st
 
     Ids are compared as strings so that ``7`` and ``"7"`` from different writers still match.
     """
-    from .data import iter_jsonl_objects
+    from optqa.data import iter_jsonl_objects
 
     id_keys = list(dict.fromkeys(("question_id", id_field)))
     predictions: dict[str, str] = {}
@@ -138,41 +93,3 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict]) -> tuple[dict, list[dic
                             "f1_a": a["f1"], "f1_b": b["f1"], "em_a": a["em"], "em_b": b["em"],
                             "f1_change": round(delta[0], 4)})
     return counts, changed
-
-
-def predict(model, encoded, batch_size: int, desc: str = "answering", accelerator=None) -> list[str]:
-    """Answer every encoded prompt once; with several processes each answers a shard and all are gathered."""
-    import torch
-
-    from .data import collate_for_generation, generation_batches
-    from .runtime import is_sharded
-
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    shard = encoded[rank::world]
-    answers: dict[int, str] = {}
-    batches = generation_batches(shard, batch_size)
-    idle_batches = 0
-    if world > 1 and is_sharded(model):
-        # a sharded backbone computes only with every process taking part: all run as many batches as the busiest
-        counts = accelerator.gather(torch.tensor([len(batches)], device=accelerator.device))
-        idle_batches = int(counts.max()) - len(batches)
-    show = rank == 0
-    for chunk in tqdm(batches, desc=desc, leave=False, disable=not show):
-        batch = collate_for_generation(chunk, model.tokenizer.pad_token_id)
-        answers.update(zip(batch["index"], model.generate_answers(batch)))
-    for _ in range(idle_batches):
-        model.generate_answers(collate_for_generation(encoded[:1], model.tokenizer.pad_token_id))  # answer discarded
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        merged: dict[int, str] = {}
-        for part in gather_object([answers]):
-            merged.update(part)
-        answers = merged
-    return [answers[e.index] for e in encoded]
-
-
-def evaluate(model, encoded, batch_size: int, desc: str = "answering", accelerator=None):
-    """Score a model on encoded prompts: returns (metrics, prediction rows)."""
-    predictions = predict(model, encoded, batch_size, desc, accelerator)
-    return score(predictions, [e.golds for e in encoded]), prediction_rows(encoded, predictions)

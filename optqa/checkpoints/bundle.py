@@ -26,12 +26,18 @@ import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .checkpoint import (MANIFEST_NAME, PARTIAL_SUFFIX, WEIGHTS_NAME, read_manifest, verify_files,
-                         write_folder_atomically)
-from .errors import OptqaError
+from optqa.checkpoints.format import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    WEIGHTS_NAME,
+    read_manifest,
+    verify_files,
+    write_folder_atomically,
+)
+from optqa.errors import OptqaError
 
 if TYPE_CHECKING:
-    from .hub import Pulled
+    from optqa.checkpoints.hub import Pulled
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ def default_bundle_path(folder: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
 
 def write_bundle(folder: str | Path, bundle: str | Path) -> Path:
     """Write the verified checkpoint in ``folder`` as one file ``bundle``, atomically (temp file, rename).
@@ -101,7 +108,7 @@ def shareable_files(folder: Path, manifest: dict[str, Any]) -> tuple[bytes, list
 def bundle_comment() -> bytes:
     """The zip comment: the format line, then the versions of optqa and the libraries that wrote the bundle
     (the manifest inside stays byte for byte the checkpoint's, so they cannot go there)."""
-    from .hub import library_versions
+    from optqa.checkpoints.format import library_versions
 
     return BUNDLE_COMMENT + b"\n" + json.dumps({"exported_with": library_versions()}, sort_keys=True).encode()
 
@@ -126,6 +133,7 @@ def _add_entry(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
 
 def check_entry_name(name: str) -> str | None:
     """Why ``name`` may not be extracted, or None if it is a plain, portable file name."""
@@ -277,7 +285,7 @@ def open_source(path: str | Path) -> Iterator[tuple[Path, Pulled | None]]:
     Raises:
         OptqaError: a bundle that fails its checks, or a Hub name that cannot be pulled.
     """
-    from .hub import resolve_source
+    from optqa.checkpoints.hub import resolve_source
 
     local, pulled = resolve_source(path)
     local = Path(local)

@@ -1,20 +1,102 @@
-"""What a person reads after a run: the learning-curve plot and the question-by-question comparison table."""
+"""The run folder and what a person reads from it.
+
+Each run writes a new folder below ``--output_dir``: the resolved config, metrics per epoch, the loss per
+optimiser step, predictions per split, comparisons, and the learning-curve plot drawn from those files.
+"""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from pathlib import Path
 
-from .results import METRICS_NAME, PLOT_NAME, STEPS_NAME
+import jsonlines
 
 log = logging.getLogger(__name__)
 
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+STEPS_NAME = "train_loss.jsonl"
+PLOT_NAME = "learning_curve.png"
 
-def _read_jsonl(path: Path) -> list[dict]:
+
+def predictions_name(split: str) -> str:
+    return f"predictions_{split}.jsonl"
+
+
+def compare_name(split: str) -> str:
+    return f"compare_{split}.jsonl"
+
+
+class RunFolder:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled  # only the main process writes
+        if enabled:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, output_dir: str | Path, mode: str, enabled: bool = True) -> "RunFolder":
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path, n = Path(output_dir) / f"{mode}-{stamp}", 1
+        while path.exists():
+            n += 1
+            path = Path(output_dir) / f"{mode}-{stamp}-{n}"
+        return cls(path, enabled)
+
+    def write_config(self, config) -> None:
+        if self.enabled:
+            (self.path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        if self.enabled and rows:
+            with jsonlines.open(self.path / name, mode="a") as writer:
+                writer.write_all(rows)
+
+    def write_rows(self, name: str, rows: list[dict]) -> Path:
+        """(Re)write a whole jsonl file; an empty list still leaves an empty file, so its absence means no run."""
+        path = self.path / name
+        if self.enabled:
+            with jsonlines.open(path, mode="w") as writer:
+                writer.write_all(rows)
+        return path
+
+    def write_predictions(self, split: str, rows: list[dict]) -> Path:
+        return self.write_rows(predictions_name(split), rows)
+
+    def trim_logs(self, global_step: int, epochs_done: int) -> None:
+        """Drop log rows written after a resume state was saved (and a line cut short by a kill): the resumed
+        run writes them again.
+
+        Args:
+            global_step: the optimiser step the resume state holds; later step rows go.
+            epochs_done: epochs finished in the resume state; later epoch rows go.
+        """
+        if not self.enabled:
+            return
+        kept = {STEPS_NAME: lambda row: row.get("step", 0) <= global_step,
+                METRICS_NAME: lambda row: "epoch" in row and row["epoch"] <= epochs_done}
+        for name, keep in kept.items():
+            path = self.path / name
+            if path.is_file():
+                rows = [row for row in _read_jsonl(path, skip_broken=True) if isinstance(row, dict) and keep(row)]
+                path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def _read_jsonl(path: Path, skip_broken: bool = False) -> list:
+    """The rows of a jsonl file ([] when it is missing); ``skip_broken`` drops lines that do not parse (a line
+    cut short when a run was killed)."""
     if not path.is_file():
         return []
+    rows = []
     with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in filter(str.strip, handle):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not skip_broken:
+                    raise
+    return rows
 
 
 def learning_curve_data(run_dir: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

@@ -4,17 +4,27 @@ from __future__ import annotations
 import logging
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from .checkpoint import backbone_fingerprint, check_backbone, read_checkpoint
-from .config import REPO_ROOT, RunConfig, find_repo_file
-from .deltas import AutoDeltaConfig, AutoDeltaModel
-from .errors import OptqaError
-from .model import PromptForGeneration
-from .options import check_length_budget
-from .plm import backbone_identity, load_plm, max_positions_of
-from .template import ManualTemplate
+from optqa.checkpoints.format import backbone_fingerprint, check_backbone, read_checkpoint, sha256_file
+from optqa.checkpoints.peft import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    TEMPLATE_FILE_NAME,
+    check_base_model,
+    delta_config_from_peft,
+    is_peft_adapter,
+    read_adapter_config,
+)
+from optqa.config import REPO_ROOT, RunConfig, find_repo_file
+from optqa.deltas import AutoDeltaConfig, AutoDeltaModel, attached_delta
+from optqa.errors import OptqaError
+from optqa.model import PromptForGeneration
+from optqa.options import check_length_budget
+from optqa.plm import backbone_identity, load_plm, max_positions_of
+from optqa.template import ManualTemplate
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +68,13 @@ def read_verified(path: str | Path) -> tuple[Path, dict, dict]:
         OptqaError: the folder, bundle, manifest or any hash does not check out, a Hub name cannot be pulled, or
             the path is a plain PEFT adapter (``load_trained`` reads those, given a template).
     """
-    from .bundle import open_source
+    from optqa.checkpoints.bundle import open_source
 
     with open_source(path) as (folder, pulled):
         return _read_opened(folder, pulled, path)
 
 
 def _read_opened(folder: Path, pulled, path: str | Path) -> tuple[Path, dict, dict]:
-    from .peft_import import is_peft_adapter
 
     if is_peft_adapter(folder):
         raise OptqaError(f"{path} is a plain PEFT adapter, not an optqa checkpoint: convert it first with "
@@ -133,8 +142,8 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
         OptqaError: a checkpoint that fails its integrity or backbone checks, prompts and answers that would not
             fit the backbone's positions, or a Hub name that cannot be pulled.
     """
-    from .bundle import open_source
-    from .peft_import import is_peft_adapter, load_peft_adapter
+    from optqa.checkpoints.assemble import load_peft_adapter
+    from optqa.checkpoints.bundle import open_source
 
     with open_source(path) as (folder, pulled):
         if is_peft_adapter(folder):
@@ -164,7 +173,7 @@ def shared_copy(plm: nn.Module) -> nn.Module:
     Raises:
         OptqaError: ``plm`` already carries a delta.
     """
-    if "_optqa_delta" in plm.__dict__:
+    if attached_delta(plm) is not None:
         raise OptqaError("shared_copy needs a backbone without a delta")
     tensors = [*plm.parameters(), *plm.buffers()]
     copy = deepcopy(plm, memo={id(t): t for t in tensors})
@@ -216,3 +225,85 @@ def load_shared(paths: dict[str, str | Path], plm_path: str | None = None, ignor
         models[name] = (attach_checkpoint(shared_copy(plm), tokenizer, folder, manifest, state, config),
                         manifest, config)
     return models
+
+
+def load_peft_adapter(folder: Path, source: str, config, template: str | None, plm_path: str | None,
+                      ignore_mismatch: bool, pulled: dict[str, Any] | None = None):
+    """Build the backbone with optqa's counterpart of the adapter and load the adapter's weights into it.
+
+    Args:
+        folder: the adapter folder (a local folder or a pulled snapshot).
+        source: what the user named (shown in messages and recorded in the manifest).
+        config: the RunConfig to build with (its plm_path is set here).
+        template: template text or file (``--template``); None: the folder's optqa_template.txt.
+        plm_path: the backbone to use instead of the adapter's ``base_model_name_or_path``.
+        ignore_mismatch: load onto a backbone of another name anyway.
+        pulled: the Hub repository, revision and commit, when pulled.
+
+    Returns:
+        ``(model, manifest)``: the ready model and an optqa manifest (``files`` empty: nothing written yet)
+        whose ``imported_from`` names the source and the SHA-256 of the adapter files.
+
+    Raises:
+        OptqaError: no template, another backbone, unsupported options, or weights that do not fit.
+    """
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from optqa.checkpoints.assemble import build_model, template_text
+    from optqa.checkpoints.format import build_manifest
+    from optqa.deltas import is_delta_parameter
+
+    adapter_config = read_adapter_config(folder)
+    delta = delta_config_from_peft(adapter_config, source)
+    if template is None:
+        if not (folder / TEMPLATE_FILE_NAME).is_file():
+            raise OptqaError(f"{source} is a plain PEFT adapter, which records no prompt format: pass --template "
+                             "with the template it was trained with (e.g. templates/answer_template.txt)")
+        template = (folder / TEMPLATE_FILE_NAME).read_text(encoding="utf-8")
+    config.template = template
+    text = template_text(config)
+    config.plm_path = plm_path or adapter_config.get("base_model_name_or_path") or ""
+    if not config.plm_path:
+        raise OptqaError(f"{source}: the adapter names no base model; pass --plm_path")
+    check_base_model(adapter_config, config.plm_path, source, ignore_mismatch)
+    config.delta_type = delta["delta_type"]
+    model, backbone = build_model(config, delta_config=delta, template=text)
+    weights = load_file(str(folder / ADAPTER_WEIGHTS_NAME), device="cpu")
+    try:
+        result = set_peft_model_state_dict(model.delta.model, weights)
+    except RuntimeError as exc:  # shapes that do not fit this backbone
+        raise OptqaError(f"{source}: the adapter's weights do not fit {config.plm_path} "
+                         f"({str(exc).strip().splitlines()[-1].strip()})") from None
+    unexpected = list(result.unexpected_keys)
+    missing = sorted(k for k in result.missing_keys if is_delta_parameter(k))
+    if delta["delta_type"] != "lora":
+        # PEFT loads a prompt-learning adapter's one tensor (prompt_embeddings) into its prompt encoder itself,
+        # outside load_state_dict: check it arrived instead of trusting the two lists
+        unexpected = [k for k in unexpected if k != "prompt_embeddings"]
+        missing = [k for k in missing if "prompt_encoder." not in k]
+        loaded = [v for k, v in model.delta_state_dict().items() if "prompt_encoder." in k]
+        if len(loaded) != 1 or "prompt_embeddings" not in weights or not torch.equal(
+                loaded[0].cpu().float(), weights["prompt_embeddings"].float()):
+            raise OptqaError(f"{source}: the adapter's prompt_embeddings did not load into optqa's "
+                             f"{delta['delta_type']}")
+    if unexpected or missing:
+        name = (unexpected or missing)[0]
+        raise OptqaError(f"{source}: {'unexpected' if unexpected else 'missing'} adapter tensor {name} "
+                         f"for {delta['delta_type']} on {config.plm_path}")
+    model.eval()
+    manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=text, backbone=backbone,
+                              hyperparameters={**config.to_dict(), **delta, "mode": "import_peft"}, metrics={},
+                              trainable_parameters=model.num_trainable_parameters())
+    manifest["imported_from"] = {
+        "format": "PEFT", "path": source, "peft_type": adapter_config["peft_type"],
+        "peft_version": adapter_config.get("peft_version"),
+        "base_model_name_or_path": adapter_config.get("base_model_name_or_path"),
+        **({"hub": pulled} if pulled else {}),
+        f"{ADAPTER_CONFIG_NAME}_sha256": sha256_file(folder / ADAPTER_CONFIG_NAME),
+        f"{ADAPTER_WEIGHTS_NAME}_sha256": sha256_file(folder / ADAPTER_WEIGHTS_NAME),
+    }
+    log.info("loaded PEFT %s adapter %s onto %s (%d tensors); no optqa manifest, so no file hashes to verify",
+             adapter_config["peft_type"], source, config.plm_path, len(weights))
+    return model, manifest

@@ -1,189 +1,25 @@
-"""Sharing deltas through the Hugging Face Hub: ``hf://OWNER/NAME[@REVISION]`` pulls and ``--mode push``.
-
-Everything goes through ``huggingface_hub`` (``snapshot_download``, ``HfApi.create_repo`` / ``upload_folder``,
-``ModelCard``), so the token, the cache (``HF_HUB_CACHE``), ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` behave as in
-every other Hugging Face tool. A pulled snapshot is then treated exactly like a local checkpoint folder: every
-file's SHA-256 against the manifest, then the backbone's fingerprint. A pushed repository holds the checkpoint
-byte for byte, the PEFT adapter where PEFT has the method (so ``PeftModel.from_pretrained(base, "OWNER/NAME")``
-works too), and a model card.
+"""``--mode push``: upload a delta to the Hugging Face Hub through ``huggingface_hub`` (``HfApi.create_repo`` /
+``upload_folder``), as the checkpoint byte for byte, the PEFT adapter where PEFT has the method (so
+``PeftModel.from_pretrained(base, "OWNER/NAME")`` works too) and a model card with YAML front matter.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
+import json
 import logging
-import platform
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import OptqaError
+from optqa.checkpoints.format import library_versions
+from optqa.checkpoints.hub import LOGIN_HINT, validate_repo_id
+from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
-HUB_PREFIX = "hf://"
+
 CARD_NAME = "README.md"
-# A full commit hash; huggingface_hub names snapshot folders by it.
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-# The libraries whose versions decide what a delta computes and how it is stored.
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "huggingface_hub")
-LOGIN_HINT = "run `hf auth login` (`huggingface-cli login` with older huggingface_hub) or set HF_TOKEN"
 
-
-def library_versions() -> dict[str, str]:
-    """optqa's, Python's and the libraries' versions (``"not installed"`` for a missing one), for manifests,
-    bundles and model cards: which software made a delta."""
-    from . import __version__
-
-    versions = {"optqa": __version__, "python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-# ---------------------------------------------------------------------------------------------- pulling
-
-@dataclasses.dataclass(frozen=True)
-class HubRef:
-    """A delta on the Hub: ``repo_id`` (``OWNER/NAME``) and ``revision`` (branch, tag or commit; None: main)."""
-    repo_id: str
-    revision: str | None = None
-
-    def __str__(self) -> str:
-        return HUB_PREFIX + self.repo_id + (f"@{self.revision}" if self.revision else "")
-
-
-@dataclasses.dataclass(frozen=True)
-class Pulled:
-    """A snapshot in the local Hugging Face cache: what was asked for, the commit it resolved to, its folder."""
-    ref: HubRef
-    commit: str
-    folder: Path
-
-    def describe(self) -> str:
-        return f"{self.ref} -> commit {self.commit} ({self.folder})"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"repo_id": self.ref.repo_id, "revision": self.ref.revision or "main", "commit": self.commit}
-
-
-def parse_hub_path(path: Any) -> HubRef | None:
-    """``hf://OWNER/NAME`` or ``hf://OWNER/NAME@REVISION`` as a HubRef; anything else (a local path) None.
-
-    Raises:
-        OptqaError: the text starts with ``hf://`` but is not a valid repository id.
-    """
-    if not isinstance(path, str) or not path.startswith(HUB_PREFIX):
-        return None  # a Path cannot hold "hf://" (it collapses the double slash): only strings are hub names
-    body = path[len(HUB_PREFIX):]
-    repo_id, _, revision = body.partition("@")
-    if "@" in body and not revision:
-        raise OptqaError(f"{path}: nothing after '@'; write hf://OWNER/NAME@REVISION (a branch, tag or commit)")
-    validate_repo_id(repo_id, path)
-    return HubRef(repo_id, revision or None)
-
-
-def validate_repo_id(repo_id: str, shown: str) -> None:
-    """Raise OptqaError unless ``repo_id`` is ``OWNER/NAME`` by huggingface_hub's own rules."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id as hub_validate
-
-    if repo_id.count("/") != 1:
-        raise OptqaError(f"{shown}: a Hub repository is named OWNER/NAME (e.g. hf://alice/opt125m-arcda-lora)")
-    try:
-        hub_validate(repo_id)
-    except HFValidationError as exc:
-        raise OptqaError(f"{shown}: not a valid Hub repository id ({str(exc).splitlines()[0]})") from None
-
-
-def pull(ref: HubRef) -> Pulled:
-    """Download (or find in the cache) the snapshot of ``ref`` with ``huggingface_hub.snapshot_download``.
-
-    Files land in the standard cache (``HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``); with
-    ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached, the cached snapshot of the revision is used.
-    Nothing here is trusted: the caller verifies the files against the manifest as for a local folder.
-
-    Returns:
-        Pulled: the resolved commit hash and the snapshot folder.
-
-    Raises:
-        OptqaError: one line for an unknown repository or revision, or no network and no cached copy.
-    """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    revision = ref.revision or "main"
-    try:
-        folder = Path(snapshot_download(ref.repo_id, revision=revision))
-    except GatedRepoError:
-        raise OptqaError(f"{ref}: the repository is gated; accept its conditions on the Hub and {LOGIN_HINT}") from None
-    except RevisionNotFoundError:
-        raise OptqaError(f"{ref}: the repository has no revision {revision!r} (a branch, tag or commit)") from None
-    except RepositoryNotFoundError:
-        raise OptqaError(f"{ref}: no such repository on the Hub ({constants.ENDPOINT}), or it is private and "
-                         f"no token with access was sent: check the name, or {LOGIN_HINT}") from None
-    except LocalEntryNotFoundError as exc:
-        # IncompleteSnapshotError (huggingface_hub 2.x) is a LocalEntryNotFoundError: a download cut short
-        if type(exc).__name__ == "IncompleteSnapshotError":
-            raise OptqaError(f"{ref}: the cached snapshot is incomplete and the Hub cannot be reached; pull it "
-                             "again with network access") from None
-        why = ("HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE
-               else f"the Hub at {constants.ENDPOINT} cannot be reached")
-        raise OptqaError(f"{ref} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: pull it "
-                         f"once with network access (python -m optqa --mode inspect --delta_save_path {ref}), "
-                         "or copy that cache folder from a machine that has it") from None
-    except HfHubHTTPError as exc:
-        raise OptqaError(f"{ref}: the Hub refused the download ({str(exc).splitlines()[0]})") from None
-    # snapshot_download returns <cache>/models--OWNER--NAME/snapshots/<commit>
-    commit = folder.name
-    if not COMMIT_RE.match(commit):
-        raise OptqaError(f"{ref}: huggingface_hub returned {folder}, not a snapshot folder named by its commit")
-    pulled = Pulled(ref, commit, folder)
-    log.info("pulled %s: commit %s, files in %s", ref, commit, folder)
-    return pulled
-
-
-def resolve_source(path: str | Path) -> tuple[str | Path, Pulled | None]:
-    """Where a delta path (``--delta_save_path``) lives on disk: a hub name is pulled, anything else is returned.
-
-    Returns:
-        ``(local path, Pulled or None)``.
-    """
-    ref = parse_hub_path(path)
-    if ref is None:
-        return path, None
-    pulled = pull(ref)
-    return pulled.folder, pulled
-
-
-def pin_source(path: str | Path) -> str | Path:
-    """A Hub name pinned to the commit its revision resolves to now (pulled once); anything else unchanged.
-
-    A command that reads a delta several times (export: the bundle, then the PEFT folder) reads the same commit
-    every time, from the cache, even if the branch moves meanwhile.
-    """
-    ref = parse_hub_path(path)
-    if ref is None:
-        return path
-    return str(HubRef(ref.repo_id, pull(ref).commit))
-
-
-def default_export_name(path: str | Path) -> str | None:
-    """For a hub name, the file name an export writes to the working folder (``NAME.optqa``); else None.
-
-    The snapshot lives in the shared cache, which is no place for new files.
-    """
-    ref = parse_hub_path(path)
-    return None if ref is None else ref.repo_id.split("/")[1]
-
-
-# ---------------------------------------------------------------------------------------------- pushing
 
 def push(config, explicit: set[str]) -> list[str]:
     """``--mode push``: upload ``--delta_save_path`` to ``--hub_repo`` (or, with ``--dry_run``, write the folder
@@ -268,7 +104,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _default_message(folder: Path) -> str:
-    from .checkpoint import MANIFEST_NAME, WEIGHTS_NAME, read_json
+    from optqa.checkpoints.format import MANIFEST_NAME, WEIGHTS_NAME, read_json
 
     manifest = read_json(folder / MANIFEST_NAME, "damaged manifest")
     return (f"optqa {manifest['delta']['delta_type']} delta for {manifest['backbone']['name_or_path']} "
@@ -276,7 +112,7 @@ def _default_message(folder: Path) -> str:
 
 
 def _listing(folder: Path) -> list[str]:
-    from .checkpoint import sha256_file
+    from optqa.checkpoints.format import sha256_file
 
     return [f"  {path.name}  {path.stat().st_size:,} bytes  sha256 {sha256_file(path)[:16]}"
             for path in sorted(folder.iterdir()) if path.is_file()]
@@ -289,13 +125,13 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
     Returns:
         The written folder.
     """
-    from .bundle import open_checkpoint, shareable_files
-    from .checkpoint import MANIFEST_NAME, read_manifest, verify_files, write_folder_atomically
-    from .sharing import PEFT_TEMPLATE_NAME, peft_export_problem, write_peft_adapter
+    from optqa.checkpoints.bundle import open_checkpoint, shareable_files
+    from optqa.checkpoints.export import PEFT_TEMPLATE_NAME, peft_export_problem, write_peft_adapter
+    from optqa.checkpoints.format import MANIFEST_NAME, read_manifest, verify_files, write_folder_atomically
 
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise OptqaError(f"{target} already exists and is not empty; choose a new --export_path for the dry run")
-    from .peft_import import is_peft_adapter
+    from optqa.checkpoints.peft import is_peft_adapter
 
     source = config.delta_save_path
     with open_checkpoint(source) as folder:
@@ -334,7 +170,6 @@ def _finish_adapter_config(path: Path, base_model: str | None) -> None:
     """PEFT records the backbone's local folder; on the Hub the adapter names the Hub model (AutoPeftModel loads
     the backbone from it). PEFT writes target_modules from a set, in an order that changes between runs:
     sorted, the same delta always gives the same upload."""
-    import json
 
     config = json.loads(path.read_text(encoding="utf-8"))
     if base_model:
@@ -352,7 +187,7 @@ def _base_model(config, explicit: set[str], manifest: dict[str, Any]) -> str | N
             validate_repo_id(config.base_model, f"--base_model {config.base_model}")
         return config.base_model
     name = str(manifest["backbone"]["name_or_path"])
-    from .plm import _looks_like_a_path
+    from optqa.plm import _looks_like_a_path
 
     if Path(name).expanduser().exists() or _looks_like_a_path(name) or name.count("/") != 1:
         log.warning("the backbone %s is a local folder: the card names no base_model (pass --base_model "
@@ -360,8 +195,6 @@ def _base_model(config, explicit: set[str], manifest: dict[str, Any]) -> str | N
         return None
     return name
 
-
-# ---------------------------------------------------------------------------------------------- the model card
 
 METHOD_TAGS = {"lora": "lora", "soft_prompt": "prompt-tuning", "prefix": "prefix-tuning", "adapter": "adapter",
                "bitfit": "bitfit"}
@@ -371,7 +204,7 @@ def prompt_preview(template: str, question: str) -> str:
     """The text a template puts before the answer for ``question``, as the model sees it after its bos token
     (soft tokens shown as ``<soft:N>``, special tokens by name); trailing white space is dropped, as optqa
     renders it."""
-    from .template import parse_template
+    from optqa.template import parse_template
 
     out = ""
     for piece in parse_template(template, "checkpoint template"):
@@ -404,7 +237,6 @@ def model_card(manifest: dict[str, Any], repo_id: str, base_model: str | None, p
     Returns:
         The card's text.
     """
-    import json
 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import OptqaError
-
-if TYPE_CHECKING:
-    from .deltas import DeltaModel
+from optqa.deltas import AutoDeltaModel as CoreAutoDeltaModel
+from optqa.deltas import DeltaModel, _layout, _whole, load_delta_state, named_delta_parameters
+from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +28,11 @@ PUSH_COMMAND = "python -m optqa --mode push --delta_save_path {path} --hub_repo 
 TEMPLATE_PREFIX = "template."
 
 
-def _layout(delta: DeltaModel) -> nn.Module:
-    """The backbone and the model that runs, registered in the order ``PromptForGeneration`` registers them
-    (``backbone``, then ``plm``): parameter names then equal those of optqa checkpoints."""
-    holder = nn.Module()
-    holder.backbone = delta.backbone_model
-    holder.plm = delta.model
-    return holder
-
-
-def named_delta_parameters(delta: DeltaModel) -> list[tuple[str, nn.Parameter]]:
-    """The delta's own parameters under checkpoint names (a template's soft tokens are the template's)."""
-    from .deltas import is_delta_parameter
-
-    return [(n, p) for n, p in _layout(delta).named_parameters() if is_delta_parameter(n)]
-
-
 def _state_and_settings(delta: DeltaModel) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """What a checkpoint of ``delta`` holds: the bound PromptForGeneration's delta (with its template's soft
     tokens), template text and lengths; without one, the delta alone and the default template."""
-    from .build import template_text
-    from .config import RunConfig
-    from .model import _whole
+    from optqa.checkpoints.assemble import template_text
+    from optqa.config import RunConfig
 
     prompt = delta.__dict__.get("_prompt_model")
     if prompt is not None:
@@ -62,7 +44,7 @@ def _state_and_settings(delta: DeltaModel) -> tuple[dict[str, torch.Tensor], str
 def _run_settings(delta: DeltaModel, name_or_path: str, text: str, lengths: dict[str, Any]) -> dict[str, Any]:
     """RunConfig fields the CLI needs to rebuild the model from the checkpoint alone (backbone, delta, template,
     lengths). A script's training settings are its own and unknown here, so none are recorded."""
-    from .config import RunConfig
+    from optqa.config import RunConfig
 
     fields = RunConfig().to_dict()
     settings: dict[str, Any] = {"plm_name": fields["plm_name"], "delta_type": delta.config.delta_type}
@@ -102,8 +84,8 @@ def save_finetuned(delta: DeltaModel, finetuned_delta_path: str | Path = "./delt
         OptqaError: ``save_config=False``, a ``state_dict`` or a ``save_function`` other than ``torch.save``,
             or a folder that holds something other than an optqa checkpoint.
     """
-    from .checkpoint import WEIGHTS_NAME, backbone_fingerprint, build_manifest, save_checkpoint
-    from .plm import backbone_identity
+    from optqa.checkpoints.format import WEIGHTS_NAME, backbone_fingerprint, build_manifest, save_checkpoint
+    from optqa.plm import backbone_identity
 
     if not save_config or state_dict is not None or save_function not in (None, torch.save):
         raise OptqaError("save_finetuned: optqa always writes the manifest and the delta's own weights as "
@@ -151,11 +133,9 @@ def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, 
         OptqaError: a modified, missing or truncated file (naming it and the reason), a delta for another
             backbone, or refused arguments.
     """
-    from .bundle import open_checkpoint
-    from .checkpoint import backbone_fingerprint, check_backbone, read_checkpoint
-    from .deltas import AutoDeltaModel
-    from .model import load_delta_state
-    from .plm import backbone_identity
+    from optqa.checkpoints.bundle import open_checkpoint
+    from optqa.checkpoints.format import backbone_fingerprint, check_backbone, read_checkpoint
+    from optqa.plm import backbone_identity
 
     given = {"delta_config": delta_config is not None, "cache_dir": cache_dir is not None,
              "local_files_only=False": not local_files_only}
@@ -181,7 +161,7 @@ def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, 
 
 
 def _raw_file(path: str | Path) -> Path:
-    from .checkpoint import WEIGHTS_NAME
+    from optqa.checkpoints.format import WEIGHTS_NAME
 
     path = Path(path)
     return path / WEIGHTS_NAME if path.is_dir() or not path.suffix else path
@@ -209,11 +189,37 @@ def load_raw(delta: DeltaModel, path: str | Path) -> None:
     """
     from safetensors.torch import load
 
-    from .model import load_delta_state
-
     source = _raw_file(path)
     if not source.is_file():
         raise OptqaError(f"load_checkpoint: no raw delta at {source}")
     state = load(source.read_bytes())
     prompt = delta.__dict__.get("_prompt_model")
     load_delta_state(prompt if prompt is not None else _layout(delta), state, str(source))
+
+
+class OpenDeltaModel(DeltaModel):
+    """A delta model with OpenDelta's saving calls: ``save_finetuned``, ``save_checkpoint``, ``load_checkpoint``."""
+
+    def save_finetuned(self, finetuned_delta_path: str | Path = "./delta_checkpoints/", *args, **kwargs) -> Path:
+        """OpenDelta's ``save_finetuned``: an optqa checkpoint folder; see :func:`save_finetuned`."""
+        return save_finetuned(self, finetuned_delta_path, *args, **kwargs)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """The raw delta (one safetensors file, no manifest); see :func:`save_raw`."""
+        return save_raw(self, path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load a raw delta written by ``save_checkpoint``; see :func:`load_raw`."""
+        load_raw(self, path)
+
+
+class AutoDeltaModel(CoreAutoDeltaModel):
+    """OpenDelta's ``AutoDeltaModel``: ``from_config`` returns an ``OpenDeltaModel``; ``from_finetuned`` verifies
+    a saved delta before attaching it."""
+
+    delta_model_class = OpenDeltaModel
+
+    @staticmethod
+    def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, *args, **kwargs) -> OpenDeltaModel:
+        """See :func:`from_finetuned`."""
+        return from_finetuned(finetuned_delta_path, backbone_model, *args, **kwargs)

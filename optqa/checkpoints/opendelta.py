@@ -18,9 +18,9 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_config_json
-from .config import RunConfig
-from .errors import OptqaError
+from optqa.checkpoints.format import read_config_json
+from optqa.config import RunConfig
+from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def read_opendelta(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], 
 def delta_config_from_opendelta(config: dict[str, Any]) -> dict[str, Any]:
     """optqa's delta config: OpenDelta's run metadata dropped; BitFit's module patterns are OpenDelta syntax
     ("attn@") for the same set optqa's BitFit covers by default (every Linear and LayerNorm in the layers)."""
-    from .deltas import OPENDELTA_METADATA_KEYS
+    from optqa.deltas import OPENDELTA_METADATA_KEYS
 
     delta = {k: v for k, v in config.items() if k not in OPENDELTA_METADATA_KEYS}
     if delta["delta_type"] == "bitfit":
@@ -98,10 +98,10 @@ def map_state(delta_type: str, state: dict[str, Any], own_names: list[str], back
 
 def import_opendelta(config: RunConfig, explicit: set[str]) -> str:
     """Convert ``config.import_path`` into the optqa checkpoint ``config.delta_save_path``; returns a summary line."""
-    from .build import build_model, template_text
-    from .checkpoint import build_manifest, save_checkpoint, sha256_file
-    from .options import check_length_budget
-    from .plm import backbone_max_positions
+    from optqa.checkpoints.assemble import build_model, template_text
+    from optqa.checkpoints.format import build_manifest, save_checkpoint, sha256_file
+    from optqa.options import check_length_budget
+    from optqa.plm import backbone_max_positions
 
     if not config.import_path:
         raise OptqaError("--mode import_opendelta needs --import_path (the OpenDelta checkpoint folder)")

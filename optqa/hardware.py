@@ -1,23 +1,20 @@
-"""Where and how computation runs: seeding, CPU threads, precision, and the accelerate process group."""
+"""What this machine and process can compute with: CPU threads, CPU flags, autocast precision, sharding.
+
+Pure introspection of torch and the operating system (no process group, no accelerate), so the library core
+(model, quantize) and the entry points can ask without starting anything.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import platform
-import random
 import sys
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def configure_threads(num_threads: int | None = None) -> int:
@@ -122,82 +119,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def make_accelerator(config):
-    """One process or many (``accelerate launch`` / ``torchrun``): the same code path.
-
-    ``--batch_size`` is the global batch, split across processes (``split_batches``), so a run takes the
-    same optimiser steps and learning-rate schedule whatever the number of processes. Gradient accumulation
-    is done by the training loop (see ``trainer._optimiser_step``), so accelerate's stays at 1.
-    """
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState
-
-    use_cpu = config.cpu or not torch.cuda.is_available()
-    dtype = autocast_dtype(config.precision, torch.device("cpu" if use_cpu else "cuda"))
-    # fp16 on a CPU was refused by options.check_run before this point
-    # on CUDA accelerate owns autocast and, for fp16, the GradScaler; on a CPU optqa's own bf16 autocast runs
-    # (model.autocast_dtype), which also covers generation, outside the prepared forward
-    mixed = "no" if use_cpu or dtype is None else ("bf16" if dtype == torch.bfloat16 else "fp16")
-    # accelerate fixes the precision once per process; a second run in the same process (a notebook, the
-    # tests) may ask for another. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    plugin = fsdp_plugin(config)
-    launcher_flag = os.environ.get("ACCELERATE_USE_FSDP")
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed, fsdp_plugin=plugin,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
-    # given a plugin, accelerate sets ACCELERATE_USE_FSDP=true for the whole process (and its children), which
-    # would turn the next run in this process, or a run it starts, into an FSDP run: only a launcher may set it
-    if launcher_flag is None:
-        os.environ.pop("ACCELERATE_USE_FSDP", None)
-    _settle_sharding(accelerator, plugin)
-    if not accelerator.is_main_process:
-        # the other processes compute but stay silent: one log, one progress bar, one summary per run
-        logging.getLogger().setLevel(logging.WARNING)
-        sys.stdout = open(os.devnull, "w")
-    return accelerator
-
-
-def fsdp_plugin(config):
-    """FSDP2 as accelerate applies it, for --fsdp: one shard group per decoder layer (the backbone's
-    ``_no_split_modules``, which PromptForGeneration passes on), the embeddings, delta prompts and head in the
-    root group. Under ``accelerate launch --use_fsdp`` the launcher's FSDP flags (in the environment) apply."""
-    from accelerate import FullyShardedDataParallelPlugin
-
-    from .errors import OptqaError
-
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        if os.environ.get("FSDP_VERSION", "1") != "2":
-            # FSDP1's flat parameters cannot mix a layer's frozen weights with its delta (short of
-            # use_orig_params), and on a CPU accelerate cannot even build its plugin
-            raise OptqaError("optqa shards with FSDP2: launch with accelerate launch --use_fsdp --fsdp_version 2, "
-                             "or with torchrun and optqa's --fsdp")
-        # without a wrap policy the whole model is one shard group, gathered whole for every forward pass
-        wrap = {} if os.environ.get("FSDP_AUTO_WRAP_POLICY") else {"auto_wrap_policy": "transformer_based_wrap"}
-        return FullyShardedDataParallelPlugin(**wrap)
-    if not config.fsdp:
-        return None
-    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                          reshard_after_forward=True, cpu_ram_efficient_loading=False)
-
-
-def _settle_sharding(accelerator, plugin) -> None:
-    """FSDP from --fsdp or from ``accelerate launch --use_fsdp``, which needs several processes."""
-    from accelerate.utils import DistributedType
-
-    if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        # accelerate (1.15) enables FSDP only on accelerators, though its FSDP2 code and torch's fully_shard
-        # under it run on CPUs over gloo as they are: the same sharded path then runs (and is tested) here
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # OPT's decoder layer returns a view of a fresh tensor, and nothing changes it in place; the 2-process
-        # test checks that sharded gradients equal one process's
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOPTDecoderLayer\) returned a view")
-    elif plugin is not None:
-        log.warning("--fsdp: a single process has nothing to shard with; training unsharded "
-                    "(start several processes with torchrun or accelerate launch)")
 
 
 def is_sharded(module) -> bool:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import shutil
 import stat
 import sys
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # torch is imported where tensors are touched: --mode inspect never needs it
     import torch
 
-from .errors import OptqaError
+from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def backbone_fingerprint(plm: torch.nn.Module) -> str:
     """
     import torch
 
-    from .deltas import is_delta_parameter
+    from optqa.deltas import is_delta_parameter
 
     digest = hashlib.sha256()
     for name, param in sorted(_backbone_parameters(plm), key=lambda item: item[0]):
@@ -205,8 +207,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def build_manifest(*, delta_config: dict, template_text: str, backbone: dict, hyperparameters: dict,
                    metrics: dict, trainable_parameters: int) -> dict[str, Any]:
-    from . import __version__
-    from .hub import library_versions
+    from optqa import __version__
+    from optqa.checkpoints.format import library_versions
 
     return {
         "format": FORMAT_NAME,
@@ -363,7 +365,25 @@ def check_backbone(manifest: dict[str, Any], identity: dict[str, Any], fingerpri
         log.info("backbone check passed: %s matches the checkpoint's fingerprint", identity["name_or_path"])
 
 
-# Config keys that change parameter shapes or the computation's structure.
-SHAPE_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size",
-              "word_embed_proj_dim", "max_position_embeddings", "do_layer_norm_before", "intermediate_size",
-              "n_embd", "n_layer", "n_head", "num_key_value_heads", "model_type"}
+# the backbone config keys that define its shape: a delta loads only where these match (and inspect shows them)
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "ffn_dim",
+              "intermediate_size", "vocab_size", "word_embed_proj_dim", "max_position_embeddings",
+              "do_layer_norm_before", "n_embd", "n_layer", "n_head")
+
+
+# The libraries whose versions decide what a delta computes and how it is stored.
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "huggingface_hub")
+
+
+def library_versions() -> dict[str, str]:
+    """optqa's, Python's and the libraries' versions (``"not installed"`` for a missing one), for manifests,
+    bundles and model cards: which software made a delta."""
+    from optqa import __version__
+
+    versions = {"optqa": __version__, "python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,0 +1,45 @@
+"""Answering a split with a model, once per question, with one process or several (each answers a shard)."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from optqa.metrics import score
+from optqa.run.predictions import prediction_rows
+
+
+def predict(model, encoded, batch_size: int, desc: str = "answering", accelerator=None) -> list[str]:
+    """Answer every encoded prompt once; with several processes each answers a shard and all are gathered."""
+    import torch
+
+    from optqa.data import collate_for_generation, generation_batches
+    from optqa.hardware import is_sharded
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    shard = encoded[rank::world]
+    answers: dict[int, str] = {}
+    batches = generation_batches(shard, batch_size)
+    idle_batches = 0
+    if world > 1 and is_sharded(model):
+        # a sharded backbone computes only with every process taking part: all run as many batches as the busiest
+        counts = accelerator.gather(torch.tensor([len(batches)], device=accelerator.device))
+        idle_batches = int(counts.max()) - len(batches)
+    show = rank == 0
+    for chunk in tqdm(batches, desc=desc, leave=False, disable=not show):
+        batch = collate_for_generation(chunk, model.tokenizer.pad_token_id)
+        answers.update(zip(batch["index"], model.generate_answers(batch)))
+    for _ in range(idle_batches):
+        model.generate_answers(collate_for_generation(encoded[:1], model.tokenizer.pad_token_id))  # answer discarded
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        merged: dict[int, str] = {}
+        for part in gather_object([answers]):
+            merged.update(part)
+        answers = merged
+    return [answers[e.index] for e in encoded]
+
+
+def evaluate(model, encoded, batch_size: int, desc: str = "answering", accelerator=None):
+    """Score a model on encoded prompts: returns (metrics, prediction rows)."""
+    predictions = predict(model, encoded, batch_size, desc, accelerator)
+    return score(predictions, [e.golds for e in encoded]), prediction_rows(encoded, predictions)
