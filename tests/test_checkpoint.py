@@ -136,7 +136,7 @@ def test_delta_for_another_backbone_is_refused(trained, backbones, case):
 def test_override_covers_the_weights_only(trained, backbones, caplog):
     from optqa.checkpoints.assemble import load_trained
 
-    with caplog.at_level(logging.WARNING, logger="optqa.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="optqa.checkpoints.format"):
         model, _, _ = load_trained(trained, plm_path=str(backbones["weights"]), ignore_backbone_mismatch=True)
     assert "loading anyway (--ignore_backbone_mismatch)" in caplog.text
     assert len(model.answer(QUESTIONS)) == len(QUESTIONS)
@@ -177,7 +177,7 @@ def test_cli_refusals_are_one_error_line_and_a_failing_exit(trained, backbones, 
 def test_loading_logs_the_integrity_check_and_needs_no_other_flag(trained, caplog):
     from optqa.checkpoints.assemble import load_trained
 
-    with caplog.at_level(logging.INFO, logger="optqa.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="optqa.checkpoints.format"):
         model, manifest, _ = load_trained(trained)
     assert "integrity check passed" in caplog.text and "backbone check passed" in caplog.text
     assert manifest["template"] == (REPO / "templates" / "answer_template.txt").read_text(encoding="utf-8")

@@ -109,7 +109,7 @@ def test_trainable_parameters_match_the_formula(trained, shape):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     soft_rows = model.template.num_soft_tokens * shape["word_embed_proj_dim"]
     assert model.delta.num_trainable_parameters() + soft_rows == expected
-    manifest = json.loads((Path(trained["summary"]["delta_save_path"]) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    manifest = json.loads((Path(trained["summary"].delta_save_path) / MANIFEST_NAME).read_text(encoding="utf-8"))
     assert manifest["trainable_parameters"] == expected
 
 
@@ -134,7 +134,7 @@ def test_only_the_delta_changes(trained, tiny_opt):
 
 
 def test_loss_goes_down(trained):
-    lines = (Path(trained["summary"]["run_dir"]) / STEPS_NAME).read_text(encoding="utf-8").splitlines()
+    lines = (Path(trained["summary"].run_dir) / STEPS_NAME).read_text(encoding="utf-8").splitlines()
     losses = [json.loads(line)["loss"] for line in lines]
     assert len(losses) == 4
     # every step lowers the loss on the (same) batch; soft prompts and prefixes on a random backbone move it
@@ -145,7 +145,7 @@ def test_loss_goes_down(trained):
 
 def test_reloaded_delta_gives_identical_tensors_and_answers(trained):
     model = trained["model"]
-    reloaded, manifest, _ = load_trained(trained["summary"]["delta_save_path"])
+    reloaded, manifest, _ = load_trained(trained["summary"].delta_save_path)
     assert manifest["delta"]["delta_type"] == trained["type"]
     saved, own = reloaded.delta_state_dict(), model.delta_state_dict()
     assert saved.keys() == own.keys()

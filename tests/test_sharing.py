@@ -102,7 +102,8 @@ def test_inspect_prints_and_verifies_without_the_backbone(lora_ckpt, exported):
         assert f"backbone     {manifest['backbone']['name_or_path']} (OPTForCausalLM, hidden_size 64" in text
         assert f"fingerprint  {manifest['backbone']['fingerprint']}" in text
         assert 'template     {"placeholder":"text_a"} Answer: {"mask"}' in text
-        assert "training     lr 0.03, train_epochs 2, batch_size 8" in text
+        # RunConfig's training fields, in their order
+        assert "training     batch_size 8, max_seq_l 64, lr 0.03, weight_decay 0.0, train_epochs 2, warmup_steps 0" in text
         assert f"metrics      best epoch {manifest['metrics']['best_epoch']}; dev F1 " in text
     assert "[folder]" in folder_part and f"[bundle ({exported.stat().st_size:,} bytes)]" in bundle_part
 

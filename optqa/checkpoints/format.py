@@ -366,9 +366,9 @@ def check_backbone(manifest: dict[str, Any], identity: dict[str, Any], fingerpri
 
 
 # the backbone config keys that define its shape: a delta loads only where these match (and inspect shows them)
-SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "ffn_dim",
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "ffn_dim",
               "intermediate_size", "vocab_size", "word_embed_proj_dim", "max_position_embeddings",
-              "do_layer_norm_before", "n_embd", "n_layer", "n_head")
+              "do_layer_norm_before", "n_embd", "n_layer", "n_head", "model_type")
 
 
 # The libraries whose versions decide what a delta computes and how it is stored.

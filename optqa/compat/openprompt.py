@@ -241,7 +241,7 @@ class PrefixTuningTemplate(ManualTemplate):
     def __init__(self, model: nn.Module, tokenizer, mapping_hook=None, text: str | None = None, num_token: int = 5,
                  placeholder_mapping: dict | None = None, prefix_dropout: float = 0.0, mid_dim: int = 512,
                  using_encoder_past_key_values: bool = True, using_decoder_past_key_values: bool = True):
-        from optqa.deltas import AutoDeltaModel
+        from optqa.compat.opendelta import AutoDeltaModel
 
         if mapping_hook is not None or prefix_dropout:
             raise OptqaError("PrefixTuningTemplate: mapping_hook and prefix_dropout are not supported (optqa's "
