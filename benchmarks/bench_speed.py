@@ -75,9 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- workers (each runs in its own process) ------------------------------------------------------------------
 
 def delta_settings(delta: str) -> dict:
-    from optqa.config import DELTA_DEFAULTS
+    from optqa.config import DELTA_CONFIGS
 
-    return {"delta_type": delta, **{k: v for k, v in DELTA_DEFAULTS[delta].items() if k != "non_linearity"}}
+    return {k: v for k, v in DELTA_CONFIGS[delta]().to_dict().items() if k != "non_linearity"}
 
 
 def encoded_train(plm_path: str, data: str, tokenizer=None):

@@ -206,7 +206,7 @@ def test_short_module_names_resolve_like_opendelta(fresh_plm):
 
 
 def test_library_defaults_per_delta_type(fresh_plm, shape):
-    """AutoDeltaConfig's own defaults (DELTA_DEFAULTS): LoRA on q_proj and v_proj, r=8."""
+    """AutoDeltaConfig's own defaults (LoraConfig): LoRA on q_proj and v_proj, r=8."""
     plm, tokenizer = fresh_plm()
     delta = AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=plm, tokenizer=tokenizer)
     h, layers = shape["hidden_size"], shape["num_hidden_layers"]

@@ -98,7 +98,7 @@ def test_auto_is_int8_only_on_a_cpu_without_native_bf16(monkeypatch):
 
 
 def test_emulated_avx2_has_no_native_bf16(monkeypatch):
-    from optqa.run import runtime
+    from optqa import hardware as runtime
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2": True, "avx512f": True, "avx512_bf16": True,
                                                         "amx": True, "vnni": True, "arm_bf16": False})
@@ -206,7 +206,7 @@ def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path
         assert final["quantize"] == (q or "none")
         assert summary.best_epoch in (1, 2)
     # scoring on int8 after epoch 1 left training exactly as it was: the same loss at every step
-    losses = [(Path(s["run_dir"]) / "train_loss.jsonl").read_text() for s in runs.values()]
+    losses = [(Path(s.run_dir) / "train_loss.jsonl").read_text() for s in runs.values()]
     assert losses[0] == losses[1] and len(losses[0].splitlines()) == 2
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import MEMORY_SET
 
 from optqa.checkpoints.assemble import build_model
-from optqa.config import DELTA_DEFAULTS, RunConfig
+from optqa.config import DELTA_CONFIGS, RunConfig
 from optqa.data import InputExample, collate_for_generation, collate_for_training
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,7 +34,7 @@ CASES = [("adapter", PLAIN_TEMPLATE), ("lora", PLAIN_TEMPLATE), ("bitfit", PLAIN
 def noised_model(plm, delta: str, template: str):
     torch.manual_seed(0)
     config = RunConfig(plm_path=str(plm), delta_type=delta, max_new_tokens=NEW_TOKENS, max_seq_l=64,
-                       modified_modules=DELTA_DEFAULTS[delta].get("modified_modules") or ["self_attn"])
+                       modified_modules=DELTA_CONFIGS[delta]().to_dict().get("modified_modules") or ["self_attn"])
     model, _ = build_model(config, template=template)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -9,7 +9,7 @@ from torch import nn
 
 from optqa.checkpoints.assemble import build_model
 from optqa.checkpoints.format import backbone_fingerprint
-from optqa.config import DELTA_DEFAULTS, RunConfig
+from optqa.config import DELTA_CONFIGS, RunConfig
 from optqa.data import (
     Encoded,
     InputExample,
@@ -29,7 +29,7 @@ SOFT_TEMPLATE = '{"soft":"Question:"} {"placeholder":"text_a"} {"soft"} Answer: 
 def make_model(plm, delta: str = "lora", template: str | None = None, **overrides):
     torch.manual_seed(0)
     config = RunConfig(plm_path=str(plm), delta_type=delta, max_new_tokens=6, max_seq_l=64,
-                       **{"modified_modules": DELTA_DEFAULTS[delta].get("modified_modules") or ["self_attn"],
+                       **{"modified_modules": DELTA_CONFIGS[delta]().to_dict().get("modified_modules") or ["self_attn"],
                           **overrides})
     model, _ = build_model(config, template='{"placeholder":"text_a"} Answer: {"mask"}' if template is None
                            else template)
