@@ -111,7 +111,7 @@ def test_two_processes_train_like_one(tiny_opt, memory_data, tmp_path, one_proce
     done = torchrun(train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS))
     assert_trained_like_one_process(tmp_path, done, one_process_run, scored=len(MEMORY_SET))
     manifest = json.loads((tmp_path / "delta_ckpts" / ckpt.MANIFEST_NAME).read_text())
-    assert manifest["metrics"]["best_epoch"] == one_process_run[1]["best_epoch"]
+    assert manifest["metrics"]["best_epoch"] == one_process_run[1].best_epoch
     assert "FSDP" not in done.stderr
 
 
@@ -134,7 +134,7 @@ def test_accumulation_equals_the_bigger_batch(tiny_opt, memory_data, tmp_path):
     whole = train_in_process(tiny_opt, memory_data, tmp_path / "whole", *EXACT, "--batch_size", "8",
                              "--train_epochs", "2")
     assert_same_delta(final_delta(tmp_path / "acc"), final_delta(tmp_path / "whole"), atol=1e-4)
-    assert [len(step_losses(Path(s["run_dir"]))) for s in (accumulated, whole)] == [2, 2]
+    assert [len(step_losses(Path(s.run_dir))) for s in (accumulated, whole)] == [2, 2]
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_opt, memory_data, tmp_path, monkeypatch):

@@ -142,7 +142,6 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
         OptqaError: a checkpoint that fails its integrity or backbone checks, prompts and answers that would not
             fit the backbone's positions, or a Hub name that cannot be pulled.
     """
-    from optqa.checkpoints.assemble import load_peft_adapter
     from optqa.checkpoints.bundle import open_source
 
     with open_source(path) as (folder, pulled):
@@ -251,7 +250,6 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from optqa.checkpoints.assemble import build_model, template_text
     from optqa.checkpoints.format import build_manifest
     from optqa.deltas import is_delta_parameter
 

@@ -208,7 +208,6 @@ def _write_json(path: Path, data: dict) -> None:
 def build_manifest(*, delta_config: dict, template_text: str, backbone: dict, hyperparameters: dict,
                    metrics: dict, trainable_parameters: int) -> dict[str, Any]:
     from optqa import __version__
-    from optqa.checkpoints.format import library_versions
 
     return {
         "format": FORMAT_NAME,
