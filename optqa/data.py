@@ -59,7 +59,7 @@ def iter_jsonl_objects(path: str | Path, kind: str) -> Iterator[tuple[str, int, 
 
 
 def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_field: str = "answers",
-                  id_field: str = "question_id", require_answers: bool = True) -> list[InputExample]:
+                  id_field: str = "question_id") -> list[InputExample]:
     """Read a QA jsonl; each bad row is an OptqaError naming ``file:line``."""
     path = Path(path)
     examples = []
@@ -71,9 +71,7 @@ def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_fi
         if not isinstance(question, str) or not question.strip():
             raise OptqaError(f"{where}: field {question_field!r} must be a non-empty string")
         answers = row.get(answers_field)
-        if answers is None and not require_answers:
-            answers = []
-        elif answers_field not in row:
+        if answers_field not in row:
             raise OptqaError(f"{where}: missing field {answers_field!r} (a question needs gold answers)")
         else:
             answers = _validate_answers(answers, answers_field, where)

@@ -96,6 +96,12 @@ class PromptForGeneration(nn.Module):
     def __init__(self, plm: nn.Module, template, freeze_plm: bool = True, plm_eval_mode: bool = False,
                  gen_config=None, tokenizer=None, max_seq_length: int = 128, max_new_tokens: int = 32):
         super().__init__()
+        if gen_config is not None:
+            from optqa.errors import OptqaError
+
+            raise OptqaError("PromptForGeneration: gen_config is not supported; pass generation arguments to "
+                             "generate(batch, max_length=..., ...) or max_new_tokens= here")
+        self.plm_eval_mode = plm_eval_mode
         self.delta: DeltaModel | None = attached_delta(plm)
         # the transformers model itself, also when a PeftModel made elsewhere is passed in; registered before
         # ``plm`` so that parameter names (and so checkpoint keys) start with "backbone."
@@ -124,6 +130,14 @@ class PromptForGeneration(nn.Module):
         self._cache_arg = _cache_argument(self.backbone)
         if self.delta is not None:  # save_finetuned then saves this template's soft tokens and text too
             self.delta.bind(self)
+
+    def train(self, mode: bool = True) -> "PromptForGeneration":
+        """``nn.Module.train``; with ``plm_eval_mode`` (OpenPrompt's) the language model stays in eval mode, so
+        its dropout is off while the delta trains."""
+        super().train(mode)
+        if self.plm_eval_mode:
+            self.plm.eval()
+        return self
 
     def tie_weights(self, *args, **kwargs) -> None:
         """The backbone's own ties (OPT's head is its input embedding). accelerate re-ties through this after

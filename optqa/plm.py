@@ -70,21 +70,30 @@ def _looks_like_a_path(name: str) -> bool:
 
 
 def add_special_tokens(plm, tokenizer, specials_to_add: list[str] | None) -> None:
-    """OpenPrompt's ``add_special_tokens``: a pad token where there is none, with embeddings to match.
+    """OpenPrompt's ``add_special_tokens``: each token the tokenizer lacks is added, with embeddings to match.
 
-    A token added to the tokenizer gets the id ``len(vocabulary)``; without a matching embedding row any
-    padded batch fails with an IndexError, so the input embeddings (and OPT's tied head) are resized.
+    A token with "pad" in its name becomes the pad token where there is none (OpenPrompt's case); any other
+    becomes an additional special token (OpenPrompt skipped those silently). A token added to the tokenizer
+    gets the id ``len(vocabulary)``; without a matching embedding row a batch holding it fails with an
+    IndexError, so the input embeddings (and OPT's tied head) are resized, once.
+
+    Args:
+        plm: the backbone (resized in place).
+        tokenizer: its tokenizer (extended in place).
+        specials_to_add: tokens such as ``["<pad>"]``; None adds nothing.
     """
+    vocabulary = tokenizer.get_vocab()
     for token in specials_to_add or []:
         if "pad" in token.lower() and tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": token})
-            rows = plm.get_input_embeddings().num_embeddings
-            if len(tokenizer) > rows:
-                plm.resize_token_embeddings(len(tokenizer))
-                log.info("added pad token %s (id %d); resized the embeddings from %d to %d rows", token,
-                         tokenizer.pad_token_id, rows, plm.get_input_embeddings().num_embeddings)
-            else:
-                log.info("added pad token %s (id %d)", token, tokenizer.pad_token_id)
+            log.info("added pad token %s (id %d)", token, tokenizer.pad_token_id)
+        elif token not in vocabulary and token != tokenizer.pad_token:
+            tokenizer.add_tokens([token], special_tokens=True)
+            log.info("added special token %s (id %d)", token, tokenizer.convert_tokens_to_ids(token))
+    rows = plm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        plm.resize_token_embeddings(len(tokenizer))
+        log.info("resized the embeddings from %d to %d rows", rows, plm.get_input_embeddings().num_embeddings)
 
 
 def backbone_reference(model_path: str) -> str:

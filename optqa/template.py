@@ -135,6 +135,9 @@ def _check_structure(pieces: list[Piece], source: str) -> None:
                          "answer after the prompt")
 
 
+OPENPROMPT_PLACEHOLDERS = {"<text_a>": "text_a", "<text_b>": "text_b"}
+
+
 class ManualTemplate(nn.Module):
     """OpenPrompt's ManualTemplate: ``ManualTemplate(tokenizer, text=...)`` or ``ManualTemplate.from_file``.
 
@@ -149,7 +152,11 @@ class ManualTemplate(nn.Module):
             raise OptqaError("ManualTemplate needs text= (or use ManualTemplate.from_file)")
         self.tokenizer = tokenizer
         self.text = text.strip("\n")
-        self.placeholder_mapping = placeholder_mapping or {"<text_a>": "text_a", "<text_b>": "text_b"}
+        if placeholder_mapping not in (None, OPENPROMPT_PLACEHOLDERS):
+            # OpenPrompt's default maps <text_a>/<text_b> to the fields of the same name, which is what the
+            # parser does; another mapping would be ignored, so it is refused
+            raise OptqaError(f"{source}: placeholder_mapping {placeholder_mapping!r} is not supported; placeholders "
+                             f"name InputExample fields directly (OpenPrompt's default {OPENPROMPT_PLACEHOLDERS})")
         self.pieces = parse_template(self.text, source)
         # an unknown special token would silently become <unk>: check them now, with the tokenizer at hand
         self._special_ids = {piece.value: tokenizer.convert_tokens_to_ids(
@@ -174,13 +181,6 @@ class ManualTemplate(nn.Module):
         if not path.is_file():
             raise OptqaError(f"template file not found: {path}")
         return cls(tokenizer, text=path.read_text(encoding="utf-8"), source=str(path), embedding=embedding)
-
-    @classmethod
-    def from_argument(cls, tokenizer, value: str, embedding: nn.Embedding | None = None) -> "ManualTemplate":
-        """``--template`` takes a file path, or inline template text (anything containing ``{``)."""
-        if "{" in value and not Path(value).is_file():
-            return cls(tokenizer, text=value, source="--template", embedding=embedding)
-        return cls.from_file(tokenizer, value, embedding=embedding)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

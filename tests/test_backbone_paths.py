@@ -37,7 +37,8 @@ def test_specials_to_add_pad_resizes_the_embeddings_and_says_so(no_pad_opt, capl
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<pad>", rows)
     assert plm.get_input_embeddings().num_embeddings == rows + 1
     assert plm.get_output_embeddings().weight.shape[0] == rows + 1  # the tied head grew with it
-    assert f"added pad token <pad> (id {rows}); resized the embeddings from {rows} to {rows + 1} rows" in caplog.text
+    assert [m for m in caplog.messages if m.startswith(("added", "resized"))] == [
+        f"added pad token <pad> (id {rows})", f"resized the embeddings from {rows} to {rows + 1} rows"]
     # a batch of mixed lengths, padded with the new id, trains and answers
     template = ManualTemplate(tokenizer, text='{"placeholder":"text_a"} Answer: {"mask"}')
     model = PromptForGeneration(plm, template, tokenizer=tokenizer)
@@ -47,6 +48,19 @@ def test_specials_to_add_pad_resizes_the_embeddings_and_says_so(no_pad_opt, capl
     assert (batch["input_ids"] == rows).any()  # padding used the new row
     assert torch.isfinite(model(batch))
     assert len(model.answer([short, long])) == 2
+
+
+def test_specials_to_add_adds_other_tokens_too(no_pad_opt, caplog):
+    """OpenPrompt's add_special_tokens skipped every token but a pad; here each one the tokenizer lacks is added."""
+    rows = json.loads((no_pad_opt / "config.json").read_text())["vocab_size"]
+    caplog.set_level(logging.INFO, logger="optqa.plm")
+    plm, tokenizer, _, _ = load_plm("opt", str(no_pad_opt), specials_to_add=["<pad>", "<sep>", "<pad>"])
+    assert tokenizer.convert_tokens_to_ids(["<pad>", "<sep>"]) == [rows, rows + 1]
+    assert tokenizer("a <sep> b", add_special_tokens=False)["input_ids"].count(rows + 1) == 1  # kept whole
+    assert plm.get_input_embeddings().num_embeddings == rows + 2  # one resize for both
+    assert [m for m in caplog.messages if m.startswith(("added", "resized"))] == [
+        f"added pad token <pad> (id {rows})", f"added special token <sep> (id {rows + 1})",
+        f"resized the embeddings from {rows} to {rows + 2} rows"]
 
 
 def test_without_specials_nothing_is_resized(no_pad_opt):

@@ -437,3 +437,20 @@ def test_other_openprompt_templates_are_refused_naming_what_to_use(name, instead
 
     with pytest.raises(OptqaError, match=f"OpenPrompt's {name} is not part of optqa; use {instead}"):
         getattr(optqa, name)(model=None, tokenizer=None, text="x")
+
+
+def test_prompt_model_arguments_are_honoured_or_refused(fresh):
+    """plm_eval_mode keeps the language model's dropout off while the delta trains (OpenPrompt's meaning);
+    gen_config and a placeholder_mapping other than OpenPrompt's default would be ignored, so they are refused."""
+    plm, tokenizer, _, _ = fresh()
+    template = ManualTemplate(tokenizer, text=TEMPLATE, placeholder_mapping={"<text_a>": "text_a", "<text_b>": "text_b"})
+    with pytest.raises(OptqaError, match="^template: placeholder_mapping {'<text_a>': 'question'} is not supported"):
+        ManualTemplate(tokenizer, text=TEMPLATE, placeholder_mapping={"<text_a>": "question"})
+    with pytest.raises(OptqaError, match="^PromptForGeneration: gen_config is not supported"):
+        PromptForGeneration(plm=plm, template=template, gen_config={"max_length": 20})
+    plain = PromptForGeneration(plm=plm, template=template).train()
+    assert plain.plm.training
+    frozen = PromptForGeneration(plm=plm, template=template, plm_eval_mode=True).train()
+    assert frozen.training and not any(m.training for m in frozen.plm.modules())
+    frozen.eval().train()
+    assert not frozen.plm.training

@@ -161,5 +161,5 @@ def test_template_files_and_inline_text(tokenizer, tmp_path):
     bad.write_text('{"placeholder":"text_a"} Answer: {"mask"', encoding="utf-8")
     with pytest.raises(OptqaError, match=rf"^{bad}: unclosed '{{' at character 33"):
         ManualTemplate.from_file(tokenizer, bad)
-    inline = ManualTemplate.from_argument(tokenizer, 'Q: {"placeholder":"text_a"} A: {"mask"}')
+    inline = ManualTemplate(tokenizer, text='Q: {"placeholder":"text_a"} A: {"mask"}')
     assert [p.kind for p in inline.pieces] == ["text", "placeholder", "text", "mask"]

@@ -212,7 +212,7 @@ class MixedTemplate(ManualTemplate):
         model: the backbone from ``load_plm`` (with or without a delta attached).
         tokenizer: its tokenizer.
         text: template text; the ``{"mask"}`` comes last.
-        placeholder_mapping: kept for OpenPrompt's signature.
+        placeholder_mapping: None or OpenPrompt's default (another mapping is refused).
 
     Raises:
         OptqaError: a malformed template, or OpenPrompt keys optqa's parser lacks (``soft_id``, ``duplicate``).
