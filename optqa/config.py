@@ -337,10 +337,12 @@ class RunConfig:
             self.modified_modules = list(self.modified_modules)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name: what ``config.json`` and a checkpoint's ``hyperparameters`` record."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        """A config from recorded values; keys this version does not know (from a newer or older optqa) are dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

@@ -105,6 +105,11 @@ def split_files(config) -> dict[str, Path]:
 
 
 def load_split(config, split: str) -> list[InputExample]:
+    """The examples of ``split`` (train, dev or test) from the file ``config`` names for it.
+
+    Raises:
+        OptqaError: a missing file or a malformed row (naming file and line).
+    """
     return read_qa_jsonl(split_files(config)[split], config.question_field, config.answers_field, config.id_field)
 
 
@@ -141,10 +146,21 @@ class LMTokenizerWrapper:
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     def encode_target(self, answer: str) -> list[int]:
+        """The ids of an answer as the model must generate it, then the eos."""
         # the leading space makes the answer's first word a word-initial BPE token, as after "Answer:"
         return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos_id]
 
     def encode(self, example: InputExample, index: int = 0, target: str | None = None) -> Encoded:
+        """One example as model input: the rendered prompt, then (for training) the answer and eos.
+
+        Args:
+            example: an ``InputExample``.
+            index: its position in the split (kept to put answers back in order).
+            target: the answer to train on; None for a prompt to answer.
+        Returns:
+            An ``Encoded``: the prompt ids (bos first), the target ids (answer and eos; empty to answer), ``soft_index``
+            for ``{"soft"}`` positions, and how many question tokens were cut to fit ``max_seq_length``.
+        """
         segments = self.template.render(example)
         target_ids = self.encode_target(target) if target is not None else []
         budget = self.max_seq_length - 1 - len(target_ids)
@@ -248,6 +264,9 @@ def collate_for_generation(batch: list[Encoded], pad_id: int, width: int | None 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     """Batches of similar-length examples, in a random order that changes every epoch.
 
+    Own code because transformers' LengthGroupedSampler orders each megabatch longest-first and has no
+    ``set_epoch``, so a resumed epoch could not replay its batches (``--resume`` is exact; tested).
+
     The data are shuffled, cut into chunks of ``batch_size * chunk_batches``, each chunk is sorted by length
     and split into batches, and the batches are shuffled: padding shrinks while any example can still meet
     any other. Every example appears exactly once per epoch.
@@ -264,6 +283,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the next epoch's order (a function of the seed and ``epoch`` alone, so a resume replays it)."""
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -153,6 +153,7 @@ class AdapterLayer(nn.Module):
         nn.init.zeros_(self.modulelist.up_proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden + up(act(down(hidden)))``; ``hidden`` is ``(batch, seq_len, dim)``, returned in its dtype."""
         return hidden + self.modulelist(hidden).to(hidden.dtype)
 
 
@@ -269,18 +270,23 @@ class DeltaModel:
         return iter(named_delta_parameters(self))
 
     def parameters(self) -> Iterator[nn.Parameter]:
+        """The delta's own parameters: ``AdamW(delta_model.parameters(), lr)`` trains the delta alone."""
         return (param for _, param in self.named_parameters())
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """The delta's tensors by parameter name (detached; a soft template's tokens are the template's)."""
         return {n: p.detach() for n, p in self.model.named_parameters() if is_delta_parameter(n)}
 
     def num_trainable_parameters(self) -> int:
+        """How many parameters the delta trains."""
         return sum(p.numel() for n, p in self.model.named_parameters() if is_delta_parameter(n))
 
     def num_total_parameters(self) -> int:
+        """How many parameters the model (backbone and delta) has."""
         return sum(p.numel() for p in self.model.parameters())
 
     def summary(self) -> str:
+        """One line: the delta type, trainable and total parameters and their ratio."""
         trainable, total = self.num_trainable_parameters(), self.num_total_parameters()
         return (f"delta {self.config.delta_type}: trainable parameters {trainable:,} / total {total:,} "
                 f"({100 * trainable / total:.4f}%)")
@@ -407,6 +413,7 @@ def _attach_lora(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
 
 def input_embedding_width(plm: nn.Module) -> int:
     # opt-350m embeds at word_embed_proj_dim (512), not hidden_size (1024): soft prompts live at the input width
+    """The width soft prompts live at: the input embedding's (opt-350m embeds at 512, not its hidden size 1024)."""
     return plm.get_input_embeddings().embedding_dim
 
 

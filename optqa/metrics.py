@@ -21,10 +21,17 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, gold: str) -> float:
+    """1.0 if ``prediction`` and ``gold`` are equal after ``normalize_answer``, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
 def token_f1(prediction: str, gold: str) -> float:
+    """Token F1 of ``prediction`` against ``gold`` after ``normalize_answer`` (SQuAD v1.1): the harmonic mean of
+    token precision and recall over the multiset of shared tokens; 1.0 when both are empty.
+
+    Returns:
+        A number in [0, 1].
+    """
     pred_tokens = normalize_answer(prediction).split()
     gold_tokens = normalize_answer(gold).split()
     if not pred_tokens or not gold_tokens:

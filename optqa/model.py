@@ -151,6 +151,7 @@ class PromptForGeneration(nn.Module):
         return {n: _whole(p) for n, p in self.named_parameters() if is_delta_parameter(n)}
 
     def num_trainable_parameters(self) -> int:
+        """How many delta parameters (including a template's soft tokens) this model trains."""
         return sum(p.numel() for n, p in self.named_parameters() if is_delta_parameter(n))
 
     def load_delta_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -229,10 +230,17 @@ class PromptForGeneration(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the backbone's parameters."""
         return next(self.plm.parameters()).device
 
     def loss_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed token loss and the number of answer tokens, so several processes can average exactly."""
+        """Summed token loss and the number of answer tokens, so several processes can average exactly.
+
+        Args:
+            batch: as for ``forward``.
+        Returns:
+            ``(loss_sum, tokens)``: two scalars; the logits are computed only from the first answer position on.
+        """
         input_ids, labels = batch["input_ids"], batch["labels"]
         width = input_ids.shape[1]
         first_target = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
@@ -248,6 +256,14 @@ class PromptForGeneration(nn.Module):
         return loss_sum, (targets != IGNORE_INDEX).sum()
 
     def forward(self, batch) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens (and eos) of ``batch``, with teacher forcing.
+
+        Args:
+            batch: ``input_ids``, ``attention_mask`` and ``labels`` ``(batch, seq_len)`` (``IGNORE_INDEX`` on prompt
+                and padding positions), as ``collate_for_training`` builds them.
+        Returns:
+            A scalar: the summed token loss divided by the number of answer tokens.
+        """
         loss_sum, count = self.loss_terms(batch)
         return loss_sum / count.clamp(min=1)
 

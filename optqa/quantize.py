@@ -179,6 +179,7 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | N
 
 
 def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model``'s frozen Linear layers run on int8 now."""
     return any(_INT8 in module.__dict__ for module in model.modules())
 
 

@@ -177,6 +177,7 @@ class ManualTemplate(nn.Module):
 
     @classmethod
     def from_file(cls, tokenizer, path: str | Path, embedding: nn.Embedding | None = None) -> "ManualTemplate":
+        """A template read from a file (UTF-8); raises OptqaError naming the file when it is missing or malformed."""
         path = Path(path)
         if not path.is_file():
             raise OptqaError(f"template file not found: {path}")

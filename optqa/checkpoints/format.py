@@ -45,6 +45,7 @@ FINGERPRINT_SAMPLES = 256
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as lowercase hex (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -263,6 +264,11 @@ def read_config_json(path: Path, key: str, what: str) -> dict[str, Any]:
 
 
 def read_manifest(folder: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(folder, manifest)``: the folder resolved and its parsed ``manifest.json``.
+
+    Raises:
+        OptqaError: no folder, no manifest, invalid JSON, another format or an unsupported format version.
+    """
     folder = resolve_folder(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():

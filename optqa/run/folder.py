@@ -21,14 +21,17 @@ PLOT_NAME = "learning_curve.png"
 
 
 def predictions_name(split: str) -> str:
+    """The predictions file of ``split`` in a run folder."""
     return f"predictions_{split}.jsonl"
 
 
 def compare_name(split: str) -> str:
+    """The question-by-question comparison file of ``split`` in a run folder."""
     return f"compare_{split}.jsonl"
 
 
 class RunFolder:
+    """One run's folder below ``--output_dir``; only the main process of a multi-process run writes (``enabled``)."""
     def __init__(self, path: Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled  # only the main process writes
@@ -37,6 +40,7 @@ class RunFolder:
 
     @classmethod
     def create(cls, output_dir: str | Path, mode: str, enabled: bool = True) -> "RunFolder":
+        """A new folder ``<output_dir>/<mode>-<YYYYmmdd-HHMMSS>[-N]`` (N keeps two runs in one second apart)."""
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path, n = Path(output_dir) / f"{mode}-{stamp}", 1
         while path.exists():
@@ -45,10 +49,12 @@ class RunFolder:
         return cls(path, enabled)
 
     def write_config(self, config) -> None:
+        """``config.json``: the run's resolved ``RunConfig``."""
         if self.enabled:
             (self.path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     def append(self, name: str, rows: list[dict]) -> None:
+        """Append ``rows`` to the jsonl file ``name`` (metrics, per-step losses)."""
         if self.enabled and rows:
             with jsonlines.open(self.path / name, mode="a") as writer:
                 writer.write_all(rows)
@@ -62,6 +68,7 @@ class RunFolder:
         return path
 
     def write_predictions(self, split: str, rows: list[dict]) -> Path:
+        """``predictions_<split>.jsonl``: one row per question (see ``optqa.run.predictions.prediction_rows``)."""
         return self.write_rows(predictions_name(split), rows)
 
     def trim_logs(self, global_step: int, epochs_done: int) -> None:

@@ -110,6 +110,11 @@ class TrainingRecipe:
         self.on_step = on_step or (lambda step: None)
 
     def run(self) -> TrainSummary:
+        """Set up, train, finish: the whole run; see the module docstring for the steps.
+
+        Returns:
+            The run's ``TrainSummary``.
+        """
         self.started = time.perf_counter()
         self.setup_runtime()
         self.setup_data()
@@ -123,6 +128,10 @@ class TrainingRecipe:
     # ------------------------------------------------------------------------------------------------ set-up
 
     def setup_runtime(self) -> None:
+        """Refuse bad option pairs and a length budget over the backbone's positions (from its config, before its
+        weights load), start the accelerate process group, set the threads and seed every RNG (accelerate's
+        ``set_seed``: python, numpy, torch).
+        """
         from accelerate.utils import set_seed
 
         from optqa.options import check_length_budget, check_run
@@ -137,6 +146,9 @@ class TrainingRecipe:
         set_seed(config.seed)
 
     def setup_data(self) -> None:
+        """Fetch ARC-DA where no split exists (first process only), then read and validate every split: a bad row
+        stops the run here, naming its file and line, before the backbone loads.
+        """
         if self.main:
             ensure_training_data(self.config)
         self.accelerator.wait_for_everyone()
@@ -144,6 +156,9 @@ class TrainingRecipe:
         ckpt.ensure_replaceable(self.config.delta_save_path)
 
     def setup_model(self) -> None:
+        """The backbone with the delta attached and the template (``build_model``), its precision, gradient
+        checkpointing where asked, and the three splits tokenised.
+        """
         config = self.config
         self.model, self.backbone = build_model(config)
         self.model.autocast_dtype = autocast_dtype(config.precision, self.accelerator.device)
@@ -161,6 +176,9 @@ class TrainingRecipe:
         self.test_set = wrapper.encode_all(self.examples["test"], desc="tokenising test")
 
     def setup_optimizer(self) -> None:
+        """Length-grouped batches, each process taking its rows of every global batch; AdamW over the delta's
+        parameters with a linear warm-up/decay schedule; the model prepared by accelerate (DDP or FSDP2).
+        """
         from transformers import get_linear_schedule_with_warmup
 
         config, model, accelerator = self.config, self.model, self.accelerator
@@ -191,6 +209,9 @@ class TrainingRecipe:
                                         accelerator.device, sharded=is_sharded(model))
 
     def setup_run_folder(self) -> None:
+        """A fresh run folder, or with ``--resume`` the interrupted run's state, weights, optimiser, RNGs and folder
+        (its logs trimmed to the saved step).
+        """
         config = self.config
         self.raw_root = Path(config.raw_delta_save_path)
         self.resume_dir = self.raw_root / ckpt.RESUME_DIR_NAME
