@@ -39,20 +39,44 @@ def template_text(config: RunConfig) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config: RunConfig):
+    """The one assembly of a prompt model: ``delta_config``'s delta attached to ``plm`` (in place) and the template
+    ``text`` around it.
+
+    Args:
+        plm, tokenizer: a backbone without a delta (``load_plm``) and its tokenizer.
+        delta_config: an AutoDeltaConfig dict (a run's ``delta_config()`` or a manifest's ``delta``).
+        text: the template text; ``source`` names it in error messages.
+        config: ``max_seq_l`` and ``max_new_tokens`` come from it.
+    Returns:
+        ``(model, delta)``: the ``PromptForGeneration`` and its delta model.
+    Raises:
+        OptqaError: an invalid delta config or template.
+    """
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(delta_config), backbone_model=plm,
+                                       tokenizer=tokenizer)
+    template = ManualTemplate(tokenizer, text=text, source=source, embedding=plm.get_input_embeddings())
+    model = PromptForGeneration(plm, template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
+                                max_new_tokens=config.max_new_tokens)
+    return model, delta
+
+
 def build_model(config: RunConfig, delta_config: dict | None = None, template: str | None = None):
     """Load the backbone, fingerprint it, attach the delta, wrap it for prompting.
 
-    Returns ``(model, backbone)`` where backbone is the identity dict (with fingerprint) a checkpoint records.
+    Args:
+        config: the run (backbone, delta flags, template, lengths).
+        delta_config: another AutoDeltaConfig dict than the run's (an imported checkpoint's).
+        template: template text to use instead of ``config.template``'s.
+    Returns:
+        ``(model, backbone)``: the ``PromptForGeneration`` and the identity dict (with fingerprint) a checkpoint
+        records.
     """
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
     backbone = {**backbone_identity(plm, config.plm_path), "fingerprint": backbone_fingerprint(plm)}
-    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(delta_config or config.delta_config()),
-                                       backbone_model=plm, tokenizer=tokenizer)
     text = template if template is not None else template_text(config)
-    prompt_template = ManualTemplate(tokenizer, text=text, source=config.template if template is None else "template",
-                                     embedding=plm.get_input_embeddings())
-    model = PromptForGeneration(plm, prompt_template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
-                                max_new_tokens=config.max_new_tokens)
+    model, delta = assemble(plm, tokenizer, delta_config or config.delta_config(), text,
+                            config.template if template is None else "template", config)
     log.info(delta.summary())
     log.info("template: %s", text.strip())
     return model, backbone
@@ -108,11 +132,7 @@ def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
     Raises:
         OptqaError: the weights do not fit the delta the manifest describes.
     """
-    AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(manifest["delta"]), backbone_model=plm, tokenizer=tokenizer)
-    template = ManualTemplate(tokenizer, text=manifest["template"], source=f"{folder} template",
-                              embedding=plm.get_input_embeddings())
-    model = PromptForGeneration(plm, template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
-                                max_new_tokens=config.max_new_tokens)
+    model, _ = assemble(plm, tokenizer, manifest["delta"], manifest["template"], f"{folder} template", config)
     model.load_delta_state_dict(state, source=str(folder))
     model.eval()
     return model
