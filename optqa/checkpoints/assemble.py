@@ -61,13 +61,14 @@ def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config:
     return model, delta
 
 
-def build_model(config: RunConfig, delta_config: dict | None = None, template: str | None = None):
+def build_model(config: RunConfig, delta_config: dict | None = None, template: str | None = None,
+                source: str | None = None):
     """Load the backbone, fingerprint it, attach the delta, wrap it for prompting.
 
     Args:
         config: the run (backbone, delta flags, template, lengths).
         delta_config: another AutoDeltaConfig dict than the run's (an imported checkpoint's).
-        template: template text to use instead of ``config.template``'s.
+        template: template text to use instead of ``config.template``'s; ``source`` names it in errors.
     Returns:
         ``(model, backbone)``: the ``PromptForGeneration`` and the identity dict (with fingerprint) a checkpoint
         records.
@@ -76,7 +77,7 @@ def build_model(config: RunConfig, delta_config: dict | None = None, template: s
     backbone = {**backbone_identity(plm, config.plm_path), "fingerprint": backbone_fingerprint(plm)}
     text = template if template is not None else template_text(config)
     model, delta = assemble(plm, tokenizer, delta_config or config.delta_config(), text,
-                            config.template if template is None else "template", config)
+                            source or (config.template if template is None else "template"), config)
     log.info(delta.summary())
     log.info("template: %s", text.strip())
     return model, backbone

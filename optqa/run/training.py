@@ -160,7 +160,8 @@ class TrainingRecipe:
         checkpointing where asked, and the three splits tokenised.
         """
         config = self.config
-        self.model, self.backbone = build_model(config)
+        self.template_text = template_text(config)  # read once: the model, the manifest and --resume use this text
+        self.model, self.backbone = build_model(config, template=self.template_text, source=config.template)
         self.model.autocast_dtype = autocast_dtype(config.precision, self.accelerator.device)
         if config.gradient_checkpointing:
             # non-reentrant: works with a frozen embedding (no input needs a gradient) and under DDP
@@ -217,8 +218,8 @@ class TrainingRecipe:
         self.resume_dir = self.raw_root / ckpt.RESUME_DIR_NAME
         self.state = TrainState()
         if config.resume:
-            self.state = _load_resume(self.resume_dir, config, self.model, self.optimizer, self.scheduler,
-                                      self.backbone, self.accelerator)
+            self.state = _load_resume(self.resume_dir, config, self.template_text, self.model, self.optimizer,
+                                      self.scheduler, self.backbone, self.accelerator)
         state = self.state
         if state.run_dir:
             self.run_folder = RunFolder(Path(state.run_dir), self.main)
@@ -227,7 +228,7 @@ class TrainingRecipe:
             self.run_folder = RunFolder.create(config.output_dir, "train", self.main)
         state.run_dir = str(self.run_folder.path.resolve())
         self.run_folder.write_config(config)
-        self.manifest_base = dict(delta_config=self.model.delta.config.to_dict(), template_text=template_text(config),
+        self.manifest_base = dict(delta_config=self.model.delta.config.to_dict(), template_text=self.template_text,
                                   backbone=self.backbone, hyperparameters=config.to_dict(),
                                   trainable_parameters=self.model.num_trainable_parameters())
         self.best_state = None
@@ -471,7 +472,7 @@ def _write_training_state(folder: Path, state: TrainState, optimizer_state: dict
                 "python_rng": list(python_state), "python_rng_pos": gauss}, folder / ckpt.RESUME_STATE_NAME)
 
 
-def _load_resume(resume_dir: Path, config: RunConfig, model, optimizer, scheduler, backbone: dict,
+def _load_resume(resume_dir: Path, config: RunConfig, text: str, model, optimizer, scheduler, backbone: dict,
                  accelerator) -> TrainState:
     if not (ckpt.resolve_folder(resume_dir) / ckpt.MANIFEST_NAME).is_file():
         raise OptqaError(f"--resume: no interrupted run to continue in {resume_dir} (check --raw_delta_save_path)")
@@ -484,7 +485,7 @@ def _load_resume(resume_dir: Path, config: RunConfig, model, optimizer, schedule
         k = changed[0]
         raise OptqaError(f"--resume: {k} was {saved.get(k)!r} in the interrupted run, now {getattr(config, k)!r}; "
                          "resume with the same settings")
-    if manifest["template"] != template_text(config):
+    if manifest["template"] != text:
         raise OptqaError(f"--resume: the text of template {config.template} changed since the interrupted run; "
                          "resume with the same template")
     ckpt.check_backbone(manifest, backbone, backbone["fingerprint"], config.ignore_backbone_mismatch)
