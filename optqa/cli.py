@@ -131,6 +131,9 @@ def configure_logging() -> None:
                         stream=sys.stderr)
     for noisy in ("transformers", "peft", "accelerate", "httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # transformers' loading bars (which follow huggingface_hub's switch, read when transformers is imported)
+    # would interleave with optqa's own bars and log lines; a user's own setting wins
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 # ------------------------------------------------------------------------------------------ one per --mode

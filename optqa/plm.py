@@ -26,12 +26,8 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     from optqa.data import LMTokenizerWrapper
 
-    # transformers' per-shard bars would interleave with optqa's own progress bars and log lines
-    hf_logging.disable_progress_bar()
     log.info("loading backbone %s", model_path)
 
     local = Path(model_path).expanduser()

@@ -48,10 +48,6 @@ def build_opt(folder: str | Path, texts: Iterable[str] | None = None, seed: int 
     (``pad=False``: one without a pad token, see ``build_tokenizer``)."""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = {token: i for i, token in enumerate(OPT_SPECIALS)}
