@@ -6,7 +6,7 @@
 Three ways to start the processes: torchrun without sharding (DDP), torchrun with --fsdp, and
 ``accelerate launch --use_fsdp --fsdp_version 2``, whose defaults also load the weights on the first process only.
 
-Both runs are optqa's own training (``optqa.trainer.train``) on a random-weight backbone of the real shape, fp32,
+Both runs are optqa's own training (``optqa.run.training.train``) on a random-weight backbone of the real shape, fp32,
 global batch 8, three optimiser steps, then the test questions answered. Per process it reports the RSS after
 the last optimiser step (what training holds) and the peak RSS of the whole run, which includes loading the
 whole backbone before it is sharded. The two modes run back to back on the same machine, so the ratio is what

@@ -87,7 +87,10 @@ class PromptForGeneration(nn.Module):
     """``PromptForGeneration(plm, template, tokenizer=tokenizer)``.
 
     ``plm`` is the backbone as returned by ``load_plm``; if a delta was attached to it with
-    ``AutoDeltaModel.from_config(..., backbone_model=plm)``, the delta's model is what runs.
+    ``AutoDeltaModel.from_config(..., backbone_model=plm)`` (found with ``optqa.deltas.attached_delta``), the delta's
+    model is what runs. Two attributes, named as OpenPrompt and the checkpoint keys name them: ``backbone`` is the
+    transformers model itself, ``plm`` the module that runs (PEFT's wrapper around ``backbone`` for lora,
+    soft_prompt and prefix; ``backbone`` itself for adapter and bitfit, which modify it in place).
     ``forward(batch)`` returns the mean cross-entropy over the answer tokens (and eos) only, with
     teacher forcing; ``generate(batch, **generation_arguments)`` returns OpenPrompt's ``(output_ids,
     output_sentences)``; ``generate_answers(batch)`` and ``answer(questions)`` return answer strings.

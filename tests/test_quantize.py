@@ -175,7 +175,7 @@ import io, json, sys
 sys.stdin = io.StringIO(sys.argv[2])
 from optqa.cli import main
 code = main(["--mode", "interactive_inference", "--delta_save_path", sys.argv[1], "--quantize", "int8"])
-print(json.dumps({"code": code, "loaded": sorted(m for m in ("peft", "optqa.trainer", "optqa.evaluation")
+print(json.dumps({"code": code, "loaded": sorted(m for m in ("peft", "optqa.run.training", "optqa.run.evaluation")
                                                  if m in sys.modules)}))
 """
 

@@ -146,7 +146,7 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
 
     The backbone comes from the manifest unless ``plm_path`` names another copy; either way its identity and
     fingerprint must match the checkpoint's. A PEFT adapter has no manifest: its template comes from
-    ``template`` (text or file), its backbone is checked by name (see :mod:`optqa.peft_import`).
+    ``template`` (text or file), its backbone is checked by name (see :mod:`optqa.checkpoints.peft`).
 
     Args:
         path: a checkpoint folder, a ``.optqa`` bundle, ``hf://OWNER/NAME[@REVISION]`` or a PEFT adapter folder.

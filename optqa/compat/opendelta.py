@@ -1,7 +1,7 @@
 """OpenDelta's ``save_finetuned`` / ``from_finetuned`` and raw ``save_checkpoint`` / ``load_checkpoint``, on
 optqa's checkpoint format.
 
-``save_finetuned`` writes the same hash-checked folder as ``--mode train`` (``optqa/checkpoint.py``): the
+``save_finetuned`` writes the same hash-checked folder as ``--mode train`` (``optqa/checkpoints/format.py``): the
 delta's weights as safetensors and a manifest with the delta config, template text, backbone identity and
 weight fingerprint and every file's SHA-256; so ``--mode interactive_inference``, ``inspect``, ``export`` and
 ``evaluate`` take it as they take a trained one. ``from_finetuned`` verifies the files and the backbone before
