@@ -153,7 +153,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_opt, memory_data, tmp
     assert calls.count(True) - plain_calls == plain_calls + 2 * 4
     losses = step_losses(Path(recomputed.run_dir))
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    assert losses == pytest.approx(step_losses(Path(plain["run_dir"])), abs=1e-5)
+    assert losses == pytest.approx(step_losses(Path(plain.run_dir)), abs=1e-5)
     assert_same_delta(final_delta(tmp_path / "ckpt"), final_delta(tmp_path / "plain"), atol=1e-5)
 
 
