@@ -23,10 +23,9 @@ def make_accelerator(config):
 
     ``--batch_size`` is the global batch, split across processes (``split_batches``), so a run takes the
     same optimiser steps and learning-rate schedule whatever the number of processes. Gradient accumulation
-    is done by the training loop (see ``trainer._optimiser_step``), so accelerate's stays at 1.
+    is done by the training loop (see ``optqa.run.training._optimiser_step``), so accelerate's stays at 1.
     """
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState
 
     use_cpu = config.cpu or not torch.cuda.is_available()
     dtype = autocast_dtype(config.precision, torch.device("cpu" if use_cpu else "cuda"))
@@ -34,9 +33,8 @@ def make_accelerator(config):
     # on CUDA accelerate owns autocast and, for fp16, the GradScaler; on a CPU optqa's own bf16 autocast runs
     # (model.autocast_dtype), which also covers generation, outside the prepared forward
     mixed = "no" if use_cpu or dtype is None else ("bf16" if dtype == torch.bfloat16 else "fp16")
-    # accelerate fixes precision and sharding once per process and has no public way to change them: a second
-    # run in the same process (a notebook, the tests) may ask for others. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
+    # accelerate fixes the precision once per process: a later run in the same process (a notebook) that asks
+    # for another gets accelerate's own error telling it to restart; on a CPU it is always "no"
     plugin = fsdp_plugin(config)
     launcher_flag = os.environ.get("ACCELERATE_USE_FSDP")
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed, fsdp_plugin=plugin,
