@@ -128,3 +128,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def closed_port():
+    """A local port where every connection is refused at once: bound but not listening, and held bound for the
+    whole test, so no other program can start listening on it in between (as it could on a port found free
+    and closed again)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
