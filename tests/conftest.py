@@ -99,13 +99,23 @@ def train_args(plm: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--output_dir", str(out / "runs"), *extra]
 
 
-def train_in_process(plm: Path, data: Path, out: Path, *extra: str) -> dict:
-    """``python -m optqa`` train flags run by the library in this process (no interpreter start-up); the summary."""
+def train_in_process(plm: Path, data: Path, out: Path, *extra: str, on_step=None):
+    """``python -m optqa`` train flags run by the library in this process (no interpreter start-up); the
+    ``TrainSummary``. ``on_step`` is the recipe's hook, called with the global step after each optimiser step."""
     from optqa.cli import parse_args
     from optqa.run.training import train
 
     config, _ = parse_args(train_args(plm, data, out, *extra))
-    return train(config)
+    return train(config, on_step=on_step)
+
+
+def stop_at(step: int):
+    """An ``on_step`` hook that presses Ctrl-C right after optimiser step ``step`` (and after the resume state
+    that step saved, if it saved one): a run stopped at an exact step, with no timing involved."""
+    def on_step(global_step: int) -> None:
+        if global_step == step:
+            raise KeyboardInterrupt
+    return on_step
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +128,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def closed_port():
+    """A local port where every connection is refused at once: bound but not listening, and held bound for the
+    whole test, so no other program can start listening on it in between (as it could on a port found free
+    and closed again)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, train_args
+from conftest import train_args
 
 from optqa.config import RunConfig
 from optqa.data import InputExample, LMTokenizerWrapper, load_split, read_qa_jsonl
@@ -83,13 +83,17 @@ def test_missing_and_empty_files(tmp_path):
         read_qa_jsonl(empty)
 
 
-def test_bad_dev_row_stops_training_before_the_model_loads(tiny_opt, memory_data, tmp_path):
+def test_bad_dev_row_stops_training_before_the_model_loads(tiny_opt, memory_data, tmp_path, capsys, caplog):
+    # in process: test_inputs.py runs the one real command of this class of refusal
+    from optqa.cli import main
+
     dev = _write_lines(tmp_path / "dev.jsonl", [json.dumps(GOOD), '{"question": "x", "answers": []}'])
-    done = run_cli(*train_args(tiny_opt, memory_data, tmp_path, "--dev_file", str(dev)))
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"error: {dev}:2: field 'answers' must be a non-empty list of strings")
-    assert "loading backbone" not in done.stderr and not (tmp_path / "runs").exists()
+    caplog.set_level(logging.INFO)
+    capsys.readouterr()
+    assert main(train_args(tiny_opt, memory_data, tmp_path, "--dev_file", str(dev))) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {dev}:2: field 'answers' must be a non-empty list of strings"]
+    assert "loading backbone" not in caplog.text and not (tmp_path / "runs").exists()
 
 
 # ---- inputs longer than --max_seq_l -------------------------------------------------------------------------

@@ -38,12 +38,6 @@ def assert_same_delta(a: dict, b: dict, atol: float) -> None:
     assert max(v.abs().max().item() for v in a.values()) > 10 * atol  # the deltas did move
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
     """``python -m <launcher...> <args>`` from the checkout, one torch thread per process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -52,15 +46,22 @@ def launch(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
 
 
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    """``python -m optqa`` in ``processes`` CPU processes (gloo), as torchrun starts them; must succeed."""
-    done = launch(["torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port())], "-m", "optqa", *args)
+    """``python -m optqa`` in ``processes`` CPU processes (gloo), as torchrun starts them; must succeed.
+
+    --standalone: the rendezvous store listens on a port the system picks as it binds (port 0), and the
+    processes meet through it; no port is chosen beforehand that another program could take in between."""
+    done = launch(["torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node",
+                   str(processes)], "-m", "optqa", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
-    return launch(["accelerate.commands.launch", "--main_process_port", str(free_port())], *args)
+    """``accelerate launch ARGS``. Its --main_process_port 0 only picks a free port that is bound later, but
+    given a port in use it starts torchrun --standalone (see torchrun above): so it is given a port this test
+    keeps listening on, which no other program can take either."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        return launch(["accelerate.commands.launch", "--main_process_port", str(busy.getsockname()[1])], *args)
 
 
 def held_parameters(stderr: str) -> tuple[int, int]:

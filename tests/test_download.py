@@ -7,7 +7,6 @@ import http.server
 import io
 import json
 import logging
-import socket
 import threading
 import zipfile
 from pathlib import Path
@@ -171,13 +170,10 @@ def test_server_error_is_one_line(server, tmp_path):
     assert not data.exists() and _only_data_path_left(tmp_path, data)
 
 
-def test_connection_refused_says_place_by_hand(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_connection_refused_says_place_by_hand(tmp_path, closed_port):
     data = tmp_path / "arc_da"
     with pytest.raises(OptqaError) as err:
-        _get(f"http://127.0.0.1:{port}/a.zip", data)
+        _get(f"http://127.0.0.1:{closed_port}/a.zip", data)
     msg = str(err.value)
     assert "by hand" in msg and str(data) in msg and "--data_path" in msg and "\n" not in msg
     assert not data.exists() and _only_data_path_left(tmp_path, data)
@@ -249,12 +245,10 @@ def _download_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_cli_offline_fails_in_one_line(tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_cli_offline_fails_in_one_line(tmp_path, capsys, closed_port):
     data = tmp_path / "arc_da"
-    code, out, err = _download_cli(capsys, "--data_path", str(data), "--data_url", f"http://127.0.0.1:{port}/a.zip")
+    code, out, err = _download_cli(capsys, "--data_path", str(data), "--data_url",
+                                   f"http://127.0.0.1:{closed_port}/a.zip")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("error: could not download ARC-DA") and f"in {data} by hand" in err
     assert not data.exists()

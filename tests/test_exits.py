@@ -8,9 +8,10 @@ import os
 import shlex
 import subprocess
 import sys
+from functools import partial
 
 import pytest
-from conftest import REPO, train_args, train_in_process
+from conftest import REPO, stop_at, train_args, train_in_process
 
 from optqa.cli import BROKEN_PIPE_STATUS, main
 from optqa.run import training as trainer
@@ -48,25 +49,16 @@ def test_help_into_a_closed_pipe_ends_quietly():
     assert (done.returncode, done.stderr) == (0, "")
 
 
-class Interrupt:
-    """``trainer._optimiser_step`` that presses Ctrl-C before optimiser step ``at``."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-        self.step = trainer._optimiser_step
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.at:
-            raise KeyboardInterrupt
-        return self.step(*args, **kwargs)
+def press_ctrl_c_after_step(monkeypatch, step: int) -> None:
+    """The CLI's training run, with Ctrl-C pressed right after optimiser step ``step`` (the recipe's hook)."""
+    monkeypatch.setattr(trainer, "train", partial(trainer.train, on_step=stop_at(step)))
 
 
 def test_ctrl_c_during_training_prints_the_command_that_continues(tiny_opt, memory_data, tmp_path, monkeypatch,
                                                                    capsys, caplog):
     argv = train_args(tiny_opt, memory_data, tmp_path, "--train_epochs", "2", "--batch_size", "2", "--save_steps", "1",
                       "--precision", "fp32", "--max_new_tokens", "2")
-    monkeypatch.setattr(trainer, "_optimiser_step", Interrupt(at=3))
+    press_ctrl_c_after_step(monkeypatch, 2)  # after the resume state of step 2 was saved (--save_steps 1)
     capsys.readouterr()
     assert main(argv) == 130
     err = capsys.readouterr().err
@@ -85,7 +77,7 @@ def test_ctrl_c_during_training_prints_the_command_that_continues(tiny_opt, memo
 
 def test_ctrl_c_before_any_saved_state_says_to_start_again(tiny_opt, memory_data, tmp_path, monkeypatch, capsys):
     argv = train_args(tiny_opt, memory_data, tmp_path, "--precision", "fp32")
-    monkeypatch.setattr(trainer, "_optimiser_step", Interrupt(at=1))
+    press_ctrl_c_after_step(monkeypatch, 1)
     capsys.readouterr()
     assert main(argv) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (

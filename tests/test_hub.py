@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -324,14 +323,8 @@ def test_push_uploads_the_dry_run_folder_through_huggingface_hub(ckpts, dry_run,
     assert lines[-1] == f"pull it with --delta_save_path hf://{REPO_ID}@{COMMIT_MAIN}"
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again when the socket is: connections are refused at once
-
-
-def test_push_and_pull_without_network_fail_fast(ckpts, tmp_path):
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+def test_push_and_pull_without_network_fail_fast(ckpts, tmp_path, closed_port):
+    endpoint = f"http://127.0.0.1:{closed_port}"
     env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "home"),
            "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     start = time.monotonic()

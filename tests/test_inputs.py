@@ -6,7 +6,6 @@ an interpreter start-up per case); one case runs the real command to pin down th
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -49,14 +48,11 @@ def test_missing_data_file(capsys, tiny_opt, data, tmp_path):
     assert message == f"data file not found: {missing}"
 
 
-def test_partial_data_folder_is_reported_not_downloaded_over(capsys, tiny_opt, data, tmp_path):
+def test_partial_data_folder_is_reported_not_downloaded_over(capsys, tiny_opt, data, tmp_path, closed_port):
     (data / "test.jsonl").unlink()
     train_before = (data / "train.jsonl").read_bytes()
     # a closed local port: if a download is attempted it fails at once instead of fetching ARC-DA for real
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/ARC-DA.zip"
+    url = f"http://127.0.0.1:{closed_port}/ARC-DA.zip"
     message = fail(capsys, train_args(tiny_opt, data, tmp_path, "--data_url", url), tmp_path)
     assert (data / "train.jsonl").read_bytes() == train_before
     assert message == f"data file not found: {data / 'test.jsonl'}"
