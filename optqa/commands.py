@@ -17,28 +17,19 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
     --quantize actually applied is written back into ``config`` (and so into the run folder's config.json).
     """
     from .build import load_trained
-    from .quantize import prepack_backbone, prepare_for_answering
+    from .quantize import prepare_for_answering
     from .runtime import configure_threads
 
     configure_threads(config.num_threads)
     overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision")
                  if k in explicit}
-    plm_path = config.plm_path if "plm_path" in explicit else None
-    # the question loop's int8 weights are packed from the backbone's file while transformers loads it
-    prepacked = prepack_backbone(config.delta_save_path, plm_path, config.quantize or quantize_default,
-                                 overrides.get("precision")) if background else None
-    try:
-        model, manifest, saved = load_trained(config.delta_save_path, plm_path=plm_path,
-                                              ignore_backbone_mismatch=config.ignore_backbone_mismatch,
-                                              overrides=overrides,
-                                              template=config.template if "template" in explicit else None)
-    except BaseException:
-        if prepacked is not None:
-            prepacked.release()  # its thread must not run on into interpreter shutdown
-        raise
+    model, manifest, saved = load_trained(config.delta_save_path,
+                                          plm_path=config.plm_path if "plm_path" in explicit else None,
+                                          ignore_backbone_mismatch=config.ignore_backbone_mismatch,
+                                          overrides=overrides,
+                                          template=config.template if "template" in explicit else None)
     saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
-    config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background,
-                                            prepacked=prepacked)
+    config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
     return model, manifest, saved
 
 

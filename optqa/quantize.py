@@ -22,7 +22,6 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -107,19 +106,6 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
     return "int8"
 
 
-def _use_int8_engine() -> None:
-    """Make an int8 engine torch's current one: packed weights are laid out for the engine that runs them.
-
-    Raises:
-        OptqaError: no int8 kernels in this torch build.
-    """
-    engine = int8_engine()
-    if engine is None:
-        raise OptqaError("this PyTorch build has no int8 CPU kernels")
-    if torch.backends.quantized.engine not in INT8_ENGINES:
-        torch.backends.quantized.engine = engine
-
-
 def _int8_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     # reduce_range=True: what torch's dynamic int8 Linear (version 4) passes, so answers are the ones it gives
     return torch.ops.quantized.linear_dynamic(hidden, module.__dict__[_INT8], reduce_range=True).to(hidden.dtype)
@@ -148,112 +134,23 @@ def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptOb
     return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
 
 
-_Candidate = tuple[torch.Tensor, "torch.Tensor | None", torch.ScriptObject]  # (weight, bias, its pack)
-
-
-def _pack_or_take(weight: torch.Tensor, bias: torch.Tensor | None,
-                  candidate: _Candidate | None) -> tuple[torch.ScriptObject, bool]:
-    """``candidate``'s pack where its weight and bias are exactly these (every value compared), else a new one."""
-    if candidate is not None and _same(candidate[0], weight) and _same(candidate[1], bias):
-        return candidate[2], True
-    return pack_int8(weight, bias), False
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
-
-
-def _pack_all(tasks: list[tuple[torch.Tensor, torch.Tensor | None, _Candidate | None]],
-              workers: int) -> list[tuple[torch.ScriptObject, bool]]:
-    """``_pack_or_take`` for every (weight, bias, candidate), the largest first, on ``workers`` threads: the
-    quantising, packing and comparing ops release the GIL, and the largest first keeps the threads busy to the end
-    (OPT-125m's output head alone is a third of the work). Returns (pack, taken from the candidate) per task."""
-    order = sorted(range(len(tasks)), key=lambda i: -tasks[i][0].numel())
-    done: list = [None] * len(tasks)
+def _pack_all(tensors: list[tuple[torch.Tensor, torch.Tensor | None]], workers: int) -> list[torch.ScriptObject]:
+    """``pack_int8`` for every (weight, bias), the largest first, on ``workers`` threads: the quantising and
+    packing ops release the GIL, and the largest first keeps the threads busy to the end (OPT-125m's output
+    head alone is a third of the work)."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][0].numel())
+    packed: list = [None] * len(tensors)
     with warnings.catch_warnings():
         # torch marks its quantized tensors as moving to torchao; the kernels are still torch's (see above)
         warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*deprecated")
-        if workers <= 1 or len(tasks) <= 1:
+        if workers <= 1 or len(tensors) <= 1:
             for i in order:
-                done[i] = _pack_or_take(*tasks[i])
+                packed[i] = pack_int8(*tensors[i])
         else:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optqa-int8-pack") as pool:
-                for i, result in zip(order, pool.map(lambda i: _pack_or_take(*tasks[i]), order)):
-                    done[i] = result
-    return done
-
-
-class BackbonePrepack:
-    """int8 packs of a backbone's weights made straight from its safetensors file, in a background thread, while
-    transformers loads the same file: the question loop's first answer then waits for checking, not packing.
-
-    Speculative by design: every 2-D weight in the file is packed (with its ``.bias`` where the file has one), and
-    ``quantize_int8`` gives a Linear the pack of the file tensor of the same name only where the loaded weight and
-    bias equal it value for value; a merged LoRA layer, a resized embedding or any weight the loader transformed
-    is packed again from the model. Whatever fails here (an unreadable file, a missing kernel) only means packing
-    the usual way: ``candidates`` then offers nothing. The file's tensors are memory-mapped, not copied.
-    """
-
-    def __init__(self, path: Path, workers: int):
-        """Start packing ``path`` (a single ``model.safetensors``) on ``workers`` threads; returns at once."""
-        self.path = path
-        self._packs: dict[str, _Candidate] = {}
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(workers,), name="optqa-int8-prepack", daemon=True)
-        self._thread.start()
-
-    def _run(self, workers: int) -> None:
-        try:
-            from safetensors import safe_open
-
-            _use_int8_engine()
-            handle = safe_open(str(self.path), framework="pt")  # its tensors keep the file mapped, not copied
-            names = set(handle.keys())
-            chosen = [name for name in names if name.endswith(".weight")
-                      and len(handle.get_slice(name).get_shape()) == 2
-                      and handle.get_slice(name).get_dtype() in ("F32", "F16", "BF16")]
-            tensors = [(handle.get_tensor(name), handle.get_tensor(f"{name[:-7]}.bias")
-                        if f"{name[:-7]}.bias" in names else None) for name in chosen]
-            with torch.no_grad():
-                packs = _pack_all([(weight, bias, None) for weight, bias in tensors], workers)
-            self._packs = {name: (weight, bias, pack)
-                           for name, (weight, bias), (pack, _) in zip(chosen, tensors, packs)}
-        except Exception as exc:  # noqa: BLE001 (speculative: a failure means packing the usual way)
-            self._error = exc
-
-    def wait(self) -> None:
-        """Block until the background packing has finished (or failed, which is logged)."""
-        self._thread.join()
-        if self._error is not None:
-            log.info("int8 weights not packed ahead from %s (%s: %s); packing them now", self.path,
-                     type(self._error).__name__, self._error)
-            self._error = None
-
-    def candidates(self, model: nn.Module, modules) -> dict[nn.Module, _Candidate]:
-        """For each of ``modules`` (Linear layers of ``model``) the file's (weight, bias, pack) of the same name,
-        if any: named as ``model`` names the weight, less any leading prefix and PEFT's ``base_layer.`` level, so a
-        tied output head finds the embedding it shares. Waits for the background packing first."""
-        self.wait()
-        names: dict[int, list[str]] = {}
-        for name, parameter in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(parameter), []).append(name.replace(".base_layer.", "."))
-        found = {}
-        for module in modules:
-            for name in names.get(id(module.weight), ()):
-                parts = name.split(".")
-                match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in self._packs),
-                             None)
-                if match is not None:
-                    found[module] = self._packs[match]
-                    break
-        return found
-
-    def release(self) -> None:
-        """Drop the packs and the file's mapping (after ``quantize_int8`` took what it needed)."""
-        self.wait()
-        self._packs = {}
+                for i, result in zip(order, pool.map(lambda i: pack_int8(*tensors[i]), order)):
+                    packed[i] = result
+    return packed
 
 
 def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[str, nn.Linear]]:
@@ -275,7 +172,7 @@ def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[s
 
 
 def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | None = None,
-                  workers: int | None = None, prepacked: BackbonePrepack | None = None) -> dict:
+                  workers: int | None = None) -> dict:
     """Route every frozen Linear of ``model`` through an int8 copy of its weight (see the module docstring).
 
     Every copy is packed before any Linear switches to int8, so a forward pass never mixes fp32 and int8 layers
@@ -290,86 +187,31 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | N
             weights that no merge changes.
         workers: threads that pack (default: every CPU this process may use, whatever torch's own thread count:
             each packs whole layers, so they never wait on each other).
-        prepacked: packs made from the backbone's weight file while it loaded (``BackbonePrepack``); a layer
-            takes its pack only where its weight and bias equal the file's exactly, the others are packed here.
     Returns:
-        ``{"layers": n, "parameters": weights quantised, "seconds": time taken, "engine": engine,
-        "prepacked": layers whose pack was made while the backbone loaded}``.
+        ``{"layers": n, "parameters": weights quantised, "seconds": time taken, "engine": engine}``.
     Raises:
         OptqaError: no int8 kernels in this torch build.
     """
     from .runtime import usable_cpus
 
-    _use_int8_engine()
+    engine = int8_engine()
+    if engine is None:
+        raise OptqaError("this PyTorch build has no int8 CPU kernels")
+    if torch.backends.quantized.engine not in INT8_ENGINES:
+        torch.backends.quantized.engine = engine  # packed weights are laid out for the engine that runs them
     started = time.perf_counter()
     shared = {} if shared is None else shared
     modules = [module for _, module in frozen_linears(model, head) if _INT8 not in module.__dict__]
     keys = [(module.weight.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
              tuple(module.weight.shape)) for module in modules]
-    todo = {key: module for key, module in zip(keys, modules) if key not in shared}
-    candidates = prepacked.candidates(model, todo.values()) if prepacked is not None else {}
-    tasks = [(module.weight, module.bias, candidates.get(module)) for module in todo.values()]
+    todo = {key: (module.weight, module.bias) for key, module in zip(keys, modules) if key not in shared}
     with torch.no_grad():
-        results = _pack_all(tasks, workers or usable_cpus())
-    shared.update(zip(todo, (pack for pack, _ in results)))
+        shared.update(zip(todo, _pack_all(list(todo.values()), workers or usable_cpus())))
     for key, module in zip(keys, modules):
         module.__dict__[_INT8] = shared[key]
         module.forward = _int8_forward.__get__(module)
     return {"layers": len(modules), "parameters": sum(module.weight.numel() for module in modules),
-            "seconds": time.perf_counter() - started, "engine": torch.backends.quantized.engine,
-            "prepacked": sum(reused for _, reused in results)}
-
-
-def prepack_backbone(delta_path: str, plm_path: str | None, choice: str,
-                     precision: str | None) -> BackbonePrepack | None:
-    """Start packing, from its weight file, the backbone a checkpoint is about to load, where int8 will answer.
-
-    The question loop calls this before ``load_trained``: the packing then runs on the other cores while
-    transformers imports and loads, and ``prepare_for_answering(..., prepacked=...)`` takes what still matches.
-
-    Args:
-        delta_path: the checkpoint (``--delta_save_path``); only a checkpoint folder's manifest is read here.
-        plm_path: ``--plm_path`` where the user typed it, else None (the manifest's backbone).
-        choice: ``--quantize`` as the caller will resolve it (``none``, ``int8`` or ``auto``).
-        precision: ``--precision`` where the user typed it, else None (the checkpoint's).
-    Returns:
-        The started ``BackbonePrepack``, or None where nothing is packed ahead: int8 will not run here, a GPU is
-        present, or the backbone is not one local (or Hugging Face cached) ``model.safetensors``. Never raises
-        for a bad checkpoint or flag: loading reports those in its own words.
-    """
-    from .runtime import usable_cpus
-
-    if choice == "none" or torch.cuda.is_available():
-        return None
-    try:
-        if plm_path is None or precision is None:
-            from .checkpoint import read_manifest
-
-            _, manifest = read_manifest(delta_path)
-            plm_path = plm_path or manifest["backbone"]["name_or_path"]
-            precision = precision or manifest["hyperparameters"].get("precision", "auto")
-        if resolve_quantize(choice, precision, torch.device("cpu")) != "int8":
-            return None
-    except (OptqaError, KeyError, TypeError, OSError):
-        return None
-    path = _weights_file(plm_path)
-    # the main thread is loading the backbone meanwhile: leave it a core
-    return None if path is None else BackbonePrepack(path, max(1, usable_cpus() - 1))
-
-
-def _weights_file(plm_path: str) -> Path | None:
-    """The backbone's single safetensors file, as ``plm.load_plm`` finds the backbone: a local folder, else the
-    Hugging Face cache's copy of a Hub name (no network); None where it is sharded, absent or not safetensors."""
-    local = Path(plm_path).expanduser()
-    if local.exists():
-        return local / "model.safetensors" if (local / "model.safetensors").is_file() else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(plm_path, "model.safetensors")
-    except Exception:  # noqa: BLE001 (not a Hub name either: nothing to pack ahead)
-        return None
-    return Path(found) if isinstance(found, str) else None
+            "seconds": time.perf_counter() - started, "engine": torch.backends.quantized.engine}
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -383,16 +225,12 @@ def dequantize(model: nn.Module) -> None:
             del module.forward
 
 
-def _to_int8(model, shared: dict | None = None, prepacked: BackbonePrepack | None = None) -> dict:
+def _to_int8(model, shared: dict | None = None) -> dict:
     """A PromptForGeneration's frozen Linear layers to int8, its compute around them to fp32."""
     model.autocast_dtype = None
     if model._weights_dtype != torch.float32:
         model._store_frozen_weights_as(torch.float32)  # int8 is packed from the weights as they are held now
-    try:
-        stats = quantize_int8(model.plm, shared=shared, prepacked=prepacked)
-    finally:
-        if prepacked is not None:
-            prepacked.release()
+    stats = quantize_int8(model.plm, shared=shared)
     model.quantization = "int8"
     return stats
 
@@ -414,8 +252,7 @@ def int8_while_scoring(model, quantize: str):
         model.autocast_dtype = autocast
 
 
-def prepare_for_answering(model, config, default: str = "auto", background: bool = False,
-                          prepacked: BackbonePrepack | None = None) -> str:
+def prepare_for_answering(model, config, default: str = "auto", background: bool = False) -> str:
     """Make a loaded model ready to answer: precision, LoRA merged, and ``--quantize`` applied.
 
     The one entry point for everything that only answers (the question loop, ``--mode evaluate``, a server).
@@ -427,7 +264,6 @@ def prepare_for_answering(model, config, default: str = "auto", background: bool
             ``none`` where scores are reported (they must not move with the CPU they were computed on).
         background: quantise in a thread and return at once (the question loop shows its prompt while a
             person types); call ``wait_until_ready(model)`` before answering.
-        prepacked: what ``prepack_backbone`` packed while the backbone loaded (released here, used or not).
     Returns:
         ``"none"`` or ``"int8"``, what is applied (also logged in one line with the CPU's flags).
     Raises:
@@ -436,18 +272,11 @@ def prepare_for_answering(model, config, default: str = "auto", background: bool
     from .runtime import autocast_dtype, is_sharded
 
     choice = config.quantize or default
-    try:
-        resolved = resolve_quantize(choice, config.precision, model.device, sharded=is_sharded(model))
-    except OptqaError:
-        if prepacked is not None:
-            prepacked.release()
-        raise
+    resolved = resolve_quantize(choice, config.precision, model.device, sharded=is_sharded(model))
     model.autocast_dtype = None if resolved == "int8" else autocast_dtype(config.precision, model.device)
     if config.merge_lora and model.delta is not None and model.delta.merge_lora():
         log.info("LoRA merged into the backbone weights for answering")
     if resolved == "none":
-        if prepacked is not None:
-            prepacked.release()
         dtype = model.autocast_dtype
         log.info("quantize %s: none (%s answering); CPU: %s", choice,
                  str(dtype).replace("torch.", "") if dtype else "fp32", describe_cpu() if model.device.type == "cpu"
@@ -455,10 +284,9 @@ def prepare_for_answering(model, config, default: str = "auto", background: bool
         return resolved
 
     def to_int8() -> None:
-        stats = _to_int8(model, prepacked=prepacked)
-        ahead = f", {stats['prepacked']} packed while the backbone loaded" if prepacked is not None else ""
-        log.info("quantize %s: int8 backbone (%d Linear layers, %.1fM weights, %s kernels, %.2f s%s); CPU: %s",
-                 choice, stats["layers"], stats["parameters"] / 1e6, stats["engine"], stats["seconds"], ahead,
+        stats = _to_int8(model)
+        log.info("quantize %s: int8 backbone (%d Linear layers, %.1fM weights, %s kernels, %.2f s); CPU: %s",
+                 choice, stats["layers"], stats["parameters"] / 1e6, stats["engine"], stats["seconds"],
                  describe_cpu())
 
     if not background:

@@ -28,11 +28,6 @@ TINY_LINEARS = 2 * 6 + 1
 # a prefix barely move a random backbone's answers, so for them the logits are the measure
 TRAINING = {"adapter": (100, 3e-2), "lora": (100, 3e-2), "bitfit": (40, 1e-1), "prefix": (40, 1e-1),
             "soft_prompt": (40, 1e-1)}
-# of those TINY_LINEARS, the layers whose packs made from the backbone's file are still right after the delta:
-# merged LoRA changed q_proj and v_proj in both layers; the others leave every Linear's weight and bias as the
-# file holds them (BitFit trains biases of its own, added beside the frozen ones)
-PREPACKED = {"adapter": TINY_LINEARS, "lora": TINY_LINEARS - 4, "bitfit": TINY_LINEARS, "prefix": TINY_LINEARS,
-             "soft_prompt": TINY_LINEARS}
 
 
 def first_step_logits(model) -> torch.Tensor:
@@ -70,14 +65,9 @@ def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
     assert not any("_optqa_int8" in m.__dict__ for n, m in model.plm.named_modules()
                    if any(marker in n + "." for marker in ("lora_", ".adapter.", "prompt_encoder.")))
 
-    # packing on one thread or several, or ahead from the backbone's file, gives the same int8 model: the same
-    # logits, bit for bit; ahead, every layer whose weights the delta left as in the file takes its early pack
+    # packing on one thread or several gives the same int8 model: the same logits, bit for bit
     quantize.dequantize(model.plm)
     quantize.quantize_int8(model.plm, workers=1)
-    assert torch.equal(first_step_logits(model), int8_logits) and model.answer(QUESTIONS) == int8_answers
-    quantize.dequantize(model.plm)
-    ahead = quantize.BackbonePrepack(tiny_opt / "model.safetensors", workers=1)
-    assert quantize.quantize_int8(model.plm, prepacked=ahead)["prepacked"] == PREPACKED[delta]
     assert torch.equal(first_step_logits(model), int8_logits) and model.answer(QUESTIONS) == int8_answers
 
     quantize.dequantize(model.plm)
@@ -112,32 +102,6 @@ def test_packing_is_bit_for_bit_torchs_dynamic_int8_linear(tiny_opt):
             hidden = torch.randn(2, 5, module.in_features)
             assert torch.equal(module(hidden), reference(hidden)), name
     assert len(layers) == TINY_LINEARS
-
-
-def test_packs_made_ahead_are_taken_only_where_the_weights_are_the_files(tiny_opt, tmp_path):
-    model = make_model(tiny_opt, "adapter")
-    quantize.quantize_int8(model.plm, workers=1)
-    expected = first_step_logits(model)
-    quantize.dequantize(model.plm)
-    fc1 = model.plm.model.decoder.layers[1].fc1
-    with torch.no_grad():  # a weight that is no longer the file's (as a merge or a loader's conversion would leave)
-        fc1.weight[0, 0] += 1
-    quantize.quantize_int8(model.plm, workers=1)
-    changed = first_step_logits(model)
-    assert not torch.equal(changed, expected)
-    quantize.dequantize(model.plm)
-    ahead = quantize.BackbonePrepack(tiny_opt / "model.safetensors", workers=2)
-    assert quantize.quantize_int8(model.plm, prepacked=ahead)["prepacked"] == TINY_LINEARS - 1
-    assert torch.equal(first_step_logits(model), changed)  # fc1 was packed again, from the weight that runs
-    ahead.release()
-
-    # a file that cannot be read packs nothing ahead, says so in the log, and everything is packed as usual
-    quantize.dequantize(model.plm)
-    broken = tmp_path / "model.safetensors"
-    broken.write_bytes(b"not safetensors")
-    ahead = quantize.BackbonePrepack(broken, workers=1)
-    assert quantize.quantize_int8(model.plm, prepacked=ahead)["prepacked"] == 0
-    assert torch.equal(first_step_logits(model), changed)
 
 
 def test_the_output_head_is_quantised_through_its_tie(tiny_opt):
@@ -251,21 +215,6 @@ print(json.dumps({"code": code, "loaded": sorted(m for m in ("peft", "optqa.trai
 """
 
 
-def test_packing_ahead_starts_only_where_int8_will_answer(adapter_checkpoint, tiny_opt, tmp_path, monkeypatch):
-    checkpoint = str(adapter_checkpoint)
-    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
-    ahead = quantize.prepack_backbone(checkpoint, None, "auto", None)  # the manifest names the backbone
-    assert ahead is not None and ahead.path == tiny_opt / "model.safetensors"
-    ahead.release()
-    assert quantize.prepack_backbone(checkpoint, None, "none", None) is None
-    assert quantize.prepack_backbone(checkpoint, None, "auto", "fp32") is None  # an explicit precision is kept
-    assert quantize.prepack_backbone(checkpoint, None, "int8", "bf16") is None  # refused later, by the loader
-    assert quantize.prepack_backbone(str(tmp_path / "missing"), None, "int8", None) is None
-    assert quantize.prepack_backbone(str(tmp_path / "missing"), str(tmp_path), "int8", "auto") is None  # no file
-    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: True)
-    assert quantize.prepack_backbone(checkpoint, None, "auto", None) is None  # auto keeps bf16 here
-
-
 def test_question_loop_answers_on_int8_without_peft(adapter_checkpoint):
     # accelerate is not in the list: transformers 5.24 imports it itself while loading any model, whenever it
     # is installed (transformers.integrations.accelerate), so it is part of the import-and-load floor
@@ -279,7 +228,6 @@ def test_question_loop_answers_on_int8_without_peft(adapter_checkpoint):
         f"Answer: {golds[0]}" for _, golds in MEMORY_SET[:3]]
     assert json.loads(lines[-1]) == {"code": 0, "loaded": []}
     assert "quantize int8: int8 backbone (13 Linear layers" in done.stderr
-    assert "13 packed while the backbone loaded" in done.stderr  # the adapter left every Linear as in the file
 
 
 def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path):
