@@ -216,10 +216,13 @@ def main(argv=None) -> int:
     print("agreement (tiny OPT, adapter memorised data/sample):", flush=True)
     agree = agreement()
     print("start-up:", flush=True)
-    bare = [time_bare_load(assets["plm"]) for _ in range(args.repl_runs)]
     threads = ("--num_threads", str(args.threads)) if args.threads else ()
-    repl = {q: [time_repl(checkpoint, args.max_new_tokens, extra=("--quantize", q, *threads))
-                for _ in range(args.repl_runs)] for q in ("none", "auto")}
+    bare: list[float] = []
+    repl: dict[str, list[dict]] = {"none": [], "auto": []}
+    for _ in range(args.repl_runs):  # round by round, so a change in the machine's load moves floor and loop alike
+        bare.append(time_bare_load(assets["plm"]))
+        for q, runs in repl.items():
+            runs.append(time_repl(checkpoint, args.max_new_tokens, extra=("--quantize", q, *threads)))
     phases = {q: startup_phases(checkpoint, args.max_new_tokens, q, args.threads) for q in ("none", "auto")}
 
     fp32, int8 = answer["fp32"], answer["int8"]
