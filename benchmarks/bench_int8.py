@@ -219,10 +219,12 @@ def main(argv=None) -> int:
     threads = ("--num_threads", str(args.threads)) if args.threads else ()
     bare: list[float] = []
     repl: dict[str, list[dict]] = {"none": [], "auto": []}
+    loads = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []  # other jobs on the machine move the ratios
     for _ in range(args.repl_runs):  # round by round, so a change in the machine's load moves floor and loop alike
         bare.append(time_bare_load(assets["plm"]))
         for q, runs in repl.items():
             runs.append(time_repl(checkpoint, args.max_new_tokens, extra=("--quantize", q, *threads)))
+    loads += [os.getloadavg()[0]] if loads else []
     phases = {q: startup_phases(checkpoint, args.max_new_tokens, q, args.threads) for q in ("none", "auto")}
 
     fp32, int8 = answer["fp32"], answer["int8"]
@@ -252,7 +254,9 @@ def main(argv=None) -> int:
             print(f"  {name}, differs: {question!r}: fp32 {a!r}, int8 {b!r}")
     floor = statistics.median(bare)
     auto = resolve_quantize("auto", "auto", torch.device("cpu"))
-    print(f"\nstart-up (median of {args.repl_runs}; auto is {auto} here), import-and-load floor {floor:.2f} s:")
+    print(f"\nstart-up (median of {args.repl_runs}; auto is {auto} here), import-and-load floor {floor:.2f} s"
+          + (f" (1-minute load average {loads[0]:.2f} before, {loads[1]:.2f} after, on {os.cpu_count()} CPUs)"
+             if loads else "") + ":")
     for q, runs in repl.items():
         prompt = statistics.median(r["prompt"] for r in runs)
         first = statistics.median(r["answer"] for r in runs)
