@@ -15,7 +15,8 @@ Prints what the CPU is (its flags, and the kernel level torch actually runs), th
   it is native: emulated bf16 is several times slower than fp32);
 - agreement: greedy answers of a tiny OPT whose adapter memorised the bundled sample, fp32 vs int8;
 - start-up: seconds from launching the question loop to its first ``Input a question:`` and first answer,
-  with ``--quantize none`` and with the default (auto), against a bare transformers import-and-load.
+  with ``--quantize none`` and with the default (auto), against a bare transformers import-and-load;
+  and where that time goes, phase by phase, in one fresh process per setting (``startup_phases``).
 
 Random weights never emit eos, so every 125m-shaped answer runs to --max_new_tokens in every setting: each
 does the same work per question.
@@ -23,8 +24,10 @@ does the same work per question.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,6 +92,8 @@ def answering(checkpoint: str, data: str, args) -> dict:
     results["quantize_seconds"] = stats["seconds"]
     measure("int8")
     dequantize(model.plm)
+    results["quantize_seconds_one_thread"] = quantize_int8(model.plm, workers=1)["seconds"]
+    dequantize(model.plm)
     quantize_int8(model.plm, head=False)
     measure("int8, head fp32", batched=False)
     dequantize(model.plm)
@@ -98,6 +103,52 @@ def answering(checkpoint: str, data: str, args) -> dict:
         measure("bf16")
     results["batch_size"] = saved.eval_batch_size
     return results
+
+
+# Run in a fresh process: the question loop's start-up, phase by phase, through the library calls it makes.
+PHASES = r"""
+import json, sys, time
+marks = [("start", time.perf_counter())]
+checkpoint, max_new_tokens, choice, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+import torch
+marks.append(("import torch", time.perf_counter()))
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+marks.append(("import transformers", time.perf_counter()))
+from optqa.checkpoints.assemble import load_trained
+from optqa.config import RunConfig
+from optqa.quantize import prepare_for_answering, quantize_int8, resolve_quantize
+from optqa.hardware import configure_threads
+marks.append(("import optqa (assemble, quantize)", time.perf_counter()))
+configure_threads(threads or None)
+model, _, _ = load_trained(checkpoint, overrides={"max_new_tokens": max_new_tokens})
+marks.append(("load_trained: read + verify the checkpoint, load the backbone, fingerprint it, attach the delta",
+              time.perf_counter()))
+resolved = resolve_quantize(choice, "auto", model.device)
+prepare_for_answering(model, RunConfig(quantize="none", precision="fp32" if resolved == "int8" else "auto"))
+marks.append(("merge LoRA", time.perf_counter()))
+if resolved == "int8":
+    stats = quantize_int8(model.plm)
+    model.quantization = "int8"
+    marks.append((f"pack int8 ({stats['layers']} layers, {torch.get_num_threads()} torch threads)", time.perf_counter()))
+model.answer(["Which gas do plants take in?"], max_new_tokens=1)
+marks.append(("first forward, 1 token (kernel warm-up)", time.perf_counter()))
+model.answer(["What is frozen water called?"])
+marks.append((f"answer, {max_new_tokens} tokens", time.perf_counter()))
+print(json.dumps({"resolved": resolved, "phases": [(name, t - marks[i][1]) for i, (name, t) in enumerate(marks[1:])]}))
+"""
+
+
+def startup_phases(checkpoint: str, max_new_tokens: int, choice: str, threads: int | None) -> dict:
+    """Seconds per phase of the question loop's start-up in a fresh process (the interpreter's own start, a few
+    hundredths of a second, is not in it): imports, ``load_trained``, LoRA merge, int8 packing, the first forward
+    and one answer."""
+    done = subprocess.run([sys.executable, "-c", PHASES, checkpoint, str(max_new_tokens), choice, str(threads or 0)],
+                          capture_output=True, text=True, env=common.child_env(), cwd=common.REPO, timeout=600,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError("the start-up phases could not be timed:\n" + done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def agreement() -> dict:
@@ -147,7 +198,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from optqa.hardware import cpu_has_native_bf16
+    from optqa.hardware import cpu_has_native_bf16, usable_cpus
     from optqa.quantize import describe_cpu, resolve_quantize
 
     info = common.machine()
@@ -164,10 +215,16 @@ def main(argv=None) -> int:
     print("agreement (tiny OPT, adapter memorised data/sample):", flush=True)
     agree = agreement()
     print("start-up:", flush=True)
-    bare = [time_bare_load(assets["plm"]) for _ in range(args.repl_runs)]
     threads = ("--num_threads", str(args.threads)) if args.threads else ()
-    repl = {q: [time_repl(checkpoint, args.max_new_tokens, extra=("--quantize", q, *threads))
-                for _ in range(args.repl_runs)] for q in ("none", "auto")}
+    bare: list[float] = []
+    repl: dict[str, list[dict]] = {"none": [], "auto": []}
+    loads = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []  # other jobs on the machine move the ratios
+    for _ in range(args.repl_runs):  # round by round, so a change in the machine's load moves floor and loop alike
+        bare.append(time_bare_load(assets["plm"]))
+        for q, runs in repl.items():
+            runs.append(time_repl(checkpoint, args.max_new_tokens, extra=("--quantize", q, *threads)))
+    loads += [os.getloadavg()[0]] if loads else []
+    phases = {q: startup_phases(checkpoint, args.max_new_tokens, q, args.threads) for q in ("none", "auto")}
 
     fp32, int8 = answer["fp32"], answer["int8"]
     print()
@@ -185,7 +242,8 @@ def main(argv=None) -> int:
     print(f"| batched vs fp32 one at a time | {fp32['questions_per_s'] / single_qps:.2f}x | "
           f"{int8['questions_per_s'] / single_qps:.2f}x | - |"
           + (f" {answer['bf16']['questions_per_s'] / single_qps:.2f}x |" if "bf16" in answer else ""))
-    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s")
+    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {usable_cpus()} threads "
+          f"({answer['quantize_seconds_one_thread']:.2f} s on one)")
     print(f"agreement with fp32: the {agree['trained']['questions']} trained questions (fp32 memorised "
           f"{agree['memorised']}): {agree['trained']['same']} identical "
           f"({100 * agree['trained']['same'] / agree['trained']['questions']:.1f}%); the "
@@ -195,12 +253,18 @@ def main(argv=None) -> int:
             print(f"  {name}, differs: {question!r}: fp32 {a!r}, int8 {b!r}")
     floor = statistics.median(bare)
     auto = resolve_quantize("auto", "auto", torch.device("cpu"))
-    print(f"\nstart-up (median of {args.repl_runs}; auto is {auto} here), import-and-load floor {floor:.2f} s:")
+    print(f"\nstart-up (median of {args.repl_runs}; auto is {auto} here), import-and-load floor {floor:.2f} s"
+          + (f" (1-minute load average {loads[0]:.2f} before, {loads[1]:.2f} after, on {os.cpu_count()} CPUs)"
+             if loads else "") + ":")
     for q, runs in repl.items():
         prompt = statistics.median(r["prompt"] for r in runs)
         first = statistics.median(r["answer"] for r in runs)
         print(f"  --quantize {q}: first prompt {prompt:.2f} s, first answer {first:.2f} s ({first / floor:.2f}x the "
               f"floor; goal <= {GOALS['first_answer']}x)")
+    for q, measured in phases.items():
+        print(f"\nwhere the start-up goes, --quantize {q} (= {measured['resolved']}), one fresh process:")
+        for name, seconds in measured["phases"]:
+            print(f"  {seconds:6.3f} s  {name}")
     return 0
 
 

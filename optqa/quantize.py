@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -36,8 +37,9 @@ INT8_ENGINES = ("x86", "fbgemm", "onednn")
 # The tied output head (50272 x 768 on OPT-125m, a third of its weights) is the largest single matmul of a
 # decoding step; benchmarks/bench_int8.py measures what quantising it adds (README, "int8 answering").
 QUANTIZE_HEAD = True
-_INT8 = "_optqa_int8"  # where a quantised Linear keeps its packed int8 module (not a submodule: no state dict)
+_INT8 = "_optqa_int8"  # where a quantised Linear keeps its packed int8 weight (not a tensor: no state dict)
 _PENDING = "_optqa_int8_pending"  # a background quantisation still running on a PromptForGeneration
+_EPS = torch.finfo(torch.float32).eps  # the smallest scale torch's observers give a row (an all-zero row gets it)
 
 
 def _supported_engines() -> list[str]:
@@ -105,7 +107,50 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
 
 
 def _int8_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    return module.__dict__[_INT8](hidden)
+    # reduce_range=True: what torch's dynamic int8 Linear (version 4) passes, so answers are the ones it gives
+    return torch.ops.quantized.linear_dynamic(hidden, module.__dict__[_INT8], reduce_range=True).to(hidden.dtype)
+
+
+def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """One Linear's weight as the engine's packed int8 matrix: one symmetric scale per output row.
+
+    Bit for bit what ``torch.ao.nn.quantized.dynamic.Linear.from_float`` packs under
+    ``per_channel_dynamic_qconfig`` (tested layer by layer), at about two thirds of its cost: its
+    ``PerChannelMinMaxObserver`` is one ``aminmax`` here, and it packs an all-zero weight of the full shape in the
+    module's constructor before packing the real one (a third of a second for OPT-125m's output head alone).
+
+    Args:
+        weight: the fp32 weight, (out_features, in_features).
+        bias: the fp32 bias or None (kept in fp32 inside the packed matrix).
+    Returns:
+        The packed weight for ``torch.ops.quantized.linear_dynamic`` on the current quantized engine.
+    """
+    weight = weight.detach().float()
+    low, high = torch.aminmax(weight, dim=1)
+    # the observer's symmetric scale: the larger magnitude over half the qint8 range (127.5), never below eps
+    scale = torch.clamp(torch.maximum(-low.clamp(max=0), high.clamp(min=0)) / 127.5, min=_EPS)
+    qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
+                                         torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+
+
+def _pack_all(tensors: list[tuple[torch.Tensor, torch.Tensor | None]], workers: int) -> list[torch.ScriptObject]:
+    """``pack_int8`` for every (weight, bias), the largest first, on ``workers`` threads: the quantising and
+    packing ops release the GIL, and the largest first keeps the threads busy to the end (OPT-125m's output
+    head alone is a third of the work)."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][0].numel())
+    packed: list = [None] * len(tensors)
+    with warnings.catch_warnings():
+        # torch marks its quantized tensors as moving to torchao; the kernels are still torch's (see above)
+        warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*deprecated")
+        if workers <= 1 or len(tensors) <= 1:
+            for i in order:
+                packed[i] = pack_int8(*tensors[i])
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optqa-int8-pack") as pool:
+                for i, result in zip(order, pool.map(lambda i: pack_int8(*tensors[i]), order)):
+                    packed[i] = result
+    return packed
 
 
 def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[str, nn.Linear]]:
@@ -126,8 +171,12 @@ def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[s
     return chosen
 
 
-def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | None = None) -> dict:
+def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | None = None,
+                  workers: int | None = None) -> dict:
     """Route every frozen Linear of ``model`` through an int8 copy of its weight (see the module docstring).
+
+    Every copy is packed before any Linear switches to int8, so a forward pass never mixes fp32 and int8 layers
+    and the answers do not depend on ``workers`` (tested).
 
     Args:
         model: the network that runs (``PromptForGeneration.plm``); LoRA should be merged first, or its
@@ -136,13 +185,14 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | N
         shared: packed layers by the weight tensors they were packed from, reused across calls: deltas served on
             one backbone (``build.load_shared``'s copies share its tensors) share one int8 copy. Only for
             weights that no merge changes.
+        workers: threads that pack (default: every CPU this process may use, whatever torch's own thread count:
+            each packs whole layers, so they never wait on each other).
     Returns:
         ``{"layers": n, "parameters": weights quantised, "seconds": time taken, "engine": engine}``.
     Raises:
         OptqaError: no int8 kernels in this torch build.
     """
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-    from torch.ao.quantization.qconfig import per_channel_dynamic_qconfig
+    from optqa.hardware import usable_cpus
 
     engine = int8_engine()
     if engine is None:
@@ -150,32 +200,18 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | N
     if torch.backends.quantized.engine not in INT8_ENGINES:
         torch.backends.quantized.engine = engine  # packed weights are laid out for the engine that runs them
     started = time.perf_counter()
-    layers = parameters = 0
-    with warnings.catch_warnings():
-        # torch marks torch.ao.quantization as moving to torchao; the kernels are still torch's (see above)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
-        warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*deprecated")
-        for _, module in frozen_linears(model, head):
-            if _INT8 in module.__dict__:
-                continue
-            key = (module.weight.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
-                   tuple(module.weight.shape))
-            packed = shared.get(key) if shared is not None else None
-            if packed is None:
-                module.qconfig = per_channel_dynamic_qconfig
-                try:
-                    with torch.no_grad():
-                        packed = DynamicInt8Linear.from_float(module)
-                finally:
-                    del module.qconfig
-                if shared is not None:
-                    shared[key] = packed
-            module.__dict__[_INT8] = packed
-            module.forward = _int8_forward.__get__(module)
-            layers += 1
-            parameters += module.weight.numel()
-    return {"layers": layers, "parameters": parameters, "seconds": time.perf_counter() - started,
-            "engine": torch.backends.quantized.engine}
+    shared = {} if shared is None else shared
+    modules = [module for _, module in frozen_linears(model, head) if _INT8 not in module.__dict__]
+    keys = [(module.weight.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
+             tuple(module.weight.shape)) for module in modules]
+    todo = {key: (module.weight, module.bias) for key, module in zip(keys, modules) if key not in shared}
+    with torch.no_grad():
+        shared.update(zip(todo, _pack_all(list(todo.values()), workers or usable_cpus())))
+    for key, module in zip(keys, modules):
+        module.__dict__[_INT8] = shared[key]
+        module.forward = _int8_forward.__get__(module)
+    return {"layers": len(modules), "parameters": sum(module.weight.numel() for module in modules),
+            "seconds": time.perf_counter() - started, "engine": torch.backends.quantized.engine}
 
 
 def is_quantized(model: nn.Module) -> bool:

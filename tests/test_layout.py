@@ -21,20 +21,22 @@ def module_name(path: str) -> str:
     return name[:-len(".__init__")] if name.endswith(".__init__") else name
 
 
-def imported_modules(path: Path, package: str) -> set[str]:
-    """Every optqa module ``path`` imports, at the top or inside a function, as an absolute name."""
-    found = set()
+def imported_modules(path: Path, package: str) -> tuple[set[str], set[str]]:
+    """What ``path`` imports from optqa, at the top or inside a function, as absolute names: ``(modules, maybe)``,
+    where ``maybe`` are ``from optqa.x import name`` names that are modules only if such a file exists."""
+    modules, maybe = set(), set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
+            modules |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolved against the module's package
                 parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{parent}.{base}" if base else parent
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}  # `from optqa import cli` imports a module
-    return {name for name in found if name == "optqa" or name.startswith("optqa.")}
+            modules.add(base)
+            maybe |= {f"{base}.{alias.name}" for alias in node.names}  # `from optqa import cli` imports a module
+    ours = lambda names: {n for n in names if n == "optqa" or n.startswith("optqa.")}  # noqa: E731
+    return ours(modules), ours(maybe)
 
 
 def test_the_table_names_every_module_once():
@@ -56,10 +58,13 @@ def test_every_import_goes_down():
     for name in order:
         path = REPO / (name.replace(".", "/") + ("/__init__.py" if name == "optqa" else ".py"))
         package = name if name == "optqa" else name.rsplit(".", 1)[0]
-        for target in imported_modules(path, package):
-            if target in packages or target == "optqa" or target not in rank:
-                continue  # `from optqa import __version__`, attribute imports (`from optqa.x import name`)
-            if rank[target] >= rank[name]:
+        modules, maybe = imported_modules(path, package)
+        for target in sorted(modules | (maybe & set(rank))):
+            if target in packages or target == "optqa":
+                continue  # a package's __init__ is its docstring; `from optqa import __version__`
+            if target not in rank:
+                upward.append(f"{name} imports {target}, which does not exist")
+            elif rank[target] >= rank[name]:
                 upward.append(f"{name} imports {target}")
     assert upward == []
 

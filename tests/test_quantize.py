@@ -65,8 +65,43 @@ def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
     assert not any("_optqa_int8" in m.__dict__ for n, m in model.plm.named_modules()
                    if any(marker in n + "." for marker in ("lora_", ".adapter.", "prompt_encoder.")))
 
+    # packing on one thread or several gives the same int8 model: the same logits, bit for bit
+    quantize.dequantize(model.plm)
+    quantize.quantize_int8(model.plm, workers=1)
+    assert torch.equal(first_step_logits(model), int8_logits) and model.answer(QUESTIONS) == int8_answers
+
     quantize.dequantize(model.plm)
     assert torch.equal(first_step_logits(model), fp32_logits)  # back to exact fp32
+
+
+def test_packing_is_bit_for_bit_torchs_dynamic_int8_linear(tiny_opt):
+    """pack_int8 is a faster route to what torch's DynamicInt8Linear.from_float packs: the same int8 weights,
+    scales and bias, and the same outputs, for every Linear (the head included, and a row of zeros)."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization.qconfig import per_channel_dynamic_qconfig
+
+    model = make_model(tiny_opt, "adapter")
+    layers = quantize.frozen_linears(model.plm)
+    with torch.no_grad():
+        layers[0][1].weight[3] = 0  # an all-zero row gets the observer's smallest scale, not a division by 0
+    quantize.quantize_int8(model.plm, workers=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, module in layers:
+            module.qconfig = per_channel_dynamic_qconfig
+            reference = DynamicInt8Linear.from_float(module)
+            del module.qconfig
+            ours = torch.ops.quantized.linear_unpack(module.__dict__["_optqa_int8"])
+            theirs = torch.ops.quantized.linear_unpack(reference._packed_params._packed_params)
+            assert torch.equal(ours[0].int_repr(), theirs[0].int_repr()), name
+            assert torch.equal(ours[0].q_per_channel_scales(), theirs[0].q_per_channel_scales()), name
+            assert (ours[1] is None and theirs[1] is None) or torch.equal(ours[1], theirs[1]), name
+            hidden = torch.randn(2, 5, module.in_features)
+            assert torch.equal(module(hidden), reference(hidden)), name
+    assert len(layers) == TINY_LINEARS
 
 
 def test_the_output_head_is_quantised_through_its_tie(tiny_opt):
