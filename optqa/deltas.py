@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import functools
 import logging
-import weakref
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -36,9 +35,11 @@ DELTA_MARKERS = ("lora_", "prompt_encoder.", ".adapter.", "bitfit_delta_bias", "
 # Keys OpenDelta writes into its config.json that describe the run rather than the delta.
 OPENDELTA_METADATA_KEYS = {"backbone_checkpoint_name", "backbone_class", "backbone_hash", "opendelta_version",
                            "transformers_version", "exclude_modules", "common_structure", "unfrozen_modules"}
-# backbone -> the delta attached to it: PromptForGeneration(plm, ...) finds the delta of the plm it is given, as
-# OpenPrompt's does after OpenDelta modified plm in place (PEFT's deltas run through a wrapper around plm)
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, DeltaModel]" = weakref.WeakKeyDictionary()
+# Where a backbone names the delta attached to it: PromptForGeneration(plm, ...) finds the delta of the plm it is
+# given, as OpenPrompt's does after OpenDelta modified plm in place (PEFT's deltas run through a wrapper around
+# plm). An entry in the backbone's own __dict__, not a submodule (no cycle in named_modules()) and not a
+# module-level registry: the backbone <-> delta cycle is then garbage like any other once both are dropped.
+DELTA_ATTRIBUTE = "optqa_delta"
 
 
 def is_delta_parameter(name: str) -> bool:
@@ -54,7 +55,7 @@ def is_delta_parameter(name: str) -> bool:
 
 def attached_delta(plm: nn.Module) -> "DeltaModel | None":
     """The delta ``AutoDeltaModel.from_config`` attached to backbone ``plm``, or None."""
-    return _ATTACHED.get(plm)
+    return plm.__dict__.get(DELTA_ATTRIBUTE)
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,7 @@ class DeltaModel:
         self.config = config
         self.backbone_model = backbone_model
         self.model = model
-        _ATTACHED[backbone_model] = self  # not a submodule of the backbone: no cycle in named_modules()
+        backbone_model.__dict__[DELTA_ATTRIBUTE] = self
         self._freeze()
 
     def _freeze(self) -> None:

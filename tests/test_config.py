@@ -66,3 +66,21 @@ def test_what_a_resume_must_keep_comes_from_the_fields():
     assert RunConfig.names_where("training") == ("batch_size", "max_seq_l", "lr", "weight_decay", "train_epochs",
                                                  "warmup_steps", "max_grad_norm", "gradient_accumulation_steps",
                                                  "train_targets", "seed", "precision")
+
+
+def test_a_dropped_backbone_with_its_delta_is_freed(tiny_opt):
+    """The backbone names its delta in its own __dict__ (a cycle the garbage collector frees), not in a module-level
+    registry, which would keep every backbone ever given a delta alive."""
+    import gc
+    import weakref
+
+    from optqa.deltas import AutoDeltaModel, attached_delta
+    from optqa.plm import load_plm
+
+    plm, _, _, _ = load_plm("opt", str(tiny_opt))
+    delta = AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=plm)
+    assert attached_delta(plm) is delta
+    gone = weakref.ref(plm)
+    del plm, delta
+    gc.collect()
+    assert gone() is None
