@@ -93,7 +93,7 @@ def _run(argv: list[str]) -> int:
         from optqa.options import check_run
 
         check_run(config, explicit)
-        return globals()[f"{config.mode}_mode"](config, explicit) or 0  # every mode in MODES has one (tested)
+        return globals()[f"{config.mode}_mode"](config, explicit) or 0  # every mode in MODES has one (test_layout)
     except OptqaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -240,7 +240,7 @@ def interactive_inference_mode(config: RunConfig, explicit: set[str]) -> int:
     from optqa.interactive import repl
     from optqa.quantize import wait_until_ready
 
-    # int8 packing runs while the first prompt waits for a person to type (about 2 s for OPT-125m)
+    # int8 packing runs while the first prompt waits for a person to type (0.6 s for OPT-125m on 2 cores)
     model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto", background=True)
     # the backbone actually loaded: --plm_path when given, else the checkpoint's
     log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"], saved.plm_path)

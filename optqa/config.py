@@ -25,7 +25,8 @@ QUANTIZE_CHOICES = ("none", "int8", "auto")
 # ``to_dict()``. Field metadata: ``help``; ``flag``, the RunConfig field when its name differs; ``cli_default``,
 # where the command line's default differs from the library's (said once, on the field).
 
-def _delta(default: Any, help: str, **extra: Any) -> Any:
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its help text and other metadata (a list default is copied per instance)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -70,9 +71,9 @@ class AdapterConfig(DeltaConfig):
     modified module's output: ``out + up(act(down(out)))``, OpenDelta's layout."""
 
     delta_type: ClassVar[str] = "adapter"
-    modified_modules: list[str] = _delta(["self_attn", "fc2"], "modules whose output the adapter follows")
-    bottleneck_dim: int = _delta(24, "bottleneck width")
-    non_linearity: str = _delta("gelu_new", "activation between the down and up projection (transformers' ACT2FN)")
+    modified_modules: list[str] = _opt(["self_attn", "fc2"], "modules whose output the adapter follows")
+    bottleneck_dim: int = _opt(24, "bottleneck width")
+    non_linearity: str = _opt("gelu_new", "activation between the down and up projection (transformers' ACT2FN)")
 
     def __post_init__(self) -> None:
         _module_names(self, allow_none=False)
@@ -87,11 +88,11 @@ class LoraConfig(DeltaConfig):
     delta_type: ClassVar[str] = "lora"
     # the library keeps PEFT's and OpenDelta's q_proj + v_proj; the command line follows the homework, whose
     # runs put LoRA on every Linear of the attention block and on fc2
-    modified_modules: list[str] = _delta(["self_attn.q_proj", "self_attn.v_proj"], "modules whose Linears get LoRA",
+    modified_modules: list[str] = _opt(["self_attn.q_proj", "self_attn.v_proj"], "modules whose Linears get LoRA",
                                          cli_default=["self_attn", "fc2"])
-    lora_r: int = _delta(8, "rank r")
-    lora_alpha: int = _delta(16, "alpha (scale = alpha / r)")
-    lora_dropout: float = _delta(0.0, "dropout on the input of the LoRA path")
+    lora_r: int = _opt(8, "rank r")
+    lora_alpha: int = _opt(16, "alpha (scale = alpha / r)")
+    lora_dropout: float = _opt(0.0, "dropout on the input of the LoRA path")
 
     def __post_init__(self) -> None:
         from optqa.errors import OptqaError
@@ -109,7 +110,7 @@ class BitFitConfig(DeltaConfig):
     modified modules (None: all decoder layers); the backbone's own biases stay frozen."""
 
     delta_type: ClassVar[str] = "bitfit"
-    modified_modules: list[str] | None = _delta(None, "modules whose Linears and LayerNorms get a bias "
+    modified_modules: list[str] | None = _opt(None, "modules whose Linears and LayerNorms get a bias "
                                                       "(None: every decoder layer)")
 
     def __post_init__(self) -> None:
@@ -123,8 +124,8 @@ class SoftPromptConfig(DeltaConfig):
     average ~29 tokens, and on a CPU the cost of a step grows with the prompt length."""
 
     delta_type: ClassVar[str] = "soft_prompt"
-    soft_token_num: int = _delta(20, "number of virtual tokens")
-    init_text: str = _delta("Answer the science question briefly.", "text whose token embeddings initialise the "
+    soft_token_num: int = _opt(20, "number of virtual tokens")
+    init_text: str = _opt("Answer the science question briefly.", "text whose token embeddings initialise the "
                             "prompt (\"\" for random init)", flag="soft_init_text")
 
     def __post_init__(self) -> None:
@@ -137,7 +138,7 @@ class PrefixConfig(DeltaConfig):
     ``prefix_token_num`` trainable key/value positions in every layer, through PEFT."""
 
     delta_type: ClassVar[str] = "prefix"
-    prefix_token_num: int = _delta(6, "number of prefix positions")
+    prefix_token_num: int = _opt(6, "number of prefix positions")
 
     def __post_init__(self) -> None:
         _positive(self, "prefix_token_num")
@@ -171,12 +172,6 @@ def flags_of(delta_type: str) -> tuple[str, ...]:
 CLI_MODIFIED_MODULES = tuple(delta_default("lora", "modified_modules", cli=True))
 # the delta types --modified_modules applies to
 MODULE_DELTA_TYPES = tuple(t for t in DELTA_TYPES if "modified_modules" in flags_of(t))
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
 
 
 def _delta_flag(delta_type: str, flag: str) -> Any:
@@ -354,8 +349,7 @@ class RunConfig:
 
     @classmethod
     def names_where(cls, key: str) -> tuple[str, ...]:
-        """The fields whose metadata sets ``key`` (``resume``, ``training``), in declaration order; for ``resume``
-        only the flags of ``delta_type``'s delta count, so the others are never compared."""
+        """The fields whose metadata sets ``key`` (``resume``, ``training``), in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(key))
 
     def resume_settings(self) -> tuple[str, ...]:

@@ -413,7 +413,6 @@ def _attach_lora(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
 
 
 def input_embedding_width(plm: nn.Module) -> int:
-    # opt-350m embeds at word_embed_proj_dim (512), not hidden_size (1024): soft prompts live at the input width
     """The width soft prompts live at: the input embedding's (opt-350m embeds at 512, not its hidden size 1024)."""
     return plm.get_input_embeddings().embedding_dim
 

@@ -26,6 +26,7 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from optqa.data import LMTokenizerWrapper
 
     log.info("loading backbone %s", model_path)

@@ -81,3 +81,10 @@ def test_the_public_api_resolves_to_the_layers():
     for name in optqa.__all__:
         assert getattr(optqa, name).__module__.startswith("optqa.")
     assert optqa.AutoDeltaModel.__module__ == "optqa.compat.opendelta"
+
+
+def test_every_mode_has_its_function_in_the_cli():
+    from optqa import cli
+    from optqa.config import MODES
+
+    assert sorted(name[:-len("_mode")] for name in vars(cli) if name.endswith("_mode")) == sorted(MODES)
