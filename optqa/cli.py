@@ -155,7 +155,8 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
                                           plm_path=config.plm_path if "plm_path" in explicit else None,
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
                                           overrides=overrides,
-                                          template=config.template if "template" in explicit else None)
+                                          template=config.template if "template" in explicit else None,
+                                          merge_lora=config.merge_lora)
     saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
     config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
     return model, manifest, saved

@@ -34,8 +34,10 @@ def first_step_logits(model) -> torch.Tensor:
     """Logits of the first answer token for every question, shape (questions, vocabulary)."""
     encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS)]
     batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
+    # optqa's own inputs (soft prompt, prefix cache), as answering builds them: PEFT's forward for a prefix still
+    # passes past_key_values, which transformers 5.24 deprecates (gone in 5.40)
     with torch.inference_mode(), model._running(batch):
-        out = model.plm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model.backbone(**model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=False))
     return out.logits[:, -1].float()
 
 
@@ -150,24 +152,35 @@ def test_emulated_avx2_has_no_native_bf16(monkeypatch):
 
 # ------------------------------------------------------------------------------------------- a checkpoint
 
-@pytest.fixture(scope="module")
-def adapter_checkpoint(tiny_opt, tmp_path_factory):
-    """An adapter that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
+def _trained_checkpoint(tiny_opt, folder: Path, delta: str) -> Path:
+    """A delta that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
     from optqa.checkpoints.assemble import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
-    from optqa.config import RunConfig
+    from optqa.config import DELTA_CONFIGS, RunConfig
 
     torch.manual_seed(0)
     template = '{"placeholder":"text_a"} Answer: {"mask"}'
-    config = RunConfig(plm_path=str(tiny_opt), delta_type="adapter", max_new_tokens=6, max_seq_l=64,
-                       eval_batch_size=8)
+    # the library's default modules (LoRA: q_proj and v_proj), as make_model attaches them
+    modules = DELTA_CONFIGS[delta]().to_dict()["modified_modules"]
+    config = RunConfig(plm_path=str(tiny_opt), delta_type=delta, max_new_tokens=6, max_seq_l=64, eval_batch_size=8,
+                       modified_modules=modules)
     model, backbone = build_model(config, template=template)
     train_a_little(model, steps=100, lr=3e-2)
     assert model.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]  # real, distinct answers
     manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=template, backbone=backbone,
                               hyperparameters=config.to_dict(), metrics={},
                               trainable_parameters=model.num_trainable_parameters())
-    return save_checkpoint(tmp_path_factory.mktemp("int8-ckpt") / "delta_ckpts", model.delta_state_dict(), manifest)
+    return save_checkpoint(folder / "delta_ckpts", model.delta_state_dict(), manifest)
+
+
+@pytest.fixture(scope="module")
+def adapter_checkpoint(tiny_opt, tmp_path_factory):
+    return _trained_checkpoint(tiny_opt, tmp_path_factory.mktemp("int8-ckpt"), "adapter")
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tiny_opt, tmp_path_factory):
+    return _trained_checkpoint(tiny_opt, tmp_path_factory.mktemp("int8-lora-ckpt"), "lora")
 
 
 def _evaluate(checkpoint, memory_data, out, *extra):
@@ -215,11 +228,14 @@ print(json.dumps({"code": code, "loaded": sorted(m for m in ("peft", "optqa.run.
 """
 
 
-def test_question_loop_answers_on_int8_without_peft(adapter_checkpoint):
+@pytest.mark.parametrize("delta", ["adapter", "lora"])
+def test_question_loop_answers_on_int8_without_peft(delta, request):
     # accelerate is not in the list: transformers 5.24 imports it itself while loading any model, whenever it
-    # is installed (transformers.integrations.accelerate), so it is part of the import-and-load floor
+    # is installed (transformers.integrations.accelerate), so it is part of the import-and-load floor. A LoRA
+    # checkpoint is merged into the backbone without PEFT (deltas.fold_lora).
+    checkpoint = request.getfixturevalue(f"{delta}_checkpoint")
     questions = "\n".join(QUESTIONS[:3]) + "\nquit()\n"
-    done = subprocess.run([sys.executable, "-c", QUESTION_LOOP, str(adapter_checkpoint), questions],
+    done = subprocess.run([sys.executable, "-c", QUESTION_LOOP, str(checkpoint), questions],
                           capture_output=True, text=True, cwd=REPO, timeout=120,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
@@ -228,6 +244,8 @@ def test_question_loop_answers_on_int8_without_peft(adapter_checkpoint):
         f"Answer: {golds[0]}" for _, golds in MEMORY_SET[:3]]
     assert json.loads(lines[-1]) == {"code": 0, "loaded": []}
     assert "quantize int8: int8 backbone (13 Linear layers" in done.stderr
+    if delta == "lora":  # q_proj and v_proj of 2 layers
+        assert "LoRA merged into the backbone weights for answering (4 Linear layers)" in done.stderr
 
 
 def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from conftest import MEMORY_SET, train_in_process
 from torch import nn
 
-from optqa.checkpoints.assemble import build_model
+from optqa.checkpoints.assemble import assemble, build_model
 from optqa.checkpoints.format import backbone_fingerprint
 from optqa.config import DELTA_CONFIGS, RunConfig
 from optqa.data import (
@@ -149,6 +149,42 @@ def test_merged_and_unmerged_lora_agree(lively_opt):
     assert model.answer(QUESTIONS) == before
     # the LoRA factors themselves are untouched, so a checkpoint written from here holds the same delta
     assert all(torch.equal(lora_weights[k], v) for k, v in model.delta_state_dict().items())
+
+
+def test_lora_folded_without_peft_is_peft_merge_bit_for_bit(lively_opt):
+    from optqa.deltas import attached_delta, fold_lora, is_delta_parameter
+    from optqa.errors import OptqaError
+    from optqa.plm import load_plm
+
+    # alpha / r = 1.375: scaling by a power of two would be exact in any order of operations
+    model = make_model(lively_opt, "lora", template=SOFT_TEMPLATE, lora_alpha=11)
+    give_lora_weight(model)
+    with torch.no_grad():
+        model.template.soft_embeds.normal_()
+    state = model.delta_state_dict()
+    before = model.answer(QUESTIONS)
+    plm = load_plm("opt", str(lively_opt))[0]
+    wrong = {k: v[:, :-1] if k.endswith("lora_A.default.weight") else v for k, v in state.items()}
+    with pytest.raises(OptqaError, match=r"^ckpt: backbone\.model\.decoder\.layers\.0\.self_attn\.q_proj\.lora_A"
+                                         r"\.default\.weight has shape \(8, 63\), this model expects \(8, 64\)"):
+        fold_lora(model.delta.config, plm, wrong, "ckpt")
+    delta, rest = fold_lora(model.delta.config, plm, state, "ckpt")
+    assert list(rest) == ["template.soft_embeds"]  # what is not LoRA's is left for the template
+    assert attached_delta(plm) is delta and delta.model is plm and not delta.merge_lora()
+    assert not any(p.requires_grad for p in plm.parameters()) and delta.num_trainable_parameters() == 0
+    assert model.delta.merge_lora()
+    peft_merged = {n.replace(".base_layer", ""): p for n, p in model.backbone.named_parameters()
+                   if not is_delta_parameter(n)}
+    folded = dict(plm.named_parameters())
+    assert folded.keys() == peft_merged.keys()
+    assert all(torch.equal(folded[n], peft_merged[n]) for n in folded)  # the same weights, bit for bit
+    assert model.answer(QUESTIONS) == before
+    # and assembled as attach_checkpoint assembles it, the soft tokens loaded from the rest, it answers the same
+    config = RunConfig(plm_path=str(lively_opt), delta_type="lora", max_new_tokens=6, max_seq_l=64)
+    answering, _ = assemble(plm, model.tokenizer, model.delta.config.to_dict(), SOFT_TEMPLATE, "test", config,
+                            delta=delta)
+    answering.load_delta_state_dict(rest)
+    assert answering.eval().answer(QUESTIONS) == before
 
 
 def test_length_grouped_sampler_covers_each_example_once_and_groups_lengths():

@@ -19,7 +19,7 @@ from optqa.checkpoints.peft import (
     read_adapter_config,
 )
 from optqa.config import REPO_ROOT, RunConfig, find_repo_file
-from optqa.deltas import AutoDeltaConfig, AutoDeltaModel, attached_delta
+from optqa.deltas import AutoDeltaConfig, AutoDeltaModel, attached_delta, fold_lora
 from optqa.errors import OptqaError
 from optqa.model import PromptForGeneration
 from optqa.options import check_length_budget
@@ -39,7 +39,7 @@ def template_text(config: RunConfig) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config: RunConfig):
+def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config: RunConfig, delta=None):
     """The one assembly of a prompt model: ``delta_config``'s delta attached to ``plm`` (in place) and the template
     ``text`` around it.
 
@@ -48,13 +48,15 @@ def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config:
         delta_config: an AutoDeltaConfig dict (a run's ``delta_config()`` or a manifest's ``delta``).
         text: the template text; ``source`` names it in error messages.
         config: ``max_seq_l`` and ``max_new_tokens`` come from it.
+        delta: the delta already on ``plm`` (``fold_lora``'s merged LoRA); None: attach ``delta_config``'s.
     Returns:
         ``(model, delta)``: the ``PromptForGeneration`` and its delta model.
     Raises:
         OptqaError: an invalid delta config or template.
     """
-    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(delta_config), backbone_model=plm,
-                                       tokenizer=tokenizer)
+    if delta is None:
+        delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(delta_config), backbone_model=plm,
+                                           tokenizer=tokenizer)
     template = ManualTemplate(tokenizer, text=text, source=source, embedding=plm.get_input_embeddings())
     model = PromptForGeneration(plm, template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
                                 max_new_tokens=config.max_new_tokens)
@@ -121,26 +123,32 @@ def check_checkpoint_budget(config: RunConfig, manifest: dict, plm_path: str) ->
 
 
 def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
-                      config: RunConfig) -> PromptForGeneration:
+                      config: RunConfig, merge_lora: bool = False) -> PromptForGeneration:
     """Attach a verified checkpoint's delta to ``plm`` (in place) and load its weights.
 
     Args:
         plm: a backbone that carries no delta yet and has passed ``check_backbone`` for this manifest.
         folder, manifest, state: what ``read_verified`` returned.
         config: the checkpoint's settings (``checkpoint_config``): max_seq_l and max_new_tokens.
+        merge_lora: a LoRA is merged into the backbone's weights (``fold_lora``, no PEFT): the model answers
+            only (it cannot train, save or unmerge).
     Returns:
         The model in eval mode, answering with the checkpoint's template.
     Raises:
         OptqaError: the weights do not fit the delta the manifest describes.
     """
-    model, _ = assemble(plm, tokenizer, manifest["delta"], manifest["template"], f"{folder} template", config)
+    delta = None
+    if merge_lora and manifest["delta"]["delta_type"] == "lora":
+        delta, state = fold_lora(AutoDeltaConfig.from_dict(manifest["delta"]), plm, state, str(folder))
+    model, _ = assemble(plm, tokenizer, manifest["delta"], manifest["template"], f"{folder} template", config,
+                        delta=delta)
     model.load_delta_state_dict(state, source=str(folder))
     model.eval()
     return model
 
 
 def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
-                 overrides: dict | None = None, template: str | None = None):
+                 overrides: dict | None = None, template: str | None = None, merge_lora: bool = False):
     """Rebuild a trained model from a checkpoint alone: a folder, a ``.optqa`` bundle, ``hf://OWNER/NAME[@REV]``
     (pulled into the Hugging Face cache), or a plain PEFT adapter folder or repository.
 
@@ -155,6 +163,8 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
         overrides: run settings that replace the recorded ones (``max_new_tokens``, ``eval_batch_size``,
             ``precision``).
         template: a PEFT adapter's template (text or file); checkpoints carry their own.
+        merge_lora: an optqa LoRA checkpoint is merged into the backbone without PEFT, for answering only
+            (``attach_checkpoint``); a plain PEFT adapter stays unmerged here.
     Returns:
         ``(model, manifest, config)``: a ``PromptForGeneration`` in eval mode, the manifest dict (a pulled delta's
         carries ``pulled_from``: repository, revision, commit; in memory only), and the ``RunConfig`` it was
@@ -180,7 +190,7 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
     identity = backbone_identity(plm, config.plm_path)
     check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
-    return attach_checkpoint(plm, tokenizer, folder, manifest, state, config), manifest, config
+    return attach_checkpoint(plm, tokenizer, folder, manifest, state, config, merge_lora), manifest, config
 
 
 def shared_copy(plm: nn.Module) -> nn.Module:
