@@ -65,8 +65,9 @@ def answering(checkpoint: str, data: str, args) -> dict:
 
     configure_threads(args.threads)
     dev = read_qa_jsonl(Path(data) / "dev.jsonl")
-    model, _, saved = load_trained(checkpoint, overrides={"max_new_tokens": args.max_new_tokens})
-    prepare_for_answering(model, RunConfig(quantize="none", precision="fp32"))  # LoRA merged, fp32
+    # LoRA merged as the question loop merges it, fp32
+    model, _, saved = load_trained(checkpoint, overrides={"max_new_tokens": args.max_new_tokens}, merge_lora=True)
+    prepare_for_answering(model, RunConfig(quantize="none", precision="fp32"))
     singles = [e.text_a for e in dev[:args.single_questions]]
     encoded = model.wrapper.encode_all(dev[:args.questions])
     results: dict[str, dict] = {}
@@ -121,12 +122,11 @@ from optqa.quantize import prepare_for_answering, quantize_int8, resolve_quantiz
 from optqa.hardware import configure_threads
 marks.append(("import optqa (assemble, quantize)", time.perf_counter()))
 configure_threads(threads or None)
-model, _, _ = load_trained(checkpoint, overrides={"max_new_tokens": max_new_tokens})
-marks.append(("load_trained: read + verify the checkpoint, load the backbone, fingerprint it, attach the delta",
+model, _, _ = load_trained(checkpoint, overrides={"max_new_tokens": max_new_tokens}, merge_lora=True)
+marks.append(("load_trained: read + verify the checkpoint, load the backbone, fingerprint it, merge LoRA (no PEFT)",
               time.perf_counter()))
 resolved = resolve_quantize(choice, "auto", model.device)
 prepare_for_answering(model, RunConfig(quantize="none", precision="fp32" if resolved == "int8" else "auto"))
-marks.append(("merge LoRA", time.perf_counter()))
 if resolved == "int8":
     stats = quantize_int8(model.plm)
     model.quantization = "int8"
