@@ -21,14 +21,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def closed_pipe_run(*args: str) -> subprocess.CompletedProcess:
     """``python -m optqa ARGS | head`` where head has already gone: stdout's reader is closed before the command
-    writes anything."""
+    starts. (Closing it after the start raced the command's first write: once, in CI on a busy machine, --help
+    ended with 141 instead of 0, as when part of its text got into the pipe before the reader closed.)"""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "optqa", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=REPO, env=env)
-    proc.stdout.close()
-    stderr = proc.stderr.read().decode()
-    proc.stderr.close()
-    return subprocess.CompletedProcess(proc.args, proc.wait(timeout=120), "", stderr)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([sys.executable, "-m", "optqa", *args], stdout=writer, stderr=subprocess.PIPE, cwd=REPO,
+                              env=env, text=True, timeout=120, check=False)
+    finally:
+        os.close(writer)
 
 
 @pytest.fixture(scope="module")
