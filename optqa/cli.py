@@ -79,16 +79,43 @@ def main(argv=None) -> int:
         sys.stdout.flush()  # what is still buffered meets a closed pipe here, not in the interpreter's exit
         return status
     except BrokenPipeError:
-        # the reader went away (`optqa ... | head`): nothing more can be shown, so stop quietly; stdout is pointed
-        # at devnull so that the interpreter's final flush does not raise the same error again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # the reader went away (`optqa ... | head`): nothing more can be shown, so stop quietly
+        _drop_stdout()
         return BROKEN_PIPE_STATUS
 
 
-def _run(argv: list[str]) -> int:
+def _drop_stdout() -> None:
+    """Point stdout at devnull, so that the interpreter's final flush does not meet a closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _parse(argv: list[str]) -> tuple[RunConfig, set[str]] | int:
+    """``parse_args``, or the exit status where argparse ends the run: 0 after --help, 2 after a usage error.
+
+    Also when the help meets a closed pipe (``optqa --help | head``): Python 3.11.7's argparse drops what the pipe
+    refuses, 3.11.2's raises BrokenPipeError, and a help shorter than stdout's buffer meets it only in a later
+    flush; each ends the same way here (tests/test_exits.py).
+    """
     try:
-        config, explicit = parse_args(argv)
+        return parse_args(argv)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BrokenPipeError:
+        status = 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+    return status
+
+
+def _run(argv: list[str]) -> int:
+    parsed = _parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    config, explicit = parsed
+    try:
         configure_logging()
         from optqa.options import check_run
 
@@ -100,9 +127,6 @@ def _run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(argv), file=sys.stderr)
         return 130
-    except SystemExit as exc:
-        # argparse's --help and usage errors: their output may also meet a closed pipe in the flush above
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 def interrupted_message(argv: list[str]) -> str:
