@@ -425,10 +425,10 @@ def fold_lora(config: DeltaConfig, plm: nn.Module, state: dict[str, torch.Tensor
               source: str = "checkpoint") -> tuple[DeltaModel, dict[str, torch.Tensor]]:
     """A saved LoRA folded straight into ``plm``'s Linear weights, for answering only, without PEFT.
 
-    Each target Linear gets ``W += (B @ A) * (lora_alpha / r)``: PEFT's ``merge_adapter``, op for op
+    Each target Linear gets ``W + (B @ A) * (lora_alpha / r)``: PEFT's ``merge_adapter``, op for op
     (``peft.tuners.lora.layer.Linear.merge`` and ``get_delta_weight``, vanilla LoRA with ``fan_in_fan_out``
     off), so the weights are those a PEFT merge gives, bit for bit (tests/test_speed_paths.py). Importing peft and
-    wrapping the backbone was most of optqa's own share of the question loop's start-up (0.2 s of 0.3 s).
+    wrapping the backbone had been most of optqa's own share of the question loop's start-up (0.2 s of 0.3 s).
 
     Args:
         config: the checkpoint's ``LoraConfig``.
@@ -460,7 +460,7 @@ def fold_lora(config: DeltaConfig, plm: nn.Module, state: dict[str, torch.Tensor
             lora_b = lora[f"backbone.{name}.lora_B.{PEFT_ADAPTER_NAME}.weight"].to(weight.device, torch.float32)
             # PEFT adds in place; the same sum into a new tensor is bit for bit the same and 10x sooner here:
             # transformers leaves loaded weights on the safetensors file's copy-on-write pages, and writing into
-            # them costs a page fault per 4 kB (0.23 s for OPT-125m's 24 q/v matrices, against 0.02 s)
+            # them costs a page fault per 4 kB (0.23 s for OPT-125m's 24 q/v matrices, against 0.03 s)
             weight.data = weight.data + (lora_b @ lora_a) * scaling
     delta = DeltaModel(config, plm, plm)
     delta._merged = True
