@@ -230,6 +230,7 @@ class DeltaModel:
         self.backbone_model = backbone_model
         self.model = model
         backbone_model.__dict__[DELTA_ATTRIBUTE] = self
+        self._merged = False  # LoRA folded into the frozen weights (merge_lora, fold_lora): answering only
         self._freeze()
 
     def _freeze(self) -> None:
@@ -320,7 +321,7 @@ class DeltaModel:
 
     def merge_lora(self) -> bool:
         """Fold LoRA into the frozen weights for inference (exact up to float rounding). True if merged."""
-        if self.config.delta_type != "lora" or getattr(self, "_merged", False):
+        if self.config.delta_type != "lora" or self._merged:
             return False
         self.model.merge_adapter()
         self._merged = True
