@@ -3,8 +3,8 @@
 
     python benchmarks/bench_int8.py                # ~5 min on 2 cores, after the assets are built once
     python benchmarks/bench_int8.py --quick        # smoke run
-    # an AVX2-only laptop's kernels, emulated on a newer CPU (torch and oneDNN told not to use AVX-512/AMX):
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_int8.py
+    # an AVX2-only laptop's kernels, emulated on a newer CPU (ATen, MKL, fbgemm and oneDNN capped at AVX2):
+    python benchmarks/bench_int8.py --emulate avx2
 
 Prints what the CPU is (its flags, and the kernel level torch actually runs), then:
 
@@ -106,6 +106,43 @@ def answering(checkpoint: str, data: str, args) -> dict:
     return results
 
 
+def kernels(threads: int | None, rows_list=(1, 32, 256), repeats: int = 7) -> dict:
+    """The issue's own kernel measurement: 24 OPT-125m MLP matrices (12 fc1 768->3072, 12 fc2 3072->768), fp32
+    ``F.linear`` against optqa's int8 Linear (bit for bit torch's dynamic int8 Linear), at 1 row (one question
+    decoding), 32 (a batch decoding) and 256 (a prompt pass). Distinct random weights, so they come from memory
+    as a model's do. Returns ``{rows: {"fp32_ms", "int8_ms", "ratio"}}`` (best of ``repeats``)."""
+    import torch
+
+    from optqa.hardware import configure_threads
+    from optqa.quantize import _pack_all, int8_engine
+
+    configure_threads(threads)
+    torch.backends.quantized.engine = int8_engine()
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator) * 0.02 for _ in range(12) for shape in ((3072, 768), (768, 3072))]
+    biases = [torch.zeros(w.shape[0]) for w in weights]
+    packed = _pack_all(list(zip(weights, biases)), 1)
+
+    def best(step) -> float:
+        step()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return min(times) * 1e3
+
+    result = {}
+    with torch.inference_mode():
+        for rows in rows_list:
+            inputs = {768: torch.randn(rows, 768, generator=generator), 3072: torch.randn(rows, 3072, generator=generator)}
+            fp32 = best(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w, b) for w, b in zip(weights, biases)])
+            int8 = best(lambda: [torch.ops.quantized.linear_dynamic(inputs[w.shape[1]], p, True)
+                                 for w, p in zip(weights, packed)])
+            result[rows] = {"fp32_ms": fp32, "int8_ms": int8, "ratio": fp32 / int8}
+    return result
+
+
 # Run in a fresh process: the question loop's start-up, phase by phase, through the library calls it makes.
 PHASES = r"""
 import json, sys, time
@@ -192,6 +229,7 @@ def agreement() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    common.emulate(args)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -204,10 +242,9 @@ def main(argv=None) -> int:
     info = common.machine()
     info["threads"] = args.threads or info["threads"]  # machine() reports optqa's default; answering uses these
     print(common.machine_markdown(info))
-    print(f"CPU flags: {describe_cpu()}; native bf16 for torch here: {'yes' if cpu_has_native_bf16() else 'no'}"
-          + (f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}, ONEDNN_MAX_CPU_ISA="
-             f"{os.environ.get('ONEDNN_MAX_CPU_ISA')}: emulating an older CPU's kernels)"
-             if os.environ.get("ATEN_CPU_CAPABILITY") else ""))
+    print(f"CPU flags: {describe_cpu()}; native bf16 for torch here: {'yes' if cpu_has_native_bf16() else 'no'}")
+    print("kernels (the issue's measurement: 24 OPT-125m MLP matrices, fp32 vs int8):", flush=True)
+    kernel = kernels(args.threads)
     assets = common.build_assets(workdir / "assets")
     checkpoint = make_checkpoint(assets, workdir)
     print("answering (LoRA checkpoint, merged; OPT-125m shape):", flush=True)
@@ -242,6 +279,11 @@ def main(argv=None) -> int:
     print(f"| batched vs fp32 one at a time | {fp32['questions_per_s'] / single_qps:.2f}x | "
           f"{int8['questions_per_s'] / single_qps:.2f}x | - |"
           + (f" {answer['bf16']['questions_per_s'] / single_qps:.2f}x |" if "bf16" in answer else ""))
+    print(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {args.threads or info['threads']} threads | "
+          + " | ".join(f"{rows} row{'s' if rows > 1 else ''}" for rows in kernel) + " |")
+    print("| --- |" + " --- |" * len(kernel))
+    print("| fp32 / int8, ms | " + " | ".join(f"{k['fp32_ms']:.1f} / {k['int8_ms']:.1f}" for k in kernel.values()) + " |")
+    print("| int8 speed-up | " + " | ".join(f"{k['ratio']:.2f}x" for k in kernel.values()) + " |")
     print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {usable_cpus()} threads "
           f"({answer['quantize_seconds_one_thread']:.2f} s on one)")
     print(f"agreement with fp32: the {agree['trained']['questions']} trained questions (fp32 memorised "

@@ -375,6 +375,7 @@ def repl_table(runs: list[dict], bare: list[float]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    common.emulate(args)
     if args.worker:
         result = worker_train(args) if args.worker == "train" else worker_answer(args)
         Path(args.out).write_text(json.dumps(result))

@@ -42,7 +42,26 @@ def bench_parser(doc: str, quick_help: str, workdir_help: str):
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "optqa-bench-speed"),
                         help=workdir_help)
+    parser.add_argument("--emulate", choices=("avx2",),
+                        help="run on an AVX2-only laptop's kernels on a newer CPU: the script runs again with every "
+                             "library's instruction set capped (ATen, MKL, fbgemm, oneDNN; optqa.hardware."
+                             "KERNEL_ISA_CAPS). It emulates the instructions, not the laptop's caches or memory")
     return parser
+
+
+def emulate(args) -> None:
+    """With ``--emulate avx2``, run this script again under ``KERNEL_ISA_CAPS`` and exit with its status.
+
+    The caps must be in the environment before torch loads its libraries (MKL and fbgemm read them once), hence
+    a new process rather than setting them here; it inherits stdin/stdout, so the output is the same."""
+    if not getattr(args, "emulate", None):
+        return
+    from optqa.hardware import KERNEL_ISA_CAPS
+
+    if all(os.environ.get(name) == value for name, value in KERNEL_ISA_CAPS.items()):
+        return  # this is the emulated run
+    raise SystemExit(subprocess.run([sys.executable, *sys.argv], env={**os.environ, **KERNEL_ISA_CAPS},
+                                    check=False).returncode)
 
 
 def fill_counts(args, counts: tuple[tuple[str, int, int], ...]):

@@ -28,7 +28,7 @@ from torch import nn
 
 from optqa.config import QUANTIZE_CHOICES
 from optqa.errors import OptqaError
-from optqa.hardware import cpu_flags, cpu_has_native_bf16
+from optqa.hardware import cpu_flags, cpu_has_native_bf16, describe_kernels
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def describe_cpu() -> str:
     flags = cpu_flags()
     text = ", ".join(f"{name} {'yes' if flags[name] else 'no'}"
                      for name in ("avx2", "avx512f", "avx512_bf16", "amx", "vnni"))
-    return f"{text}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    return f"{text}; {describe_kernels()}"
 
 
 def resolve_quantize(choice: str, precision: str, device: torch.device, sharded: bool = False) -> str:
@@ -107,8 +107,11 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
 
 
 def _int8_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    # reduce_range=True: what torch's dynamic int8 Linear (version 4) passes, so answers are the ones it gives
-    return torch.ops.quantized.linear_dynamic(hidden, module.__dict__[_INT8], reduce_range=True).to(hidden.dtype)
+    # reduce_range=True: what torch's dynamic int8 Linear (version 4) passes, so answers are the ones it gives.
+    # Positional, and no .to() when the dtype already matches: this runs 73 times per token, and the keyword and the
+    # no-op .to() cost ~5 us each time (measured: 0.4 ms of a 22 ms int8 token on an AVX2 core)
+    out = torch.ops.quantized.linear_dynamic(hidden, module.__dict__[_INT8], True)
+    return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
 
 def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:

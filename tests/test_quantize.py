@@ -3,6 +3,7 @@ the refusal where the kernels are missing, and what the question loop imports.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,54 @@ def test_emulated_avx2_has_no_native_bf16(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- a checkpoint
+
+
+def test_a_partial_kernel_cap_is_named_with_what_it_leaves_out(monkeypatch):
+    from optqa import hardware
+
+    for name in hardware.KERNEL_ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert hardware.describe_kernels() == "torch kernels AVX512"
+    # the old emulation: ATen and oneDNN capped, fbgemm's int8 and MKL's fp32 matmuls still on AVX-512
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert hardware.describe_kernels() == ("torch kernels AVX2 (capped: ONEDNN_MAX_CPU_ISA=AVX2); not capped: "
+                                           "ATEN_CPU_CAPABILITY, FBGEMM_ENABLE_INSTRUCTIONS, MKL_ENABLE_INSTRUCTIONS")
+
+
+def test_benchmark_emulation_reruns_the_script_with_every_library_capped(tmp_path):
+    """``--emulate avx2`` runs the script again in a process whose environment caps all four libraries (they read
+    the caps when torch loads them), with the arguments and the exit status passed through."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+        "import common\n"
+        "args = common.bench_parser('probe', 'quick', 'workdir').parse_args()\n"
+        "common.emulate(args)\n"
+        "from optqa.hardware import KERNEL_ISA_CAPS, describe_kernels\n"
+        "print(json.dumps({'caps': {k: os.environ.get(k) for k in KERNEL_ISA_CAPS}, 'kernels': describe_kernels(),"
+        " 'quick': args.quick}))\n"
+        "sys.exit(3)\n")
+    from optqa.hardware import KERNEL_ISA_CAPS
+
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_ISA_CAPS}
+    env["PYTHONPATH"] = str(REPO)
+    for argv, capped in ((["--emulate", "avx2", "--quick"], True), (["--quick"], False)):
+        done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 3, done.stderr
+        printed = json.loads(done.stdout.strip().splitlines()[-1])
+        assert printed["quick"] is True
+        if capped:
+            assert printed["caps"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                       "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+            assert printed["kernels"] == ("torch kernels AVX2 (capped: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA="
+                                          "AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)")
+        else:
+            assert set(printed["caps"].values()) == {None}
+            assert "capped" not in printed["kernels"]
 
 def _trained_checkpoint(tiny_opt, folder: Path, delta: str) -> Path:
     """A delta that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
