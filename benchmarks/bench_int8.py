@@ -136,9 +136,10 @@ def kernels(threads: int | None, rows_list=(1, 32, 256), repeats: int = 7) -> di
     with torch.inference_mode():
         for rows in rows_list:
             inputs = {768: torch.randn(rows, 768, generator=generator), 3072: torch.randn(rows, 3072, generator=generator)}
-            fp32 = best(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w, b) for w, b in zip(weights, biases)])
-            int8 = best(lambda: [torch.ops.quantized.linear_dynamic(inputs[w.shape[1]], p, True)
-                                 for w, p in zip(weights, packed)])
+            fp32 = best(lambda x=inputs: [torch.nn.functional.linear(x[w.shape[1]], w, b)
+                                          for w, b in zip(weights, biases)])
+            int8 = best(lambda x=inputs: [torch.ops.quantized.linear_dynamic(x[w.shape[1]], p, True)
+                                          for w, p in zip(weights, packed)])
             result[rows] = {"fp32_ms": fp32, "int8_ms": int8, "ratio": fp32 / int8}
     return result
 
