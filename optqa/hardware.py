@@ -108,9 +108,10 @@ def kernel_isa_caps() -> dict[str, str]:
 
 
 def describe_kernels() -> str:
-    """One line: the level ATen's kernels run at and the caps on MKL, fbgemm and oneDNN, e.g. ``torch kernels
-    AVX2 (capped: ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)``.
-    A partial cap is named as such, since the uncapped libraries still run the CPU's newest kernels."""
+    """One line: the level ATen's kernels run at and the caps set on the libraries, e.g. ``torch kernels AVX2
+    (capped: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2,
+    MKL_ENABLE_INSTRUCTIONS=AVX2)``, or just ``torch kernels AVX512`` with no cap. A partial cap ends with
+    ``; not capped: ...`` naming the rest, since those libraries still run the CPU's newest kernels."""
     text = f"torch kernels {torch.backends.cpu.get_cpu_capability()}"
     caps = kernel_isa_caps()
     if not caps:
