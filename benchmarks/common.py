@@ -54,7 +54,7 @@ def emulate(args) -> None:
 
     The caps must be in the environment before torch loads its libraries (MKL and fbgemm read them once), hence
     a new process rather than setting them here; it inherits stdin/stdout, so the output is the same."""
-    if not getattr(args, "emulate", None):
+    if not args.emulate:
         return
     from optqa.hardware import KERNEL_ISA_CAPS
 
