@@ -237,13 +237,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from optqa.hardware import cpu_has_native_bf16, usable_cpus
-    from optqa.quantize import describe_cpu, resolve_quantize
+    from optqa.hardware import usable_cpus
+    from optqa.quantize import resolve_quantize
 
     info = common.machine()
     info["threads"] = args.threads or info["threads"]  # machine() reports optqa's default; answering uses these
     print(common.machine_markdown(info))
-    print(f"CPU flags: {describe_cpu()}; native bf16 for torch here: {'yes' if cpu_has_native_bf16() else 'no'}")
     print("kernels (the issue's measurement: 24 OPT-125m MLP matrices, fp32 vs int8):", flush=True)
     kernel = kernels(args.threads)
     assets = common.build_assets(workdir / "assets")

@@ -78,7 +78,8 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from optqa.hardware import configure_threads, cpu_has_native_bf16, describe_kernels, usable_cpus
+    from optqa.hardware import configure_threads, cpu_has_native_bf16, usable_cpus
+    from optqa.quantize import describe_cpu
 
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -99,7 +100,7 @@ def machine() -> dict:
         physical, memory_gb = None, None
     return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": physical, "usable_cpus": usable_cpus(),
             "memory_gb": round(memory_gb, 1) if memory_gb else None, "native_bf16": cpu_has_native_bf16(),
-            "kernels": describe_kernels(),
+            "cpu_flags": describe_cpu(),
             "threads": configure_threads(None), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
             else None, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "os": platform.platform(terse=True)}
@@ -110,7 +111,7 @@ def machine_markdown(info: dict) -> str:
     if info["usable_cpus"] != info["logical_cpus"]:
         cores += f" ({info['usable_cpus']} usable)"
     return (f"Machine: {info['cpu']}, {cores}, {info['memory_gb']} GB RAM, native bf16: "
-            f"{'yes' if info['native_bf16'] else 'no'}, {info['kernels']}, {info['threads']} torch threads"
+            f"{'yes' if info['native_bf16'] else 'no'} (CPU flags: {info['cpu_flags']}), {info['threads']} torch threads"
             f"{', GPU ' + info['gpu'] if info['gpu'] else ''}; {info['os']}, Python {info['python']}, "
             f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}")
 
