@@ -123,8 +123,8 @@ def describe_kernels() -> str:
 
 def cpu_has_native_bf16() -> bool:
     """Whether torch computes bf16 natively here: the CPU has AVX512-BF16 or AMX (Arm: BF16) *and* torch is
-    allowed to use them. ``ATEN_CPU_CAPABILITY=avx2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` make torch run as on an
-    AVX2-only laptop (benchmarks/bench_int8.py uses that): bf16 then runs emulated, so it is not native."""
+    allowed to use them: ``ATEN_CPU_CAPABILITY=avx2`` or a ``ONEDNN_MAX_CPU_ISA`` below bf16 (two of the
+    ``KERNEL_ISA_CAPS`` that ``--emulate avx2`` sets in the benchmarks) make bf16 run emulated, so not native."""
     flags = cpu_flags()
     if platform.machine().lower() in ("arm64", "aarch64"):
         return flags["arm_bf16"]

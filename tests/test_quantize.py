@@ -151,9 +151,6 @@ def test_emulated_avx2_has_no_native_bf16(monkeypatch):
     assert not runtime.cpu_has_native_bf16()
 
 
-# ------------------------------------------------------------------------------------------- a checkpoint
-
-
 def test_a_partial_kernel_cap_is_named_with_what_it_leaves_out(monkeypatch):
     from optqa import hardware
 
@@ -200,6 +197,9 @@ def test_benchmark_emulation_reruns_the_script_with_every_library_capped(tmp_pat
         else:
             assert set(printed["caps"].values()) == {None}
             assert "capped" not in printed["kernels"]
+
+
+# ------------------------------------------------------------------------------------------- a checkpoint
 
 def _trained_checkpoint(tiny_opt, folder: Path, delta: str) -> Path:
     """A delta that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
