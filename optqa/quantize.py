@@ -40,6 +40,7 @@ QUANTIZE_HEAD = True
 _INT8 = "_optqa_int8"  # where a quantised Linear keeps its packed int8 weight (not a tensor: no state dict)
 _PENDING = "_optqa_int8_pending"  # a background quantisation still running on a PromptForGeneration
 _EPS = torch.finfo(torch.float32).eps  # the smallest scale torch's observers give a row (an all-zero row gets it)
+_BLOCK_WEIGHTS = 128 * 1024  # weights quantised at a time: 512 kB of fp32, well inside a 1-2 MB L2 (fastest measured)
 
 
 def _supported_engines() -> list[str]:
@@ -114,15 +115,37 @@ def _int8_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
 
+def _quantize_rows(weight: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and fp32 scales of ``weight``, one symmetric scale per row, ``rows`` rows at a time.
+
+    The arithmetic of torch's per-channel quantiser on x86 (``quantize_val``: ``nearbyint(x * (1.0f / scale))``,
+    clamped to [-128, 127]) in whole-tensor ops on blocks that stay in the L2 cache: the weight is read from
+    memory once, where ``amin``, ``amax`` and ``quantize_per_channel`` read it three times, and
+    ``quantize_per_channel`` is a scalar loop on x86 (2.5 ns per weight, measured). Tested bit for bit against it.
+    """
+    out = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0])
+    scaled = torch.empty(min(rows, weight.shape[0]), weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows]
+        # the observer's symmetric scale: the larger magnitude over half the qint8 range (127.5), never below eps
+        scale = torch.maximum(block.amin(dim=1).neg_().clamp_(min=0), block.amax(dim=1).clamp_(min=0))
+        scale = scale.div_(127.5).clamp_(min=_EPS)
+        scales[start:start + len(block)] = scale
+        values = torch.mul(block, torch.reciprocal(scale).unsqueeze(1), out=scaled[:len(block)])
+        out[start:start + len(block)] = values.round_().clamp_(-128, 127)  # round_: half to even, as nearbyint
+    return out, scales
+
+
 def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
     """One Linear's weight as the engine's packed int8 matrix: one symmetric scale per output row.
 
     Bit for bit what ``torch.ao.nn.quantized.dynamic.Linear.from_float`` packs under
-    ``per_channel_dynamic_qconfig`` (tested layer by layer), at about half its cost: its
-    ``PerChannelMinMaxObserver`` is one ``amin`` and one ``amax`` here (together a quarter of the time of the
-    observer's ``aminmax`` along rows, measured on OPT-125m's weights), and from_float packs an all-zero weight of
-    the full shape in the module's constructor before packing the real one (a third of a second for OPT-125m's
-    output head alone).
+    ``per_channel_dynamic_qconfig`` (tested layer by layer), at less than half its cost: its
+    ``PerChannelMinMaxObserver`` and ``quantize_per_channel`` are one pass over L2-sized blocks here
+    (``_quantize_rows``: OPT-125m packs in 0.78-0.82 s instead of 0.94-1.00 s on one emulated AVX2 core, and in
+    0.45-0.46 s instead of 0.48-0.49 s on two), and from_float packs an all-zero weight of the full shape in the
+    module's constructor before packing the real one (a third of a second for OPT-125m's output head alone).
 
     Args:
         weight: the fp32 weight, (out_features, in_features).
@@ -131,11 +154,10 @@ def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptOb
         The packed weight for ``torch.ops.quantized.linear_dynamic`` on the current quantized engine.
     """
     weight = weight.detach().float()
-    low, high = weight.amin(dim=1), weight.amax(dim=1)  # exact, like aminmax
-    # the observer's symmetric scale: the larger magnitude over half the qint8 range (127.5), never below eps
-    scale = torch.clamp(torch.maximum(-low.clamp(max=0), high.clamp(min=0)) / 127.5, min=_EPS)
-    qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
-                                         torch.qint8)
+    values, scales = _quantize_rows(weight, max(1, _BLOCK_WEIGHTS // weight.shape[1]))
+    # a qint8 tensor made from values already quantised (torch's own constructor for that, as torchao uses it)
+    qweight = torch._make_per_channel_quantized_tensor(values, scales.double(),
+                                                       torch.zeros(len(scales), dtype=torch.long), 0)
     return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
 
 

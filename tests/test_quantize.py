@@ -79,7 +79,8 @@ def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
 
 def test_packing_is_bit_for_bit_torchs_dynamic_int8_linear(tiny_opt):
     """pack_int8 is a faster route to what torch's DynamicInt8Linear.from_float packs: the same int8 weights,
-    scales and bias, and the same outputs, for every Linear (the head included, and a row of zeros)."""
+    scales and bias, and the same outputs, for every Linear (the head included, a row of zeros, and a row whose
+    values fall on the halves between int8 steps, where the rounding mode decides)."""
     import warnings
 
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
@@ -89,6 +90,8 @@ def test_packing_is_bit_for_bit_torchs_dynamic_int8_linear(tiny_opt):
     layers = quantize.frozen_linears(model.plm)
     with torch.no_grad():
         layers[0][1].weight[3] = 0  # an all-zero row gets the observer's smallest scale, not a division by 0
+        steps = torch.arange(layers[1][1].in_features) % 255 - 127  # -127 ... 127
+        layers[1][1].weight[0] = (steps + 0.5) / 127.5  # scale 1/127.5: every value lands near k + 0.5
     quantize.quantize_int8(model.plm, workers=2)
     torch.manual_seed(0)
     with warnings.catch_warnings():
