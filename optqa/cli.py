@@ -180,7 +180,7 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
                                           overrides=overrides,
                                           template=config.template if "template" in explicit else None,
-                                          merge_lora=config.merge_lora)
+                                          merge_lora=config.merge_lora, answer_only=True)
     saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
     config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
     return model, manifest, saved

@@ -1,8 +1,9 @@
 """OpenDelta's ``AutoDeltaConfig`` / ``AutoDeltaModel`` on top of PEFT.
 
-LoRA, soft prompts and prefix tuning come from PEFT. PEFT has no bottleneck adapter and no BitFit, so those
-two are written here, with OpenDelta's semantics and parameter names (which also makes importing OpenDelta
-checkpoints a plain key match):
+LoRA, soft prompts and prefix tuning come from PEFT (for answering only, a saved LoRA is folded into the
+weights, ``fold_lora``, and a soft prompt or prefix read into a plain table, ``attach_prompt_table``, neither
+importing PEFT). PEFT has no bottleneck adapter and no BitFit, so those two are written here, with OpenDelta's
+semantics and parameter names (which also makes importing OpenDelta checkpoints a plain key match):
 
 - adapter: ``out + up(act(down(out)))`` on the output of each modified module, the up projection starting
   at zero so the model starts exactly as the backbone;
@@ -18,7 +19,9 @@ import copy
 import dataclasses
 import functools
 import logging
+import warnings
 from collections import OrderedDict
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -409,13 +412,24 @@ def _attach_bitfit(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
     return plm
 
 
+def _peft_model(plm: nn.Module, peft_config) -> nn.Module:
+    """``peft.get_peft_model``, without the FutureWarning transformers (>= 5.24) prints each time: PEFT (0.21)
+    reads the deprecated ``is_gradient_checkpointing`` while it wraps the model, an alias of
+    ``is_activation_checkpointing`` that returns the same value until transformers 6 removes it."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(plm, peft_config)
+
+
 def _attach_lora(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
     import peft
 
     targets = _linear_targets(plm, config.modified_modules)
     lora = peft.LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
                            lora_dropout=config.lora_dropout, target_modules=targets)
-    return peft.get_peft_model(plm, lora)
+    return _peft_model(plm, lora)
 
 
 # PEFT's name for the one adapter optqa attaches: part of every LoRA checkpoint key (``...lora_A.default.weight``)
@@ -479,7 +493,7 @@ def _attach_soft_prompt(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Mo
 
     prompt = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.soft_token_num,
                                      token_dim=input_embedding_width(plm))
-    model = peft.get_peft_model(plm, prompt)
+    model = _peft_model(plm, prompt)
     if config.init_text and tokenizer is not None:
         # PEFT's TEXT init reloads the tokenizer by name (fails offline); the same init, done in place
         ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
@@ -494,4 +508,61 @@ def _attach_prefix(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
     import peft
 
     prefix = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.prefix_token_num)
-    return peft.get_peft_model(plm, prefix)
+    return _peft_model(plm, prefix)
+
+
+# PEFT's names for the two prompt-learning methods (its PeftType values), as PromptForGeneration reads them
+PEFT_PROMPT_LEARNING = {"soft_prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+
+
+class PromptTable(nn.Module):
+    """A saved soft prompt or prefix for answering only, without PEFT: the one table PEFT's prompt-learning model
+    holds, under PEFT's attribute names and in PEFT's layout, around the backbone (``base_model``, as PEFT's).
+
+    ``PromptForGeneration`` applies a soft prompt or prefix itself from that table (``_virtual_weight``) and
+    never runs PEFT's forward, so answering needs nothing else of PEFT; the checkpoint's key
+    (``plm.prompt_encoder.default.embedding.weight``) loads into it unchanged.
+
+    Args:
+        delta_type: ``"soft_prompt"`` or ``"prefix"``.
+        shape: the table's ``(num_virtual_tokens, width)`` (``prompt_table_shape``).
+        base_model: the backbone.
+    """
+
+    def __init__(self, delta_type: str, shape: tuple[int, int], base_model: nn.Module):
+        super().__init__()
+        self.base_model = base_model
+        self.active_adapter = PEFT_ADAPTER_NAME
+        self.peft_config = {PEFT_ADAPTER_NAME: SimpleNamespace(peft_type=PEFT_PROMPT_LEARNING[delta_type])}
+        encoder = nn.Module()
+        # fp32, like PEFT's table; its values come from the checkpoint (load_delta_state)
+        encoder.embedding = nn.Embedding(*shape, device=next(base_model.parameters()).device)
+        self.prompt_encoder = nn.ModuleDict({PEFT_ADAPTER_NAME: encoder})
+
+    def get_base_model(self) -> nn.Module:
+        """The backbone, as ``PeftModel.get_base_model`` returns it."""
+        return self.base_model
+
+
+def prompt_table_shape(config: DeltaConfig, plm: nn.Module) -> tuple[int, int]:
+    """PEFT's table shape for a soft prompt (``(soft_token_num, input embedding width)``) or a prefix
+    (``(prefix_token_num, layers * 2 * hidden_size)``: a key and a value per layer and virtual token)."""
+    if config.delta_type == "soft_prompt":
+        return config.soft_token_num, input_embedding_width(plm)
+    return config.prefix_token_num, plm.config.num_hidden_layers * 2 * plm.config.hidden_size
+
+
+def attach_prompt_table(config: DeltaConfig, plm: nn.Module) -> DeltaModel:
+    """A soft prompt or prefix attached to ``plm`` for answering only, without importing PEFT (``PromptTable``).
+
+    It answers as the PEFT-built delta does, bit for bit (tests/test_speed_paths.py); it cannot train or be
+    exported in PEFT's format. Importing PEFT and wrapping the backbone cost the question loop ~0.1 s of its
+    start-up (measured on OPT-125m's shape).
+
+    Args:
+        config: the checkpoint's ``SoftPromptConfig`` or ``PrefixConfig``.
+        plm: a backbone without a delta (``load_plm``).
+    Returns:
+        The ``DeltaModel``; load the checkpoint's tensors into the ``PromptForGeneration`` built on ``plm``.
+    """
+    return DeltaModel(config, plm, PromptTable(config.delta_type, prompt_table_shape(config, plm), plm))

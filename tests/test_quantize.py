@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MEMORY_SET, REPO
-from test_speed_paths import make_model, train_a_little
+from test_speed_paths import first_step_logits, make_model, train_a_little
 
 from optqa import quantize
-from optqa.data import InputExample, collate_for_generation
 from optqa.errors import OptqaError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,17 +30,6 @@ TRAINING = {"adapter": (100, 3e-2), "lora": (100, 3e-2), "bitfit": (40, 1e-1), "
             "soft_prompt": (40, 1e-1)}
 
 
-def first_step_logits(model) -> torch.Tensor:
-    """Logits of the first answer token for every question, shape (questions, vocabulary)."""
-    encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS)]
-    batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
-    # optqa's own inputs (soft prompt, prefix cache), as answering builds them: PEFT's forward for a prefix still
-    # passes past_key_values, which transformers 5.24 deprecates (gone in 5.40)
-    with torch.inference_mode(), model._running(batch):
-        out = model.backbone(**model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=False))
-    return out.logits[:, -1].float()
-
-
 @pytest.mark.parametrize("delta", ["adapter", "lora", "bitfit", "prefix", "soft_prompt"])
 def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
     model = make_model(tiny_opt, delta)
@@ -50,11 +38,11 @@ def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
     if delta == "lora":
         assert model.delta.merge_lora()  # as prepare_for_answering does before quantising
     delta_before = {k: v.clone() for k, v in model.delta_state_dict().items()}
-    fp32_logits, fp32_answers = first_step_logits(model), model.answer(QUESTIONS)
+    fp32_logits, fp32_answers = first_step_logits(model, QUESTIONS), model.answer(QUESTIONS)
 
     stats = quantize.quantize_int8(model.plm)
     assert stats["layers"] == TINY_LINEARS
-    int8_logits, int8_answers = first_step_logits(model), model.answer(QUESTIONS)
+    int8_logits, int8_answers = first_step_logits(model, QUESTIONS), model.answer(QUESTIONS)
 
     error = (int8_logits - fp32_logits).abs().max() / fp32_logits.abs().max()
     assert 0 < error <= LOGIT_TOLERANCE  # int8 really ran, and stayed close
@@ -71,10 +59,10 @@ def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
     # packing on one thread or several gives the same int8 model: the same logits, bit for bit
     quantize.dequantize(model.plm)
     quantize.quantize_int8(model.plm, workers=1)
-    assert torch.equal(first_step_logits(model), int8_logits) and model.answer(QUESTIONS) == int8_answers
+    assert torch.equal(first_step_logits(model, QUESTIONS), int8_logits) and model.answer(QUESTIONS) == int8_answers
 
     quantize.dequantize(model.plm)
-    assert torch.equal(first_step_logits(model), fp32_logits)  # back to exact fp32
+    assert torch.equal(first_step_logits(model, QUESTIONS), fp32_logits)  # back to exact fp32
 
 
 def test_packing_is_bit_for_bit_torchs_dynamic_int8_linear(tiny_opt):
@@ -204,8 +192,10 @@ def test_benchmark_emulation_reruns_the_script_with_every_library_capped(tmp_pat
 
 # ------------------------------------------------------------------------------------------- a checkpoint
 
-def _trained_checkpoint(tiny_opt, folder: Path, delta: str) -> Path:
-    """A delta that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
+def _trained_checkpoint(plm: Path, folder: Path, delta: str) -> Path:
+    """A delta that memorised MEMORY_SET (adapter, LoRA), or a soft prompt or prefix of large random values on
+    lively_opt (they barely train on a random backbone; these move its answers), saved as a checkpoint by
+    optqa's own writer."""
     from optqa.checkpoints.assemble import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
     from optqa.config import DELTA_CONFIGS, RunConfig
@@ -213,12 +203,16 @@ def _trained_checkpoint(tiny_opt, folder: Path, delta: str) -> Path:
     torch.manual_seed(0)
     template = '{"placeholder":"text_a"} Answer: {"mask"}'
     # the library's default modules (LoRA: q_proj and v_proj), as make_model attaches them
-    modules = DELTA_CONFIGS[delta]().to_dict()["modified_modules"]
-    config = RunConfig(plm_path=str(tiny_opt), delta_type=delta, max_new_tokens=6, max_seq_l=64, eval_batch_size=8,
-                       modified_modules=modules)
+    modules = DELTA_CONFIGS[delta]().to_dict().get("modified_modules")  # soft prompts and prefixes have none
+    config = RunConfig(plm_path=str(plm), delta_type=delta, max_new_tokens=6, max_seq_l=64, eval_batch_size=8,
+                       **({"modified_modules": modules} if modules else {}))
     model, backbone = build_model(config, template=template)
-    train_a_little(model, steps=100, lr=3e-2)
-    assert model.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]  # real, distinct answers
+    if modules:
+        train_a_little(model, steps=100, lr=3e-2)
+        assert model.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]  # real, distinct answers
+    else:
+        with torch.no_grad():
+            model._virtual_weight().normal_(0.0, 0.5)
     manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=template, backbone=backbone,
                               hyperparameters=config.to_dict(), metrics={},
                               trainable_parameters=model.num_trainable_parameters())
@@ -233,6 +227,16 @@ def adapter_checkpoint(tiny_opt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_checkpoint(tiny_opt, tmp_path_factory):
     return _trained_checkpoint(tiny_opt, tmp_path_factory.mktemp("int8-lora-ckpt"), "lora")
+
+
+@pytest.fixture(scope="module")
+def soft_prompt_checkpoint(lively_opt, tmp_path_factory):
+    return _trained_checkpoint(lively_opt, tmp_path_factory.mktemp("int8-soft-ckpt"), "soft_prompt")
+
+
+@pytest.fixture(scope="module")
+def prefix_checkpoint(lively_opt, tmp_path_factory):
+    return _trained_checkpoint(lively_opt, tmp_path_factory.mktemp("int8-prefix-ckpt"), "prefix")
 
 
 def _evaluate(checkpoint, memory_data, out, *extra):
@@ -274,27 +278,37 @@ QUESTION_LOOP = """
 import io, json, sys
 sys.stdin = io.StringIO(sys.argv[2])
 from optqa.cli import main
-code = main(["--mode", "interactive_inference", "--delta_save_path", sys.argv[1], "--quantize", "int8"])
+code = main(["--mode", "interactive_inference", "--delta_save_path", sys.argv[1], "--quantize", "int8",
+             "--num_threads", "1"])
 print(json.dumps({"code": code, "loaded": sorted(m for m in ("peft", "optqa.run.training", "optqa.run.evaluation")
                                                  if m in sys.modules)}))
 """
 
 
-@pytest.mark.parametrize("delta", ["adapter", "lora"])
+@pytest.mark.parametrize("delta", ["adapter", "lora", "soft_prompt", "prefix"])
 def test_question_loop_answers_on_int8_without_peft(delta, request):
     # accelerate is not in the list: transformers 5.24 imports it itself while loading any model, whenever it
     # is installed (transformers.integrations.accelerate), so it is part of the import-and-load floor. A LoRA
-    # checkpoint is merged into the backbone without PEFT (deltas.fold_lora).
+    # checkpoint is merged into the backbone without PEFT (deltas.fold_lora), a soft prompt or prefix is read
+    # into a plain table (deltas.attach_prompt_table): each answers as the model built through PEFT does.
+    from optqa.checkpoints.assemble import load_trained
+
     checkpoint = request.getfixturevalue(f"{delta}_checkpoint")
+    with_peft = load_trained(checkpoint)[0]
+    quantize.quantize_int8(with_peft.plm)
+    expected = [with_peft.answer([question])[0] for question in QUESTIONS[:3]]  # one at a time, as the loop
+    if delta in ("adapter", "lora"):
+        assert expected == [golds[0] for _, golds in MEMORY_SET[:3]]
+    assert all(expected) and len(set(expected)) == 3  # distinct answers: the comparison below means something
     questions = "\n".join(QUESTIONS[:3]) + "\nquit()\n"
     done = subprocess.run([sys.executable, "-c", QUESTION_LOOP, str(checkpoint), questions],
                           capture_output=True, text=True, cwd=REPO, timeout=120,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert [line for line in lines if line.startswith("Answer:")] == [
-        f"Answer: {golds[0]}" for _, golds in MEMORY_SET[:3]]
+    assert [line for line in lines if line.startswith("Answer:")] == [f"Answer: {a}" for a in expected]
     assert json.loads(lines[-1]) == {"code": 0, "loaded": []}
+    assert "Warning" not in done.stderr  # nothing but optqa's own lines
     assert "quantize int8: int8 backbone (13 Linear layers" in done.stderr
     if delta == "lora":  # q_proj and v_proj of 2 layers
         assert "LoRA merged into the backbone weights for answering (4 Linear layers)" in done.stderr

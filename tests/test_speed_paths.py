@@ -15,6 +15,7 @@ from optqa.data import (
     InputExample,
     LengthGroupedBatchSampler,
     LMTokenizerWrapper,
+    collate_for_generation,
     collate_for_training,
     generation_batches,
 )
@@ -185,6 +186,51 @@ def test_lora_folded_without_peft_is_peft_merge_bit_for_bit(lively_opt):
                             delta=delta)
     answering.load_delta_state_dict(rest)
     assert answering.eval().answer(QUESTIONS) == before
+
+
+@pytest.mark.parametrize("delta", ["soft_prompt", "prefix"])
+def test_prompt_tables_answer_without_peft_as_peft_does(lively_opt, delta):
+    from optqa.deltas import PromptTable, attach_prompt_table, attached_delta, is_delta_parameter
+    from optqa.errors import OptqaError
+    from optqa.plm import load_plm
+
+    model = make_model(lively_opt, delta, template=SOFT_TEMPLATE)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.template.soft_embeds.normal_()
+        model._virtual_weight().normal_(0.0, 0.5)
+    state = {k: v.clone() for k, v in model.delta_state_dict().items()}  # detached, but the same storage
+    before, before_logits = model.answer(QUESTIONS), first_step_logits(model)
+    with torch.no_grad():
+        model._virtual_weight().normal_(0.0, 0.5)
+    assert model.answer(QUESTIONS) != before  # the table decides the answers
+    plm, tokenizer, _, _ = load_plm("opt", str(lively_opt))
+    delta_model = attach_prompt_table(model.delta.config, plm)
+    assert type(delta_model.model) is PromptTable and attached_delta(plm) is delta_model
+    config = RunConfig(plm_path=str(lively_opt), delta_type=delta, max_new_tokens=6, max_seq_l=64)
+    answering, _ = assemble(plm, tokenizer, model.delta.config.to_dict(), SOFT_TEMPLATE, "test", config,
+                            delta=delta_model)
+    # the same names as PEFT's model has: the checkpoint loads unchanged
+    assert [n for n, _ in answering.named_parameters() if is_delta_parameter(n)] == list(state)
+    name = "plm.prompt_encoder.default.embedding.weight"
+    rows, width = state[name].shape
+    with pytest.raises(OptqaError, match=rf"^ckpt: {name} has shape \({rows - 1}, {width}\), this model expects "
+                                         rf"\({rows}, {width}\)"):
+        answering.load_delta_state_dict({**state, name: state[name][1:]}, source="ckpt")
+    answering.load_delta_state_dict(state)
+    assert torch.equal(first_step_logits(answering.eval()), before_logits)  # bit for bit
+    assert answering.answer(QUESTIONS) == before
+
+
+def first_step_logits(model, questions: list[str] = QUESTIONS) -> torch.Tensor:
+    """Logits of the first answer token for every question, through optqa's own inputs (soft prompt, prefix
+    cache) as answering builds them: ``(questions, vocabulary)``. PEFT's own forward for a prefix would still pass
+    ``past_key_values``, which transformers 5.24 deprecates (gone in 5.40)."""
+    encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(questions)]
+    batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
+    with torch.inference_mode(), model._running(batch):
+        out = model.backbone(**model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=False))
+    return out.logits[:, -1].float()
 
 
 def test_length_grouped_sampler_covers_each_example_once_and_groups_lengths():

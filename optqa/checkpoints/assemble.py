@@ -19,7 +19,8 @@ from optqa.checkpoints.peft import (
     read_adapter_config,
 )
 from optqa.config import REPO_ROOT, RunConfig, find_repo_file
-from optqa.deltas import AutoDeltaConfig, AutoDeltaModel, attached_delta, fold_lora
+from optqa.deltas import (PEFT_PROMPT_LEARNING, AutoDeltaConfig, AutoDeltaModel, attach_prompt_table,
+                          attached_delta, fold_lora)
 from optqa.errors import OptqaError
 from optqa.model import PromptForGeneration
 from optqa.options import check_length_budget
@@ -123,7 +124,7 @@ def check_checkpoint_budget(config: RunConfig, manifest: dict, plm_path: str) ->
 
 
 def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
-                      config: RunConfig, merge_lora: bool = False) -> PromptForGeneration:
+                      config: RunConfig, merge_lora: bool = False, answer_only: bool = False) -> PromptForGeneration:
     """Attach a verified checkpoint's delta to ``plm`` (in place) and load its weights.
 
     Args:
@@ -132,14 +133,19 @@ def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
         config: the checkpoint's settings (``checkpoint_config``): max_seq_l and max_new_tokens.
         merge_lora: a LoRA is merged into the backbone's weights (``fold_lora``, no PEFT): the model answers
             only (it cannot train, save or unmerge).
+        answer_only: the model only answers: a soft prompt or prefix is read into a plain table
+            (``attach_prompt_table``, no PEFT); it cannot train or be exported in PEFT's format.
     Returns:
         The model in eval mode, answering with the checkpoint's template.
     Raises:
         OptqaError: the weights do not fit the delta the manifest describes.
     """
     delta = None
-    if merge_lora and manifest["delta"]["delta_type"] == "lora":
+    delta_type = manifest["delta"]["delta_type"]
+    if merge_lora and delta_type == "lora":
         delta, state = fold_lora(AutoDeltaConfig.from_dict(manifest["delta"]), plm, state, str(folder))
+    elif answer_only and delta_type in PEFT_PROMPT_LEARNING:
+        delta = attach_prompt_table(AutoDeltaConfig.from_dict(manifest["delta"]), plm)
     model, _ = assemble(plm, tokenizer, manifest["delta"], manifest["template"], f"{folder} template", config,
                         delta=delta)
     model.load_delta_state_dict(state, source=str(folder))
@@ -148,7 +154,8 @@ def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
 
 
 def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
-                 overrides: dict | None = None, template: str | None = None, merge_lora: bool = False):
+                 overrides: dict | None = None, template: str | None = None, merge_lora: bool = False,
+                 answer_only: bool = False):
     """Rebuild a trained model from a checkpoint alone: a folder, a ``.optqa`` bundle, ``hf://OWNER/NAME[@REV]``
     (pulled into the Hugging Face cache), or a plain PEFT adapter folder or repository.
 
@@ -165,6 +172,8 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
         template: a PEFT adapter's template (text or file); checkpoints carry their own.
         merge_lora: an optqa LoRA checkpoint is merged into the backbone without PEFT, for answering only
             (``attach_checkpoint``); a plain PEFT adapter stays unmerged here.
+        answer_only: the model only answers (the question loop, evaluate, serve): an optqa soft prompt or prefix
+            checkpoint is applied without PEFT (``attach_checkpoint``); a plain PEFT adapter keeps PEFT.
     Returns:
         ``(model, manifest, config)``: a ``PromptForGeneration`` in eval mode, the manifest dict (a pulled delta's
         carries ``pulled_from``: repository, revision, commit; in memory only), and the ``RunConfig`` it was
@@ -190,7 +199,8 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
     identity = backbone_identity(plm, config.plm_path)
     check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
-    return attach_checkpoint(plm, tokenizer, folder, manifest, state, config, merge_lora), manifest, config
+    model = attach_checkpoint(plm, tokenizer, folder, manifest, state, config, merge_lora, answer_only)
+    return model, manifest, config
 
 
 def shared_copy(plm: nn.Module) -> nn.Module:
@@ -252,8 +262,8 @@ def load_shared(paths: dict[str, str | Path], plm_path: str | None = None, ignor
             raise OptqaError(f"delta {name!r} refused: {exc}") from exc
         config = checkpoint_config(manifest, overrides)
         config.plm_path = backbone_path
-        models[name] = (attach_checkpoint(shared_copy(plm), tokenizer, folder, manifest, state, config),
-                        manifest, config)
+        models[name] = (attach_checkpoint(shared_copy(plm), tokenizer, folder, manifest, state, config,
+                                          answer_only=True), manifest, config)
     return models
 
 
