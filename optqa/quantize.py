@@ -212,15 +212,13 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | N
         shared: packed layers by the weight tensors they were packed from, reused across calls: deltas served on
             one backbone (``build.load_shared``'s copies share its tensors) share one int8 copy. Only for
             weights that no merge changes.
-        workers: threads that pack (default: every CPU this process may use, whatever torch's own thread count:
-            each packs whole layers, so they never wait on each other).
+        workers: threads that pack (default: torch's thread count, which ``--num_threads`` sets; each packs
+            whole layers, so they never wait on each other).
     Returns:
         ``{"layers": n, "parameters": weights quantised, "seconds": time taken, "engine": engine}``.
     Raises:
         OptqaError: no int8 kernels in this torch build.
     """
-    from optqa.hardware import usable_cpus
-
     engine = int8_engine()
     if engine is None:
         raise OptqaError("this PyTorch build has no int8 CPU kernels")
@@ -233,7 +231,7 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | N
              tuple(module.weight.shape)) for module in modules]
     todo = {key: (module.weight, module.bias) for key, module in zip(keys, modules) if key not in shared}
     with torch.no_grad():
-        shared.update(zip(todo, _pack_all(list(todo.values()), workers or usable_cpus())))
+        shared.update(zip(todo, _pack_all(list(todo.values()), workers or torch.get_num_threads())))
     for key, module in zip(keys, modules):
         module.__dict__[_INT8] = shared[key]
         module.forward = _int8_forward.__get__(module)

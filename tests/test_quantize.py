@@ -343,6 +343,17 @@ def test_background_quantisation_answers_as_the_synchronous_one(adapter_checkpoi
     assert answers[True] == answers[False] == [golds[0] for _, golds in MEMORY_SET]
 
 
+def test_packing_runs_on_as_many_threads_as_torch(tiny_opt, monkeypatch):
+    # --num_threads 1 (configure_threads) keeps packing on one core too; by default torch has every usable CPU
+    pack_all, workers = quantize._pack_all, []
+    monkeypatch.setattr(quantize, "_pack_all", lambda tensors, n: workers.append(n) or pack_all(tensors, n))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        quantize.quantize_int8(make_model(tiny_opt, "adapter").plm)
+    torch.set_num_threads(1)  # this module's setting (one_torch_thread)
+    assert workers == [1, 2]
+
+
 def test_served_deltas_share_one_int8_backbone(adapter_checkpoint):
     from optqa.serve import load_served
 
