@@ -103,7 +103,7 @@ def read_verified(path: str | Path) -> tuple[Path, dict, dict]:
 
 
 def _read_opened(folder: Path, pulled, path: str | Path) -> tuple[Path, dict, dict]:
-
+    """``read_checkpoint`` on an opened source (``open_source``); a pulled one's manifest records where from."""
     if is_peft_adapter(folder):
         raise OptqaError(f"{path} is a plain PEFT adapter, not an optqa checkpoint: convert it first with "
                          f"python -m optqa --mode export --delta_save_path {path} --template TEMPLATE")
