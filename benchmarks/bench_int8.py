@@ -239,7 +239,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from optqa.hardware import usable_cpus
     from optqa.quantize import resolve_quantize
 
     info = common.machine()
@@ -286,7 +285,8 @@ def main(argv=None) -> int:
     print("| --- |" + " --- |" * len(kernel))
     print("| fp32 / int8, ms | " + " | ".join(f"{k['fp32_ms']:.1f} / {k['int8_ms']:.1f}" for k in kernel.values()) + " |")
     print("| int8 speed-up | " + " | ".join(f"{k['ratio']:.2f}x" for k in kernel.values()) + " |")
-    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {usable_cpus()} threads "
+    # packing runs on torch's threads (--threads here, --num_threads in optqa)
+    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {info['threads']} threads "
           f"({answer['quantize_seconds_one_thread']:.2f} s on one)")
     print(f"agreement with fp32: the {agree['trained']['questions']} trained questions (fp32 memorised "
           f"{agree['memorised']}): {agree['trained']['same']} identical "

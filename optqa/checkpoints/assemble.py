@@ -19,8 +19,14 @@ from optqa.checkpoints.peft import (
     read_adapter_config,
 )
 from optqa.config import REPO_ROOT, RunConfig, find_repo_file
-from optqa.deltas import (PEFT_PROMPT_LEARNING, AutoDeltaConfig, AutoDeltaModel, attach_prompt_table,
-                          attached_delta, fold_lora)
+from optqa.deltas import (
+    PEFT_PROMPT_LEARNING,
+    AutoDeltaConfig,
+    AutoDeltaModel,
+    attach_prompt_table,
+    attached_delta,
+    fold_lora,
+)
 from optqa.errors import OptqaError
 from optqa.model import PromptForGeneration
 from optqa.options import check_length_budget
