@@ -53,7 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def answering(checkpoint: str, data: str, args) -> dict:
-    """Seconds per answer one at a time, and batched questions/s, per setting, on one loaded model."""
+    """Seconds per answer one at a time, and batched questions/s, per setting, on one loaded model.
+
+    One at a time, fp32, int8 and int8 with an fp32 head take turns question by question, so a machine whose
+    speed drifts over the minutes of a run moves them alike; switching costs nothing, the packed layers being
+    kept (``quantize_int8``'s ``shared``). bf16 (where native) comes last: its answering rounds the frozen
+    weights to bf16 in place. Batched, each setting answers the dev questions in turn."""
     import torch
 
     from optqa.checkpoints.assemble import load_trained
@@ -68,40 +73,48 @@ def answering(checkpoint: str, data: str, args) -> dict:
     # LoRA merged as the question loop merges it, fp32
     model, _, saved = load_trained(checkpoint, overrides={"max_new_tokens": args.max_new_tokens}, merge_lora=True)
     prepare_for_answering(model, RunConfig(quantize="none", precision="fp32"))
-    singles = [e.text_a for e in dev[:args.single_questions]]
-    encoded = model.wrapper.encode_all(dev[:args.questions])
+    packed: dict = {}
     results: dict[str, dict] = {}
-
-    def measure(name: str, batched: bool = True) -> None:
-        model.answer([dev[-1].text_a])  # warm-up, untimed
-        times = []
-        for question in singles:
-            started = time.perf_counter()
-            model.answer([question])
-            times.append(time.perf_counter() - started)
-        row = {"seconds_per_answer": statistics.median(times)}
-        if batched:
-            started = time.perf_counter()
-            predict(model, encoded, saved.eval_batch_size)
-            row["questions_per_s"] = len(encoded) / (time.perf_counter() - started)
-        results[name] = row
-        print(f"  {name}: {row}", flush=True)
-
-    measure("fp32")
-    stats = quantize_int8(model.plm)
-    model.quantization = "int8"
-    results["quantize_seconds"] = stats["seconds"]
-    measure("int8")
+    results["quantize_seconds"] = quantize_int8(model.plm, shared=packed)["seconds"]
     dequantize(model.plm)
     results["quantize_seconds_one_thread"] = quantize_int8(model.plm, workers=1)["seconds"]
     dequantize(model.plm)
-    quantize_int8(model.plm, head=False)
-    measure("int8, head fp32", batched=False)
-    dequantize(model.plm)
-    model.quantization = "none"
+
+    def use(name: str) -> None:
+        dequantize(model.plm)
+        model.quantization, model.autocast_dtype = "none", None
+        if name.startswith("int8"):
+            quantize_int8(model.plm, head=name == "int8", shared=packed)
+            model.quantization = "int8"
+        elif name == "bf16":
+            model.autocast_dtype = torch.bfloat16
+
+    def one_at_a_time(turns: list[str]) -> None:
+        for name in turns:
+            use(name)
+            model.answer([dev[-1].text_a])  # warm-up, untimed
+        for round_, question in enumerate(e.text_a for e in dev[:args.single_questions]):
+            for name in turns[round_ % len(turns):] + turns[:round_ % len(turns)]:  # each goes first in turn
+                use(name)
+                started = time.perf_counter()
+                model.answer([question])
+                times.setdefault(name, []).append(time.perf_counter() - started)
+
+    times: dict[str, list[float]] = {}
+    settings = ["fp32", "int8", "int8, head fp32"]
+    one_at_a_time(settings)
+    encoded = model.wrapper.encode_all(dev[:args.questions])
     if cpu_has_native_bf16():
-        model.autocast_dtype = torch.bfloat16
-        measure("bf16")
+        settings.append("bf16")
+        one_at_a_time(["bf16"])
+    for name in settings:
+        row = results[name] = {"seconds_per_answer": statistics.median(times[name])}
+        if name != "int8, head fp32":
+            use(name)
+            started = time.perf_counter()
+            predict(model, encoded, saved.eval_batch_size)
+            row["questions_per_s"] = len(encoded) / (time.perf_counter() - started)
+        print(f"  {name}: {row}", flush=True)
     results["batch_size"] = saved.eval_batch_size
     return results
 
