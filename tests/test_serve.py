@@ -252,6 +252,22 @@ def test_deltas_share_the_backbone_and_answer_as_alone(ckpts, one_torch_thread):
         assert [model.answer([q])[0] for q in QUESTIONS] == [alone.answer([q])[0] for q in QUESTIONS]
 
 
+def test_soft_prompts_and_prefixes_are_served_without_peft_as_alone(lively_opt, tmp_path, one_torch_thread):
+    from optqa.checkpoints.assemble import load_shared, load_trained
+    from optqa.deltas import PromptTable
+    from optqa.tiny import build_random_checkpoint
+
+    paths = {delta: build_random_checkpoint(lively_opt, tmp_path / delta, delta, seed=3, max_new_tokens=8)
+             for delta in ("soft_prompt", "prefix")}
+    shared = load_shared(paths)
+    for name, path in paths.items():
+        model = shared[name][0]
+        assert type(model.plm) is PromptTable  # serving only answers: no PEFT wrapper
+        answers = [model.answer([q])[0] for q in QUESTIONS]
+        alone = load_trained(path)[0]  # built through PEFT
+        assert answers == [alone.answer([q])[0] for q in QUESTIONS] and len(set(answers)) == len(QUESTIONS)
+
+
 def test_bf16_deltas_share_one_cast_of_the_tied_head(ckpts, one_torch_thread):
     """bf16 answering computes the tied output head from a bf16 copy of the input embedding: one for all deltas
     (77 MB on OPT-125m), not one per delta; and the frozen Linear weights are cast once, in place, for all."""
