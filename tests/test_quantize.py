@@ -220,23 +220,21 @@ def _trained_checkpoint(plm: Path, folder: Path, delta: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapter_checkpoint(tiny_opt, tmp_path_factory):
-    return _trained_checkpoint(tiny_opt, tmp_path_factory.mktemp("int8-ckpt"), "adapter")
+def checkpoints(tiny_opt, lively_opt, tmp_path_factory):
+    """delta type -> its checkpoint (``_trained_checkpoint``), each built once, when a test first asks for it."""
+    built: dict[str, Path] = {}
+
+    def checkpoint(delta: str) -> Path:
+        if delta not in built:
+            plm = tiny_opt if delta in ("adapter", "lora") else lively_opt
+            built[delta] = _trained_checkpoint(plm, tmp_path_factory.mktemp(f"int8-{delta}-ckpt"), delta)
+        return built[delta]
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
-def lora_checkpoint(tiny_opt, tmp_path_factory):
-    return _trained_checkpoint(tiny_opt, tmp_path_factory.mktemp("int8-lora-ckpt"), "lora")
-
-
-@pytest.fixture(scope="module")
-def soft_prompt_checkpoint(lively_opt, tmp_path_factory):
-    return _trained_checkpoint(lively_opt, tmp_path_factory.mktemp("int8-soft-ckpt"), "soft_prompt")
-
-
-@pytest.fixture(scope="module")
-def prefix_checkpoint(lively_opt, tmp_path_factory):
-    return _trained_checkpoint(lively_opt, tmp_path_factory.mktemp("int8-prefix-ckpt"), "prefix")
+def adapter_checkpoint(checkpoints):
+    return checkpoints("adapter")
 
 
 def _evaluate(checkpoint, memory_data, out, *extra):
@@ -286,14 +284,14 @@ print(json.dumps({"code": code, "loaded": sorted(m for m in ("peft", "optqa.run.
 
 
 @pytest.mark.parametrize("delta", ["adapter", "lora", "soft_prompt", "prefix"])
-def test_question_loop_answers_on_int8_without_peft(delta, request):
+def test_question_loop_answers_on_int8_without_peft(delta, checkpoints):
     # accelerate is not in the list: transformers 5.24 imports it itself while loading any model, whenever it
     # is installed (transformers.integrations.accelerate), so it is part of the import-and-load floor. A LoRA
     # checkpoint is merged into the backbone without PEFT (deltas.fold_lora), a soft prompt or prefix is read
     # into a plain table (deltas.attach_prompt_table): each answers as the model built through PEFT does.
     from optqa.checkpoints.assemble import load_trained
 
-    checkpoint = request.getfixturevalue(f"{delta}_checkpoint")
+    checkpoint = checkpoints(delta)
     with_peft = load_trained(checkpoint)[0]
     quantize.quantize_int8(with_peft.plm)
     expected = [with_peft.answer([question])[0] for question in QUESTIONS[:3]]  # one at a time, as the loop
