@@ -147,11 +147,11 @@ def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
         OptqaError: the weights do not fit the delta the manifest describes.
     """
     delta = None
-    delta_type = manifest["delta"]["delta_type"]
-    if merge_lora and delta_type == "lora":
-        delta, state = fold_lora(AutoDeltaConfig.from_dict(manifest["delta"]), plm, state, str(folder))
-    elif answer_only and delta_type in PEFT_PROMPT_LEARNING:
-        delta = attach_prompt_table(AutoDeltaConfig.from_dict(manifest["delta"]), plm)
+    delta_config = AutoDeltaConfig.from_dict(manifest["delta"])
+    if merge_lora and delta_config.delta_type == "lora":
+        delta, state = fold_lora(delta_config, plm, state, str(folder))
+    elif answer_only and delta_config.delta_type in PEFT_PROMPT_LEARNING:
+        delta = attach_prompt_table(delta_config, plm)
     model, _ = assemble(plm, tokenizer, manifest["delta"], manifest["template"], f"{folder} template", config,
                         delta=delta)
     model.load_delta_state_dict(state, source=str(folder))
