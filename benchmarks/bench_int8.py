@@ -80,6 +80,8 @@ def answering(checkpoint: str, data: str, args) -> dict:
     results["quantize_seconds_one_thread"] = quantize_int8(model.plm, workers=1)["seconds"]
     dequantize(model.plm)
 
+    times: dict[str, list[float]] = {}  # setting -> seconds per answer, one question at a time
+
     def use(name: str) -> None:
         dequantize(model.plm)
         model.quantization, model.autocast_dtype = "none", None
@@ -100,7 +102,6 @@ def answering(checkpoint: str, data: str, args) -> dict:
                 model.answer([question])
                 times.setdefault(name, []).append(time.perf_counter() - started)
 
-    times: dict[str, list[float]] = {}
     settings = ["fp32", "int8", "int8, head fp32"]
     one_at_a_time(settings)
     encoded = model.wrapper.encode_all(dev[:args.questions])
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
     print(f"| batched vs fp32 one at a time | {fp32['questions_per_s'] / single_qps:.2f}x | "
           f"{int8['questions_per_s'] / single_qps:.2f}x | - |"
           + (f" {answer['bf16']['questions_per_s'] / single_qps:.2f}x |" if "bf16" in answer else ""))
-    print(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {args.threads or info['threads']} threads | "
+    print(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {info['threads']} threads | "
           + " | ".join(f"{rows} row{'s' if rows > 1 else ''}" for rows in kernel) + " |")
     print("| --- |" + " --- |" * len(kernel))
     print("| fp32 / int8, ms | " + " | ".join(f"{k['fp32_ms']:.1f} / {k['int8_ms']:.1f}" for k in kernel.values()) + " |")

@@ -192,10 +192,8 @@ def test_benchmark_emulation_reruns_the_script_with_every_library_capped(tmp_pat
 
 # ------------------------------------------------------------------------------------------- a checkpoint
 
-def _trained_checkpoint(plm: Path, folder: Path, delta: str) -> Path:
-    """A delta that memorised MEMORY_SET (adapter, LoRA), or a soft prompt or prefix of large random values on
-    lively_opt (they barely train on a random backbone; these move its answers), saved as a checkpoint by
-    optqa's own writer."""
+def _trained_checkpoint(tiny_opt, folder: Path, delta: str) -> Path:
+    """A delta that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
     from optqa.checkpoints.assemble import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
     from optqa.config import DELTA_CONFIGS, RunConfig
@@ -203,16 +201,12 @@ def _trained_checkpoint(plm: Path, folder: Path, delta: str) -> Path:
     torch.manual_seed(0)
     template = '{"placeholder":"text_a"} Answer: {"mask"}'
     # the library's default modules (LoRA: q_proj and v_proj), as make_model attaches them
-    modules = DELTA_CONFIGS[delta]().to_dict().get("modified_modules")  # soft prompts and prefixes have none
-    config = RunConfig(plm_path=str(plm), delta_type=delta, max_new_tokens=6, max_seq_l=64, eval_batch_size=8,
-                       **({"modified_modules": modules} if modules else {}))
+    modules = DELTA_CONFIGS[delta]().to_dict()["modified_modules"]
+    config = RunConfig(plm_path=str(tiny_opt), delta_type=delta, max_new_tokens=6, max_seq_l=64, eval_batch_size=8,
+                       modified_modules=modules)
     model, backbone = build_model(config, template=template)
-    if modules:
-        train_a_little(model, steps=100, lr=3e-2)
-        assert model.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]  # real, distinct answers
-    else:
-        with torch.no_grad():
-            model._virtual_weight().normal_(0.0, 0.5)
+    train_a_little(model, steps=100, lr=3e-2)
+    assert model.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]  # real, distinct answers
     manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=template, backbone=backbone,
                               hyperparameters=config.to_dict(), metrics={},
                               trainable_parameters=model.num_trainable_parameters())
@@ -221,13 +215,18 @@ def _trained_checkpoint(plm: Path, folder: Path, delta: str) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_opt, lively_opt, tmp_path_factory):
-    """delta type -> its checkpoint (``_trained_checkpoint``), each built once, when a test first asks for it."""
+    """delta type -> its checkpoint, each built once, when a test first asks for it: an adapter or LoRA that
+    memorised MEMORY_SET (``_trained_checkpoint``), or a soft prompt or prefix of random values on lively_opt
+    (they barely train on a random backbone; these move its answers)."""
+    from optqa.tiny import build_random_checkpoint
+
     built: dict[str, Path] = {}
 
     def checkpoint(delta: str) -> Path:
         if delta not in built:
-            plm = tiny_opt if delta in ("adapter", "lora") else lively_opt
-            built[delta] = _trained_checkpoint(plm, tmp_path_factory.mktemp(f"int8-{delta}-ckpt"), delta)
+            folder = tmp_path_factory.mktemp(f"int8-{delta}-ckpt")
+            built[delta] = (_trained_checkpoint(tiny_opt, folder, delta) if delta in ("adapter", "lora") else
+                            build_random_checkpoint(lively_opt, folder, delta, seed=3, max_new_tokens=6))
         return built[delta]
     return checkpoint
 
@@ -301,7 +300,7 @@ def test_question_loop_answers_on_int8_without_peft(delta, checkpoints):
     questions = "\n".join(QUESTIONS[:3]) + "\nquit()\n"
     done = subprocess.run([sys.executable, "-c", QUESTION_LOOP, str(checkpoint), questions],
                           capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert [line for line in lines if line.startswith("Answer:")] == [f"Answer: {a}" for a in expected]
