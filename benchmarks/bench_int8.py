@@ -10,7 +10,8 @@ Prints what the CPU is (its flags, and the kernel level torch actually runs), th
 
 - the question loop: seconds per answer, one question at a time as a person types them, fp32 vs int8
   (int8 with and without the output head quantised), with the same LoRA checkpoint, merged, as
-  ``--mode interactive_inference`` loads it;
+  ``--mode interactive_inference`` loads it; and the Linear calls of one decoding step alone, fp32 vs int8, the
+  most the loop's ratio can be on this machine's kernels;
 - batched answering (``--mode evaluate``'s path, batch 32): questions/s fp32 vs int8 vs bf16 (bf16 only where
   it is native: emulated bf16 is several times slower than fp32);
 - agreement: greedy answers of a tiny OPT whose adapter memorised the bundled sample, fp32 vs int8;
@@ -50,6 +51,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: optqa's choice)")
     return common.fill_counts(parser.parse_args(argv), (("questions", 64, 32), ("single_questions", 8, 3),
                                                           ("repl_runs", 2, 1)))
+
+
+def step_matmuls(plm, use, rounds: int = 15) -> dict:
+    """The Linear calls of one decoding step and nothing else: every frozen Linear of ``plm`` (OPT-125m: 72 layers
+    and the head) called once on one row, in the model's order, fp32 and int8 passes taking turns so neither
+    finds its weights in cache from the pass before (as in the loop, where the other work of a step runs between
+    them). fp32 / int8 here is the most the question loop's ratio can be on these kernels: the rest of a step
+    (attention, LayerNorm, the KV cache, Python) costs both the same and only lowers it.
+
+    Returns:
+        ``{"fp32_ms", "int8_ms", "ratio", "calls"}``, medians over ``rounds`` passes each.
+    """
+    import torch
+
+    from optqa.quantize import frozen_linears
+
+    linears = [module for _, module in frozen_linears(plm)]
+    rows = {width: torch.randn(1, 1, width) for width in {module.in_features for module in linears}}
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):
+            for name in ("fp32", "int8") if round_ % 2 else ("int8", "fp32"):
+                use(name)
+                started = time.perf_counter()
+                for module in linears:
+                    module(rows[module.in_features])
+                if round_:  # the first round warms up
+                    times[name].append(time.perf_counter() - started)
+    fp32, int8 = (statistics.median(times[name]) * 1e3 for name in ("fp32", "int8"))
+    return {"fp32_ms": fp32, "int8_ms": int8, "ratio": fp32 / int8, "calls": len(linears)}
 
 
 def answering(checkpoint: str, data: str, args) -> dict:
@@ -104,6 +135,7 @@ def answering(checkpoint: str, data: str, args) -> dict:
 
     settings = ["fp32", "int8", "int8, head fp32"]
     one_at_a_time(settings)
+    results["step_matmuls"] = step_matmuls(model.plm, use)
     encoded = model.wrapper.encode_all(dev[:args.questions])
     if cpu_has_native_bf16():
         settings.append("bf16")
@@ -294,6 +326,10 @@ def main(argv=None) -> int:
     print(f"| batched vs fp32 one at a time | {fp32['questions_per_s'] / single_qps:.2f}x | "
           f"{int8['questions_per_s'] / single_qps:.2f}x | - |"
           + (f" {answer['bf16']['questions_per_s'] / single_qps:.2f}x |" if "bf16" in answer else ""))
+    step = answer["step_matmuls"]
+    print(f"| one decoding step's {step['calls']} Linear calls alone, 1 row, ms | {step['fp32_ms']:.2f} | "
+          f"{step['int8_ms']:.2f} ({step['ratio']:.2f}x: the loop's ceiling on these kernels) | - |"
+          + (" - |" if "bf16" in answer else ""))
     print(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {info['threads']} threads | "
           + " | ".join(f"{rows} row{'s' if rows > 1 else ''}" for rows in kernel) + " |")
     print("| --- |" + " --- |" * len(kernel))
