@@ -330,14 +330,15 @@ def main(argv=None) -> int:
     print(f"| one decoding step's {step['calls']} Linear calls alone, 1 row, ms | {step['fp32_ms']:.2f} | "
           f"{step['int8_ms']:.2f} ({step['ratio']:.2f}x: the loop's ceiling on these kernels) | - |"
           + (" - |" if "bf16" in answer else ""))
-    print(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {info['threads']} threads | "
+    thread_count = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    print(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {thread_count} | "
           + " | ".join(f"{rows} row{'s' if rows > 1 else ''}" for rows in kernel) + " |")
     print("| --- |" + " --- |" * len(kernel))
     print("| fp32 / int8, ms | " + " | ".join(f"{k['fp32_ms']:.1f} / {k['int8_ms']:.1f}" for k in kernel.values()) + " |")
     print("| int8 speed-up | " + " | ".join(f"{k['ratio']:.2f}x" for k in kernel.values()) + " |")
     # packing runs on torch's threads (--threads here, --num_threads in optqa)
-    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {info['threads']} threads "
-          f"({answer['quantize_seconds_one_thread']:.2f} s on one)")
+    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {thread_count}"
+          + (f" ({answer['quantize_seconds_one_thread']:.2f} s on one)" if info["threads"] != 1 else ""))
     print(f"agreement with fp32: the {agree['trained']['questions']} trained questions (fp32 memorised "
           f"{agree['memorised']}): {agree['trained']['same']} identical "
           f"({100 * agree['trained']['same'] / agree['trained']['questions']:.1f}%); the "
