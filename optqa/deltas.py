@@ -511,7 +511,7 @@ def _attach_prefix(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
     return _peft_model(plm, prefix)
 
 
-# PEFT's names for the two prompt-learning methods (its PeftType values), as PromptForGeneration reads them
+# PEFT's names for the two prompt-learning methods (its PeftType values), for PromptTable and PromptForGeneration
 PEFT_PROMPT_LEARNING = {"soft_prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
 
 

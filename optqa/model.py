@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from optqa.data import IGNORE_INDEX, InputExample, LMTokenizerWrapper, collate_for_generation, generation_batches
-from optqa.deltas import DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
+from optqa.deltas import PEFT_PROMPT_LEARNING, DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
 from optqa.hardware import is_sharded
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _virtual_kind(model: nn.Module) -> str | None:
     from optqa.errors import OptqaError
 
     peft_type = str(model.peft_config[model.active_adapter].peft_type).rsplit(".", 1)[-1]
-    kinds = {"PROMPT_TUNING": "soft_prompt", "PREFIX_TUNING": "prefix"}
+    kinds = {peft: kind for kind, peft in PEFT_PROMPT_LEARNING.items()}
     if peft_type not in kinds:
         raise OptqaError(f"PEFT {peft_type} is not supported (prompt learning: prompt tuning and prefix tuning)")
     return kinds[peft_type]
