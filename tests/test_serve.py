@@ -93,7 +93,11 @@ def test_openai_client_gets_the_question_loops_answers(server, ckpts):
     assert list(listed) == ["adapter", "lora"]
     for name, card in listed.items():
         manifest = json.loads((ckpts[name] / MANIFEST_NAME).read_text(encoding="utf-8"))
-        assert card["object"] == "model" and card["parent"] == manifest["backbone"]["name_or_path"]
+        # names, not the server's paths: the tiny backbone's folder by its last component
+        backbone = Path(manifest["backbone"]["name_or_path"])
+        assert backbone.is_absolute() and card["parent"] == card["root"] == backbone.name
+        assert card["backbone"]["name_or_path"] == card["backbone"]["trained_on"] == backbone.name
+        assert str(backbone.parent) not in json.dumps(card)
         assert card["delta_type"] == name and card["template"] == manifest["template"]
         assert card["sha256"] == manifest["files"]["delta_model.safetensors"]["sha256"]
         assert card["scores"] == METRICS[name]
