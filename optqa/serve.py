@@ -275,6 +275,7 @@ class Batcher:
         self.batches = 0  # successful generation calls
         self.questions = 0  # questions generated
         self.dropped = 0  # requests whose client went away before their answer
+        self.waiting = 0  # requests waiting for their answer now
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optqa-model")
@@ -300,8 +301,12 @@ class Batcher:
                 context with some question, or answering failed (500, without internal text).
         """
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(Job(name, questions, max_tokens, future))
-        return await future
+        self.waiting += 1
+        try:
+            await self._queue.put(Job(name, questions, max_tokens, future))
+            return await future
+        finally:
+            self.waiting -= 1
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -464,6 +469,10 @@ class Guard:
                 return await _send_error(send, 415, error_body(
                     "the request body must be JSON, sent with 'Content-Type: application/json'",
                     code="unsupported_media_type"))
+            encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+            if encoding != b"identity":  # a compressed body would reach the JSON parser undecoded
+                return await _send_error(send, 415, error_body(
+                    "the request body must be sent uncompressed (no Content-Encoding)", code="unsupported_media_type"))
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             return await _send_error(send, 413, self._too_large())
@@ -698,7 +707,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": list(served), "batches": batcher.batches,
-                "questions": batcher.questions, "dropped": batcher.dropped}
+                "questions": batcher.questions, "waiting": batcher.waiting, "dropped": batcher.dropped}
 
     @app.get("/v1/models")
     async def models():
@@ -853,12 +862,12 @@ def header_deadline_protocol(seconds: float):
     return HeaderDeadline
 
 
-def server_config(app, log_level: str = "warning"):
-    """uvicorn's settings for serving ``app``: its limits said here, and the request-head deadline."""
+def server_config(app, log_level: str = "warning", header_timeout_s: float = HEADER_TIMEOUT_S):
+    """uvicorn's settings for serving ``app``: its limits said here, and the request-head deadline (seconds)."""
     import uvicorn
 
     return uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
-                          http=header_deadline_protocol(HEADER_TIMEOUT_S), timeout_keep_alive=KEEP_ALIVE_S,
+                          http=header_deadline_protocol(header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S,
                           limit_concurrency=MAX_CONCURRENCY, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
 
 
