@@ -64,7 +64,8 @@ def start_cli_server(*args: str, env: dict | None = None) -> tuple[subprocess.Po
 
 @pytest.fixture(scope="module")
 def server(ckpts):
-    process, url = start_cli_server("--deltas", f"adapter={ckpts['adapter']}", f"lora={ckpts['lora']}", *EXACT[:2])
+    process, url = start_cli_server("--deltas", f"adapter={ckpts['adapter']}", f"lora={ckpts['lora']}", *EXACT[:2],
+                                    "--allowed_hosts", "box.lan")
     yield url
     process.terminate()
     try:
@@ -250,7 +251,8 @@ def test_bad_requests_get_openais_error_shape(server, case, body, status, param)
 
 def test_only_json_bodies_and_the_served_hosts_are_answered(server):
     """A cross-site form post (text/plain needs no CORS preflight) is 415; a Host this server does not serve (a
-    page whose name was rebound to 127.0.0.1) is 400; the names of the loopback address it is bound to work."""
+    page whose name was rebound to 127.0.0.1) is 400; the names of the loopback address it is bound to and the
+    one --allowed_hosts adds work."""
     body = json.dumps({"model": "lora", "prompt": QUESTIONS[0]})
     for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {},
                     {"content-type": "application/jsonx"}):
@@ -267,7 +269,7 @@ def test_only_json_bodies_and_the_served_hosts_are_answered(server):
         response = httpx.get(f"{server}/v1/models", headers={"host": host}, timeout=60)
         assert response.status_code == 400, host
         assert response.json()["error"]["code"] == "invalid_host" and response.json()["error"]["param"] is None
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST."):
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST.", f"box.lan:{port}"):
         assert httpx.get(f"{server}/health", headers={"host": host}, timeout=60).status_code == 200, host
     ok = httpx.post(f"{server}/v1/completions", content=body,
                     headers={"content-type": "application/json; charset=utf-8"}, timeout=60)
