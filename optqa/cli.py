@@ -357,8 +357,18 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
     import os
 
     from optqa.hardware import configure_threads
-    from optqa.serve import (LOOPBACK_HOSTS, allowed_hosts_for, api_key_from, bind, create_app, describe,
-                             load_served, parse_delta_specs, run_server, url_of)
+    from optqa.serve import (
+        LOOPBACK_HOSTS,
+        allowed_hosts_for,
+        api_key_from,
+        bind,
+        create_app,
+        describe,
+        load_served,
+        parse_delta_specs,
+        run_server,
+        url_of,
+    )
 
     deltas = parse_delta_specs(config.deltas, config.delta_save_path)
     api_key = api_key_from(config.api_key, os.environ)

@@ -336,30 +336,28 @@ class Batcher:
             max_tokens, prompt_lengths = result
             groups.setdefault((job.name, max_tokens), []).append((job, prompt_lengths))
         for (name, max_tokens), group in groups.items():
-            group = [(job, lengths) for job, lengths in group if not job.future.done()]
-            if not group:
-                continue
-            try:
-                answers = await loop.run_in_executor(self._executor, self._generate, name, group, max_tokens)
-            except Exception:  # one request must not fail its neighbours: answer each alone
+            await self._run(loop, name, group, max_tokens)
+
+    async def _run(self, loop, name: str, group: list[tuple[Job, list[int]]], max_tokens: int) -> None:
+        """Answer ``group`` as one batch and hand each job its answers; if that fails, answer each job alone, so
+        only a job that fails on its own gets the error (its RequestError, else a 500 without internal text)."""
+        group = [(job, lengths) for job, lengths in group if not job.future.done()]  # clients that went away
+        if not group:
+            return
+        try:
+            answers = await loop.run_in_executor(self._executor, self._generate, name, group, max_tokens)
+        except Exception as exc:  # one request must not fail its neighbours, and the server lives on
+            if len(group) > 1:
                 log.exception("answering %d requests with %s together failed; answering each alone", len(group), name)
-                for job, lengths in group:
-                    if job.future.done():
-                        continue
-                    try:
-                        alone = await loop.run_in_executor(self._executor, self._generate, name, [(job, lengths)],
-                                                           max_tokens)
-                    except Exception as exc:  # this request fails, the server lives on
-                        log.exception("answering a request with %s failed", name)
-                        if not job.future.done():
-                            job.future.set_exception(exc if isinstance(exc, RequestError) else internal_error())
-                        continue
-                    if not job.future.done():
-                        job.future.set_result(alone[0])
-                continue
-            for (job, _), mine in zip(group, answers):
-                if not job.future.done():
-                    job.future.set_result(mine)
+                for member in group:
+                    await self._run(loop, name, [member], max_tokens)
+                return
+            log.exception("answering a request with %s failed", name)
+            group[0][0].future.set_exception(exc if isinstance(exc, RequestError) else internal_error())
+            return
+        for (job, _), mine in zip(group, answers):
+            if not job.future.done():
+                job.future.set_result(mine)
 
     # --- in the worker thread: the only code that touches the models and their tokenizer ---
 

@@ -400,7 +400,7 @@ def test_api_key_is_required_on_every_endpoint(ckpts, one_torch_thread):
 @pytest.fixture(scope="module")
 def wide(ckpts):
     """An in-process server with a 2 s batch window (requests sent together surely share a batch), a 1 s body
-    deadline and a 1 s request-head deadline; yields (url, served, batcher)."""
+    deadline and a 1 s request-head deadline; yields (url, served, batcher, each question's answer alone)."""
     from optqa.serve import create_app, load_served
 
     served = load_served({"lora": str(ckpts["lora"]), "adapter": str(ckpts["adapter"])}, precision="fp32")
@@ -424,7 +424,7 @@ def _together(url: str, bodies: list) -> list:
 def test_a_poison_request_fails_alone(wide):
     """A lone surrogate sent with ordinary requests in the same batch window: it gets its 400, they get their
     exact answers, answered as one batch."""
-    url, _, batcher, alone = wide
+    url, _, _, alone = wide
     before = httpx.get(f"{url}/health").json()
     poison = b'{"model": "lora", "prompt": "bad \\ud800 q"}'
     responses = _together(url, [{"model": "lora", "prompt": QUESTIONS[0]}, poison,
@@ -441,7 +441,7 @@ def test_a_poison_request_fails_alone(wide):
 def test_a_failing_batch_is_answered_request_by_request(wide, monkeypatch):
     """A request that passes every check but makes generation fail: the batch is answered again request by
     request; its neighbours get their exact answers, it alone gets a 500 without the exception's text."""
-    url, served, batcher, alone = wide
+    url, served, _, alone = wide
     model = served["lora"].model
     real, calls = model.answer_encoded, []
 
