@@ -357,10 +357,22 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
     import os
 
     from optqa.hardware import configure_threads
-    from optqa.serve import api_key_from, bind, create_app, describe, load_served, parse_delta_specs, run_server, url_of
+    from optqa.serve import (
+        LOOPBACK_HOSTS,
+        allowed_hosts_for,
+        api_key_from,
+        bind,
+        create_app,
+        describe,
+        load_served,
+        parse_delta_specs,
+        run_server,
+        url_of,
+    )
 
     deltas = parse_delta_specs(config.deltas, config.delta_save_path)
     api_key = api_key_from(config.api_key, os.environ)
+    hosts = allowed_hosts_for(config.host, config.allowed_hosts)
     # bound before the slow loading, so a taken port fails at once and the printed port is the served one
     sock = bind(config.host, config.port)
     try:
@@ -370,12 +382,12 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
                              ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
                              precision=config.precision if "precision" in explicit else None,
                              quantize=config.quantize)
-        app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size)
+        app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size, allowed_hosts=hosts)
         url = url_of(sock)
         log.info("%d delta(s) on one backbone:\n%s", len(served), "\n".join(describe(served)))
-        if config.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("listening on %s: reachable from other machines%s", config.host,
-                        "" if api_key else " by anyone (no --api_key)")
+        if config.host not in LOOPBACK_HOSTS:
+            log.warning("listening on %s: reachable from other machines%s; Host names served: %s", config.host,
+                        "" if api_key else " by anyone (no --api_key)", ", ".join(hosts) if hosts else "any")
         # one line on stdout, flushed: scripts and the tests read the port from it
         print(f"serving {', '.join(served)} at {url}/ (API: {url}/v1; Ctrl-C stops)", flush=True)
         run_server(app, sock)

@@ -292,6 +292,10 @@ class RunConfig:
                                           "default: --delta_save_path as 'default'", nargs="+")
     # loopback only unless asked: the API has no rate limits and answering costs CPU
     host: str = _opt("127.0.0.1", "serve: address to listen on (0.0.0.0: every interface)")
+    # DNS rebinding: a page whose name was rebound to this machine sends its own name as Host; only these are served
+    allowed_hosts: list[str] | None = _opt(None, "serve: Host header names answered besides --host (a loopback "
+                                                 "--host also answers localhost, 127.0.0.1 and ::1; '*': any name; "
+                                                 "with --host 0.0.0.0 or :: the default is any name)", nargs="+")
     # 0 picks a free port; the log line 'serving ... at http://HOST:PORT/' names it
     port: int = _opt(8000, "serve: TCP port (0: any free port)")
     # the environment variable keeps the key out of shell history and process listings

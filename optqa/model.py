@@ -406,6 +406,16 @@ class PromptForGeneration(nn.Module):
         """
         examples = [InputExample(guid=i, text_a=q) for i, q in enumerate(questions)]
         encoded = [self.wrapper.encode(e, i) for i, e in enumerate(examples)]
+        return self.answer_encoded(encoded, batch_size, max_new_tokens, return_ids)
+
+    def answer_encoded(self, encoded: list, batch_size: int = 32, max_new_tokens: int | None = None,
+                       return_ids: bool = False):
+        """``answer`` for prompts already rendered by ``self.wrapper.encode`` (the server encodes each request on
+        its own, before it joins a batch); ``encoded[i].index`` must be ``i``.
+
+        Returns:
+            As ``answer``: the answers in the order of ``encoded``; with ``return_ids``, ``(answers, ids)``.
+        """
         answers: list[str] = [""] * len(encoded)
         ids: list[list[int]] = [[] for _ in encoded]
         for chunk in generation_batches(encoded, batch_size):

@@ -9,6 +9,12 @@ command line, so the official ``openai`` client, curl and existing tools work un
   ``stop``, ``stream``; each question goes through that delta's own template, as in the question loop;
 - ``GET /health``; ``GET /``: the page (``optqa/static/index.html``: no CDN, no build step).
 
+Every field of a request is checked before any work is queued (4xx in OpenAI's error shape, never exception
+text); each request's questions are encoded on their own before they join a batch, and a batch that still
+fails is answered again request by request, so only the request at fault fails. Only the hosts the server
+serves are accepted (DNS rebinding) and only JSON bodies on POST (cross-site form posts); a body must arrive
+within ``BODY_TIMEOUT_S``; a request whose client went away before its batch started is dropped.
+
 One worker thread owns the models. Requests only queue questions; the collector (an asyncio task) waits a
 short window after the first question, then answers everything queued for the same delta (and the same
 ``max_tokens``) as one batch through ``PromptForGeneration.answer``, and hands each request its own slice.
@@ -21,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import hmac
 import json
 import logging
+import os
 import re
 import socket
 import time
@@ -36,7 +44,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optqa.errors import OptqaError
@@ -50,11 +58,33 @@ MAX_PROMPTS = 256  # questions in one request
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 # how long the collector waits after the first queued question for others to join its batch
 WINDOW_S = 0.01
+# a request body (at most MAX_BODY_BYTES) must arrive within this many seconds (408 otherwise): a client sending
+# one byte a second holds a connection and a task, not the server
+BODY_TIMEOUT_S = 30.0
+# uvicorn: an idle kept-alive connection is closed after this many seconds (its default, said here)
+KEEP_ALIVE_S = 5
+# uvicorn: connections plus running requests beyond this are answered 503 at once instead of piling up
+MAX_CONCURRENCY = 512
+# a request's line and headers must arrive within this many seconds of the connection opening (or of the
+# previous response on it); the connection is closed otherwise
+HEADER_TIMEOUT_S = 30.0
+# h11: largest request line plus headers (its default, said here); larger is refused by uvicorn with a 400
+MAX_HEADER_BYTES = 16 * 1024
+# the names a server bound to a loopback address answers to (the Host header a local client sends)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # OpenAI parameters that would change the answer in ways greedy answering cannot honour: refused when given
 # with anything but their neutral value
-NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
-           "frequency_penalty": 0, "logit_bias": None}
+# name -> (JSON types accepted, what the message calls them, the neutral values)
+NUMBER = ((int, float), "a number")
+NEUTRAL = {"n": ((int,), "an integer", (1,)), "best_of": ((int,), "an integer", (1,)),
+           "echo": ((bool,), "a boolean", (False,)), "logprobs": ((int,), "an integer", ()),
+           "suffix": ((str,), "a string", ("",)), "presence_penalty": (*NUMBER, (0,)),
+           "frequency_penalty": (*NUMBER, (0,)), "logit_bias": ((dict,), "an object", ({},))}
+# the completions fields OpenAI defines; anything else is refused, as OpenAI refuses it
+FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed",
+          "user", *NEUTRAL}
 
 
 class RequestError(Exception):
@@ -106,6 +136,15 @@ class Served:
     manifest: dict
     config: Any  # RunConfig
     context_length: int
+    # the most characters one token of the tokenizer stands for (its longest vocabulary entry; for byte-level
+    # BPE, OPT's, an entry's length is its byte count, at least its character count); 0: unknown
+    token_chars: int = 0
+
+    @property
+    def max_prompt_chars(self) -> int | None:
+        """The longest question (characters) that could fit the context: a longer one holds more than
+        ``context_length`` tokens whatever its text, and is refused before it is tokenised. None: no bound known."""
+        return self.context_length * self.token_chars or None
 
     def card(self) -> dict:
         """The ``/v1/models`` entry: OpenAI's fields plus what the manifest says about the delta."""
@@ -121,17 +160,37 @@ class Served:
             created = int(datetime.datetime.fromisoformat(manifest["created"]).timestamp())
         except (KeyError, TypeError, ValueError):
             created = 0
-        served_on = self.config.plm_path  # the backbone loaded (and verified against this manifest)
+        # the backbone loaded (and verified against this manifest), by name: the card is public, server paths are not
+        served_on = shown_name(self.config.plm_path)
         return {
             "id": self.name, "object": "model", "created": created, "owned_by": "optqa",
             "root": served_on, "parent": served_on,
             "delta_type": manifest["delta"]["delta_type"], "delta": manifest["delta"],
             "template": manifest["template"], "sha256": weights["sha256"], "bytes": weights["bytes"],
             "trainable_parameters": manifest.get("trainable_parameters"),
-            "backbone": {"name_or_path": served_on, "trained_on": backbone["name_or_path"],
+            "backbone": {"name_or_path": served_on, "trained_on": shown_name(backbone["name_or_path"]),
                          "architecture": backbone.get("architecture"), "fingerprint": backbone.get("fingerprint")},
             "scores": scores, "max_tokens": self.model.max_new_tokens, "context_length": self.context_length,
         }
+
+
+def shown_name(name_or_path: Any) -> Any:
+    """A backbone's name as the public ``/v1/models`` shows it: a Hub repo id (``owner/name``) as it is, a local
+    folder (absolute, relative, existing here or only on the machine a manifest was written on) by its last
+    component, so no server path is shown."""
+    if not isinstance(name_or_path, str):
+        return name_or_path
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    local = (os.path.isabs(name_or_path) or "\\" in name_or_path or name_or_path.startswith((".", "~"))
+             or os.path.exists(name_or_path))
+    if not local:
+        try:
+            validate_repo_id(name_or_path)
+            return name_or_path
+        except HFValidationError:
+            pass
+    return re.split(r"[\\/]", name_or_path.rstrip("\\/"))[-1]
 
 
 def load_served(deltas: dict[str, str], plm_path: str | None = None, ignore_backbone_mismatch: bool = False,
@@ -163,19 +222,21 @@ def load_served(deltas: dict[str, str], plm_path: str | None = None, ignore_back
     served = {}
     for name, (model, manifest, config) in loaded.items():
         context = int(getattr(model.backbone.config, "max_position_embeddings", 0) or 0)
-        served[name] = Served(name, model, manifest, config, context)
+        token_chars = max(map(len, model.tokenizer.get_vocab()), default=0)
+        served[name] = Served(name, model, manifest, config, context, token_chars)
     return served
 
 
 @dataclass
 class Job:
-    """One request's questions, waiting for the worker."""
+    """One request's questions, waiting for the worker (``encoded`` once the worker has rendered them)."""
 
     name: str
     questions: list[str]
     max_tokens: int | None
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
+    encoded: list = field(default_factory=list)  # optqa.data.Encoded, one per question
 
 
 @dataclass
@@ -186,21 +247,35 @@ class Answered:
     max_tokens: int
 
 
+def internal_error() -> RequestError:
+    """The 500 a request gets when answering it failed for a reason that is not its own: the server logged the
+    traceback; the client gets no exception text."""
+    return RequestError(500, "internal error while answering this request (the server logged the details)",
+                        kind="server_error")
+
+
 class Batcher:
     """Collects questions per delta and answers them in batches on one worker thread that owns the models.
 
     ``answer()`` is called from request handlers on the event loop; the collector task drains the queue a
     short ``window_s`` after the first question arrives (and whenever the worker finishes a batch, since
-    everything that arrived meanwhile is queued), groups the jobs by delta and ``max_tokens``, and runs each
-    group as one ``PromptForGeneration.answer`` call in the worker thread.
+    everything that arrived meanwhile is queued), encodes each request's questions on its own (a request whose
+    questions cannot be encoded, or do not fit the context with its ``max_tokens``, is refused alone), groups
+    the rest by delta and ``max_tokens``, and runs each group as one ``answer_encoded`` call in the worker
+    thread. A group whose generation fails is answered again request by request, so only the failing request
+    gets the error. A request whose client went away (its future cancelled) before its batch started is
+    dropped, not generated.
     """
 
     def __init__(self, served: dict[str, Served], window_s: float = WINDOW_S, batch_size: int = 32):
         self.served = served
         self.window_s = window_s
         self.batch_size = batch_size
-        self.batches = 0  # answer() calls made; /health reports it, the tests check that batching happened
-        self.questions = 0
+        # /health reports these; the tests check that batching happened and that abandoned requests were dropped
+        self.batches = 0  # successful generation calls
+        self.questions = 0  # questions generated
+        self.dropped = 0  # requests whose client went away before their answer
+        self.waiting = 0  # requests waiting for their answer now
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optqa-model")
@@ -219,14 +294,19 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def answer(self, name: str, questions: list[str], max_tokens: int | None) -> list[Answered]:
-        """This request's answers, in the order of ``questions``.
+        """This request's answers, in the order of ``questions``; cancelling the call drops the request.
 
         Raises:
-            RequestError: ``max_tokens`` does not fit the model's context with some question.
+            RequestError: this request's questions cannot be encoded, ``max_tokens`` does not fit the model's
+                context with some question, or answering failed (500, without internal text).
         """
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(Job(name, questions, max_tokens, future))
-        return await future
+        self.waiting += 1
+        try:
+            await self._queue.put(Job(name, questions, max_tokens, future))
+            return await future
+        finally:
+            self.waiting -= 1
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -237,13 +317,14 @@ class Batcher:
                 jobs.append(self._queue.get_nowait())
             try:
                 await self._answer(loop, jobs)
-            except Exception as exc:  # noqa: BLE001 - the collector must outlive any one batch
+            except Exception:  # the collector must outlive any one batch
                 log.exception("answering a batch failed")
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(internal_error())
 
     async def _answer(self, loop, jobs: list[Job]) -> None:
+        jobs = [job for job in jobs if not job.future.done()]  # clients that went away while queued
         prepared = await loop.run_in_executor(self._executor, self._prepare, jobs)
         groups: dict[tuple[str, int], list[tuple[Job, list[int]]]] = {}
         for job, result in zip(jobs, prepared):
@@ -255,35 +336,51 @@ class Batcher:
             max_tokens, prompt_lengths = result
             groups.setdefault((job.name, max_tokens), []).append((job, prompt_lengths))
         for (name, max_tokens), group in groups.items():
-            questions = [q for job, _ in group for q in job.questions]
-            try:
-                answers = await loop.run_in_executor(self._executor, self._generate, name, questions, max_tokens)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the server lives on
-                log.exception("answering %d questions with %s failed", len(questions), name)
-                for job, _ in group:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            start = 0
-            for job, prompt_lengths in group:
-                mine = answers[start:start + len(job.questions)]
-                start += len(job.questions)
-                if not job.future.done():
-                    job.future.set_result([Answered(text, p, c, max_tokens)
-                                           for (text, c), p in zip(mine, prompt_lengths)])
+            await self._run(loop, name, group, max_tokens)
+
+    async def _run(self, loop, name: str, group: list[tuple[Job, list[int]]], max_tokens: int) -> None:
+        """Answer ``group`` as one batch and hand each job its answers; if that fails, answer each job alone, so
+        only a job that fails on its own gets the error (its RequestError, else a 500 without internal text)."""
+        group = [(job, lengths) for job, lengths in group if not job.future.done()]  # clients that went away
+        if not group:
+            return
+        try:
+            answers = await loop.run_in_executor(self._executor, self._generate, name, group, max_tokens)
+        except Exception as exc:  # one request must not fail its neighbours, and the server lives on
+            if len(group) > 1:
+                log.exception("answering %d requests with %s together failed; answering each alone", len(group), name)
+                for member in group:
+                    await self._run(loop, name, [member], max_tokens)
+                return
+            log.exception("answering a request with %s failed", name)
+            group[0][0].future.set_exception(exc if isinstance(exc, RequestError) else internal_error())
+            return
+        for (job, _), mine in zip(group, answers):
+            if not job.future.done():
+                job.future.set_result(mine)
 
     # --- in the worker thread: the only code that touches the models and their tokenizer ---
 
-    def _prepare(self, jobs: list[Job]) -> list[tuple[int, list[int]] | RequestError]:
-        """Each job's max_tokens and prompt lengths in tokens, or the error that refuses it."""
+    def _prepare(self, jobs: list[Job]) -> list[tuple[int, list[int]] | RequestError | None]:
+        """Encode each job's questions on its own (into ``job.encoded``); returns its max_tokens and prompt
+        lengths in tokens, or the error that refuses it alone (None: its client went away)."""
         from optqa.data import InputExample
 
-        results: list[tuple[int, list[int]] | RequestError] = []
+        results: list[tuple[int, list[int]] | RequestError | None] = []
         for job in jobs:
+            if job.future.done():
+                results.append(None)
+                continue
             served = self.served[job.name]
             wrapper = served.model.wrapper
-            lengths = [len(wrapper.encode(InputExample(guid=i, text_a=q), i).prompt_ids)
-                       for i, q in enumerate(job.questions)]
+            try:
+                job.encoded = [wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(job.questions)]
+            except Exception:  # the tokenizer refused this request's text: it alone fails
+                log.exception("encoding a request's prompt for %s failed", job.name)
+                results.append(RequestError(400, "the prompt could not be encoded by this model's tokenizer",
+                                            "prompt"))
+                continue
+            lengths = [len(e.prompt_ids) for e in job.encoded]
             max_tokens = job.max_tokens or served.model.max_new_tokens
             longest = max(lengths)
             if served.context_length and longest + max_tokens > served.context_length:
@@ -296,14 +393,19 @@ class Batcher:
             results.append((max_tokens, lengths))
         return results
 
-    def _generate(self, name: str, questions: list[str], max_tokens: int) -> list[tuple[str, int]]:
+    def _generate(self, name: str, group: list[tuple[Job, list[int]]], max_tokens: int) -> list[list[Answered]]:
+        """One generation for every question of ``group``'s jobs; each job's answers, in order."""
         model = self.served[name].model
-        texts, ids = model.answer(questions, batch_size=self.batch_size, max_new_tokens=max_tokens, return_ids=True)
+        encoded = [dataclasses.replace(e, index=i) for i, e in enumerate(e for job, _ in group for e in job.encoded)]
+        texts, ids = model.answer_encoded(encoded, batch_size=self.batch_size, max_new_tokens=max_tokens,
+                                          return_ids=True)
         self.batches += 1
-        self.questions += len(questions)
+        self.questions += len(encoded)
         eos = model.tokenizer.eos_token_id
         # completion tokens: the generated ids without the eos that ended the answer (OpenAI counts no stop token)
-        return [(text, len(row) - (1 if row and row[-1] == eos else 0)) for text, row in zip(texts, ids)]
+        answered = iter([Answered(text, 0, len(row) - (1 if row and row[-1] == eos else 0), max_tokens)
+                         for text, row in zip(texts, ids)])
+        return [[dataclasses.replace(next(answered), prompt_tokens=p) for p in lengths] for _, lengths in group]
 
 
 def finish(answered: Answered, stop: list[str]) -> tuple[str, str]:
@@ -321,41 +423,73 @@ def _page() -> str:
 
 
 class Guard:
-    """ASGI middleware in front of every route: the body-size limit (413) and the API key (401).
+    """ASGI middleware in front of every route: the Host header (400), the API key (401), JSON bodies only on
+    POST (415), the body-size limit (413) and the body's deadline (408).
 
-    The body is read here, at most ``limit`` bytes of it, and replayed to the app; a declared
-    Content-Length above the limit is refused before anything is read. With a key, every path but the
-    page itself (static HTML holding no data; it asks for the key and sends it on its API calls) needs
-    ``Authorization: Bearer <key>``, compared in constant time.
+    Own code rather than starlette's TrustedHostMiddleware: that one answers in plain text, and clients of this
+    API read OpenAI's error shape. Only a Host in ``allowed_hosts`` (None: any) is served, so a page whose
+    name was rebound to 127.0.0.1 cannot talk to a local server. A POST must say ``Content-Type:
+    application/json``: a browser sends that cross-site only after a CORS preflight, which this server never
+    grants, so no other site's page can post to it. The body is read here, at most ``limit`` bytes of it
+    within ``body_timeout_s`` seconds, and replayed to the app; a declared Content-Length above the limit is
+    refused before anything is read. With a key, every path but the page itself (static HTML holding no data;
+    it asks for the key and sends it on its API calls) needs ``Authorization: Bearer <key>``, compared in
+    constant time as bytes (the key is ASCII, see ``api_key_from``).
     """
 
-    def __init__(self, app, api_key: str | None, limit: int = MAX_BODY_BYTES):
-        self.app, self.api_key, self.limit = app, api_key, limit
+    def __init__(self, app, api_key: str | None, limit: int = MAX_BODY_BYTES,
+                 allowed_hosts: list[str] | None = None, body_timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.limit, self.body_timeout_s = app, limit, body_timeout_s
+        self.api_key = api_key.encode("ascii") if api_key else None
+        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else {
+            _host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed_hosts:
+                return await _send_error(send, 400, error_body(
+                    "this server does not serve the host named in the Host header (start it with --allowed_hosts "
+                    "to add a name)", code="invalid_host"))
         if self.api_key and not (scope["path"] == "/" and scope["method"] in ("GET", "HEAD")):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
                 return await _send_error(send, 401, error_body(
                     "Incorrect or missing API key: send the header 'Authorization: Bearer <key>' with the key the "
                     "server was started with (--api_key or OPTQA_API_KEY)", code="invalid_api_key"),
                     {"www-authenticate": "Bearer"})
-        declared = headers.get("content-length", "")
+        if scope["method"] == "POST":
+            media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if media != b"application/json":
+                return await _send_error(send, 415, error_body(
+                    "the request body must be JSON, sent with 'Content-Type: application/json'",
+                    code="unsupported_media_type"))
+            encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+            if encoding != b"identity":  # a compressed body would reach the JSON parser undecoded
+                return await _send_error(send, 415, error_body(
+                    "the request body must be sent uncompressed (no Content-Encoding)", code="unsupported_media_type"))
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             return await _send_error(send, 413, self._too_large())
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                return await _send_error(send, 413, self._too_large())
-            if not message.get("more_body"):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    if len(body) > self.limit:
+                        return await _send_error(send, 413, self._too_large())
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            return await _send_error(send, 408, error_body(
+                f"the request body did not arrive within {self.body_timeout_s:g} seconds", code="request_timeout"),
+                {"connection": "close"})
         replayed = False
 
         async def replay():
@@ -371,6 +505,26 @@ class Guard:
         return error_body(f"request body larger than {self.limit} bytes", code="request_too_large")
 
 
+def _host_name(host: str) -> str:
+    """A Host header's (or an address's) name without its port, lowercased: ``[::1]:8000`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def allowed_hosts_for(host: str, extra: list[str] | None) -> list[str] | None:
+    """The Host names a server bound to ``host`` answers to: ``host`` itself, the loopback names when it is a
+    loopback address, and ``extra`` (``--allowed_hosts``). A wildcard bind (0.0.0.0, ::) without ``extra``
+    answers to any name (None): its clients may use any of the machine's names and addresses."""
+    if host in WILDCARD_HOSTS:
+        return [*LOOPBACK_HOSTS, *extra] if extra else None
+    names = [host, *(LOOPBACK_HOSTS if _host_name(host) in LOOPBACK_HOSTS else ()), *(extra or ())]
+    return list(dict.fromkeys(names))
+
+
 async def _send_error(send, status: int, body: dict, headers: dict | None = None) -> None:
     data = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
@@ -379,75 +533,137 @@ async def _send_error(send, status: int, body: dict, headers: dict | None = None
     await send({"type": "http.response.body", "body": data})
 
 
-def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, list[str], int | None, list[str], bool]:
-    """Validate a completions body; returns (delta, questions, max_tokens, stop sequences, stream).
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: a message that names what the client sent (a model name, a
+    field) may hold a lone surrogate, which UTF-8 cannot carry but a ``\\udXXX`` escape can."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
+    """``body[name]`` if it is one of ``kinds`` (a bool is no number), None if absent or null.
+
+    Raises:
+        RequestError: 422, the value has another type.
+    """
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise RequestError(422, f"'{name}' must be {what}", name, "invalid_type")
+    return value
+
+
+def _text_list(value: Any, name: str, what: str) -> list[str]:
+    """A string or a list of strings as a list, each encodable as UTF-8.
+
+    Raises:
+        RequestError: 422, another type; 400, text holding a lone surrogate (valid JSON, not UTF-8 text).
+    """
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(q, str) for q in items):
+        raise RequestError(422, f"'{name}' must be {what}", name, "invalid_type")
+    for index, item in enumerate(items):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(400, f"'{name}' item {index} is not text: it holds a lone surrogate "
+                                    f"(\\u{ord(item[exc.start]):04x}) at character {exc.start}, which UTF-8 cannot "
+                                    "encode", name, "invalid_encoding") from None
+    return items
+
+
+def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, list[str], int | None, list[str], bool,
+                                                                     bool]:
+    """Validate every field of a completions body before any work; returns (delta, questions, max_tokens, stop
+    sequences, stream, include_usage).
 
     Raises:
         RequestError: 404 for an unknown model, 422 for a missing field or a wrong type, 400 for a value
-            outside what is supported.
+            outside what is supported (an unknown field, a prompt that cannot fit the context, ...).
     """
     if not isinstance(body, dict):
         raise RequestError(422, "the request body must be a JSON object")
     for name in ("model", "prompt"):
         if name not in body:
             raise RequestError(422, f"'{name}' is a required property", name, "missing_required_parameter")
+    unknown = [name for name in body if name not in FIELDS]
+    if unknown:
+        raise RequestError(400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0],
+                           "unknown_parameter")
     model = body["model"]
     if not isinstance(model, str):
         raise RequestError(422, "'model' must be a string", "model", "invalid_type")
     if model not in served:
         raise RequestError(404, f"The model '{model}' does not exist; this server has: {', '.join(served)}",
                            "model", "model_not_found")
-    prompt = body["prompt"]
-    questions = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-        raise RequestError(422, "'prompt' must be a string or a list of strings (token ids are not accepted)",
-                           "prompt", "invalid_type")
+    delta = served[model]
+    questions = _text_list(body["prompt"], "prompt", "a string or a list of strings (token ids are not accepted)")
     if not questions or len(questions) > MAX_PROMPTS:
         raise RequestError(400, f"'prompt' must hold 1 to {MAX_PROMPTS} questions, got {len(questions)}", "prompt")
     questions = [q.strip() for q in questions]
     if not all(questions):
         raise RequestError(400, "every prompt must be a non-empty question", "prompt")
-    max_tokens = body.get("max_tokens")
+    cap = delta.max_prompt_chars
+    longest = max(map(len, questions))
+    if cap and longest > cap:  # refused before tokenising: its tokens cannot fit the context
+        raise RequestError(400, f"This model's maximum context length is {delta.context_length} tokens, however "
+                                f"your prompt has {longest} characters: more than {delta.context_length} tokens of "
+                                f"at most {delta.token_chars} characters each. Please shorten it.", "prompt",
+                           "context_length_exceeded")
+    max_tokens = _typed(body, "max_tokens", (int,), "an integer")
     if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-            raise RequestError(422, "'max_tokens' must be an integer", "max_tokens", "invalid_type")
         if max_tokens < 1:
-            raise RequestError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-            raise RequestError(422, "'temperature' must be a number", "temperature", "invalid_type")
-        if temperature != 0:
-            raise RequestError(400, f"temperature {temperature}: this server answers greedily only (temperature 0, "
-                                    "the question loop's decoding); sampling is not supported", "temperature",
-                               "unsupported_value")
+            raise RequestError(400, "'max_tokens' must be at least 1", "max_tokens")
+        if delta.context_length and max_tokens >= delta.context_length:  # the prompt takes at least one token
+            raise RequestError(400, f"This model's maximum context length is {delta.context_length} tokens; "
+                                    f"'max_tokens' must be below it", "max_tokens", "context_length_exceeded")
+    temperature = _typed(body, "temperature", *NUMBER)
+    if temperature is not None and temperature != 0:
+        raise RequestError(400, f"temperature {temperature}: this server answers greedily only (temperature 0, the "
+                                "question loop's decoding); sampling is not supported", "temperature",
+                           "unsupported_value")
+    top_p = _typed(body, "top_p", *NUMBER)  # any nucleus holds the greedy token: no value changes the answer
+    if top_p is not None and not 0 < top_p <= 1:
+        raise RequestError(400, "'top_p' must be above 0 and at most 1", "top_p")
+    _typed(body, "seed", (int,), "an integer")  # greedy answers are the same for every seed
+    _typed(body, "user", (str,), "a string")
     stop = body.get("stop")
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise RequestError(422, "'stop' must be a string or a list of strings", "stop", "invalid_type")
+    stops = [] if stop is None else _text_list(stop, "stop", "a string or a list of strings")
     if len(stops) > MAX_STOP:
         raise RequestError(400, f"'stop' takes at most {MAX_STOP} sequences, got {len(stops)}", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise RequestError(422, "'stream' must be a boolean", "stream", "invalid_type")
-    for name, neutral in NEUTRAL.items():
-        if body.get(name) is not None and body[name] != neutral:
+    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
+    options = _typed(body, "stream_options", (dict,), "an object")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise RequestError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if set(options) - {"include_usage"}:
+            raise RequestError(400, "'stream_options' takes only 'include_usage'", "stream_options",
+                               "unknown_parameter")
+        include_usage = bool(_typed(options, "include_usage", (bool,), "a boolean"))
+    for name, (kinds, what, neutral) in NEUTRAL.items():
+        value = _typed(body, name, kinds, what)
+        if value is not None and value not in neutral:
             raise RequestError(400, f"'{name}' is not supported by this server (greedy answers, one per prompt)",
                                name, "unsupported_parameter")
-    return served[model], questions, max_tokens, stops, bool(stream)
+    return delta, questions, max_tokens, stops, stream, include_usage
 
 
 def create_app(served: dict[str, Served], api_key: str | None = None, window_s: float = WINDOW_S,
-               batch_size: int = 32):
+               batch_size: int = 32, allowed_hosts: list[str] | None = None, body_timeout_s: float = BODY_TIMEOUT_S):
     """The ASGI app: FastAPI routes behind the ``Guard`` middleware.
 
     Args:
         served: name -> delta, from ``load_served``.
-        api_key: when set, every endpoint but the page needs ``Authorization: Bearer <api_key>``.
+        api_key: when set, every endpoint but the page needs ``Authorization: Bearer <api_key>`` (ASCII).
         window_s: how long the collector waits for more questions before answering a batch (seconds).
         batch_size: most questions in one generation batch.
+        allowed_hosts: the Host header names served (``allowed_hosts_for``); None: any.
+        body_timeout_s: how long a request body may take to arrive (seconds; 408 after).
     Returns:
-        The app; ``app.state.batcher`` is its Batcher once the app has started.
+        The app (the Guard); ``app.app.state.batcher`` is its Batcher.
     """
     batcher = Batcher(served, window_s=window_s, batch_size=batch_size)
 
@@ -457,27 +673,30 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
         yield
         await batcher.stop()
 
-    app = FastAPI(title="optqa", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="optqa", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=AsciiJSONResponse)
     app.state.batcher = batcher
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return AsciiJSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}"),
-                            status_code=exc.status_code)
+        return AsciiJSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}"),
+                                 status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return JSONResponse(error_body(str(exc)), status_code=422)
+        return AsciiJSONResponse(error_body(f"{request.method} {request.url.path}: the request does not match this "
+                                            "endpoint"), status_code=422)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception):
-        log.exception("request %s %s failed", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
-                            status_code=500)
+        # the traceback goes to the server's log; the client learns nothing of the server's internals
+        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return AsciiJSONResponse(error_body("internal error (the server logged the details)", "server_error"),
+                                 status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -486,7 +705,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": list(served), "batches": batcher.batches,
-                "questions": batcher.questions}
+                "questions": batcher.questions, "waiting": batcher.waiting, "dropped": batcher.dropped}
 
     @app.get("/v1/models")
     async def models():
@@ -503,10 +722,22 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from exc
-        delta, questions, max_tokens, stops, stream = _check_completion(body, served)
-        answers = await batcher.answer(delta.name, questions, max_tokens)
+        except json.JSONDecodeError as exc:
+            raise RequestError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
+        except UnicodeDecodeError:
+            raise RequestError(400, "the request body is not valid JSON (not UTF-8 text)", None,
+                               "invalid_json") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is not valid JSON for this server (nested too deeply)", None,
+                               "invalid_json") from None
+        except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise RequestError(400, "the request body is not valid JSON for this server (a number with too many "
+                                    "digits)", None, "invalid_json") from None
+        delta, questions, max_tokens, stops, stream, include_usage = _check_completion(body, served)
+        answers = await _unless_client_leaves(request, batcher.answer(delta.name, questions, max_tokens))
+        if answers is None:  # nobody is left to read an answer
+            batcher.dropped += 1
+            return Response(status_code=499)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         choices = []
         for index, answered in enumerate(answers):
@@ -519,7 +750,6 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
         head = {"id": ident, "object": "text_completion", "created": created, "model": delta.name}
         if not stream:
             return {**head, "choices": choices, "usage": usage}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def events():
             for choice in choices:
@@ -532,7 +762,29 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
-    return Guard(app, api_key)
+    return Guard(app, api_key, allowed_hosts=allowed_hosts, body_timeout_s=body_timeout_s)
+
+
+async def _unless_client_leaves(request: Request, work) -> Any:
+    """``await work``, unless the client disconnects first: then ``work`` is cancelled (a queued request is
+    dropped before its batch) and the result is None."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
 
 
 def _event(data: dict) -> str:
@@ -561,12 +813,67 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(app, sock: socket.socket, log_level: str = "warning") -> None:
-    """Serve ``app`` on the bound ``sock`` with uvicorn until Ctrl-C (or SIGTERM)."""
+def header_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline on a request's line and headers: a connection that has not sent a
+    whole request head within ``seconds`` of opening (or of its previous response) is closed.
+
+    Own code: uvicorn's ``timeout_keep_alive`` only covers an idle connection, and any byte restarts nothing, so a
+    client sending its headers one byte a second would hold the connection forever.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._expire)
+
+        def _waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _expire(self) -> None:
+            if self._waiting_for_head():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._deadline is not None and not self._waiting_for_head():
+                self._deadline.cancel()
+                self._deadline = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
+def server_config(app, log_level: str = "warning", header_timeout_s: float = HEADER_TIMEOUT_S):
+    """uvicorn's settings for serving ``app``: its limits said here, and the request-head deadline (seconds)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False))
-    server.run(sockets=[sock])
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
+                          http=header_deadline_protocol(header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S,
+                          limit_concurrency=MAX_CONCURRENCY, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def run_server(app, sock: socket.socket, log_level: str = "warning") -> None:
+    """Serve ``app`` on the bound ``sock`` with uvicorn (``server_config``) until Ctrl-C (or SIGTERM)."""
+    import uvicorn
+
+    uvicorn.Server(server_config(app, log_level)).run(sockets=[sock])
 
 
 def url_of(sock: socket.socket) -> str:
@@ -575,8 +882,17 @@ def url_of(sock: socket.socket) -> str:
 
 
 def api_key_from(config_key: str | None, environ: dict) -> str | None:
-    """--api_key, else the OPTQA_API_KEY environment variable; an empty value means no key."""
+    """--api_key, else the OPTQA_API_KEY environment variable; an empty value means no key.
+
+    Raises:
+        OptqaError: the key holds a character an ``Authorization`` header cannot carry as it is (anything but
+            printable ASCII without spaces): no client could ever send it, so every request would be refused.
+    """
     key = config_key if config_key is not None else environ.get(ENV_API_KEY)
+    if key and not all("!" <= c <= "~" for c in key):
+        where = "--api_key" if config_key is not None else ENV_API_KEY
+        raise OptqaError(f"{where} must be printable ASCII without spaces (HTTP headers carry ASCII; no client could "
+                         "send this key)")
     return key or None
 
 
@@ -586,6 +902,6 @@ def describe(served: dict[str, Served]) -> list[str]:
     for s in served.values():
         card = s.card()
         lines.append(f"  {s.name}: {card['delta_type']} ({card['bytes'] / 1e6:.2f} MB, sha256 "
-                     f"{card['sha256'][:12]}) on {card['parent']}")
+                     f"{card['sha256'][:12]}) on {s.config.plm_path}")
     return lines
 

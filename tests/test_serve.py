@@ -5,7 +5,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -62,7 +64,8 @@ def start_cli_server(*args: str, env: dict | None = None) -> tuple[subprocess.Po
 
 @pytest.fixture(scope="module")
 def server(ckpts):
-    process, url = start_cli_server("--deltas", f"adapter={ckpts['adapter']}", f"lora={ckpts['lora']}", *EXACT[:2])
+    process, url = start_cli_server("--deltas", f"adapter={ckpts['adapter']}", f"lora={ckpts['lora']}", *EXACT[:2],
+                                    "--allowed_hosts", "box.lan")
     yield url
     process.terminate()
     try:
@@ -93,7 +96,11 @@ def test_openai_client_gets_the_question_loops_answers(server, ckpts):
     assert list(listed) == ["adapter", "lora"]
     for name, card in listed.items():
         manifest = json.loads((ckpts[name] / MANIFEST_NAME).read_text(encoding="utf-8"))
-        assert card["object"] == "model" and card["parent"] == manifest["backbone"]["name_or_path"]
+        # names, not the server's paths: the tiny backbone's folder by its last component
+        backbone = Path(manifest["backbone"]["name_or_path"])
+        assert backbone.is_absolute() and card["parent"] == card["root"] == backbone.name
+        assert card["backbone"]["name_or_path"] == card["backbone"]["trained_on"] == backbone.name
+        assert str(backbone.parent) not in json.dumps(card)
         assert card["delta_type"] == name and card["template"] == manifest["template"]
         assert card["sha256"] == manifest["files"]["delta_model.safetensors"]["sha256"]
         assert card["scores"] == METRICS[name]
@@ -182,7 +189,39 @@ BAD_REQUESTS = [
     ("stop a number", {"model": "lora", "prompt": "hi", "stop": 3}, 422, "stop"),
     ("body not an object", [1, 2], 422, None),
     ("oversized body", {"model": "lora", "prompt": "x" * (1 << 20)}, 413, None),
+    # issue 26: every field of every request, checked before any work, answered in OpenAI's shape
+    ("lone surrogate in the prompt", b'{"model": "lora", "prompt": "bad \\ud800 q"}', 400, "prompt"),
+    ("lone surrogate in a prompt list", b'{"model": "lora", "prompt": ["fine", "bad \\udfff"]}', 400, "prompt"),
+    ("lone surrogate in a stop", b'{"model": "lora", "prompt": "hi", "stop": ["\\ud800"]}', 400, "stop"),
+    ("lone surrogate as the model", b'{"model": "\\ud800", "prompt": "hi"}', 404, "model"),
+    ("5000-digit max_tokens", b'{"model": "lora", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),
+    ("max_tokens past the context alone", {"model": "lora", "prompt": "hi", "max_tokens": 10 ** 30}, 400,
+     "max_tokens"),
+    ("JSON nested 100k deep", b'{"model": "lora", "prompt": "hi", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     400, None),
+    ("stream_options a string", {"model": "lora", "prompt": "hi", "stream": True, "stream_options": "x"}, 422,
+     "stream_options"),
+    ("stream_options without stream", {"model": "lora", "prompt": "hi", "stream_options": {"include_usage": True}},
+     400, "stream_options"),
+    ("include_usage a string", {"model": "lora", "prompt": "hi", "stream": True,
+                                "stream_options": {"include_usage": "yes"}}, 422, "include_usage"),
+    ("stream a string", {"model": "lora", "prompt": "hi", "stream": "yes"}, 422, "stream"),
+    ("an unknown field", {"model": "lora", "prompt": "hi", "top_k": 5}, 400, "top_k"),
+    ("n true", {"model": "lora", "prompt": "hi", "n": True}, 422, "n"),
+    ("echo a number", {"model": "lora", "prompt": "hi", "echo": 1}, 422, "echo"),
+    ("suffix", {"model": "lora", "prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("logit_bias", {"model": "lora", "prompt": "hi", "logit_bias": {"50256": -100}}, 400, "logit_bias"),
+    ("top_p 2", {"model": "lora", "prompt": "hi", "top_p": 2}, 400, "top_p"),
+    ("temperature NaN", b'{"model": "lora", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("seed a string", {"model": "lora", "prompt": "hi", "seed": "1"}, 422, "seed"),
+    ("user a list", {"model": "lora", "prompt": "hi", "user": ["a"]}, 422, "user"),
+    ("a prompt longer than the context can hold", {"model": "lora", "prompt": "a " * 450_000}, 400, "prompt"),
+    ("body not UTF-8", b'{"model": "lora", "prompt": "\xff"}', 400, None),
 ]
+CODES = {"lone surrogate in the prompt": "invalid_encoding", "5000-digit max_tokens": "invalid_json",
+         "JSON nested 100k deep": "invalid_json", "max_tokens past the context alone": "context_length_exceeded",
+         "a prompt longer than the context can hold": "context_length_exceeded", "an unknown field": "unknown_parameter",
+         "stream_options a string": "invalid_type", "suffix": "unsupported_parameter"}
 
 
 @pytest.mark.parametrize("case,body,status,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
@@ -194,11 +233,57 @@ def test_bad_requests_get_openais_error_shape(server, case, body, status, param)
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+    assert error["type"] == "invalid_request_error" and not re.search(r"[A-Za-z]+(Error|Exception)\b", error["message"])
     if case == "max_tokens past the context":  # the tiny OPT's context is 256 positions
         assert error["code"] == "context_length_exceeded" and "maximum context length is 256" in error["message"]
+    if case in CODES:
+        assert error["code"] == CODES[case], error
+    if case == "lone surrogate in the prompt":
+        assert error["message"] == ("'prompt' item 0 is not text: it holds a lone surrogate (\\ud800) at character 4, "
+                                    "which UTF-8 cannot encode")
+    if case == "a prompt longer than the context can hold":
+        assert error["message"].startswith("This model's maximum context length is 256 tokens, however your prompt "
+                                           "has 899999 characters")
     # the server keeps serving
     ok = httpx.post(f"{server}/v1/completions", json={"model": "lora", "prompt": QUESTIONS[0]}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_only_json_bodies_and_the_served_hosts_are_answered(server):
+    """A cross-site form post (text/plain needs no CORS preflight) is 415; a Host this server does not serve (a
+    page whose name was rebound to 127.0.0.1) is 400; the names of the loopback address it is bound to and the
+    one --allowed_hosts adds work."""
+    body = json.dumps({"model": "lora", "prompt": QUESTIONS[0]})
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {},
+                    {"content-type": "application/jsonx"}):
+        response = httpx.post(f"{server}/v1/completions", content=body, headers=headers, timeout=60)
+        assert response.status_code == 415, (headers, response.text)
+        assert response.json() == {"error": {
+            "message": "the request body must be JSON, sent with 'Content-Type: application/json'",
+            "type": "invalid_request_error", "param": None, "code": "unsupported_media_type"}}
+    compressed = httpx.post(f"{server}/v1/completions", content=body, timeout=60,
+                            headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert compressed.status_code == 415 and compressed.json()["error"]["code"] == "unsupported_media_type"
+    port = server.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", f"attacker.test:{port}"):
+        response = httpx.get(f"{server}/v1/models", headers={"host": host}, timeout=60)
+        assert response.status_code == 400, host
+        assert response.json()["error"]["code"] == "invalid_host" and response.json()["error"]["param"] is None
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST.", f"box.lan:{port}"):
+        assert httpx.get(f"{server}/health", headers={"host": host}, timeout=60).status_code == 200, host
+    ok = httpx.post(f"{server}/v1/completions", content=body,
+                    headers={"content-type": "application/json; charset=utf-8"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+
+
+def test_allowed_hosts_follow_the_bound_address():
+    from optqa.serve import allowed_hosts_for
+
+    assert allowed_hosts_for("127.0.0.1", None) == ["127.0.0.1", "localhost", "::1"]
+    assert allowed_hosts_for("::1", ["box.lan"]) == ["::1", "127.0.0.1", "localhost", "box.lan"]
+    assert allowed_hosts_for("192.168.1.5", None) == ["192.168.1.5"]
+    assert allowed_hosts_for("0.0.0.0", None) is None  # any: clients may use any name or address of the machine
+    assert allowed_hosts_for("0.0.0.0", ["box.lan"]) == ["127.0.0.1", "localhost", "::1", "box.lan"]
 
 
 def test_openai_client_raises_its_own_errors(server):
@@ -212,14 +297,15 @@ def test_openai_client_raises_its_own_errors(server):
 
 
 @contextlib.contextmanager
-def in_process_server(app):
-    """uvicorn in a thread, on a socket bound before it starts (so the port cannot be lost)."""
+def in_process_server(app, header_timeout_s: float = 30.0):
+    """uvicorn in a thread with the CLI's settings, on a socket bound before it starts (so the port cannot be
+    lost)."""
     import uvicorn
 
-    from optqa.serve import bind, url_of
+    from optqa.serve import bind, server_config, url_of
 
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, header_timeout_s=header_timeout_s))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -309,6 +395,165 @@ def test_api_key_is_required_on_every_endpoint(ckpts, one_torch_thread):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         answer = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret").completions.create(model="lora", prompt="hi")
         assert answer.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def wide(ckpts):
+    """An in-process server with a 2 s batch window (requests sent together surely share a batch), a 1 s body
+    deadline and a 1 s request-head deadline; yields (url, served, batcher, each question's answer alone)."""
+    from optqa.serve import create_app, load_served
+
+    served = load_served({"lora": str(ckpts["lora"]), "adapter": str(ckpts["adapter"])}, precision="fp32")
+    alone = {q: served["lora"].model.answer([q])[0] for q in QUESTIONS}  # before the worker thread owns the model
+    app = create_app(served, window_s=2.0, body_timeout_s=1.0, allowed_hosts=["127.0.0.1"])
+    with in_process_server(app, header_timeout_s=1.0) as url:
+        yield url, served, app.app.state.batcher, alone
+
+
+def _together(url: str, bodies: list) -> list:
+    """POST every body at once; the responses in order."""
+    async def send():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*[client.post("/v1/completions", content=body if isinstance(body, bytes)
+                                                      else json.dumps(body).encode(),
+                                                      headers={"content-type": "application/json"})
+                                          for body in bodies])
+    return asyncio.run(send())
+
+
+def test_a_poison_request_fails_alone(wide):
+    """A lone surrogate sent with ordinary requests in the same batch window: it gets its 400, they get their
+    exact answers, answered as one batch."""
+    url, _, _, alone = wide
+    before = httpx.get(f"{url}/health").json()
+    poison = b'{"model": "lora", "prompt": "bad \\ud800 q"}'
+    responses = _together(url, [{"model": "lora", "prompt": QUESTIONS[0]}, poison,
+                                {"model": "lora", "prompt": QUESTIONS[1:3]}, poison])
+    assert [r.status_code for r in responses] == [200, 400, 200, 400]
+    assert responses[1].json()["error"]["param"] == "prompt"
+    assert responses[1].json()["error"]["code"] == "invalid_encoding"
+    assert [c["text"] for c in responses[0].json()["choices"]] == [alone[QUESTIONS[0]]]
+    assert [c["text"] for c in responses[2].json()["choices"]] == [alone[q] for q in QUESTIONS[1:3]]
+    after = httpx.get(f"{url}/health").json()
+    assert after["batches"] - before["batches"] == 1 and after["questions"] - before["questions"] == 3
+
+
+def test_a_failing_batch_is_answered_request_by_request(wide, monkeypatch):
+    """A request that passes every check but makes generation fail: the batch is answered again request by
+    request; its neighbours get their exact answers, it alone gets a 500 without the exception's text."""
+    url, served, _, alone = wide
+    model = served["lora"].model
+    real, calls = model.answer_encoded, []
+
+    def answer_encoded(encoded, *args, **kwargs):
+        calls.append(sorted(e.question for e in encoded))
+        if any(e.question == "poison question" for e in encoded):
+            raise RuntimeError("secret internals at /srv/optqa")
+        return real(encoded, *args, **kwargs)
+
+    monkeypatch.setattr(model, "answer_encoded", answer_encoded)
+    before = httpx.get(f"{url}/health").json()
+    responses = _together(url, [{"model": "lora", "prompt": QUESTIONS[0]}, {"model": "lora", "prompt": "poison question"},
+                                {"model": "lora", "prompt": QUESTIONS[1]}])
+    assert [r.status_code for r in responses] == [200, 500, 200]
+    assert responses[1].json() == {"error": {
+        "message": "internal error while answering this request (the server logged the details)",
+        "type": "server_error", "param": None, "code": None}}
+    assert [r.json()["choices"][0]["text"] for r in (responses[0], responses[2])] == [alone[q] for q in QUESTIONS[:2]]
+    # one shared batch first, then each request alone
+    assert calls[0] == sorted([QUESTIONS[0], "poison question", QUESTIONS[1]])
+    assert sorted(map(tuple, calls[1:])) == sorted([(QUESTIONS[0],), ("poison question",), (QUESTIONS[1],)])
+    after = httpx.get(f"{url}/health").json()
+    assert after["batches"] - before["batches"] == 2 and after["questions"] - before["questions"] == 2
+    monkeypatch.undo()
+    ok = httpx.post(f"{url}/v1/completions", json={"model": "lora", "prompt": QUESTIONS[3]}, timeout=60)
+    assert ok.json()["choices"][0]["text"] == alone[QUESTIONS[3]]
+
+
+def _health_until(url: str, ready) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        health = httpx.get(f"{url}/health", timeout=60).json()
+        if ready(health):
+            return health
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+
+
+def test_a_request_whose_client_left_is_not_generated(wide):
+    url, _, batcher, alone = wide
+    release = threading.Event()
+    batcher._executor.submit(release.wait)  # the worker is busy: the request waits in the queue
+    before = httpx.get(f"{url}/health").json()
+    body = json.dumps({"model": "lora", "prompt": "a question nobody waits for"}).encode()
+    client = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    try:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        _health_until(url, lambda h: h["waiting"] == 1)
+    finally:
+        client.close()
+    _health_until(url, lambda h: h["dropped"] == before["dropped"] + 1 and h["waiting"] == 0)
+    release.set()
+    ok = httpx.post(f"{url}/v1/completions", json={"model": "lora", "prompt": QUESTIONS[2]}, timeout=60)
+    assert ok.json()["choices"][0]["text"] == alone[QUESTIONS[2]]
+    after = httpx.get(f"{url}/health").json()
+    assert after["questions"] - before["questions"] == 1  # only the question someone waited for was generated
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    """Send ``data`` and read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60) as client:
+        client.sendall(data)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+    return received
+
+
+def test_slow_clients_are_cut_off(wide):
+    """A body still arriving after the body deadline gets a 408; a request head still arriving after the head
+    deadline loses its connection; the server answers on."""
+    url = wide[0]
+    answer = _raw(url, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{\"model\"")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and json.loads(body)["error"] == {
+        "message": "the request body did not arrive within 1 seconds", "type": "invalid_request_error",
+        "param": None, "code": "request_timeout"}
+    assert _raw(url, b"GET /health HTTP/1.1\r\nHo") == b""  # closed, nothing answered
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_prompt_past_the_context_is_refused_before_tokenising(wide, monkeypatch):
+    url, served, _, _ = wide
+    wrapper = served["lora"].model.wrapper
+    calls = []
+    real = wrapper.encode
+    monkeypatch.setattr(wrapper, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cap = served["lora"].max_prompt_chars
+    assert cap == 256 * max(map(len, served["lora"].model.tokenizer.get_vocab()))
+    refused = httpx.post(f"{url}/v1/completions", json={"model": "lora", "prompt": "b" * (cap + 1)}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []
+    cut = httpx.post(f"{url}/v1/completions", json={"model": "lora", "prompt": "b" * cap}, timeout=60)
+    assert cut.status_code == 200 and calls == [1]  # at the bound: tokenised once, cut to max_seq_l, answered
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_a_key_no_client_can_send_is_refused_at_start(ckpts, capsys, monkeypatch, how):
+    from optqa.cli import main
+
+    args = ["--mode", "serve", "--port", "0", "--deltas", f"x={ckpts['lora']}"]
+    if how == "flag":
+        args += ["--api_key", "clé"]
+    else:
+        monkeypatch.setenv("OPTQA_API_KEY", "two words")
+    assert main(args) == 2
+    where = "--api_key" if how == "flag" else "OPTQA_API_KEY"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {where} must be printable ASCII without spaces (HTTP headers carry ASCII; no client could send "
+        "this key)")
 
 
 def test_a_refused_delta_stops_the_start_in_one_line(ckpts, tmp_path, capsys):
