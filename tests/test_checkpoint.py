@@ -82,11 +82,21 @@ def _cut_manifest(folder: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
-def _drop_template(folder: Path) -> None:
+def _edit_manifest(folder: Path, edit, reseal: bool = False) -> None:
+    """Change the parsed manifest with ``edit``; ``reseal``: recompute its own hash as well, as someone who edits
+    it on purpose would (then only the value checks stand between the edit and a load)."""
     path = folder / ckpt.MANIFEST_NAME
     manifest = json.loads(path.read_bytes())
-    del manifest["template"]
-    path.write_text(json.dumps(manifest), encoding="utf-8")
+    edit(manifest)
+    path.write_bytes(ckpt.encode_manifest(manifest) if reseal else json.dumps(manifest, indent=2).encode())
+
+
+def _drop_template(folder: Path) -> None:
+    _edit_manifest(folder, lambda m: m.pop("template"), reseal=True)
+
+
+def _set(section: str, key: str, value):
+    return lambda folder: _edit_manifest(folder, lambda m: m[section].__setitem__(key, value), reseal=True)
 
 
 # name -> (damage done to a copy of the checkpoint, the message's pattern)
@@ -99,6 +109,48 @@ DAMAGE = {
     "damaged manifest": (_cut_manifest, r"optqa_manifest\.json: damaged manifest, not valid JSON"),
     "manifest without template": (_drop_template,
                                   r"optqa_manifest\.json: damaged manifest, field 'template' is missing"),
+    # the issue's examples: lora_alpha 16 -> 17 and "Answer:" -> "Answer;" used to load and change every answer
+    "edited setting": (lambda f: _edit_manifest(f, lambda m: m["delta"].__setitem__("bottleneck_dim", 25)),
+                       r"integrity check failed: .*optqa_manifest\.json has SHA-256 [0-9a-f]{16}\.\.\. \(of its "
+                       r"content\), it records [0-9a-f]{16}\.\.\. \(the manifest was modified\)$"),
+    "edited template": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("template", m["template"].replace(
+        "Answer:", "Answer;"))), r"optqa_manifest\.json has SHA-256 .* \(the manifest was modified\)$"),
+    "manifest without its hash": (lambda f: _edit_manifest(f, lambda m: m.pop(ckpt.MANIFEST_HASH_KEY)),
+                                  r"optqa_manifest\.json: damaged manifest, it lacks its manifest_sha256 \(every "
+                                  r"format version 2 manifest carries one\)$"),
+    "downgraded to version 1": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("format_version", 1)),
+                                r"optqa_manifest\.json has SHA-256 .* \(the manifest was modified\)$"),
+    "unknown field": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("tempIate", "x"), reseal=True),
+                      r"optqa_manifest\.json: damaged manifest, unknown field 'tempIate'$"),
+    # resealed: a consistent edit, which only the value checks can refuse (each names the field and the file)
+    "unknown activation": (_set("delta", "non_linearity", "felu_new"),
+                           r"optqa_manifest\.json: invalid delta config: adapter: non_linearity must be one of "
+                           r"transformers' activations \(ACT2FN: .*gelu_new.*\), got 'felu_new'$"),
+    "delta option of the wrong type": (_set("delta", "bottleneck_dim", "24"),
+                                       r"optqa_manifest\.json: invalid delta config: adapter: bottleneck_dim must be "
+                                       r"a whole number, got '24'$"),
+    "unknown delta option": (_set("delta", "lora_alpha", 16),
+                             r"optqa_manifest\.json: invalid delta config: adapter does not take lora_alpha"),
+    "precision not a choice": (_set("hyperparameters", "precision", "`uto"),
+                               r"optqa_manifest\.json: hyperparameters\.precision must be one of auto, fp32, bf16, "
+                               r"fp16, got '`uto'$"),
+    "quantize not a choice": (_set("hyperparameters", "quantize", "int4"),
+                              r"optqa_manifest\.json: hyperparameters\.quantize must be one of none, int8, auto, "
+                              r"got 'int4'$"),
+    "answer length out of range": (_set("hyperparameters", "max_new_tokens", 0),
+                                   r"optqa_manifest\.json: hyperparameters\.max_new_tokens must be at least 1, "
+                                   r"got 0$"),
+    "answer length of the wrong type": (_set("hyperparameters", "max_new_tokens", 8.5),
+                                        r"optqa_manifest\.json: hyperparameters\.max_new_tokens must be a whole "
+                                        r"number, got 8\.5$"),
+    "prompt length of the wrong type": (_set("hyperparameters", "max_seq_l", True),
+                                        r"optqa_manifest\.json: hyperparameters\.max_seq_l must be a whole number, "
+                                        r"got True$"),
+    "file entry without a real hash": (_set("files", ckpt.WEIGHTS_NAME, {"sha256": "x", "bytes": 1}),
+                                       r"damaged manifest, the entry for 'delta_model\.safetensors' lacks its sha256 "
+                                       r"\(64 hex digits\) or byte count$"),
+    "version 3": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("format_version", 3), reseal=True),
+                  r"optqa_manifest\.json: format version 3 is not supported \(this optqa reads versions 1 and 2\)$"),
     "missing folder": (shutil.rmtree, r"no checkpoint at .*: the folder does not exist"),
 }
 # name -> (backbone, the message's pattern)
