@@ -81,8 +81,8 @@ def _fits(value: Any, hint: Any) -> bool:
 def _spelled(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_spelled(option) for option in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        return f"a list of {_spelled(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is list:  # list[str] is the only list a config holds
+        return "a list of strings"
     return {type(None): "null", bool: "true or false", int: "a whole number", float: "a finite number",
             str: "a string"}[hint]
 
