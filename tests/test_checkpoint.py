@@ -122,30 +122,9 @@ DAMAGE = {
                                 r"optqa_manifest\.json has SHA-256 .* \(the manifest was modified\)$"),
     "unknown field": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("tempIate", "x"), reseal=True),
                       r"optqa_manifest\.json: damaged manifest, unknown field 'tempIate'$"),
-    # resealed: a consistent edit, which only the value checks can refuse (each names the field and the file)
-    "unknown activation": (_set("delta", "non_linearity", "felu_new"),
-                           r"optqa_manifest\.json: invalid delta config: adapter: non_linearity must be one of "
-                           r"transformers' activations \(ACT2FN: .*gelu_new.*\), got 'felu_new'$"),
-    "delta option of the wrong type": (_set("delta", "bottleneck_dim", "24"),
-                                       r"optqa_manifest\.json: invalid delta config: adapter: bottleneck_dim must be "
-                                       r"a whole number, got '24'$"),
-    "unknown delta option": (_set("delta", "lora_alpha", 16),
-                             r"optqa_manifest\.json: invalid delta config: adapter does not take lora_alpha"),
-    "precision not a choice": (_set("hyperparameters", "precision", "`uto"),
-                               r"optqa_manifest\.json: hyperparameters\.precision must be one of auto, fp32, bf16, "
-                               r"fp16, got '`uto'$"),
-    "quantize not a choice": (_set("hyperparameters", "quantize", "int4"),
-                              r"optqa_manifest\.json: hyperparameters\.quantize must be one of none, int8, auto, "
-                              r"got 'int4'$"),
-    "answer length out of range": (_set("hyperparameters", "max_new_tokens", 0),
-                                   r"optqa_manifest\.json: hyperparameters\.max_new_tokens must be at least 1, "
-                                   r"got 0$"),
-    "answer length of the wrong type": (_set("hyperparameters", "max_new_tokens", 8.5),
-                                        r"optqa_manifest\.json: hyperparameters\.max_new_tokens must be a whole "
-                                        r"number, got 8\.5$"),
-    "prompt length of the wrong type": (_set("hyperparameters", "max_seq_l", True),
-                                        r"optqa_manifest\.json: hyperparameters\.max_seq_l must be a whole number, "
-                                        r"got True$"),
+    "manifest nested 100k deep": (lambda f: (f / ckpt.MANIFEST_NAME).write_bytes(
+        b'{"format": "optqa-delta", "metrics": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                                  r"optqa_manifest\.json: damaged manifest, not valid JSON \(nested too deeply\)$"),
     "file entry without a real hash": (_set("files", ckpt.WEIGHTS_NAME, {"sha256": "x", "bytes": 1}),
                                        r"damaged manifest, the entry for 'delta_model\.safetensors' lacks its sha256 "
                                        r"\(64 hex digits\) or byte count$"),
@@ -153,6 +132,28 @@ DAMAGE = {
                   r"optqa_manifest\.json: format version 3 is not supported \(this optqa reads versions 1 and 2\)$"),
     "missing folder": (shutil.rmtree, r"no checkpoint at .*: the folder does not exist"),
 }
+# resealed, consistent edits, which only the value checks refuse: name -> (section, key, value, the message after
+# "<folder>/optqa_manifest.json: ")
+BAD_VALUES = {
+    "unknown activation": ("delta", "non_linearity", "felu_new", r"invalid delta config: adapter: non_linearity "
+                           r"must be one of transformers' activations \(ACT2FN: .*gelu_new.*\), got 'felu_new'"),
+    "delta option of the wrong type": ("delta", "bottleneck_dim", "24", r"invalid delta config: adapter: "
+                                       r"bottleneck_dim must be a whole number, got '24'"),
+    "unknown delta option": ("delta", "lora_alpha", 16, r"invalid delta config: adapter does not take lora_alpha "
+                             r"\(it takes modified_modules, bottleneck_dim, non_linearity\)"),
+    "precision not a choice": ("hyperparameters", "precision", "`uto",
+                               r"hyperparameters\.precision must be one of auto, fp32, bf16, fp16, got '`uto'"),
+    "quantize not a choice": ("hyperparameters", "quantize", "int4",
+                              r"hyperparameters\.quantize must be one of none, int8, auto, got 'int4'"),
+    "answer length out of range": ("hyperparameters", "max_new_tokens", 0,
+                                   r"hyperparameters\.max_new_tokens must be at least 1, got 0"),
+    "answer length of the wrong type": ("hyperparameters", "max_new_tokens", 8.5,
+                                        r"hyperparameters\.max_new_tokens must be a whole number, got 8\.5"),
+    "prompt length of the wrong type": ("hyperparameters", "max_seq_l", True,
+                                        r"hyperparameters\.max_seq_l must be a whole number, got True"),
+}
+DAMAGE.update({name: (_set(section, key, value), r"optqa_manifest\.json: " + message + "$")
+               for name, (section, key, value, message) in BAD_VALUES.items()})
 # name -> (backbone, the message's pattern)
 WRONG_BACKBONE = {
     "architecture": r"made for a OPTForCausalLM backbone, the loaded one is GPT2LMHeadModel",

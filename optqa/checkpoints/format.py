@@ -290,6 +290,8 @@ def _parse_json(data: bytes, path: Path, problem: str) -> Any:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OptqaError(f"{path}: {problem} ({exc})") from None
+    except RecursionError:  # the parser recurses per nesting level; no file optqa writes nests deeper than 5
+        raise OptqaError(f"{path}: {problem} (nested too deeply)") from None
 
 
 def read_config_json(path: Path, key: str, what: str) -> dict[str, Any]:
@@ -334,7 +336,7 @@ def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise OptqaError(f"{path}: not an optqa delta manifest")
     version = manifest.get("format_version")
-    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True, not 2.0
         raise OptqaError(f"{path}: format version {version} is not supported (this optqa reads versions "
                          f"{' and '.join(map(str, READABLE_VERSIONS))})")
     _check_own_hash(path, manifest)
@@ -356,7 +358,10 @@ def _check_own_hash(path: Path, manifest: dict[str, Any]) -> None:
     if recorded is None:
         raise OptqaError(f"{path}: damaged manifest, it lacks its {MANIFEST_HASH_KEY} (every format version "
                          f"{manifest['format_version']} manifest carries one)")
-    actual = manifest_digest(manifest)
+    try:
+        actual = manifest_digest(manifest)
+    except RecursionError:  # parsed just below the limit, serialised one call deeper
+        raise OptqaError(f"{path}: damaged manifest, nested too deeply") from None
     if recorded != actual:
         raise OptqaError(f"integrity check failed: {path} has SHA-256 {actual[:16]}... (of its content), it "
                          f"records {str(recorded)[:16]}... (the manifest was modified)")
