@@ -528,3 +528,26 @@ def test_a_readme_in_the_save_folder_is_kept_and_never_read(tmp_path):
         save_tagged(folder, tag)
         assert loaded_tag(folder) == tag and (folder / "README.md").read_bytes() == b"# delta_ckpts/"
     assert "README.md" not in ckpt.read_manifest(folder)[1]["files"]
+
+
+def test_a_bundle_of_a_resume_folder_carries_a_resealed_manifest(tmp_path):
+    """A shared copy leaves the training state out, so its manifest lists one file fewer: re-written with its own
+    hash recomputed (format version 2), or without one for a version-1 folder (sealing unverified content would
+    vouch for it)."""
+    from optqa.checkpoints.bundle import open_checkpoint, write_bundle
+
+    folder = save_tagged(tmp_path / "resume", "R", lambda target: (target / ckpt.RESUME_STATE_NAME).write_bytes(b"x"))
+    assert set(ckpt.read_manifest(folder)[1]["files"]) == {ckpt.WEIGHTS_NAME, ckpt.RESUME_STATE_NAME}
+    with open_checkpoint(write_bundle(folder, tmp_path / "resume.optqa")) as opened:
+        _, manifest = ckpt.read_manifest(opened)
+        assert loaded_tag(opened) == "R"
+    assert set(manifest["files"]) == {ckpt.WEIGHTS_NAME} and manifest["format_version"] == 2
+    assert manifest[ckpt.MANIFEST_HASH_KEY] == ckpt.manifest_digest(manifest)
+
+    old = json.loads((folder / ckpt.MANIFEST_NAME).read_bytes())
+    old.pop(ckpt.MANIFEST_HASH_KEY)
+    (folder / ckpt.MANIFEST_NAME).write_text(json.dumps({**old, "format_version": 1}), encoding="utf-8")
+    with open_checkpoint(write_bundle(folder, tmp_path / "old.optqa")) as opened:
+        _, manifest = ckpt.read_manifest(opened)
+    assert manifest["format_version"] == 1 and ckpt.MANIFEST_HASH_KEY not in manifest
+    assert set(manifest["files"]) == {ckpt.WEIGHTS_NAME}
