@@ -6,6 +6,9 @@ and ``markdown_table()`` renders the README's flag table, so a default is writte
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +20,8 @@ MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "expor
 DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 QUANTIZE_CHOICES = ("none", "int8", "auto")
+# what a checkpoint's hyperparameters record as its "mode" besides the modes: how it was made without training
+CHECKPOINT_ORIGINS = ("import_peft", "import_opendelta", "save_finetuned")
 
 
 # ------------------------------------------------------------------------------------ one config per delta
@@ -54,11 +59,82 @@ def _module_names(config: Any, allow_none: bool) -> None:
     config.modified_modules = list(names)
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as JSON or a caller gives it) is of the annotated type ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON writes 1.0 as 1.0, but a hand-written 1 is the same number
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is list:  # a tuple from a library caller is as good as JSON's list
+        return isinstance(value, (list, tuple)) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    raise TypeError(f"no check for the annotation {hint!r}")  # a new field type: add its check here
+
+
+def _spelled(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_spelled(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:  # list[str] is the only list a config holds
+        return "a list of strings"
+    return {type(None): "null", bool: "true or false", int: "a whole number", float: "a finite number",
+            str: "a string"}[hint]
+
+
+def check_fields(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse a value of the wrong type, or outside its field's ``choices``, for the dataclass ``cls``'s fields
+    (the checks argparse applies to a typed flag, for values read from a file). Keys that are not fields are not
+    looked at.
+
+    Args:
+        cls: RunConfig or a typed delta config.
+        values: field name -> value.
+        where: put before the field's name in the message (``"hyperparameters."``, ``"lora: "``).
+    Raises:
+        OptqaError: ``<where><field> must be <type or choices>, got <value>``, for the first such field.
+    """
+    from optqa.errors import OptqaError
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, hint = values[f.name], hints[f.name]
+        if not _fits(value, hint):
+            raise OptqaError(f"{where}{f.name} must be {_spelled(hint)}, got {_shown(value)}")
+        choices = f.metadata.get("recorded", f.metadata.get("choices"))
+        if choices and value is not None and value not in choices:
+            raise OptqaError(f"{where}{f.name} must be one of {', '.join(choices)}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """A value in a message: its repr, cut to 80 characters (a wrong value may be a whole file's text)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @dataclass
 class DeltaConfig:
-    """The base of the typed delta configs (OpenDelta's ``*Config`` objects): attribute access, ``to_dict()``."""
+    """The base of the typed delta configs (OpenDelta's ``*Config`` objects): attribute access, ``to_dict()``.
+
+    Every option is checked when a config is made: its type (``check_fields``), then its range (``_check``).
+    """
 
     delta_type: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                     f"{self.delta_type}: ")
+        self._check()
+
+    def _check(self) -> None:
+        """A delta type's own range checks (after the type checks)."""
 
     def to_dict(self) -> dict[str, Any]:
         """``{"delta_type": ..., **options}``: what AutoDeltaConfig.from_dict takes and a manifest records."""
@@ -75,9 +151,16 @@ class AdapterConfig(DeltaConfig):
     bottleneck_dim: int = _opt(24, "bottleneck width")
     non_linearity: str = _opt("gelu_new", "activation between the down and up projection (transformers' ACT2FN)")
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
+        from transformers.activations import ACT2FN
+
+        from optqa.errors import OptqaError
+
         _module_names(self, allow_none=False)
         _positive(self, "bottleneck_dim")
+        if self.non_linearity not in ACT2FN:  # AdapterLayer builds ACT2FN[non_linearity]
+            raise OptqaError(f"adapter: non_linearity must be one of transformers' activations (ACT2FN: "
+                             f"{', '.join(sorted(ACT2FN))}), got {_shown(self.non_linearity)}")
 
 
 @dataclass
@@ -94,7 +177,7 @@ class LoraConfig(DeltaConfig):
     lora_alpha: int = _opt(16, "alpha (scale = alpha / r)")
     lora_dropout: float = _opt(0.0, "dropout on the input of the LoRA path")
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         from optqa.errors import OptqaError
 
         _module_names(self, allow_none=False)
@@ -113,7 +196,7 @@ class BitFitConfig(DeltaConfig):
     modified_modules: list[str] | None = _opt(None, "modules whose Linears and LayerNorms get a bias "
                                                       "(None: every decoder layer)")
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _module_names(self, allow_none=True)
 
 
@@ -128,7 +211,7 @@ class SoftPromptConfig(DeltaConfig):
     init_text: str = _opt("Answer the science question briefly.", "text whose token embeddings initialise the "
                             "prompt (\"\" for random init)", flag="soft_init_text")
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _positive(self, "soft_token_num")
 
 
@@ -140,13 +223,44 @@ class PrefixConfig(DeltaConfig):
     delta_type: ClassVar[str] = "prefix"
     prefix_token_num: int = _opt(6, "number of prefix positions")
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _positive(self, "prefix_token_num")
 
 
 DELTA_CONFIGS: dict[str, type[DeltaConfig]] = {
     cls.delta_type: cls for cls in (AdapterConfig, LoraConfig, BitFitConfig, SoftPromptConfig, PrefixConfig)}
 assert tuple(DELTA_CONFIGS) == DELTA_TYPES
+
+
+def delta_config_from_dict(config: dict[str, Any], ignored: Any = ()) -> DeltaConfig:
+    """The typed config of a delta from ``{"delta_type": ..., **options}`` (what a manifest records).
+
+    Args:
+        config: the dict; options left out take the type's defaults.
+        ignored: keys to drop first (OpenDelta's notes about the run in its config.json).
+    Returns:
+        An ``AdapterConfig``, ``LoraConfig``, ``BitFitConfig``, ``SoftPromptConfig`` or ``PrefixConfig``.
+    Raises:
+        OptqaError: no or an unknown ``delta_type``, an option the type does not take, a value of the wrong type
+            or range.
+    """
+    import copy
+
+    from optqa.errors import OptqaError
+
+    if "delta_type" not in config:
+        raise OptqaError("a delta config needs 'delta_type'")
+    values = {k: v for k, v in config.items() if k not in ignored}
+    delta_type = values.pop("delta_type")
+    if delta_type not in DELTA_CONFIGS:
+        raise OptqaError(f"unknown delta_type {_shown(delta_type)} (choose from {', '.join(DELTA_TYPES)})")
+    cls = DELTA_CONFIGS[delta_type]
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(values) - set(known)
+    if unknown:
+        raise OptqaError(f"{delta_type} does not take {', '.join(sorted(map(str, unknown)))} "
+                         f"(it takes {', '.join(known) or 'no options'})")
+    return cls(**copy.deepcopy(values))
 
 
 def delta_field(delta_type: str, flag: str) -> dataclasses.Field:
@@ -190,7 +304,7 @@ class RunConfig:
     training setting that ``--mode inspect`` and model cards show.
     """
     # what to do: train a delta, score one, chat with one, or manage checkpoints
-    mode: str = _opt("train", "what to run", choices=MODES)
+    mode: str = _opt("train", "what to run", choices=MODES, recorded=MODES + CHECKPOINT_ORIGINS)
     # ARC-DA folder with train/dev/test.jsonl (downloaded automatically by --mode train when missing)
     data_path: str = _opt("./data/ARC-DA-v1.1", "folder holding train.jsonl, dev.jsonl and test.jsonl", resume=True)
     # per-split overrides so any QA jsonl can be used
@@ -344,6 +458,17 @@ class RunConfig:
         """A config from recorded values; keys this version does not know (from a newer or older optqa) are dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_recorded(cls, values: dict[str, Any], where: str) -> "RunConfig":
+        """``from_dict`` for values read from a file (a checkpoint's hyperparameters): each known one must have
+        its field's type and be one of its choices, as argparse demands of a typed flag.
+
+        Raises:
+            OptqaError: ``<where><field> must be ..., got ...`` for the first value that is not.
+        """
+        check_fields(cls, values, where)
+        return cls.from_dict(values)
 
     def delta_config(self) -> dict[str, Any]:
         """The AutoDeltaConfig dict this run asks for: its delta type's typed config from the delta flags."""

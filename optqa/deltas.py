@@ -15,8 +15,6 @@ use it, so what trains and what is saved cannot drift apart.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 import logging
 import warnings
@@ -27,7 +25,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from optqa.config import DELTA_CONFIGS, DELTA_TYPES, DeltaConfig
+from optqa.config import DeltaConfig, delta_config_from_dict
 from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
@@ -129,19 +127,7 @@ class AutoDeltaConfig:
         Raises:
             OptqaError: no or an unknown ``delta_type``, an option the type does not take, an invalid value.
         """
-        if "delta_type" not in config:
-            raise OptqaError("a delta config needs 'delta_type'")
-        values = {k: v for k, v in config.items() if k not in OPENDELTA_METADATA_KEYS}
-        delta_type = values.pop("delta_type")
-        if delta_type not in DELTA_CONFIGS:
-            raise OptqaError(f"unknown delta_type {delta_type!r} (choose from {', '.join(DELTA_TYPES)})")
-        cls = DELTA_CONFIGS[delta_type]
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = set(values) - set(known)
-        if unknown:
-            raise OptqaError(f"{delta_type} does not take {', '.join(sorted(unknown))} "
-                             f"(it takes {', '.join(known) or 'no options'})")
-        return cls(**copy.deepcopy(values))
+        return delta_config_from_dict(config, ignored=OPENDELTA_METADATA_KEYS)
 
 
 class AdapterLayer(nn.Module):

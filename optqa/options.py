@@ -187,14 +187,16 @@ AT_LEAST_ONE = ("batch_size", "eval_batch_size", "max_seq_l", "max_new_tokens", 
 AT_LEAST_ZERO = ("warmup_steps", "save_steps", "max_steps", "max_grad_norm", "weight_decay")
 
 
-def check_values(config: RunConfig) -> None:
+def check_values(config: RunConfig, spell: str = "--{}") -> None:
     """Refuse a numeric flag outside its range, naming the flag, the range and the value.
 
+    Args:
+        spell: how the message names a field (a checkpoint's ``hyperparameters.{}``).
     Raises:
         OptqaError: the first such flag.
     """
     def refuse(name: str, wanted: str) -> None:
-        raise OptqaError(f"--{name} must be {wanted}, got {getattr(config, name)}")
+        raise OptqaError(f"{spell.format(name)} must be {wanted}, got {getattr(config, name)}")
 
     for name in AT_LEAST_ONE:
         value = getattr(config, name)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MEMORY_SET, REPO, run_cli, train_args
+from conftest import FIXTURES, MEMORY_SET, REPO, run_cli, train_args
 
 from optqa.checkpoints import format as ckpt
 from optqa.errors import OptqaError
@@ -82,11 +82,21 @@ def _cut_manifest(folder: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
-def _drop_template(folder: Path) -> None:
+def _edit_manifest(folder: Path, edit, reseal: bool = False) -> None:
+    """Change the parsed manifest with ``edit``; ``reseal``: recompute its own hash as well, as someone who edits
+    it on purpose would (then only the value checks stand between the edit and a load)."""
     path = folder / ckpt.MANIFEST_NAME
     manifest = json.loads(path.read_bytes())
-    del manifest["template"]
-    path.write_text(json.dumps(manifest), encoding="utf-8")
+    edit(manifest)
+    path.write_bytes(ckpt.encode_manifest(manifest) if reseal else json.dumps(manifest, indent=2).encode())
+
+
+def _drop_template(folder: Path) -> None:
+    _edit_manifest(folder, lambda m: m.pop("template"), reseal=True)
+
+
+def _set(section: str, key: str, value):
+    return lambda folder: _edit_manifest(folder, lambda m: m[section].__setitem__(key, value), reseal=True)
 
 
 # name -> (damage done to a copy of the checkpoint, the message's pattern)
@@ -99,8 +109,51 @@ DAMAGE = {
     "damaged manifest": (_cut_manifest, r"optqa_manifest\.json: damaged manifest, not valid JSON"),
     "manifest without template": (_drop_template,
                                   r"optqa_manifest\.json: damaged manifest, field 'template' is missing"),
+    # the issue's examples: lora_alpha 16 -> 17 and "Answer:" -> "Answer;" used to load and change every answer
+    "edited setting": (lambda f: _edit_manifest(f, lambda m: m["delta"].__setitem__("bottleneck_dim", 25)),
+                       r"integrity check failed: .*optqa_manifest\.json has SHA-256 [0-9a-f]{16}\.\.\. \(of its "
+                       r"content\), it records [0-9a-f]{16}\.\.\. \(the manifest was modified\)$"),
+    "edited template": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("template", m["template"].replace(
+        "Answer:", "Answer;"))), r"optqa_manifest\.json has SHA-256 .* \(the manifest was modified\)$"),
+    "manifest without its hash": (lambda f: _edit_manifest(f, lambda m: m.pop(ckpt.MANIFEST_HASH_KEY)),
+                                  r"optqa_manifest\.json: damaged manifest, it lacks its manifest_sha256 \(every "
+                                  r"format version 2 manifest carries one\)$"),
+    "downgraded to version 1": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("format_version", 1)),
+                                r"optqa_manifest\.json has SHA-256 .* \(the manifest was modified\)$"),
+    "unknown field": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("tempIate", "x"), reseal=True),
+                      r"optqa_manifest\.json: damaged manifest, unknown field 'tempIate'$"),
+    "manifest nested 100k deep": (lambda f: (f / ckpt.MANIFEST_NAME).write_bytes(
+        b'{"format": "optqa-delta", "metrics": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                                  r"optqa_manifest\.json: damaged manifest, not valid JSON \(nested too deeply\)$"),
+    "file entry without a real hash": (_set("files", ckpt.WEIGHTS_NAME, {"sha256": "x", "bytes": 1}),
+                                       r"damaged manifest, the entry for 'delta_model\.safetensors' lacks its sha256 "
+                                       r"\(64 hex digits\) or byte count$"),
+    "version 3": (lambda f: _edit_manifest(f, lambda m: m.__setitem__("format_version", 3), reseal=True),
+                  r"optqa_manifest\.json: format version 3 is not supported \(this optqa reads versions 1 and 2\)$"),
     "missing folder": (shutil.rmtree, r"no checkpoint at .*: the folder does not exist"),
 }
+# resealed, consistent edits, which only the value checks refuse: name -> (section, key, value, the message after
+# "<folder>/optqa_manifest.json: ")
+BAD_VALUES = {
+    "unknown activation": ("delta", "non_linearity", "felu_new", r"invalid delta config: adapter: non_linearity "
+                           r"must be one of transformers' activations \(ACT2FN: .*gelu_new.*\), got 'felu_new'"),
+    "delta option of the wrong type": ("delta", "bottleneck_dim", "24", r"invalid delta config: adapter: "
+                                       r"bottleneck_dim must be a whole number, got '24'"),
+    "unknown delta option": ("delta", "lora_alpha", 16, r"invalid delta config: adapter does not take lora_alpha "
+                             r"\(it takes modified_modules, bottleneck_dim, non_linearity\)"),
+    "precision not a choice": ("hyperparameters", "precision", "`uto",
+                               r"hyperparameters\.precision must be one of auto, fp32, bf16, fp16, got '`uto'"),
+    "quantize not a choice": ("hyperparameters", "quantize", "int4",
+                              r"hyperparameters\.quantize must be one of none, int8, auto, got 'int4'"),
+    "answer length out of range": ("hyperparameters", "max_new_tokens", 0,
+                                   r"hyperparameters\.max_new_tokens must be at least 1, got 0"),
+    "answer length of the wrong type": ("hyperparameters", "max_new_tokens", 8.5,
+                                        r"hyperparameters\.max_new_tokens must be a whole number, got 8\.5"),
+    "prompt length of the wrong type": ("hyperparameters", "max_seq_l", True,
+                                        r"hyperparameters\.max_seq_l must be a whole number, got True"),
+}
+DAMAGE.update({name: (_set(section, key, value), r"optqa_manifest\.json: " + message + "$")
+               for name, (section, key, value, message) in BAD_VALUES.items()})
 # name -> (backbone, the message's pattern)
 WRONG_BACKBONE = {
     "architecture": r"made for a OPTForCausalLM backbone, the loaded one is GPT2LMHeadModel",
@@ -178,6 +231,128 @@ def test_cli_refusals_are_one_error_line_and_a_failing_exit(trained, backbones, 
     assert override.returncode == 0, override.stderr[-1500:]
     assert "loading anyway (--ignore_backbone_mismatch)" in override.stderr
     assert "integrity check passed" in override.stderr and "Answer:" in override.stdout
+
+
+# ------------------------------------------------------------------------------------------------ every bit
+
+@pytest.fixture(scope="module")
+def small(tiny_opt, tmp_path_factory) -> Path:
+    """A soft prompt of 2 virtual tokens: a ~4 kB manifest and ~0.7 kB of weights, small enough to flip every
+    bit of both."""
+    from optqa.tiny import build_random_checkpoint
+
+    return build_random_checkpoint(tiny_opt, tmp_path_factory.mktemp("small") / "ckpt", "soft_prompt",
+                                   soft_token_num=2, max_new_tokens=4)
+
+
+def _flips(data: bytes):
+    """``(position, bit, data with that one bit flipped)`` for every bit of ``data``."""
+    for position in range(len(data)):
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[position] ^= 1 << bit
+            yield position, bit, bytes(flipped)
+
+
+def test_every_flipped_bit_of_the_manifest_is_refused_or_changes_nothing(small):
+    """32,000-odd single-bit flips of a real manifest, each through the function every load, inspect, export and
+    push reads a manifest with: refused in one line naming the file, or parsed to exactly the original content
+    (then nothing a load computes can differ: it reads the manifest only through that content). Measured: all
+    are refused (JSON syntax, UTF-8, the manifest's own SHA-256, the version, a missing field)."""
+    path = small / ckpt.MANIFEST_NAME
+    data = path.read_bytes()
+    original = ckpt.parse_manifest(data, path)
+    refused, unchanged = 0, []
+    for position, bit, flipped in _flips(data):
+        try:
+            manifest = ckpt.parse_manifest(flipped, path)
+        except OptqaError as exc:
+            message = str(exc)
+            assert "\n" not in message and str(path) in message, (position, bit, message)
+            refused += 1
+            continue
+        assert manifest == original, (position, bit)
+        unchanged.append((position, bit))
+    assert refused + len(unchanged) == 8 * len(data) > 30_000
+    assert unchanged == []
+
+
+def test_a_flipped_version_digit_never_turns_a_manifest_into_an_unhashed_version_1(small):
+    """Version 1 manifests (no hash of their own) still load: no single flip may make a version-2 manifest one.
+    The version's digit flips to 0, 3, 6 or a non-digit (never to 1, two bits away), and any flip that kept
+    the hash key would fail the hash, which covers the version."""
+    path = small / ckpt.MANIFEST_NAME
+    data = path.read_bytes()
+    digit = data.index(b'"format_version": 2') + len(b'"format_version": ')
+    messages = set()
+    for bit in range(8):
+        flipped = bytearray(data)
+        flipped[digit] ^= 1 << bit
+        with pytest.raises(OptqaError) as refused:
+            ckpt.parse_manifest(bytes(flipped), path)
+        messages.add(str(refused.value).split(" (")[0])
+    assert messages == {f"{path}: damaged manifest, not valid JSON"} | {
+        f"{path}: format version {v} is not supported" for v in (0, 3, 6)}
+    one = json.loads(data)
+    one["format_version"] = 1  # what it would take, if some change made it 1: still the hash says no
+    with pytest.raises(OptqaError, match=r"\(the manifest was modified\)$"):
+        ckpt.parse_manifest(json.dumps(one).encode(), path)
+
+
+def test_every_flipped_byte_of_the_weights_is_refused(small, tmp_path):
+    """Every byte of the weights file XOR 0xff, and every single bit of its 8-byte header length and of every
+    64th byte, through the check every load runs (on disk: a write per case)."""
+    folder = Path(shutil.copytree(small, tmp_path / "ckpt"))
+    _, manifest = ckpt.read_manifest(folder)
+    weights = folder / ckpt.WEIGHTS_NAME
+    data = weights.read_bytes()
+    cases = [(position, 0xff) for position in range(len(data))] + [
+        (position, 1 << bit) for position in (*range(8), *range(8, len(data), 64)) for bit in range(8)]
+    for position, mask in cases:
+        flipped = bytearray(data)
+        flipped[position] ^= mask
+        weights.write_bytes(flipped)
+        with pytest.raises(OptqaError, match=r"^integrity check failed: .* \(the file was modified\)$"):
+            ckpt.verify_files(folder, manifest)
+    assert len(cases) > 700
+    weights.write_bytes(data)
+    ckpt.read_checkpoint(folder)  # the loop restored every byte
+
+
+def test_a_format_version_1_checkpoint_loads_with_one_warning_and_its_answers(caplog):
+    """A checkpoint written by optqa before manifests carried their own hash (tests/fixtures/optqa-format-v1):
+    it loads with one warning line and answers exactly as that optqa did; inspect says what it could not verify."""
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.checkpoints.inspect import inspect_checkpoint
+
+    folder = FIXTURES / "optqa-format-v1" / "adapter"
+    expected = json.loads((FIXTURES / "optqa-format-v1" / "expected.json").read_text(encoding="utf-8"))
+    with caplog.at_level(logging.WARNING):
+        model, manifest, _ = load_trained(folder, plm_path=str(FIXTURES / "opendelta-0.3.2" / "tiny-opt"),
+                                          overrides=expected["overrides"])
+    assert manifest["format_version"] == 1 and ckpt.MANIFEST_HASH_KEY not in manifest
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"{folder / ckpt.MANIFEST_NAME}: format version 1: the manifest itself is not covered by a hash (only the "
+        "files it lists are), so an edit to its settings or template cannot be detected"]
+    assert [model.answer([q])[0] for q in expected["questions"]] == expected["answers"]
+    assert ("manifest     format version 1: not covered by a hash of its own (an edit to its settings or template "
+            "cannot be detected); its delta config and recorded settings checked (types, choices, ranges)"
+            ) in inspect_checkpoint(folder)
+
+
+def test_inspect_says_what_it_verified_and_refuses_a_bad_value_in_one_line(trained, tmp_path):
+    manifest = json.loads((trained / ckpt.MANIFEST_NAME).read_bytes())
+    assert manifest["format_version"] == 2 and manifest[ckpt.MANIFEST_HASH_KEY] == ckpt.manifest_digest(manifest)
+    bad = _damaged_copy(trained, tmp_path, _set("delta", "non_linearity", "felu_new"))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # a fresh interpreter each: start them together
+        good, result = pool.map(lambda path: run_cli("--mode", "inspect", "--delta_save_path", str(path)),
+                                (trained, bad))
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert (f"manifest     OK, its own SHA-256 verified ({manifest[ckpt.MANIFEST_HASH_KEY][:12]}); its delta "
+            "config and recorded settings checked (types, choices, ranges)\n") in good.stdout
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"error: {bad / ckpt.MANIFEST_NAME}: invalid delta config: adapter: non_linearity must be one of ")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -353,3 +528,26 @@ def test_a_readme_in_the_save_folder_is_kept_and_never_read(tmp_path):
         save_tagged(folder, tag)
         assert loaded_tag(folder) == tag and (folder / "README.md").read_bytes() == b"# delta_ckpts/"
     assert "README.md" not in ckpt.read_manifest(folder)[1]["files"]
+
+
+def test_a_bundle_of_a_resume_folder_carries_a_resealed_manifest(tmp_path):
+    """A shared copy leaves the training state out, so its manifest lists one file fewer: re-written with its own
+    hash recomputed (format version 2), or without one for a version-1 folder (sealing unverified content would
+    vouch for it)."""
+    from optqa.checkpoints.bundle import open_checkpoint, write_bundle
+
+    folder = save_tagged(tmp_path / "resume", "R", lambda target: (target / ckpt.RESUME_STATE_NAME).write_bytes(b"x"))
+    assert set(ckpt.read_manifest(folder)[1]["files"]) == {ckpt.WEIGHTS_NAME, ckpt.RESUME_STATE_NAME}
+    with open_checkpoint(write_bundle(folder, tmp_path / "resume.optqa")) as opened:
+        _, manifest = ckpt.read_manifest(opened)
+        assert loaded_tag(opened) == "R"
+    assert set(manifest["files"]) == {ckpt.WEIGHTS_NAME} and manifest["format_version"] == 2
+    assert manifest[ckpt.MANIFEST_HASH_KEY] == ckpt.manifest_digest(manifest)
+
+    old = json.loads((folder / ckpt.MANIFEST_NAME).read_bytes())
+    old.pop(ckpt.MANIFEST_HASH_KEY)
+    (folder / ckpt.MANIFEST_NAME).write_text(json.dumps({**old, "format_version": 1}), encoding="utf-8")
+    with open_checkpoint(write_bundle(folder, tmp_path / "old.optqa")) as opened:
+        _, manifest = ckpt.read_manifest(opened)
+    assert manifest["format_version"] == 1 and ckpt.MANIFEST_HASH_KEY not in manifest
+    assert set(manifest["files"]) == {ckpt.WEIGHTS_NAME}

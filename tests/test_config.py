@@ -34,11 +34,19 @@ def test_the_cli_takes_each_delta_default_from_its_typed_config():
 @pytest.mark.parametrize("config, message", [
     ({"delta_type": "lora", "lora_r": 0}, "lora: lora_r must be a positive whole number, got 0"),
     ({"delta_type": "lora", "lora_dropout": 1.0}, r"lora: lora_dropout must be in \[0, 1\), got 1.0"),
-    ({"delta_type": "adapter", "bottleneck_dim": 2.5}, "adapter: bottleneck_dim must be a positive whole number"),
-    ({"delta_type": "adapter", "modified_modules": "fc2"}, "adapter: modified_modules must be a non-empty list"),
+    ({"delta_type": "adapter", "bottleneck_dim": 2.5}, "adapter: bottleneck_dim must be a whole number, got 2.5$"),
+    ({"delta_type": "adapter", "bottleneck_dim": 0}, "adapter: bottleneck_dim must be a positive whole number"),
+    ({"delta_type": "adapter", "modified_modules": "fc2"}, "adapter: modified_modules must be a list of strings, "
+                                                           "got 'fc2'$"),
+    ({"delta_type": "adapter", "modified_modules": [""]}, "adapter: modified_modules must be a non-empty list"),
+    ({"delta_type": "adapter", "non_linearity": "felu_new"}, r"adapter: non_linearity must be one of transformers' "
+                                                             r"activations \(ACT2FN: gelu, .*\), got 'felu_new'$"),
+    ({"delta_type": "lora", "lora_dropout": "0.1"}, "lora: lora_dropout must be a finite number, got '0.1'$"),
+    ({"delta_type": "lora", "lora_dropout": float("nan")}, "lora: lora_dropout must be a finite number, got nan$"),
+    ({"delta_type": "soft_prompt", "init_text": None}, "soft_prompt: init_text must be a string, got None$"),
     ({"delta_type": "bitfit", "modified_modules": []}, "bitfit: modified_modules must be a non-empty list"),
     ({"delta_type": "soft_prompt", "soft_token_num": -1}, "soft_prompt: soft_token_num must be a positive"),
-    ({"delta_type": "prefix", "prefix_token_num": True}, "prefix: prefix_token_num must be a positive"),
+    ({"delta_type": "prefix", "prefix_token_num": True}, "prefix: prefix_token_num must be a whole number, got True$"),
     ({"delta_type": "prefix", "lora_r": 8}, r"prefix does not take lora_r \(it takes prefix_token_num\)"),
     ({"delta_type": "ia3"}, "unknown delta_type 'ia3'"),
 ])

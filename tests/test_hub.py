@@ -438,6 +438,37 @@ def test_tampered_cache_and_unknown_revisions_refused(hub_cache, tmp_path, monke
     assert parse_hub_path("runs/delta_ckpts") is None and parse_hub_path(Path("hf:/a/b")) is None
 
 
+def test_an_edited_manifest_in_the_cache_is_refused(hub_cache, tmp_path, monkeypatch):
+    """huggingface_hub does not re-check cached blobs: a manifest blob edited after download (the issue's
+    lora_alpha 16 -> 17, same size, valid JSON) is refused by the manifest's own SHA-256, through the CLI and
+    the library; the weights blob is checked against the manifest (the test above)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(hub_cache, cache, symlinks=True)
+    snapshot = cache / "models--alice--tiny-lora" / "snapshots" / COMMIT_MAIN
+    blob = (snapshot / MANIFEST_NAME).resolve()
+    assert blob.parent.name == "blobs"
+    data = blob.read_bytes()
+    assert data.count(b'"lora_alpha": 16') == 2  # the delta config and the hyperparameters
+    blob.write_bytes(data.replace(b'"lora_alpha": 16', b'"lora_alpha": 17', 1))
+    expected = (f"error: integrity check failed: {snapshot / MANIFEST_NAME} has SHA-256 ")
+    for mode in ("inspect", "interactive_inference"):
+        line = _one_line_error(run_cli("--mode", mode, "--delta_save_path", f"hf://{REPO_ID}", stdin=QUESTIONS[0],
+                                       env=_offline(cache)))
+        assert line.startswith(expected) and line.endswith("(the manifest was modified)"), line
+
+    from huggingface_hub import constants
+
+    from optqa.checkpoints.assemble import load_trained
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OptqaError, match=r"\(the manifest was modified\)$"):
+        load_trained(f"hf://{REPO_ID}")
+    load_trained(f"hf://{REPO_ID}@v1")  # the other commit's blobs are untouched
+
+
 # ---------------------------------------------------------------------------------------------- PEFT and versions
 
 def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from optqa.checkpoints.format import backbone_fingerprint, check_backbone, read_checkpoint, sha256_file
+from optqa.checkpoints.format import backbone_fingerprint, check_backbone, read_checkpoint, recorded_config, sha256_file
 from optqa.checkpoints.peft import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -120,8 +120,13 @@ def _read_opened(folder: Path, pulled, path: str | Path) -> tuple[Path, dict, di
 
 
 def checkpoint_config(manifest: dict, overrides: dict | None = None) -> RunConfig:
-    """The run settings a checkpoint recorded, with ``overrides`` (flags the user typed) on top."""
-    return RunConfig.from_dict({**manifest["hyperparameters"], **(overrides or {})})
+    """The run settings a checkpoint recorded, with ``overrides`` (flags the user typed) on top.
+
+    Raises:
+        OptqaError: a value of the wrong type, choice or range (``read_manifest`` has checked a read checkpoint's
+            own; this catches a caller's overrides and a manifest made in memory).
+    """
+    return recorded_config({**manifest["hyperparameters"], **(overrides or {})}, "")
 
 
 def check_checkpoint_budget(config: RunConfig, manifest: dict, plm_path: str) -> None:

@@ -30,6 +30,7 @@ from optqa.checkpoints.format import (
     MANIFEST_NAME,
     PARTIAL_SUFFIX,
     WEIGHTS_NAME,
+    encode_manifest,
     read_manifest,
     verify_files,
     write_folder_atomically,
@@ -101,7 +102,7 @@ def shareable_files(folder: Path, manifest: dict[str, Any]) -> tuple[bytes, list
     for name in sorted(set(files) - set(kept)):
         log.info("left out: %s (training state, not part of a shared delta)", name)
     manifest_bytes = ((folder / MANIFEST_NAME).read_bytes() if kept == files
-                      else (json.dumps({**manifest, "files": kept}, indent=2, default=str) + "\n").encode())
+                      else encode_manifest({**manifest, "files": kept}))  # with its own hash recomputed
     return manifest_bytes, sorted(kept)
 
 

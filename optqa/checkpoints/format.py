@@ -2,8 +2,9 @@
 
 A checkpoint folder holds ``delta_model.safetensors`` (the delta's weights only) and
 ``optqa_manifest.json``: format and version, delta type and config, template text, the backbone's identity
-and weight fingerprint, the run's hyperparameters and metrics, and the SHA-256 and size of every file it
-lists. Loading verifies all of it before a single weight is used. Folders are written beside their final
+and weight fingerprint, the run's hyperparameters and metrics, the SHA-256 and size of every file it lists,
+and (format version 2) the SHA-256 of its own canonical JSON. Loading verifies all of it, and checks every
+value it applies through the typed configs, before a single weight is used. Folders are written beside their final
 place and swapped in by renames, so a killed save never damages the checkpoint that was there.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # torch is imported where tensors are touched: --mode inspect never needs it
     import torch
 
+    from optqa.config import RunConfig
+
 from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,14 @@ KEPT_NAMES = ("README.md",)
 PARTIAL_SUFFIX = ".partial"
 PREVIOUS_SUFFIX = ".previous"
 FORMAT_NAME = "optqa-delta"
-FORMAT_VERSION = 1
+# 2: the manifest carries MANIFEST_HASH_KEY. Version 1 manifests (written before it) still load, with a warning.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST_HASH_KEY = "manifest_sha256"
+# Every top-level key a manifest may hold; any other is refused (a flipped bit in a key name is damage, not news).
+MANIFEST_KEYS = frozenset({"format", "format_version", MANIFEST_HASH_KEY, "optqa_version", "versions", "created",
+                           "delta", "template", "backbone", "trainable_parameters", "hyperparameters", "metrics",
+                           "files", "imported_from", "delta_center"})
 FINGERPRINT_SAMPLES = 256
 
 
@@ -200,10 +210,34 @@ def _sync_folder(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False, default=str)
-        handle.write("\n")
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The SHA-256 (lowercase hex) a manifest records of itself under ``manifest_sha256``.
+
+    Definition (format version 2): SHA-256 of the UTF-8 bytes of ``json.dumps(m, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)``, where ``m`` is the parsed manifest without ``manifest_sha256``
+    (lone surrogates, which JSON can escape, are encoded as ``surrogatepass`` does). It covers the parsed
+    content, so indentation or key order may change, every value and key may not.
+    """
+    content = {k: v for k, v in manifest.items() if k != MANIFEST_HASH_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    """A manifest's file bytes: indented JSON, with its own hash (``manifest_digest``) from format version 2 on.
+
+    A version-1 manifest (read from an old checkpoint and re-written with fewer files) stays version 1, without
+    a hash: sealing content that nothing verified would vouch for it.
+    """
+    # the value a reader will parse (a Path becomes its string, a tuple a list), so the hash is of that
+    data = json.loads(json.dumps(manifest, default=str))
+    data.pop(MANIFEST_HASH_KEY, None)
+    if data.get("format_version") != 1:
+        digest = manifest_digest(data)
+        # right after the version, where a reader of the file looks first
+        data = {k: v for k, v in data.items() if k in ("format", "format_version")} | {MANIFEST_HASH_KEY: digest} | {
+            k: v for k, v in data.items() if k not in ("format", "format_version")}
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
 
 
 def build_manifest(*, delta_config: dict, template_text: str, backbone: dict, hyperparameters: dict,
@@ -241,17 +275,23 @@ def save_checkpoint(folder: str | Path, state: dict[str, torch.Tensor], manifest
         for path in sorted(target.iterdir()):
             if path.name != MANIFEST_NAME and path.is_file():
                 files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        _write_json(target / MANIFEST_NAME, {**manifest, "files": files})
+        (target / MANIFEST_NAME).write_bytes(encode_manifest({**manifest, "files": files}))
 
     return write_folder_atomically(folder, write)
 
 
 def read_json(path: Path, problem: str) -> Any:
     """A JSON file's content; invalid JSON or text is an OptqaError ``<path>: <problem> (<reason>)``."""
+    return _parse_json(Path(path).read_bytes(), path, problem)
+
+
+def _parse_json(data: bytes, path: Path, problem: str) -> Any:
     try:
-        return json.loads(Path(path).read_bytes())
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OptqaError(f"{path}: {problem} ({exc})") from None
+    except RecursionError:  # the parser recurses per nesting level; no file optqa writes nests deeper than 5
+        raise OptqaError(f"{path}: {problem} (nested too deeply)") from None
 
 
 def read_config_json(path: Path, key: str, what: str) -> dict[str, Any]:
@@ -264,10 +304,17 @@ def read_config_json(path: Path, key: str, what: str) -> dict[str, Any]:
 
 
 def read_manifest(folder: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``(folder, manifest)``: the folder resolved and its parsed ``manifest.json``.
+    """``(folder, manifest)``: the folder resolved and its parsed, verified manifest.
+
+    Verified: the format and version; the manifest's own SHA-256 (``manifest_digest``; a version-1 manifest,
+    which has none, loads with a warning); no unknown top-level key; every field a loader relies on present with
+    its JSON type; the delta config through its typed config (``AdapterConfig``, ``LoraConfig``, ...) and the
+    recorded hyperparameters through ``RunConfig``'s types, choices and ranges, as the command line checks
+    its flags. The files it lists are checked by :func:`verify_files`.
 
     Raises:
-        OptqaError: no folder, no manifest, invalid JSON, another format or an unsupported format version.
+        OptqaError: no folder, no manifest, invalid JSON, another format or an unsupported format version, a
+            manifest whose hash does not match, or a missing or invalid value (the message names the field).
     """
     folder = resolve_folder(folder)
     path = folder / MANIFEST_NAME
@@ -275,36 +322,114 @@ def read_manifest(folder: str | Path) -> tuple[Path, dict[str, Any]]:
         raise OptqaError(f"no checkpoint at {folder}: the folder does not exist")
     if not path.is_file():
         raise OptqaError(f"{folder} is not an optqa checkpoint: {MANIFEST_NAME} is missing")
-    manifest = read_json(path, "damaged manifest, not valid JSON")
+    return folder, parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
+    """The manifest in ``data`` (the bytes of the file ``path``, named in messages), verified as
+    :func:`read_manifest` says.
+
+    Raises:
+        OptqaError: as :func:`read_manifest`.
+    """
+    manifest = _parse_json(data, path, "damaged manifest, not valid JSON")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise OptqaError(f"{path}: not an optqa delta manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise OptqaError(f"{path}: format version {manifest.get('format_version')} is not supported "
-                         f"(this optqa reads version {FORMAT_VERSION})")
+    version = manifest.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True, not 2.0
+        raise OptqaError(f"{path}: format version {version} is not supported (this optqa reads versions "
+                         f"{' and '.join(map(str, READABLE_VERSIONS))})")
+    _check_own_hash(path, manifest)
     problem = _manifest_problem(manifest)
     if problem:
         raise OptqaError(f"{path}: damaged manifest, {problem}")
-    return folder, manifest
+    _check_values(path, manifest)
+    return manifest
+
+
+def _check_own_hash(path: Path, manifest: dict[str, Any]) -> None:
+    # a recorded hash is verified whatever the version says: flipping 2 to 1 cannot switch the check off, since
+    # the version is part of what the hash covers; dropping the key as well takes more than one change
+    recorded = manifest.get(MANIFEST_HASH_KEY)
+    if recorded is None and manifest["format_version"] == 1:
+        log.warning("%s: format version 1: the manifest itself is not covered by a hash (only the files it lists "
+                    "are), so an edit to its settings or template cannot be detected", path)
+        return
+    if recorded is None:
+        raise OptqaError(f"{path}: damaged manifest, it lacks its {MANIFEST_HASH_KEY} (every format version "
+                         f"{manifest['format_version']} manifest carries one)")
+    try:
+        actual = manifest_digest(manifest)
+    except RecursionError:  # parsed just below the limit, serialised one call deeper
+        raise OptqaError(f"{path}: damaged manifest, nested too deeply") from None
+    if recorded != actual:
+        raise OptqaError(f"integrity check failed: {path} has SHA-256 {actual[:16]}... (of its content), it "
+                         f"records {str(recorded)[:16]}... (the manifest was modified)")
+
+
+def _check_values(path: Path, manifest: dict[str, Any]) -> None:
+    """The delta config and the recorded hyperparameters, through the typed configs (see read_manifest)."""
+    from optqa.config import delta_config_from_dict
+
+    try:
+        delta_config_from_dict(manifest["delta"])
+    except OptqaError as exc:
+        raise OptqaError(f"{path}: invalid delta config: {exc}") from None
+    try:
+        recorded_config(manifest["hyperparameters"], "hyperparameters.")
+    except OptqaError as exc:
+        raise OptqaError(f"{path}: {exc}") from None
+
+
+def recorded_config(values: dict[str, Any], where: str) -> RunConfig:
+    """A RunConfig from recorded settings, each checked as the command line checks a typed flag: its type and
+    choices (``RunConfig.from_recorded``), then its range (``options.check_values``).
+
+    Args:
+        values: field name -> value (unknown names, from another optqa version, are dropped).
+        where: put before a field's name in a message (``"hyperparameters."``).
+    Raises:
+        OptqaError: ``<where><field> must be ..., got ...`` for the first value that is not.
+    """
+    from optqa.config import RunConfig
+    from optqa.options import check_values
+
+    config = RunConfig.from_recorded(values, where)
+    check_values(config, spell=where + "{}")
+    return config
 
 
 # Fields a loader relies on, with their JSON types; anything else in a manifest is informational.
 _REQUIRED = {"delta": dict, "template": str, "backbone": dict, "hyperparameters": dict, "metrics": dict,
              "files": dict}
 _REQUIRED_BACKBONE = {"name_or_path": str, "architecture": str, "config": dict, "fingerprint": str}
+# Informational fields, when present, with their JSON types (inspect and model cards show them).
+_OPTIONAL = {"optqa_version": str, "versions": dict, "created": str, "trainable_parameters": int,
+             "imported_from": dict, "delta_center": dict}
 
 
 def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    unknown = sorted(set(manifest) - MANIFEST_KEYS)
+    if unknown:
+        return f"unknown field {unknown[0]!r}"
     for fields, where in ((_REQUIRED, manifest), (_REQUIRED_BACKBONE, manifest.get("backbone") or {})):
         for key, kind in fields.items():
             if not isinstance(where.get(key), kind):
                 return f"field {key!r} is missing or not a JSON {kind.__name__}"
+    for key, kind in _OPTIONAL.items():
+        if key in manifest and (not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)):
+            return f"field {key!r} is not a JSON {kind.__name__}"
     if not isinstance(manifest["delta"].get("delta_type"), str):
         return "the delta has no delta_type"
     for name, entry in manifest["files"].items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("bytes"), int)):
-            return f"the entry for {name!r} lacks its sha256 or byte count"
+        if not (isinstance(entry, dict) and _is_sha256(entry.get("sha256")) and isinstance(entry.get("bytes"), int)
+                and not isinstance(entry.get("bytes"), bool) and entry["bytes"] >= 0):
+            return f"the entry for {name!r} lacks its sha256 (64 hex digits) or byte count"
     return None
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from optqa.checkpoints.bundle import open_source, read_bundle_comment
-from optqa.checkpoints.format import SHAPE_KEYS, WEIGHTS_NAME, read_manifest, verify_files
+from optqa.checkpoints.format import MANIFEST_HASH_KEY, SHAPE_KEYS, WEIGHTS_NAME, read_manifest, verify_files
 from optqa.config import RunConfig
 from optqa.errors import OptqaError
 
@@ -53,7 +53,8 @@ def inspect_checkpoint(path: str | Path) -> list[str]:
     lines += [("format", f"{manifest['format']} v{manifest['format_version']} (optqa {manifest.get('optqa_version')}, "
                          f"created {manifest.get('created')})"),
               ("integrity", "OK, SHA-256 verified: " + ", ".join(
-                  f"{name} {entry['sha256'][:12]}" for name, entry in sorted(manifest["files"].items())))]
+                  f"{name} {entry['sha256'][:12]}" for name, entry in sorted(manifest["files"].items()))),
+              ("manifest", manifest_text(manifest))]
     if manifest.get("versions"):
         lines.append(("saved with", _versions_text(manifest["versions"])))
     if local.is_file():
@@ -73,6 +74,15 @@ def inspect_checkpoint(path: str | Path) -> list[str]:
     lines.append(("metrics", metrics_text(manifest.get("metrics") or {})))
     width = max(len(label) for label, _ in lines)
     return [f"{label:<{width}}  {text}" for label, text in lines]
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """What :func:`~optqa.checkpoints.format.read_manifest` verified of a manifest itself, as one line."""
+    checked = "its delta config and recorded settings checked (types, choices, ranges)"
+    if MANIFEST_HASH_KEY in manifest:
+        return f"OK, its own SHA-256 verified ({manifest[MANIFEST_HASH_KEY][:12]}); {checked}"
+    return (f"format version 1: not covered by a hash of its own (an edit to its settings or template cannot be "
+            f"detected); {checked}")
 
 
 def _peft_adapter_lines(path: str | Path, folder: Path, pulled) -> list[str]:
@@ -137,7 +147,9 @@ def metrics_text(metrics: dict[str, Any]) -> str:
         parts.append(f"best epoch {metrics['best_epoch']}")
     for split in ("dev", "test"):
         scores = metrics.get(split)
-        if isinstance(scores, dict) and "f1" in scores:
+        # informational, so not refused when odd: shown only where it holds numbers
+        if isinstance(scores, dict) and isinstance(scores.get("f1"), (int, float)) and isinstance(
+                scores.get("em", 0), (int, float)):
             parts.append(f"{split} F1 {scores['f1']:.2f} EM {scores.get('em', 0):.2f} ({scores.get('count', '?')} "
                          "questions)")
     if metrics.get("history"):
