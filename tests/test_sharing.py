@@ -196,15 +196,15 @@ def test_the_peft_folder_has_a_model_card_whose_recipe_gives_optqas_answers(lora
 
 # ------------------------------------------------------------------------------------------ refusals
 
-def _zip(path: Path, entries: list[tuple]) -> Path:
+def _zip(path: Path, entries: list[tuple], compression: int = zipfile.ZIP_STORED) -> Path:
     """A zip written by hand: entries are (name, data) or (name, data, unix_mode)."""
-    with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+    with zipfile.ZipFile(path, "w", compression=compression) as archive, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zipfile warns about the duplicate names some cases need
         for name, data, *mode in entries:
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.create_system = 3
             info.external_attr = (mode[0] if mode else stat.S_IFREG | 0o644) << 16
-            archive.writestr(info, data)
+            archive.writestr(info, data, compress_type=compression)
     return path
 
 
@@ -330,3 +330,141 @@ def test_bundle_is_written_atomically(lora_ckpt, tmp_path, monkeypatch):
         write_bundle(lora_ckpt, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.optqa"]
+
+
+# ------------------------------------------------------------------------------ bounded bundles (issue 26)
+
+def _patch_declared(path: Path, name: str, *, size: int | None = None, stored: int | None = None) -> None:
+    """Rewrite what the zip declares for ``name`` (uncompressed ``size``, compressed ``stored``) in its local
+    header and its central directory entry, leaving the data as it is: a zip that lies about its members."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(name).header_offset
+    central = data.index(b"PK\x01\x02" + data[local + 4:local + 30][0:0])  # first central entry
+    while data[central + 46:central + 46 + struct.unpack_from("<H", data, central + 28)[0]] != name.encode():
+        central = data.index(b"PK\x01\x02", central + 4)
+    for offset, value in ((22, size), (18, stored)):  # local header: usize at 22, csize at 18
+        if value is not None:
+            struct.pack_into("<I", data, local + offset, value)
+            struct.pack_into("<I", data, central + offset + 2, value)  # central entry: 2 bytes further
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def written(monkeypatch):
+    """Bytes written to each file opened for writing with ``Path.open`` (how a bundle is extracted), by path;
+    a test clears it once its hostile bundle is written."""
+    counts: dict[str, int] = {}
+    real_open = Path.open
+
+    class Counting:
+        def __init__(self, handle, path):
+            self.handle, self.path = handle, path
+
+        def write(self, data):
+            counts[self.path] += len(data)
+            return self.handle.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def counting_open(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        if not {"w", "x", "a"} & set(mode):
+            return handle
+        counts.setdefault(str(self), 0)
+        return Counting(handle, str(self))
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    return counts
+
+
+def test_a_bundle_declaring_a_gib_is_refused_before_anything_is_written(lora_ckpt, tmp_path, written):
+    # the issue's example: a member declared (in the zip and in the manifest) as 1 GiB, stored as the few kB
+    # that deflate 1 MiB of zeros
+    gib = 1 << 30
+    manifest = manifest_of(lora_ckpt)
+    manifest["files"][WEIGHTS_NAME] = {"sha256": "0" * 64, "bytes": gib}
+    bundle = _zip(tmp_path / "bomb.optqa", [(MANIFEST_NAME, json.dumps(manifest).encode()),
+                                            (WEIGHTS_NAME, b"\0" * (1 << 20))], zipfile.ZIP_DEFLATED)
+    stored = zipfile.ZipFile(bundle).getinfo(WEIGHTS_NAME).compress_size
+    _patch_declared(bundle, WEIGHTS_NAME, size=gib)
+    written.clear()
+    expected = (f"bundle {bundle} refused: entry {WEIGHTS_NAME!r} would expand {stored:,} bytes into {gib:,} "
+                "(more than 100x: a zip bomb, not a delta)")
+    with pytest.raises(OptqaError) as refused:
+        with open_checkpoint(bundle):
+            pass
+    assert str(refused.value) == expected
+    with pytest.raises(OptqaError) as refused:
+        unpack_bundle(bundle, tmp_path / "out")
+    assert str(refused.value) == expected
+    assert written == {}  # refused from the zip's directory: not one file opened for writing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.optqa"]
+
+
+def test_a_member_larger_than_declared_stops_at_the_declared_size(lora_ckpt, tmp_path, written):
+    # notes.bin is declared (in the zip and in the manifest) as 1000 bytes; its deflated data inflates to 8 MiB
+    listed = _listing(manifest_of(lora_ckpt), {"notes.bin": b"\0" * 1000})
+    bundle = _zip(tmp_path / "liar.optqa", [(MANIFEST_NAME, listed),
+                                            (WEIGHTS_NAME, (lora_ckpt / WEIGHTS_NAME).read_bytes()),
+                                            ("notes.bin", b"\0" * (8 << 20))], zipfile.ZIP_DEFLATED)
+    _patch_declared(bundle, "notes.bin", size=1000)
+    written.clear()
+    with pytest.raises(OptqaError) as refused:
+        with open_checkpoint(bundle):
+            pass
+    assert str(refused.value) == (f"integrity check failed: notes.bin in bundle {bundle} is damaged (Bad CRC-32 "
+                                  "for file 'notes.bin')")
+    notes = [count for path, count in written.items() if path.endswith("notes.bin")]
+    # zipfile inflates no further than the declared 1000 bytes and checks their CRC before handing them over:
+    # not a byte of notes.bin reaches the disk
+    assert notes == [0]
+
+
+@pytest.mark.parametrize("case", ["entries", "member", "total", "stored_size", "compressed_past_the_file"])
+def test_what_a_bundle_may_declare_is_bounded(lora_ckpt, exported, tmp_path, monkeypatch, written, case):
+    import optqa.checkpoints.bundle as bundle_module
+
+    bundle = tmp_path / f"{case}.optqa"
+    bundle.write_bytes(exported.read_bytes())
+    weights_size = (lora_ckpt / WEIGHTS_NAME).stat().st_size
+    if case == "entries":
+        names = {f"n{i}.txt": b"x" for i in range(bundle_module.MAX_ENTRIES)}
+        _zip(bundle, [(MANIFEST_NAME, _listing(manifest_of(lora_ckpt), names)),
+                      (WEIGHTS_NAME, (lora_ckpt / WEIGHTS_NAME).read_bytes()), *names.items()])
+        expected = f"it has {bundle_module.MAX_ENTRIES + 2} entries, more than the 64 a bundle may hold"
+    elif case == "member":
+        monkeypatch.setattr(bundle_module, "MAX_MEMBER_BYTES", weights_size - 1)
+        expected = (f"entry {WEIGHTS_NAME!r} declares {weights_size:,} bytes, more than the {weights_size - 1:,} a "
+                    "bundle member may hold")
+    elif case == "total":
+        monkeypatch.setattr(bundle_module, "MAX_TOTAL_BYTES", weights_size)
+        expected = "its entries declare"
+    elif case == "stored_size":
+        _patch_declared(bundle, WEIGHTS_NAME, size=weights_size * 2)
+        expected = (f"entry {WEIGHTS_NAME!r} is stored uncompressed but declares {weights_size * 2:,} bytes in "
+                    f"{weights_size:,}")
+    else:
+        _patch_declared(bundle, WEIGHTS_NAME, size=1 << 31, stored=1 << 31)
+        expected = f"its entries declare {(1 << 31) + len(manifest_of_bundle(exported)):,} stored bytes, the file has"
+    written.clear()
+    with pytest.raises(OptqaError) as refused:
+        with open_checkpoint(bundle):
+            pass
+    assert str(refused.value).startswith(f"bundle {bundle} refused: ") and expected in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert written == {}
+
+
+def manifest_of_bundle(bundle: Path) -> bytes:
+    with zipfile.ZipFile(bundle) as archive:
+        return archive.read(MANIFEST_NAME)

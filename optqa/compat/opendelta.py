@@ -176,8 +176,12 @@ def save_raw(delta: DeltaModel, path: str | Path) -> Path:
     target = _raw_file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(partial))
-    os.replace(partial, target)  # a killed save leaves the previous file whole
+    with write_failures_as_errors(target, lambda: f"the previous file {target}" if target.is_file() else None):
+        try:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(partial))
+            os.replace(partial, target)  # a killed save leaves the previous file whole
+        finally:
+            partial.unlink(missing_ok=True)
     return target
 
 
@@ -185,14 +189,14 @@ def load_raw(delta: DeltaModel, path: str | Path) -> None:
     """Load what :func:`save_raw` wrote back into ``delta`` (and its bound template).
 
     Raises:
-        OptqaError: a missing file or tensors that do not fit this delta.
+        OptqaError: a missing or malformed file, or tensors that do not fit this delta.
     """
-    from safetensors.torch import load
+    from optqa.checkpoints.format import load_safetensors
 
     source = _raw_file(path)
     if not source.is_file():
         raise OptqaError(f"load_checkpoint: no raw delta at {source}")
-    state = load(source.read_bytes())
+    state = load_safetensors(source)
     prompt = delta.__dict__.get("_prompt_model")
     load_delta_state(prompt if prompt is not None else _layout(delta), state, str(source))
 
