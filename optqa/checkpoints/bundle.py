@@ -61,6 +61,12 @@ RATIO_FREE_BYTES = 1 << 20
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 _CHUNK = 1 << 20
+# What zipfile raises for a damaged archive, beyond BadZipFile (found by flipping every byte of a bundle):
+# NotImplementedError for a "version needed" or flag it does not know, UnicodeDecodeError for a name flagged as
+# UTF-8 that is not, ValueError, EOFError and zlib.error for damaged headers and data, RuntimeError for a local
+# header flagged as encrypted.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError, ValueError, EOFError,
+               zlib.error, RuntimeError)
 
 
 def default_bundle_path(folder: str | Path) -> Path:
@@ -269,7 +275,7 @@ def _stream(bundle: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit
                 if total > limit:
                     raise OptqaError(f"bundle {bundle} refused: {info.filename} is larger than declared")
                 yield block
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+    except _ZIP_ERRORS as exc:
         raise OptqaError(f"integrity check failed: {info.filename} in bundle {bundle} is damaged ({exc})") from None
 
 
@@ -284,8 +290,8 @@ def _extract_verified(bundle: Path, target: Path, hint: str = "") -> dict[str, A
         raise OptqaError(f"{bundle} is not an optqa bundle (not a zip file) and not a checkpoint folder")
     try:
         archive = zipfile.ZipFile(bundle)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise OptqaError(f"{bundle} is not a readable bundle ({exc})") from None
+    except _ZIP_ERRORS as exc:
+        raise OptqaError(f"{bundle} is not a readable bundle ({type(exc).__name__}: {exc})") from None
     root = target.resolve()
     with archive:
         entries = _check_entries(bundle, archive)
