@@ -525,7 +525,7 @@ def test_every_flipped_byte_of_a_bundle_is_refused_or_harmless(soft_prompt_ckpt,
     flips += [(position, 1 << bit) for position in sorted({*structure, *range(0, len(original), 64)})
               for bit in range(8)]
     flipped = ram_temp / "flipped.optqa"
-    outcomes = {"refused": 0, "same": 0, "manifest text changed": 0}
+    harmless = []
     for position, mask in flips:
         damaged = bytearray(original)
         damaged[position] ^= mask
@@ -534,20 +534,13 @@ def test_every_flipped_byte_of_a_bundle_is_refused_or_harmless(soft_prompt_ckpt,
             got = _opened(flipped)
         except OptqaError as exc:
             assert "\n" not in str(exc) and str(exc), (position, mask)
-            outcomes["refused"] += 1
             continue
         except Exception as exc:  # noqa: BLE001 - the point: anything but an OptqaError is a finding
             pytest.fail(f"byte {position} ^ {mask:#x}: {type(exc).__name__}: {exc}")
-        if got == expected:
-            outcomes["same"] += 1
-            continue
-        # The manifest is covered by no hash yet (issue 26, class 3, another change): a flip inside its text that
-        # keeps it valid JSON with every listed hash can still open; anywhere else a changed file is a failure.
-        assert position in regions[MANIFEST_NAME], (position, mask)
-        assert [name for name in expected if got.get(name) != expected[name]] == [MANIFEST_NAME], (position, mask)
-        outcomes["manifest text changed"] += 1
-    # every flip in the weights' bytes is refused (the zip's CRC and the manifest's SHA-256); flips in the comment
-    # and in fields nothing reads (timestamps, "version made by") leave the same files
-    print(outcomes, len(original), len(flips), len(comment), len(structure), {k: len(v) for k, v in regions.items()})
-    assert sum(outcomes.values()) == len(flips) and outcomes["same"] >= len(comment), outcomes
-    assert outcomes["refused"] >= len(regions[WEIGHTS_NAME]) + len(structure) // 2, outcomes
+        assert got == expected, (position, mask)
+        harmless.append(position)
+    # a flip in any member's bytes, the manifest's included, is refused (the zip's CRC-32, then the manifest's
+    # SHA-256s); what opens unchanged was a flip in the comment or in a field nothing reads (timestamps,
+    # "version made by", ...). Of 8,940 flips of a 6,140-byte bundle, 1,082 were harmless.
+    assert harmless and not data_bytes & set(harmless)
+    assert set(comment) <= set(harmless)
