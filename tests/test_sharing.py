@@ -544,3 +544,87 @@ def test_every_flipped_byte_of_a_bundle_is_refused_or_harmless(soft_prompt_ckpt,
     # "version made by", ...). Of 8,940 flips of a 6,140-byte bundle, 1,082 were harmless.
     assert harmless and not data_bytes & set(harmless)
     assert set(comment) <= set(harmless)
+
+
+# ------------------------------------------------------------------------- malformed safetensors (issue 26)
+
+def _safetensors_variants(weights: bytes) -> dict[str, tuple[bytes, str]]:
+    """A real weights file made malformed in each way a header can be, with the reason the refusal gives."""
+    import struct
+
+    length = struct.unpack("<Q", weights[:8])[0]
+    header, data = json.loads(weights[8:8 + length]), weights[8 + length:]
+    first = sorted(k for k in header if k != "__metadata__")[0]
+    begin, end = header[first]["data_offsets"]
+
+    def rebuilt(change=None, raw: bytes | None = None, tail: bytes = b"") -> bytes:
+        edited = json.loads(json.dumps(header))
+        if change:
+            change(edited)
+        text = raw if raw is not None else json.dumps(edited).encode()
+        return struct.pack("<Q", len(text)) + text + data + tail
+
+    def entry(**fields):
+        return lambda h: h[first].update(fields)
+
+    return {
+        "length_past_the_end": (struct.pack("<Q", len(weights)) + weights[8:], "invalid header length"),
+        "length_zero": (struct.pack("<Q", 0) + weights[8:], "invalid JSON in header"),
+        "length_huge": (struct.pack("<Q", 1 << 62) + weights[8:], "header too large"),
+        "shorter_than_a_length": (weights[:5], "header too small"),
+        "not_json": (rebuilt(raw=b"{not json}"), "invalid JSON in header"),
+        "not_an_object": (rebuilt(raw=b"[1, 2, 3]"), "invalid JSON in header"),
+        "dtype_unknown": (rebuilt(entry(dtype="F33")), "unknown variant `F33`"),
+        "dtype_torch_cannot_hold": (rebuilt(entry(dtype="F8_E8M0", shape=[end - begin])),
+                                    f"tensor '{first}' has dtype F8_E8M0, which torch cannot load"),
+        "offsets_out_of_range": (rebuilt(entry(data_offsets=[begin, len(data) + 64])),
+                                 "invalid shape, data type, or offset for tensor"),
+        "offsets_overlapping": (rebuilt(entry(data_offsets=[begin, end + 4])), "invalid"),
+        "data_not_covered": (rebuilt(tail=b"\0" * 16), "incomplete metadata, file not fully covered"),
+        "shape_not_matching_the_bytes": (rebuilt(entry(shape=[3, 3])), "invalid shape, data type, or offset"),
+        "negative_shape": (rebuilt(entry(shape=[-8, -64])), "expected usize"),
+        "negative_offsets": (rebuilt(entry(data_offsets=[-4, end])), "expected usize"),
+        "metadata_not_a_string_map": (rebuilt(lambda h: h.update(__metadata__={"format": 1})),
+                                      "expected a string"),
+        "entry_not_an_object": (rebuilt(lambda h: h.update({first: "x"})), "expected struct TensorInfo"),
+    }
+
+
+
+@pytest.fixture(scope="module")
+def malformed(lora_ckpt, tmp_path_factory) -> dict[str, Path]:
+    """One consistent checkpoint per malformed weights file: the manifest lists the file's true SHA-256 and
+    size, so only the file's own format can refuse it."""
+    from optqa.checkpoints.format import read_checkpoint, save_checkpoint
+
+    _, manifest, state = read_checkpoint(lora_ckpt)
+    kept = {k: v for k, v in manifest.items() if k != "files"}
+    folders = {}
+    for name, (data, _) in _safetensors_variants((lora_ckpt / WEIGHTS_NAME).read_bytes()).items():
+        folders[name] = save_checkpoint(tmp_path_factory.mktemp("malformed") / name, state, kept,
+                                        extra=lambda target, data=data: (target / WEIGHTS_NAME).write_bytes(data))
+    return folders
+
+
+def test_malformed_safetensors_are_refused_in_one_line_by_load_and_inspect(lora_ckpt, malformed, monkeypatch,
+                                                                           capsys):
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.cli import main
+
+    reasons = {name: reason for name, (_, reason) in
+               _safetensors_variants((lora_ckpt / WEIGHTS_NAME).read_bytes()).items()}
+    assert len(reasons) == 16
+    for name, folder in malformed.items():
+        weights = folder / WEIGHTS_NAME
+        with pytest.raises(OptqaError) as refused:
+            load_trained(folder)
+        message = str(refused.value)
+        assert message.startswith(f"{weights}: not a valid safetensors file (") and reasons[name] in message, name
+        assert "\n" not in message
+        for mode in ("inspect", "interactive_inference"):
+            monkeypatch.setattr("sys.stdin", io.StringIO("What is frozen water called?\nquit()\n"))
+            capsys.readouterr()
+            assert main(["--mode", mode, "--delta_save_path", str(folder)]) == 2, (name, mode)
+            out, err = capsys.readouterr()
+            assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"], name
+            assert "Traceback" not in err and "integrity" not in out and "Answer:" not in out, (name, mode)
