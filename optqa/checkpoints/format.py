@@ -464,10 +464,9 @@ def load_pickled_tensors(path: Path) -> Any:
     KeyError, OSError, RuntimeError, UnicodeDecodeError, ...), so every exception of a load becomes one line.
 
     Raises:
-        OptqaError: ``<path>: refused, the pickle holds code ...`` or ``<path>: not a readable torch checkpoint
-            (<reason>)``.
+        OptqaError: ``<path>: refused, the pickle holds code ... (<the global it names>)`` or ``<path>: not a
+            readable torch checkpoint (<exception>: <reason>)``.
     """
-    import pickle
     import warnings
 
     import torch
@@ -476,15 +475,17 @@ def load_pickled_tensors(path: Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about legacy formats on the way to its refusal
             return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
-        raise OptqaError(f"{path}: refused, the pickle holds code or objects other than tensors; it was not "
-                         f"executed" + (f" ({detail})" if detail else "")) from None
     except Exception as exc:  # noqa: BLE001 - see above: a damaged file can raise anything
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        text = str(exc)
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if named:  # the weights-only unpickler met a class or function to call: what a payload needs
+            raise OptqaError(f"{path}: refused, the pickle holds code or objects other than tensors "
+                             f"({named.group(1)}); it was not executed") from None
+        # torch's long advice on weights_only is about trusted files: only its specific line is kept
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
         raise OptqaError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}"
-                         + (f": {reason[:200]}" if reason else "") + ")") from None
+                         + (f": {reason[:200]}" if reason else "") + "); nothing in it was executed") from None
 
 
 def check_backbone(manifest: dict[str, Any], identity: dict[str, Any], fingerprint: str,
