@@ -628,3 +628,106 @@ def test_malformed_safetensors_are_refused_in_one_line_by_load_and_inspect(lora_
             out, err = capsys.readouterr()
             assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"], name
             assert "Traceback" not in err and "integrity" not in out and "Answer:" not in out, (name, mode)
+
+
+# ----------------------------------------------------------------------------------- a full disk (issue 26)
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (a tmpfs mounted for the test: needs root, as in CI; skipped where mounting is not
+    permitted)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True, timeout=60)
+
+
+def fill(disk: Path) -> None:
+    """Write to ``disk`` until it is full: the next write anywhere on it fails with ENOSPC."""
+    import errno
+
+    with (disk / "filler").open("wb", buffering=0) as handle:
+        with pytest.raises(OSError) as full:
+            while True:
+                handle.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+NO_SPACE = "No space left on device (errno 28)"
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_previous_checkpoint(tiny_opt, memory_data, lora_ckpt, small_disk,
+                                                                    tmp_path, capsys):
+    from optqa.checkpoints.format import read_checkpoint
+    from optqa.cli import main
+
+    final = small_disk / "delta_ckpts"
+    shutil.copytree(lora_ckpt, final)
+    before = snapshot(final)
+    fill(small_disk)
+    args = train_args(tiny_opt, memory_data, tmp_path / "run", "--train_epochs", "1")
+    args[args.index("--delta_save_path") + 1] = str(final)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # safetensors' "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)"
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: could not write {final}: {NO_SPACE}; the previous checkpoint in {final} is intact"]
+    assert "Traceback" not in err
+    assert snapshot(final) == before and read_checkpoint(final)[1]["files"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["delta_ckpts", "filler"]  # no .partial left
+
+
+def test_a_full_disk_when_exporting_keeps_the_previous_bundle(lora_ckpt, small_disk, capsys):
+    from optqa.cli import main
+
+    bundle = write_bundle(lora_ckpt, small_disk / "shared.optqa")
+    before = bundle.read_bytes()
+    fill(small_disk)
+    capsys.readouterr()
+    assert main(["--mode", "export", "--delta_save_path", str(lora_ckpt), "--export_path", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: could not write {bundle}: {NO_SPACE}; the previous bundle {bundle} is intact"]
+    assert "Traceback" not in err
+    assert bundle.read_bytes() == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "shared.optqa"]  # no temporary file left
+
+
+def test_a_full_disk_while_extracting_a_bundle_is_one_line(exported, small_disk, monkeypatch):
+    import types
+
+    import optqa.checkpoints.bundle as bundle_module
+
+    temp = small_disk / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where bundles are extracted to be loaded
+    fill(small_disk)
+    needed = sum(info.file_size for info in zipfile.ZipFile(exported).infolist())
+    hint = f"; the bundle is unchanged: make room in {temp} or set TMPDIR to a folder with room"
+    with pytest.raises(OptqaError) as refused:
+        with open_checkpoint(exported):
+            pass
+    assert re.fullmatch(rf"could not extract bundle {re.escape(str(exported))}: its files need {needed:,} bytes, "
+                        rf"{re.escape(str(temp))}/optqa-bundle-\w+ has 0 free; nothing was written{re.escape(hint)}",
+                        str(refused.value)), refused.value
+    # a disk that fills up during the extraction (here: one that claims room it does not have)
+    monkeypatch.setattr(bundle_module.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 40))
+    with pytest.raises(OptqaError) as refused:
+        with open_checkpoint(exported):
+            pass
+    assert re.fullmatch(rf"could not extract bundle {re.escape(str(exported))}: writing {re.escape(str(temp))}/"
+                        rf"optqa-bundle-\w+/{MANIFEST_NAME} failed: {re.escape(NO_SPACE)}{re.escape(hint)}",
+                        str(refused.value)), refused.value
+    assert list(temp.iterdir()) == []  # nothing left behind
