@@ -336,6 +336,15 @@ def test_bundle_is_written_atomically(lora_ckpt, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ bounded bundles (issue 26)
 
+def open_refused(bundle: Path) -> str:
+    """The one-line OptqaError with which opening ``bundle`` is refused."""
+    with pytest.raises(OptqaError) as refused:
+        with open_checkpoint(bundle):
+            pass
+    assert "\n" not in str(refused.value)
+    return str(refused.value)
+
+
 def _patch_declared(path: Path, name: str, *, size: int | None = None, stored: int | None = None) -> None:
     """Rewrite what the zip declares for ``name`` (uncompressed ``size``, compressed ``stored``) in its local
     header and its central directory entry, leaving the data as it is: a zip that lies about its members."""
@@ -402,10 +411,7 @@ def test_a_bundle_declaring_a_gib_is_refused_before_anything_is_written(lora_ckp
     written.clear()
     expected = (f"bundle {bundle} refused: entry {WEIGHTS_NAME!r} would expand {stored:,} bytes into {gib:,} "
                 "(more than 100x: a zip bomb, not a delta)")
-    with pytest.raises(OptqaError) as refused:
-        with open_checkpoint(bundle):
-            pass
-    assert str(refused.value) == expected
+    assert open_refused(bundle) == expected
     with pytest.raises(OptqaError) as refused:
         unpack_bundle(bundle, tmp_path / "out")
     assert str(refused.value) == expected
@@ -421,11 +427,9 @@ def test_a_member_larger_than_declared_stops_at_the_declared_size(lora_ckpt, tmp
                                             ("notes.bin", b"\0" * (8 << 20))], zipfile.ZIP_DEFLATED)
     _patch_declared(bundle, "notes.bin", size=1000)
     written.clear()
-    with pytest.raises(OptqaError) as refused:
-        with open_checkpoint(bundle):
-            pass
-    assert str(refused.value) == (f"integrity check failed: notes.bin in bundle {bundle} is damaged (Bad CRC-32 "
-                                  "for file 'notes.bin')")
+    refused = open_refused(bundle)
+    assert refused == (f"integrity check failed: notes.bin in bundle {bundle} is damaged (Bad CRC-32 for file "
+                       "'notes.bin')")
     notes = [count for path, count in written.items() if path.endswith("notes.bin")]
     # zipfile inflates no further than the declared 1000 bytes and checks their CRC before handing them over:
     # not a byte of notes.bin reaches the disk
@@ -459,11 +463,8 @@ def test_what_a_bundle_may_declare_is_bounded(lora_ckpt, exported, tmp_path, mon
         _patch_declared(bundle, WEIGHTS_NAME, size=1 << 31, stored=1 << 31)
         expected = f"its entries declare {(1 << 31) + len(manifest_of_bundle(exported)):,} stored bytes, the file has"
     written.clear()
-    with pytest.raises(OptqaError) as refused:
-        with open_checkpoint(bundle):
-            pass
-    assert str(refused.value).startswith(f"bundle {bundle} refused: ") and expected in str(refused.value)
-    assert "\n" not in str(refused.value)
+    refused = open_refused(bundle)
+    assert refused.startswith(f"bundle {bundle} refused: ") and expected in refused
     assert written == {}
 
 
@@ -716,18 +717,14 @@ def test_a_full_disk_while_extracting_a_bundle_is_one_line(exported, small_disk,
     fill(small_disk)
     needed = sum(info.file_size for info in zipfile.ZipFile(exported).infolist())
     hint = f"; the bundle is unchanged: make room in {temp} or set TMPDIR to a folder with room"
-    with pytest.raises(OptqaError) as refused:
-        with open_checkpoint(exported):
-            pass
+    refused = open_refused(exported)
     assert re.fullmatch(rf"could not extract bundle {re.escape(str(exported))}: its files need {needed:,} bytes, "
                         rf"{re.escape(str(temp))}/optqa-bundle-\w+ has 0 free; nothing was written{re.escape(hint)}",
-                        str(refused.value)), refused.value
+                        refused), refused
     # a disk that fills up during the extraction (here: one that claims room it does not have)
     monkeypatch.setattr(bundle_module.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 40))
-    with pytest.raises(OptqaError) as refused:
-        with open_checkpoint(exported):
-            pass
+    refused = open_refused(exported)
     assert re.fullmatch(rf"could not extract bundle {re.escape(str(exported))}: writing {re.escape(str(temp))}/"
                         rf"optqa-bundle-\w+/{MANIFEST_NAME} failed: {re.escape(NO_SPACE)}{re.escape(hint)}",
-                        str(refused.value)), refused.value
+                        refused), refused
     assert list(temp.iterdir()) == []  # nothing left behind
