@@ -169,8 +169,14 @@ def _raw_file(path: str | Path) -> Path:
 
 def save_raw(delta: DeltaModel, path: str | Path) -> Path:
     """The delta's tensors (with a bound template's soft tokens) as one safetensors file, no manifest: a
-    folder path gets ``delta_model.safetensors`` inside it. Returns the file."""
+    folder path gets ``delta_model.safetensors`` inside it. Returns the file.
+
+    Raises:
+        OptqaError: the file could not be written (disk full, no permission); the previous one is kept.
+    """
     from safetensors.torch import save_file
+
+    from optqa.checkpoints.format import write_failures_as_errors
 
     state, _, _ = _state_and_settings(delta)
     target = _raw_file(path)
