@@ -15,6 +15,7 @@ OPENDELTA = FIXTURES / "opendelta-0.3.2"
 EXPECTED = json.loads((OPENDELTA / "expected.json").read_text(encoding="utf-8"))
 BACKBONE = OPENDELTA / "tiny-opt"
 DELTAS = ("adapter", "lora", "bitfit")
+WEIGHTS = "pytorch_model.bin"
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,75 @@ def test_unsupported_and_incomplete_opendelta_folders(tmp_path, capsys):
     torch.save({}, folder / "pytorch_model.bin")
     assert main(args) == 2
     assert "OpenDelta delta type 'prefix' cannot be imported" in capsys.readouterr().err
+
+
+def _broken_pickles(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
+    """pytorch_model.bin files torch.load cannot read, with (a substring of) the one line each must give; the
+    exception torch raises today is noted for each."""
+    import io
+    import pickle
+
+    good = (OPENDELTA / "opendelta-lora" / WEIGHTS).read_bytes()
+    marker = tmp_path / "payload-ran"
+    legacy = io.BytesIO()
+    torch.save({"x": Payload(marker)}, legacy, _use_new_zipfile_serialization=False)
+    unreadable = "not a readable torch checkpoint"
+    return {
+        "empty": (b"", f"{unreadable} (EOFError)"),  # torch: EOFError with no message
+        "one_byte": (b"\x80", f"{unreadable} (IndexError"),  # the issue's IndexError
+        "truncated": (good[:len(good) // 2], f"{unreadable} (OSError"),
+        "cut_at_the_end": (good[:-10], f"{unreadable} (OSError"),
+        "text": (b"not a checkpoint\n" * 8, f"{unreadable} (UnpicklingError: Unsupported operand 110)"),
+        "other_text": (b"hello\n", f"{unreadable} (KeyError"),
+        "plain_pickle_of_an_int": (pickle.dumps(5), f"{unreadable} (RuntimeError: Invalid magic number"),
+        "zip_without_a_pickle": (_zip_bytes({"archive/other.txt": b"x"}), f"{unreadable} (RuntimeError"),
+        "legacy_pickle_carrying_code": (legacy.getvalue(), "refused, the pickle holds code or objects other than "
+                                                           "tensors (io.open); it was not executed"),
+        # protocol 4's FRAME opcode is one the weights-only unpickler does not read: refused before the payload
+        "plain_pickle_carrying_code": (pickle.dumps({"x": Payload(marker)}),
+                                       f"{unreadable} (UnpicklingError: Unsupported operand 149)"),
+    }
+
+
+
+def _zip_bytes(entries: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_unreadable_pytorch_model_bins_are_one_line(tmp_path, capsys):
+    cases = _broken_pickles(tmp_path)
+    folder = tmp_path / "od"
+    folder.mkdir()
+    shutil.copy(OPENDELTA / "opendelta-lora" / "config.json", folder / "config.json")
+    for name, (data, expected) in cases.items():
+        (folder / WEIGHTS).write_bytes(data)
+        capsys.readouterr()
+        code = main(["--mode", "import_opendelta", "--import_path", str(folder), "--plm_path", str(BACKBONE),
+                     "--delta_save_path", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1, (name, err[-2000:])
+        assert errors[0].startswith(f"error: {folder / WEIGHTS}: {expected}"), (name, errors[0])
+        assert "Traceback" not in err and "Warning" not in err, name
+    assert not (tmp_path / "out").exists() and not (tmp_path / "payload-ran").exists()
+
+
+def test_a_code_carrying_training_state_is_refused_in_one_line(tmp_path):
+    # the resume state (training_state.pt) is a torch pickle too: the same reader refuses its payload
+    from optqa.checkpoints.format import RESUME_STATE_NAME, load_pickled_tensors
+    from optqa.errors import OptqaError
+
+    path = tmp_path / RESUME_STATE_NAME
+    torch.save({"train_state": {"epoch": 1}, "optimizer": Payload(tmp_path / "payload-ran")}, path)
+    with pytest.raises(OptqaError) as refused:
+        load_pickled_tensors(path)
+    assert str(refused.value) == (f"{path}: refused, the pickle holds code or objects other than tensors (io.open); "
+                                  "it was not executed")
+    assert "\n" not in str(refused.value) and not (tmp_path / "payload-ran").exists()

@@ -300,9 +300,8 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
     """
     import torch
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from optqa.checkpoints.format import build_manifest
+    from optqa.checkpoints.format import build_manifest, load_safetensors
     from optqa.deltas import is_delta_parameter
 
     adapter_config = read_adapter_config(folder)
@@ -320,7 +319,7 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
     check_base_model(adapter_config, config.plm_path, source, ignore_mismatch)
     config.delta_type = delta["delta_type"]
     model, backbone = build_model(config, delta_config=delta, template=text)
-    weights = load_file(str(folder / ADAPTER_WEIGHTS_NAME), device="cpu")
+    weights = load_safetensors(folder / ADAPTER_WEIGHTS_NAME)
     try:
         result = set_peft_model_state_dict(model.delta.model, weights)
     except RuntimeError as exc:  # shapes that do not fit this backbone

@@ -33,6 +33,8 @@ from optqa.checkpoints.format import (
     encode_manifest,
     read_manifest,
     verify_files,
+    write_failure,
+    write_failures_as_errors,
     write_folder_atomically,
 )
 from optqa.errors import OptqaError
@@ -46,10 +48,26 @@ BUNDLE_SUFFIX = ".optqa"
 BUNDLE_COMMENT = b"optqa delta bundle v1"
 # A manifest is a few kB; anything near this is not one and is not read into memory.
 MAX_MANIFEST_BYTES = 8 << 20
+# What a bundle may declare, checked against the zip's central directory before a byte is written (the limits
+# of zip-bomb defences such as Apache Commons Compress' and Python's own zipfile docs advise): a bundle holds a
+# manifest and a few delta files; a delta's weights are far below 4 GiB (LoRA r=64 on a 7B model: ~0.6 GB); optqa
+# writes its bundles uncompressed, and real weights deflate by 1-3x, so 100x is compression of nothing but a
+# bomb (small members, below 1 MiB, may compress better: a freshly zeroed LoRA B matrix).
+MAX_ENTRIES = 64
+MAX_MEMBER_BYTES = 4 << 30
+MAX_TOTAL_BYTES = 4 << 30
+MAX_RATIO = 100
+RATIO_FREE_BYTES = 1 << 20
 # Fixed timestamp: the same checkpoint always gives the same bundle bytes.
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 _CHUNK = 1 << 20
+# What zipfile raises for a damaged archive, beyond BadZipFile (found by flipping every byte of a bundle):
+# NotImplementedError for a "version needed" or flag it does not know, UnicodeDecodeError for a name flagged as
+# UTF-8 that is not, ValueError, EOFError and zlib.error for damaged headers and data, RuntimeError for a local
+# header flagged as encrypted.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError, ValueError, EOFError,
+               zlib.error, RuntimeError)
 
 
 def default_bundle_path(folder: str | Path) -> Path:
@@ -66,6 +84,10 @@ def write_bundle(folder: str | Path, bundle: str | Path) -> Path:
     The bundle holds the manifest and the files it lists; a resume folder's training state (a pickle) is left
     out, so a bundle never carries one. The written file is read back and verified before it is renamed
     into place.
+
+    Raises:
+        OptqaError: the checkpoint fails to verify, or the bundle could not be written (disk full, no
+            permission), in which case a bundle already at ``bundle`` is kept as it was.
     """
     folder, manifest = read_manifest(folder)
     verify_files(folder, manifest)
@@ -74,20 +96,21 @@ def write_bundle(folder: str | Path, bundle: str | Path) -> Path:
     bundle.parent.mkdir(parents=True, exist_ok=True)
     # beside the target (a rename across drives is not atomic), created exclusively with the usual permissions
     temp = bundle.with_name(f"{bundle.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
-    try:
-        with temp.open("xb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as archive:
-                archive.comment = bundle_comment()
-                _add_entry(archive, MANIFEST_NAME, manifest_bytes)
-                for name in sorted(kept):
-                    _add_entry(archive, name, (folder / name).read_bytes())
-            raw.flush()
-            os.fsync(raw.fileno())  # on disk before the rename makes it the bundle
-        with _extracted(temp):
-            pass  # read back through the same checks an importer applies
-        os.replace(temp, bundle)
-    finally:
-        temp.unlink(missing_ok=True)
+    with write_failures_as_errors(bundle, lambda: f"the previous bundle {bundle}" if bundle.is_file() else None):
+        try:
+            with temp.open("xb") as raw:
+                with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as archive:
+                    archive.comment = bundle_comment()
+                    _add_entry(archive, MANIFEST_NAME, manifest_bytes)
+                    for name in sorted(kept):
+                        _add_entry(archive, name, (folder / name).read_bytes())
+                raw.flush()
+                os.fsync(raw.fileno())  # on disk before the rename makes it the bundle
+            with _extracted(temp):
+                pass  # read back through the same checks an importer applies
+            os.replace(temp, bundle)
+        finally:
+            temp.unlink(missing_ok=True)
     return bundle
 
 
@@ -161,6 +184,9 @@ def check_entry_name(name: str) -> str | None:
 def _check_entries(bundle: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     entries: dict[str, zipfile.ZipInfo] = {}
     seen: set[str] = set()
+    if len(archive.infolist()) > MAX_ENTRIES:
+        raise OptqaError(f"bundle {bundle} refused: it has {len(archive.infolist()):,} entries, more than the "
+                         f"{MAX_ENTRIES} a bundle may hold")
     for info in archive.infolist():
         name = info.filename
         problem = check_entry_name(name)
@@ -178,7 +204,30 @@ def _check_entries(bundle: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.
             raise OptqaError(f"bundle {bundle} refused: entry {name!r} appears twice")
         seen.add(name.lower())
         entries[name] = info
+        _check_size(bundle, info)
+    declared = sum(info.file_size for info in entries.values())
+    if declared > MAX_TOTAL_BYTES:
+        raise OptqaError(f"bundle {bundle} refused: its entries declare {declared:,} bytes in all, more than the "
+                         f"{MAX_TOTAL_BYTES:,} a bundle may hold")
+    stored, size = sum(info.compress_size for info in entries.values()), bundle.stat().st_size
+    if stored > size:
+        raise OptqaError(f"bundle {bundle} refused: its entries declare {stored:,} stored bytes, the file has "
+                         f"{size:,}")
     return entries
+
+
+def _check_size(bundle: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse a member whose declared size is too large, or too large for the bytes that store it (a zip bomb)."""
+    name, size, stored = info.filename, info.file_size, info.compress_size
+    if size > MAX_MEMBER_BYTES:
+        raise OptqaError(f"bundle {bundle} refused: entry {name!r} declares {size:,} bytes, more than the "
+                         f"{MAX_MEMBER_BYTES:,} a bundle member may hold")
+    if info.compress_type == zipfile.ZIP_STORED and size != stored:
+        raise OptqaError(f"bundle {bundle} refused: entry {name!r} is stored uncompressed but declares {size:,} "
+                         f"bytes in {stored:,}")
+    if size > max(RATIO_FREE_BYTES, stored * MAX_RATIO):
+        raise OptqaError(f"bundle {bundle} refused: entry {name!r} would expand {stored:,} bytes into {size:,} "
+                         f"(more than {MAX_RATIO}x: a zip bomb, not a delta)")
 
 
 def _read_bundle_manifest(bundle: Path, archive: zipfile.ZipFile,
@@ -227,34 +276,48 @@ def _stream(bundle: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit
                 if total > limit:
                     raise OptqaError(f"bundle {bundle} refused: {info.filename} is larger than declared")
                 yield block
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+    except _ZIP_ERRORS as exc:
         raise OptqaError(f"integrity check failed: {info.filename} in bundle {bundle} is damaged ({exc})") from None
 
 
-def _extract_verified(bundle: Path, target: Path) -> dict[str, Any]:
-    """Check ``bundle`` fully, then stream its files into the existing empty folder ``target``."""
+def _extract_verified(bundle: Path, target: Path, hint: str = "") -> dict[str, Any]:
+    """Check ``bundle`` fully, then stream its files into the existing empty folder ``target``.
+
+    ``hint`` ends the line for a write the file system refused (what to do about a full temporary folder).
+    """
     if not bundle.is_file():
         raise OptqaError(f"no bundle at {bundle}")
     if not zipfile.is_zipfile(bundle):
         raise OptqaError(f"{bundle} is not an optqa bundle (not a zip file) and not a checkpoint folder")
     try:
         archive = zipfile.ZipFile(bundle)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise OptqaError(f"{bundle} is not a readable bundle ({exc})") from None
+    except _ZIP_ERRORS as exc:
+        raise OptqaError(f"{bundle} is not a readable bundle ({type(exc).__name__}: {exc})") from None
     root = target.resolve()
     with archive:
         entries = _check_entries(bundle, archive)
         manifest = _read_bundle_manifest(bundle, archive, entries)
+        needed, free = sum(info.file_size for info in entries.values()), shutil.disk_usage(root).free
+        if needed > free:
+            raise OptqaError(f"could not extract bundle {bundle}: its files need {needed:,} bytes, {root} has "
+                             f"{free:,} free; nothing was written{hint}")
         for name in [MANIFEST_NAME, *sorted(manifest["files"])]:
             destination = (root / name).resolve()
             if destination.parent != root:  # unreachable after check_entry_name; kept as the last line of defence
                 raise OptqaError(f"bundle {bundle} refused: entry {name!r} would be written outside {root}")
             digest = hashlib.sha256()
             limit = MAX_MANIFEST_BYTES if name == MANIFEST_NAME else manifest["files"][name]["bytes"]
-            with destination.open("xb") as out:
-                for block in _stream(bundle, archive, entries[name], limit):
-                    digest.update(block)
-                    out.write(block)
+            try:
+                with destination.open("xb") as out:
+                    for block in _stream(bundle, archive, entries[name], limit):
+                        digest.update(block)
+                        out.write(block)
+            except OSError as exc:
+                reason = write_failure(exc)
+                if reason is None:
+                    raise
+                raise OptqaError(f"could not extract bundle {bundle}: writing {destination} failed: {reason}"
+                                 f"{hint}") from None
             expected = None if name == MANIFEST_NAME else manifest["files"][name].get("sha256")
             if expected is not None and digest.hexdigest() != expected:
                 raise OptqaError(f"integrity check failed: {name} in bundle {bundle} has SHA-256 "
@@ -267,7 +330,8 @@ def _extract_verified(bundle: Path, target: Path) -> dict[str, Any]:
 def _extracted(bundle: Path) -> Iterator[Path]:
     temp = Path(tempfile.mkdtemp(prefix="optqa-bundle-"))
     try:
-        _extract_verified(bundle, temp)
+        _extract_verified(bundle, temp, f"; the bundle is unchanged: make room in {temp.parent} or set TMPDIR to "
+                                        "a folder with room")
         yield temp
     finally:
         # a mapped weights file can still be open on Windows; leftovers in the temp dir must not fail a load

@@ -9,19 +9,22 @@ place and swapped in by renames, so a killed save never damages the checkpoint t
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import stat
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: --mode inspect never needs it
     import torch
@@ -129,34 +132,93 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     An existing folder is replaced only if it is empty, holds a manifest, or holds nothing but names the new
     version writes too: a mistyped path can never wipe out an unrelated folder. A README.md in it is carried
     over (unlisted, so never read by a loader): the repository's default save folders hold one.
+
+    Raises:
+        OptqaError: the folder holds something else, or the disk refused a write (full, read-only, no
+            permission): one line saying the previous checkpoint is intact (``<folder>.partial`` is removed).
     """
     folder = Path(folder).resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
     previous = folder.with_name(folder.name + PREVIOUS_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        write(partial)
-        if folder.exists():
-            _check_replaceable(folder, {p.name for p in partial.iterdir()})
-            for name in KEPT_NAMES:
-                if (folder / name).is_file() and not (partial / name).exists():
-                    shutil.copyfile(folder / name, partial / name)
-        _sync_folder(partial)
-        if folder.exists():
-            if previous.exists() and (folder / MANIFEST_NAME).is_file():
-                _rmtree(previous)
-            if not previous.exists():
-                _rename(folder, previous)
-            else:  # folder is an incomplete leftover and previous the last complete version: keep the latter
-                _rmtree(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+
+    def intact() -> str | None:
+        kept = resolve_folder(folder)
+        return f"the previous checkpoint in {kept}" if (kept / MANIFEST_NAME).is_file() else None
+
+    with write_failures_as_errors(folder, intact):
+        try:
+            partial.mkdir()
+            write(partial)
+            if folder.exists():
+                _check_replaceable(folder, {p.name for p in partial.iterdir()})
+                for name in KEPT_NAMES:
+                    if (folder / name).is_file() and not (partial / name).exists():
+                        shutil.copyfile(folder / name, partial / name)
+            _sync_folder(partial)
+            if folder.exists():
+                if previous.exists() and (folder / MANIFEST_NAME).is_file():
+                    _rmtree(previous)
+                if not previous.exists():
+                    _rename(folder, previous)
+                else:  # folder is an incomplete leftover and previous the last complete version: keep the latter
+                    _rmtree(folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # also gives a full disk its space back at once
+            raise
     _rename(partial, folder)
     shutil.rmtree(previous, ignore_errors=True)
     return folder
+
+
+# disk full, quota exceeded, read-only, no permission, I/O error, file too large: the place refuses the write
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why writing failed, as a short reason, when ``exc`` is the file system refusing a write (disk full,
+    quota, no permission, read-only); None for anything else (a bug keeps its traceback).
+
+    safetensors reports an OS error as a ``SafetensorError`` ("I/O error: No space left on device (os error 28)";
+    before 0.5 "IoError(Os { code: 28, ... })") and torch.save as a ``RuntimeError("[enforce fail at
+    inline_container.cc:...] ...")`` without the OS's reason: neither is an OSError, so both are recognised by
+    their text.
+    """
+    if isinstance(exc, OSError):
+        return f"{exc.strerror} (errno {exc.errno})" if exc.errno in _WRITE_ERRNOS else None
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError":
+        match = re.search(r"(?:os error |code: )(\d+)", text)
+        if match and int(match.group(1)) in _WRITE_ERRNOS:
+            return f"{os.strerror(int(match.group(1)))} (errno {match.group(1)})"
+    if isinstance(exc, RuntimeError) and "inline_container.cc" in text and "Reader" not in text:
+        return "torch.save could not write its file (it gives no reason; is the disk full?)"
+    return None
+
+
+@contextlib.contextmanager
+def write_failures_as_errors(target: Path, intact: Callable[[], str | None]) -> Iterator[None]:
+    """Turn a write the file system refuses inside the block (:func:`write_failure`) into one line; anything else
+    passes through unchanged.
+
+    Args:
+        target: what could not be written.
+        intact: called after the failure: what is still there unchanged (``"the previous bundle x.optqa"``), or
+            None when nothing was there.
+
+    Raises:
+        OptqaError: ``could not write <target>: <reason>; <intact> is intact`` (or ``nothing was replaced``).
+    """
+    try:
+        yield
+    except BaseException as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        kept = intact()
+        raise OptqaError(f"could not write {target}: {reason}; "
+                         + (f"{kept} is intact" if kept else "nothing was replaced")) from None
 
 
 def _rename(source: Path, target: Path) -> None:
@@ -456,8 +518,6 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """Verify a checkpoint folder and read its weights (CPU tensors, no pickle involved)."""
-    from safetensors.torch import load
-
     folder, manifest = read_manifest(path)
     verify_files(folder, manifest)
     # parsed from the very bytes that are hashed here: nothing can change in between, and no memory map
@@ -465,9 +525,92 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, t
     data = (folder / WEIGHTS_NAME).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["files"][WEIGHTS_NAME]["sha256"]:
         raise OptqaError(f"integrity check failed: {folder / WEIGHTS_NAME} changed while it was being read")
-    state = load(data)
+    state = load_safetensors(folder / WEIGHTS_NAME, data)
     log.info("integrity check passed: %s (%d files, SHA-256 verified)", folder, len(manifest["files"]))
     return folder, manifest, state
+
+
+# The safetensors dtypes safetensors.torch turns into tensors (its _TYPES, without complex numbers): safetensors
+# reads more (F4, F6_E2M3, F8_E8M0, ...), and safetensors.torch.load then ends in a KeyError.
+LOADABLE_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64", "I64",
+                             "F64", "F8_E4M3", "F8_E5M2"})
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """The tensors a safetensors file declares, ``{name: (dtype, shape)}``, without reading them or importing torch.
+
+    safetensors itself parses and checks the header (its length, JSON, a string map as ``__metadata__``, known
+    dtypes, offsets that cover the data exactly once and sizes that match the shapes): its errors are clear but
+    are not OptqaErrors, so each becomes one line here. A dtype torch cannot hold is refused too.
+
+    Raises:
+        OptqaError: ``<path>: not a valid safetensors file (<reason>)``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:  # numpy: reading the header needs no torch
+            tensors = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape())
+                       for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OptqaError(f"{path}: not a valid safetensors file ({reason})") from None
+    for name, (dtype, _) in tensors.items():
+        if dtype not in LOADABLE_DTYPES:
+            raise OptqaError(f"{path}: not a valid safetensors file (tensor {name!r} has dtype {dtype}, which "
+                             "torch cannot load)")
+    return tensors
+
+
+def load_safetensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on the CPU; ``data``: its bytes, already read (and hash-checked) by the caller.
+
+    The header is checked first (:func:`safetensors_header`), so a malformed file is one line, never torch's.
+
+    Raises:
+        OptqaError: a malformed file, naming it and the reason.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    safetensors_header(path)
+    try:
+        return load(Path(path).read_bytes() if data is None else data)
+    except (SafetensorError, KeyError) as exc:  # only if the file changed after its header was checked
+        raise OptqaError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def load_pickled_tensors(path: Path) -> Any:
+    """A torch pickle (``pytorch_model.bin``, ``training_state.pt``) through torch's weights-only unpickler, on the
+    CPU: tensors and plain containers are rebuilt, anything else is refused, so a pickle carrying code is
+    reported, never run.
+
+    torch.load's parser fails on a damaged file with whatever its code hit (EOFError for 0 bytes, IndexError,
+    KeyError, OSError, RuntimeError, UnicodeDecodeError, ...), so every exception of a load becomes one line.
+
+    Raises:
+        OptqaError: ``<path>: refused, the pickle holds code ... (<the global it names>)`` or ``<path>: not a
+            readable torch checkpoint (<exception>: <reason>)``.
+    """
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about legacy formats on the way to its refusal
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - see above: a damaged file can raise anything
+        text = str(exc)
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if named:  # the weights-only unpickler met a class or function to call: what a payload needs
+            raise OptqaError(f"{path}: refused, the pickle holds code or objects other than tensors "
+                             f"({named.group(1)}); it was not executed") from None
+        # torch's long advice on weights_only is about trusted files: only its specific line is kept
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+        raise OptqaError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}"
+                         + (f": {reason[:200]}" if reason else "") + "); nothing in it was executed") from None
 
 
 def check_backbone(manifest: dict[str, Any], identity: dict[str, Any], fingerprint: str,

@@ -3,33 +3,23 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
 from optqa.checkpoints.bundle import open_source, read_bundle_comment
-from optqa.checkpoints.format import MANIFEST_HASH_KEY, SHAPE_KEYS, WEIGHTS_NAME, read_manifest, verify_files
+from optqa.checkpoints.format import (MANIFEST_HASH_KEY, SHAPE_KEYS, WEIGHTS_NAME, read_manifest, safetensors_header,
+                                     verify_files)
 from optqa.config import RunConfig
-from optqa.errors import OptqaError
 
 
 # The training settings that change what a delta learns (the rest are paths and switches).
 def safetensors_summary(path: Path) -> dict[str, Any]:
-    """Tensor count, parameter count and dtypes from a safetensors header, without reading the tensors."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if not 0 < length <= size - 8:
-            raise OptqaError(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise OptqaError(f"{path}: not a safetensors file (unreadable header)") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    return {"bytes": size, "tensors": len(tensors),
-            "parameters": sum(math.prod(v["shape"]) for v in tensors.values()),
-            "dtypes": sorted({v["dtype"] for v in tensors.values()}), "names": sorted(tensors)}
+    """Tensor count, parameter count and dtypes from a safetensors header, without reading the tensors; the header
+    is checked as loading checks it, so a file that cannot load is never reported as OK."""
+    tensors = safetensors_header(path)
+    return {"bytes": path.stat().st_size, "tensors": len(tensors),
+            "parameters": sum(math.prod(shape) for _, shape in tensors.values()),
+            "dtypes": sorted({dtype for dtype, _ in tensors.values()}), "names": sorted(tensors)}
 
 
 def inspect_checkpoint(path: str | Path) -> list[str]:

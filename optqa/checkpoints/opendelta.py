@@ -14,11 +14,10 @@ Key mapping (checked against genuine OpenDelta 0.3.2 checkpoints, tests/fixtures
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
-from optqa.checkpoints.format import read_config_json
+from optqa.checkpoints.format import load_pickled_tensors, read_config_json
 from optqa.config import RunConfig
 from optqa.errors import OptqaError
 
@@ -42,15 +41,7 @@ def read_opendelta(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], 
     if config["delta_type"] not in IMPORTABLE:
         raise OptqaError(f"{config_path}: OpenDelta delta type {config['delta_type']!r} cannot be imported "
                          f"(optqa imports {', '.join(IMPORTABLE)})")
-    try:
-        state = torch.load(weights_path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()
-        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
-        raise OptqaError(f"{weights_path}: refused, the pickle holds code or objects other than tensors; it was "
-                         f"not executed ({detail.strip()})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise OptqaError(f"{weights_path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
+    state = load_pickled_tensors(weights_path)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise OptqaError(f"{weights_path}: expected a state dict of named tensors")

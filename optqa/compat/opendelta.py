@@ -169,15 +169,25 @@ def _raw_file(path: str | Path) -> Path:
 
 def save_raw(delta: DeltaModel, path: str | Path) -> Path:
     """The delta's tensors (with a bound template's soft tokens) as one safetensors file, no manifest: a
-    folder path gets ``delta_model.safetensors`` inside it. Returns the file."""
+    folder path gets ``delta_model.safetensors`` inside it. Returns the file.
+
+    Raises:
+        OptqaError: the file could not be written (disk full, no permission); the previous one is kept.
+    """
     from safetensors.torch import save_file
+
+    from optqa.checkpoints.format import write_failures_as_errors
 
     state, _, _ = _state_and_settings(delta)
     target = _raw_file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(partial))
-    os.replace(partial, target)  # a killed save leaves the previous file whole
+    with write_failures_as_errors(target, lambda: f"the previous file {target}" if target.is_file() else None):
+        try:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(partial))
+            os.replace(partial, target)  # a killed save leaves the previous file whole
+        finally:
+            partial.unlink(missing_ok=True)
     return target
 
 
@@ -185,14 +195,14 @@ def load_raw(delta: DeltaModel, path: str | Path) -> None:
     """Load what :func:`save_raw` wrote back into ``delta`` (and its bound template).
 
     Raises:
-        OptqaError: a missing file or tensors that do not fit this delta.
+        OptqaError: a missing or malformed file, or tensors that do not fit this delta.
     """
-    from safetensors.torch import load
+    from optqa.checkpoints.format import load_safetensors
 
     source = _raw_file(path)
     if not source.is_file():
         raise OptqaError(f"load_checkpoint: no raw delta at {source}")
-    state = load(source.read_bytes())
+    state = load_safetensors(source)
     prompt = delta.__dict__.get("_prompt_model")
     load_delta_state(prompt if prompt is not None else _layout(delta), state, str(source))
 
