@@ -186,6 +186,10 @@ class PromptForGeneration(nn.Module):
                              f"{dtype} autocast does not apply to it")
         self._autocast_dtype = dtype
 
+    # the first cast may happen while answering, inside generate_answers' inference_mode: tensors made there
+    # are inference tensors, which a later training step cannot save for backward (a run resumed at an
+    # epoch's end scores dev before its next step); made here, outside it, they serve both
+    @torch.inference_mode(False)
     def _store_frozen_weights_as(self, dtype: torch.dtype) -> None:
         """Keep the frozen Linear weights in the autocast dtype.
 

@@ -101,3 +101,23 @@ def test_resume_without_a_saved_run_is_refused(one_torch_thread, tiny_opt, memor
     assert _cli_errors(capsys, argv) == (2, [
         f"error: --resume: no interrupted run to continue in {tmp_path / 'raw_delta_ckpts' / RESUME_DIR_NAME} "
         "(check --raw_delta_save_path)"])
+
+
+def test_bf16_run_stopped_at_an_epochs_end_resumes(one_torch_thread, tiny_opt, memory_data, tmp_path):
+    # 4 steps an epoch and a resume state every 4: stopped right after the save at epoch 1's last step, the resumed
+    # run starts by scoring dev (inside inference_mode) before its first training step. The bf16 path casts the
+    # frozen weights on their first use, then in inference mode: those tensors could not be saved for backward.
+    # --precision bf16 takes that path on any CPU (native bf16 or not).
+    settings = ("--delta_type", "lora", "--batch_size", "2", "--train_epochs", "2", "--save_steps", "4",
+                "--precision", "bf16", "--max_new_tokens", "2")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    train_in_process(tiny_opt, memory_data, whole, *settings)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(tiny_opt, memory_data, stopped, *settings, on_step=stop_at(4))
+    assert [row["step"] for row in _rows(_run_folder(stopped) / "train_loss.jsonl")] == [1, 2, 3, 4]
+    assert not (_run_folder(stopped) / "metrics.jsonl").exists()  # stopped before epoch 1's dev scores
+    train_in_process(tiny_opt, memory_data, stopped, *settings, "--resume")
+    assert _rows(_run_folder(stopped) / "train_loss.jsonl") == _rows(_run_folder(whole) / "train_loss.jsonl")
+    assert _rows(_run_folder(stopped) / "metrics.jsonl")[:2] == _rows(_run_folder(whole) / "metrics.jsonl")[:2]
+    a, b = _weights(whole), _weights(stopped)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
