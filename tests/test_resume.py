@@ -141,6 +141,17 @@ def _saved_step(resume: Path) -> int:
     return torch.load(folder / RESUME_STATE_NAME, weights_only=True)["train_state"]["global_step"]
 
 
+def _stopped_writing(capsys, argv: list[str], what: str, path: Path, reason: str, resume: Path, step: int) -> str:
+    """``python -m optqa ARGV`` stops with status 2 and one line: ``what`` could not be written to ``path`` for
+    ``reason``, the resume state of ``step`` is intact, and the command that continues; returns the line."""
+    status, errors = _cli_errors(capsys, argv)
+    assert (status, errors) == (2, [
+        f"error: could not write {what} ({path}): {reason}; the last complete resume state (optimiser step {step}) "
+        f"in {resume} is intact; continue from the last saved state with: python -m optqa "
+        f"{shlex.join([*argv, '--resume'])}"])
+    return errors[0]
+
+
 def _continues(capsys, caplog, error: str, step: int) -> None:
     """The command at the end of ``error`` continues the run from ``step`` to its end."""
     command = shlex.split(error.split(" with: ", 1)[1])
@@ -171,17 +182,13 @@ def test_a_full_disk_while_saving_the_resume_state_says_how_to_continue(one_torc
 
     monkeypatch.setattr(training, "_write_training_state", full_disk)
     monkeypatch.setattr(training.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))  # 4 KiB left
-    argv = train_args(tiny_opt, memory_data, tmp_path, *QUICK)
-    status, errors = _cli_errors(capsys, argv)
     resume = tmp_path / "raw_delta_ckpts" / RESUME_DIR_NAME
-    assert (status, errors) == (2, [
-        f"error: could not write the resume state ({resume}): {reason}; the last complete resume state "
-        f"(optimiser step 1) in {resume} is intact; continue from the last saved state with: python -m optqa "
-        f"{shlex.join([*argv, '--resume'])}"])
+    error = _stopped_writing(capsys, train_args(tiny_opt, memory_data, tmp_path, *QUICK), "the resume state", resume,
+                             reason, resume, step=1)
     assert _saved_step(resume) == 1  # the state before, whole; the half-written one is gone
     assert sorted(p.name for p in resume.parent.iterdir()) == [RESUME_DIR_NAME]
     monkeypatch.undo()
-    _continues(capsys, caplog, errors[0], step=1)
+    _continues(capsys, caplog, error, step=1)
 
 
 def test_a_full_disk_at_the_first_save_says_to_start_again(one_torch_thread, tiny_opt, memory_data, tmp_path,
@@ -209,17 +216,13 @@ def test_a_full_disk_at_the_final_save_keeps_the_resume_state(one_torch_thread, 
         return save(folder, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
-    argv = train_args(tiny_opt, memory_data, tmp_path, *QUICK)
-    status, errors = _cli_errors(capsys, argv)
-    resume = tmp_path / "raw_delta_ckpts" / RESUME_DIR_NAME
-    assert (status, errors) == (2, [
-        f"error: could not write the final checkpoint ({final}): Error while serializing: I/O error: No space left "
-        f"on device (os error 28); the last complete resume state (optimiser step 4) in {resume} is intact; "
-        f"continue from the last saved state with: python -m optqa {shlex.join([*argv, '--resume'])}"])
+    error = _stopped_writing(capsys, train_args(tiny_opt, memory_data, tmp_path, *QUICK), "the final checkpoint",
+                             final, "Error while serializing: I/O error: No space left on device (os error 28)",
+                             tmp_path / "raw_delta_ckpts" / RESUME_DIR_NAME, step=4)
     assert not final.exists()
     monkeypatch.undo()
     caplog.set_level(logging.INFO)
-    command = shlex.split(errors[0].split(" with: ", 1)[1])
+    command = shlex.split(error.split(" with: ", 1)[1])
     assert main(command[3:]) == 0
     assert "already finished its 1 epochs; scoring and saving its best delta" in caplog.text
     assert (final / WEIGHTS_NAME).is_file()
