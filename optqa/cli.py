@@ -122,7 +122,9 @@ def _run(argv: list[str]) -> int:
         check_run(config, explicit)
         return globals()[f"{config.mode}_mode"](config, explicit) or 0  # every mode in MODES has one (test_layout)
     except OptqaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # a training run stopped by a failed write (optqa.run.training.RunNotSaved) says how to continue it
+        hint = f"; {continue_hint(argv)}" if getattr(exc, "resumable", False) else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted_message(argv), file=sys.stderr)
@@ -143,8 +145,18 @@ def interrupted_message(argv: list[str]) -> str:
     if not (state / MANIFEST_NAME).is_file():
         return (f"interrupted before any resume state was saved in {state}; start again with the same command "
                 f"(state is saved every --save_steps {config.save_steps} steps and at each epoch end)")
+    return f"interrupted; {continue_hint(argv)}"
+
+
+def continue_hint(argv: list[str]) -> str:
+    """How a training run given ``argv`` continues: the exact ``--resume`` command once a resume state exists."""
+    config, _ = parse_args(argv)
+    from optqa.checkpoints.format import MANIFEST_NAME, RESUME_DIR_NAME, resolve_folder
+
+    if not (resolve_folder(Path(config.raw_delta_save_path) / RESUME_DIR_NAME) / MANIFEST_NAME).is_file():
+        return "start again with the same command"
     again = argv if config.resume else [*argv, "--resume"]
-    return f"interrupted; continue from the last saved state with: python -m optqa {shlex.join(again)}"
+    return f"continue from the last saved state with: python -m optqa {shlex.join(again)}"
 
 
 def configure_logging() -> None:

@@ -76,6 +76,10 @@ def _gathered_root(model):
     """The root shard group (embeddings, head, soft prompt, prefix) gathered while generate runs: generate
     enters the backbone below the root's forward, which would otherwise gather it. The decoder layers
     gather themselves step by step."""
+    # FSDP2 settles which module is its root on the first forward (lazy init); answering before any training
+    # step (a run resumed at an epoch's end scores dev first) would make each decoder layer its own root, and
+    # the next training step fail ("FSDP state has already been lazily initialized"). No public call does it.
+    model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield
@@ -186,6 +190,10 @@ class PromptForGeneration(nn.Module):
                              f"{dtype} autocast does not apply to it")
         self._autocast_dtype = dtype
 
+    # the first cast may happen while answering, inside generate_answers' inference_mode: tensors made there
+    # are inference tensors, which a later training step cannot save for backward (a run resumed at an
+    # epoch's end scores dev before its next step); made here, outside it, they serve both
+    @torch.inference_mode(False)
     def _store_frozen_weights_as(self, dtype: torch.dtype) -> None:
         """Keep the frozen Linear weights in the autocast dtype.
 
@@ -354,7 +362,6 @@ class PromptForGeneration(nn.Module):
                       self._cache_arg: cache}
         return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
 
-    @torch.inference_mode()
     def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False,
                          logits_processor=None, return_ids: bool = False):
         """Greedy answers for a left-padded batch; each row stops at its own eos.
@@ -374,7 +381,10 @@ class PromptForGeneration(nn.Module):
         eos = self.tokenizer.eos_token_id
         input_ids = batch["input_ids"].to(self.device)
         sharded = is_sharded(self)
-        with self._running(batch), _gathered_root(self) if sharded else contextlib.nullcontext():
+        # no_grad, not inference_mode, under FSDP2: the buffers it gathers layers into outlive this call and
+        # training reuses them, which it cannot do with tensors made in inference mode
+        no_grad = torch.no_grad() if sharded else torch.inference_mode()
+        with no_grad, self._running(batch), _gathered_root(self) if sharded else contextlib.nullcontext():
             new_ids = self._greedy(input_ids, batch["attention_mask"].to(self.device),
                                    max_new_tokens or self.max_new_tokens, synced=sharded,
                                    logits_processor=logits_processor)

@@ -194,6 +194,27 @@ def test_two_process_run_resumes_exactly(tiny_opt, memory_data, tmp_path, shardi
     assert step_losses(run) == step_losses(next((whole / "runs").iterdir()))
 
 
+def test_fsdp_run_stopped_at_an_epochs_end_scores_dev_then_trains_on(tiny_opt, memory_data, tmp_path,
+                                                                     one_process_run):
+    # one optimiser step an epoch: --max_steps 1 ends epoch 1, and its resume state is turned back into the one
+    # saved at that step before dev was scored (what a kill right then leaves): the resumed run scores dev first,
+    # in inference mode, where FSDP2 allocates the buffers it gathers the layers into; training then reuses them
+    torchrun(train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS, "--fsdp", "--max_steps", "1"))
+    resume = tmp_path / "raw_delta_ckpts" / ckpt.RESUME_DIR_NAME
+    _, manifest, delta = ckpt.read_checkpoint(resume)
+    blob = torch.load(resume / ckpt.RESUME_STATE_NAME, weights_only=True)
+    (run,) = (tmp_path / "runs").iterdir()
+    blob["train_state"].update(epoch=0, batches_done=2, epoch_losses=step_losses(run), history=[], best_epoch=-1,
+                               best_dev={})
+    ckpt.save_checkpoint(resume, delta, manifest, lambda folder: torch.save(blob, folder / ckpt.RESUME_STATE_NAME))
+    done = torchrun(train_args(tiny_opt, memory_data, tmp_path, *SPLIT_FLAGS, "--fsdp", "--resume"))
+    assert "resuming at epoch 1, batch 2 (optimiser step 1)" in done.stderr
+    assert_same_delta(final_delta(tmp_path), final_delta(one_process_run[0]), atol=2e-4)
+    assert step_losses(run) == pytest.approx(step_losses(Path(one_process_run[1].run_dir)), abs=1e-4)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row.get("epoch", row.get("split")) for row in metrics] == [1, 2, 3, "test"]
+
+
 def test_fsdp_in_one_process_warns_and_trains_unsharded(tiny_opt, memory_data, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         train_in_process(tiny_opt, memory_data, tmp_path, *EXACT, "--fsdp", "--train_epochs", "1")

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
 import random
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -54,6 +56,14 @@ class TrainState:
     history: list = field(default_factory=list)  # one metrics row per finished epoch
     epoch_losses: list = field(default_factory=list)  # losses of the epoch in progress
     run_dir: str = ""
+
+
+class RunNotSaved(OptqaError):
+    """A file of the run could not be written (a full disk, a folder gone read-only): the run stops here, and
+    ``--resume`` continues it from its last complete resume state once the file can be written. The command
+    line adds the exact command (``optqa.cli``); the message says what was not written and what is intact."""
+
+    resumable = True
 
 
 @dataclass
@@ -123,7 +133,14 @@ class TrainingRecipe:
         self.setup_run_folder()
         with quiet_fsdp_views():
             self.train()
-            return self.finish()
+            summary = self.finish()
+        # the process group this run started ends with it, while the interpreter is whole: gloo's worker threads
+        # are joined here. Left to interpreter shutdown, a worker still releasing its last collective's work
+        # could touch Python as it was torn down and abort the process now and then under load ("terminate
+        # called without an active exception", exit -6; pytorch#65513). Only after a run that ended well: after
+        # an error another process may still wait in a collective, which this would wait for.
+        self.accelerator.end_training()
+        return summary
 
     # ------------------------------------------------------------------------------------------------ set-up
 
@@ -221,13 +238,16 @@ class TrainingRecipe:
             self.state = _load_resume(self.resume_dir, config, self.template_text, self.model, self.optimizer,
                                       self.scheduler, self.backbone, self.accelerator)
         state = self.state
-        if state.run_dir:
-            self.run_folder = RunFolder(Path(state.run_dir), self.main)
-            self.run_folder.trim_logs(state.global_step, len(state.history))
-        else:
-            self.run_folder = RunFolder.create(config.output_dir, "train", self.main)
-        state.run_dir = str(self.run_folder.path.resolve())
-        self.run_folder.write_config(config)
+        # the optimiser step of the last complete resume state on disk (None: none yet), for RunNotSaved
+        self.saved_step = state.global_step if config.resume else None
+        with self.writing("the run folder", Path(state.run_dir or config.output_dir)):
+            if state.run_dir:
+                self.run_folder = RunFolder(Path(state.run_dir), self.main)
+                self.run_folder.trim_logs(state.global_step, len(state.history))
+            else:
+                self.run_folder = RunFolder.create(config.output_dir, "train", self.main)
+            state.run_dir = str(self.run_folder.path.resolve())
+            self.run_folder.write_config(config)
         self.manifest_base = dict(delta_config=self.model.delta.config.to_dict(), template_text=self.template_text,
                                   backbone=self.backbone, hyperparameters=config.to_dict(),
                                   trainable_parameters=self.model.num_trainable_parameters())
@@ -271,7 +291,7 @@ class TrainingRecipe:
             step_rows.append({"step": state.global_step, "epoch": epoch + 1, "loss": round(value, 6)})
             progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
             if config.save_steps and state.global_step % config.save_steps == 0:
-                self.run_folder.append(STEPS_NAME, step_rows)
+                self.append_log(STEPS_NAME, step_rows)
                 step_rows = []
                 self.save_resume_state()
             self.on_step(state.global_step)
@@ -279,7 +299,7 @@ class TrainingRecipe:
                 stopped = True
                 break
         progress.close()
-        self.run_folder.append(STEPS_NAME, step_rows)
+        self.append_log(STEPS_NAME, step_rows)
         return stopped
 
     def evaluate_and_keep_best(self, epoch: int) -> None:
@@ -293,17 +313,20 @@ class TrainingRecipe:
         row = {"epoch": epoch + 1, "train_loss": round(sum(losses) / len(losses), 6) if losses else None,
                "dev_f1": dev_metrics["f1"], "dev_em": dev_metrics["em"], "step": state.global_step}
         state.history.append(row)
-        self.run_folder.append(METRICS_NAME, [row])
+        self.append_log(METRICS_NAME, [row])
         log.info("epoch %d: train loss %s, dev F1 %.2f, EM %.2f", epoch + 1, row["train_loss"], row["dev_f1"],
                  row["dev_em"])
         # ties go to the later epoch: with equal dev F1 the more trained delta is the better bet
         if dev_metrics["f1"] >= state.best_dev.get("f1", -1.0):
             state.best_epoch, state.best_dev = epoch + 1, dev_metrics
             self.best_state = {k: v.clone() for k, v in self.model.delta_state_dict().items()}
-            self.run_folder.write_predictions("dev", dev_rows)
+            best = self.raw_root / ckpt.BEST_DIR_NAME
+            with self.writing("the dev predictions", self.run_folder.path):
+                self.run_folder.write_predictions("dev", dev_rows)
             if self.main:
-                ckpt.save_checkpoint(self.raw_root / ckpt.BEST_DIR_NAME, self.best_state, ckpt.build_manifest(
-                    **self.manifest_base, metrics={"best_epoch": state.best_epoch, "dev": dev_metrics}))
+                with self.writing("the best epoch's delta", best):
+                    ckpt.save_checkpoint(best, self.best_state, ckpt.build_manifest(
+                        **self.manifest_base, metrics={"best_epoch": state.best_epoch, "dev": dev_metrics}))
 
     def save_resume_state(self) -> None:
         """The delta, AdamW, the schedule, every process's RNG and the position, for ``--resume``."""
@@ -316,7 +339,32 @@ class TrainingRecipe:
         extra = partial(_write_training_state, state=self.state, optimizer_state=optimiser_state,
                         scheduler=self.scheduler, rngs=rngs)
         manifest = ckpt.build_manifest(**self.manifest_base, metrics={"history": self.state.history})
-        ckpt.save_checkpoint(self.resume_dir, delta, manifest, extra)
+        # written beside and renamed into place (save_checkpoint): a failed write leaves the last state whole
+        with self.writing("the resume state", self.resume_dir):
+            ckpt.save_checkpoint(self.resume_dir, delta, manifest, extra)
+        self.saved_step = self.state.global_step
+
+    def append_log(self, name: str, rows: list[dict]) -> None:
+        """Append rows to a jsonl log of the run folder; a failed write is a ``RunNotSaved``."""
+        with self.writing(f"the log {name}", self.run_folder.path):
+            self.run_folder.append(name, rows)
+
+    @contextlib.contextmanager
+    def writing(self, what: str, path: Path):
+        """Within the block, a failed write (``OSError``; torch's ``RuntimeError`` and safetensors' error, which
+        carry the OS's) is a ``RunNotSaved`` naming ``what`` and ``path``, the reason, and the last complete
+        resume state. Only file writing runs in these blocks, so no computing error is taken for a write's."""
+        from safetensors import SafetensorError
+
+        try:
+            yield
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            if self.saved_step is None:
+                kept = "no resume state was saved yet"
+            else:
+                kept = (f"the last complete resume state (optimiser step {self.saved_step}) in {self.resume_dir} "
+                        "is intact")
+            raise RunNotSaved(f"could not write {what} ({path}): {_write_failure(exc, path)}; {kept}") from exc
 
     # ------------------------------------------------------------------------------------------------- finish
 
@@ -330,19 +378,24 @@ class TrainingRecipe:
         with int8_while_scoring(self.model, self.scoring):
             test_metrics, test_rows = evaluate(self.model, self.test_set, config.eval_batch_size, "test",
                                                self.accelerator)
-        self.run_folder.write_predictions("test", test_rows)
+        with self.writing("the test predictions", self.run_folder.path):
+            self.run_folder.write_predictions("test", test_rows)
         truncated = {name: sum(e.truncated for e in encoded)
                      for name, encoded in (("train", self.train_set), ("dev", self.dev_set), ("test", self.test_set))}
-        self.run_folder.append(METRICS_NAME, [{
+        self.append_log(METRICS_NAME, [{
             "split": "test", "best_epoch": state.best_epoch, "test_f1": test_metrics["f1"],
             "test_em": test_metrics["em"], "dev_f1": state.best_dev["f1"], "dev_em": state.best_dev["em"],
             "truncated": truncated, "quantize": self.scoring}])
         metrics = {"best_epoch": state.best_epoch, "dev": state.best_dev, "test": test_metrics,
                    "history": state.history}
         final = Path(config.delta_save_path)
+        plot = None
         if self.main:
-            ckpt.save_checkpoint(final, self.best_state, ckpt.build_manifest(**self.manifest_base, metrics=metrics))
-        plot = plot_learning_curve(self.run_folder.path) if self.main else None
+            with self.writing("the final checkpoint", final):
+                ckpt.save_checkpoint(final, self.best_state,
+                                     ckpt.build_manifest(**self.manifest_base, metrics=metrics))
+            with self.writing("the learning-curve plot", self.run_folder.path):
+                plot = plot_learning_curve(self.run_folder.path)
         self.accelerator.wait_for_everyone()
         return TrainSummary(
             run_dir=str(self.run_folder.path), delta_save_path=str(final), best_epoch=state.best_epoch,
@@ -353,6 +406,28 @@ class TrainingRecipe:
 
 
 # ---------------------------------------------------------------------------------------- the pieces it uses
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line (torch's run to paragraphs); its type name if it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _write_failure(exc: Exception, path: Path) -> str:
+    """Why a write failed, in a few words: the OS's reason where the error carries it. torch.save reports a
+    full disk as ``[enforce fail at inline_container.cc:...] . unexpected pos ...``: then the free space of the
+    target's file system says what happened."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    reason = _first_line(exc)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        free = shutil.disk_usage(existing).free if existing else None
+    except OSError:
+        free = None
+    if free is not None and free < (1 << 20) and "space" not in reason.lower():
+        return f"no space left on the device ({reason})"
+    return reason
+
 
 class _Weighted(torch.utils.data.Dataset):
     """Training examples looked up by ``(index, weight)``: weight 0 marks a stand-in row (see ProcessShard)."""
@@ -472,6 +547,54 @@ def _write_training_state(folder: Path, state: TrainState, optimizer_state: dict
                 "python_rng": list(python_state), "python_rng_pos": gauss}, folder / ckpt.RESUME_STATE_NAME)
 
 
+# what _write_training_state writes: key -> type; a file that lacks one or holds another is refused
+_TRAINING_STATE_KEYS = {"train_state": dict, "optimizer": dict, "scheduler": dict, "process_rngs": list,
+                        "python_rng": list, "python_rng_pos": (type(None), float)}
+
+
+def _read_training_state(path: Path) -> dict:
+    """The resume state ``_write_training_state`` wrote, read with ``weights_only=True``: tensors, lists, dicts
+    and numbers only, so a file carrying code (pickled callables) is refused, never run; so is a damaged one
+    or one of another shape. The file was hash-checked with its folder; this holds for a forged manifest too.
+
+    Raises:
+        OptqaError: ``--resume: <path> ... refused``, with the reason, in one line.
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a paragraph; its line naming what was refused says why
+        why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                   str(exc).strip().splitlines()[-1] if str(exc).strip() else "not a weights-only pickle")
+        raise OptqaError(f"--resume: {path} holds more than tensors and numbers (it could run code when loaded): "
+                         f"refused ({why})") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise OptqaError(f"--resume: {path} is damaged, not a resume state torch can read: refused "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+    wrong = ([k for k, kind in _TRAINING_STATE_KEYS.items() if not isinstance(blob.get(k), kind)]
+             if isinstance(blob, dict) else ["the whole file (not a dict)"])
+    if not wrong and set(blob["train_state"]) != {f.name for f in fields(TrainState)}:
+        wrong = ["train_state"]
+    if wrong:
+        raise OptqaError(f"--resume: {path} is not a resume state of this optqa ({wrong[0]} is missing or of "
+                         "another type): refused")
+    return blob
+
+
+def _restore_rngs(blob: dict, accelerator) -> None:
+    """This process's torch (and CUDA) RNG state and Python's, as the interrupted run left them."""
+    rngs = blob["process_rngs"]
+    if len(rngs) != accelerator.num_processes:
+        log.warning("--resume: the interrupted run had %d processes, this one %d: the global batches and the "
+                    "maths are the same, but dropout draws other random numbers than an uninterrupted run",
+                    len(rngs), accelerator.num_processes)
+    rng = rngs[accelerator.process_index % len(rngs)]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate((3, tuple(blob["python_rng"]), blob["python_rng_pos"]))
+
+
 def _load_resume(resume_dir: Path, config: RunConfig, text: str, model, optimizer, scheduler, backbone: dict,
                  accelerator) -> TrainState:
     if not (ckpt.resolve_folder(resume_dir) / ckpt.MANIFEST_NAME).is_file():
@@ -489,23 +612,17 @@ def _load_resume(resume_dir: Path, config: RunConfig, text: str, model, optimize
         raise OptqaError(f"--resume: the text of template {config.template} changed since the interrupted run; "
                          "resume with the same template")
     ckpt.check_backbone(manifest, backbone, backbone["fingerprint"], config.ignore_backbone_mismatch)
-    # the state file was hash-checked with the folder; weights_only keeps it from running code regardless
-    blob = torch.load(folder / ckpt.RESUME_STATE_NAME, map_location="cpu", weights_only=True)
+    blob = _read_training_state(folder / ckpt.RESUME_STATE_NAME)
     model.load_delta_state_dict(delta, str(folder))
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer.optimizer, blob["optimizer"], options=_state_dict_options())
-    scheduler.load_state_dict(blob["scheduler"])
-    rngs = blob["process_rngs"]
-    if len(rngs) != accelerator.num_processes:
-        log.warning("--resume: the interrupted run had %d processes, this one %d: the global batches and the "
-                    "maths are the same, but dropout draws other random numbers than an uninterrupted run",
-                    len(rngs), accelerator.num_processes)
-    rng = rngs[accelerator.process_index % len(rngs)]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate((3, tuple(blob["python_rng"]), blob["python_rng_pos"]))
+    try:
+        set_optimizer_state_dict(model, optimizer.optimizer, blob["optimizer"], options=_state_dict_options())
+        scheduler.load_state_dict(blob["scheduler"])
+        _restore_rngs(blob, accelerator)
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+        raise OptqaError(f"--resume: {folder / ckpt.RESUME_STATE_NAME} does not fit this run "
+                         f"({type(exc).__name__}: {_first_line(exc)}); refused") from None
     state = TrainState(**blob["train_state"])
     if state.epoch >= config.train_epochs:
         log.info("--resume: the run in %s already finished its %d epochs; scoring and saving its best delta",
