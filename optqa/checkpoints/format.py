@@ -197,6 +197,15 @@ def write_failure(exc: BaseException) -> str | None:
     return None
 
 
+class WriteRefused(OptqaError):
+    """A write the file system refused (:func:`write_failure`), as one line; ``reason`` is that reason alone, for
+    callers that say more (a training run adds its resume state and the command that continues)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @contextlib.contextmanager
 def write_failures_as_errors(target: Path, intact: Callable[[], str | None]) -> Iterator[None]:
     """Turn a write the file system refuses inside the block (:func:`write_failure`) into one line; anything else
@@ -208,17 +217,19 @@ def write_failures_as_errors(target: Path, intact: Callable[[], str | None]) -> 
             None when nothing was there.
 
     Raises:
-        OptqaError: ``could not write <target>: <reason>; <intact> is intact`` (or ``nothing was replaced``).
+        WriteRefused: ``could not write <target>: <reason>; <intact> is intact`` (or ``nothing was replaced``).
     """
     try:
         yield
+    except WriteRefused:
+        raise  # a nested block already said it
     except BaseException as exc:
         reason = write_failure(exc)
         if reason is None:
             raise
         kept = intact()
-        raise OptqaError(f"could not write {target}: {reason}; "
-                         + (f"{kept} is intact" if kept else "nothing was replaced")) from None
+        raise WriteRefused(f"could not write {target}: {reason}; "
+                           + (f"{kept} is intact" if kept else "nothing was replaced"), reason) from None
 
 
 def _rename(source: Path, target: Path) -> None:
@@ -602,7 +613,9 @@ def load_pickled_tensors(path: Path) -> Any:
             return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - see above: a damaged file can raise anything
         text = str(exc)
-        named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch's two phrasings: "Unsupported global: GLOBAL x.y ..." and "unsupported GLOBAL x.y whose module x is
+        # blocked" (a module it never allows, such as os or posix)
+        named = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
         if named:  # the weights-only unpickler met a class or function to call: what a payload needs
             raise OptqaError(f"{path}: refused, the pickle holds code or objects other than tensors "
                              f"({named.group(1)}); it was not executed") from None

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import pickle
 import random
-import shutil
 import time
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -351,20 +349,21 @@ class TrainingRecipe:
 
     @contextlib.contextmanager
     def writing(self, what: str, path: Path):
-        """Within the block, a failed write (``OSError``; torch's ``RuntimeError`` and safetensors' error, which
-        carry the OS's) is a ``RunNotSaved`` naming ``what`` and ``path``, the reason, and the last complete
-        resume state. Only file writing runs in these blocks, so no computing error is taken for a write's."""
-        from safetensors import SafetensorError
-
+        """Within the block, a write the file system refused (``ckpt.write_failure``: a full disk, a quota, no
+        permission; a checkpoint save's ``WriteRefused``) is a ``RunNotSaved`` naming ``what`` and ``path``, the
+        reason, and the last complete resume state; any other error passes through."""
         try:
             yield
-        except (OSError, RuntimeError, SafetensorError) as exc:
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, ckpt.WriteRefused) else ckpt.write_failure(exc)
+            if reason is None:
+                raise
             if self.saved_step is None:
                 kept = "no resume state was saved yet"
             else:
                 kept = (f"the last complete resume state (optimiser step {self.saved_step}) in {self.resume_dir} "
                         "is intact")
-            raise RunNotSaved(f"could not write {what} ({path}): {_write_failure(exc, path)}; {kept}") from exc
+            raise RunNotSaved(f"could not write {what} ({path}): {reason}; {kept}") from exc
 
     # ------------------------------------------------------------------------------------------------- finish
 
@@ -410,23 +409,6 @@ class TrainingRecipe:
 def _first_line(exc: BaseException) -> str:
     """An exception's message cut to one line (torch's run to paragraphs); its type name if it has none."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _write_failure(exc: Exception, path: Path) -> str:
-    """Why a write failed, in a few words: the OS's reason where the error carries it. torch.save reports a
-    full disk as ``[enforce fail at inline_container.cc:...] . unexpected pos ...``: then the free space of the
-    target's file system says what happened."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    reason = _first_line(exc)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    try:
-        free = shutil.disk_usage(existing).free if existing else None
-    except OSError:
-        free = None
-    if free is not None and free < (1 << 20) and "space" not in reason.lower():
-        return f"no space left on the device ({reason})"
-    return reason
 
 
 class _Weighted(torch.utils.data.Dataset):
@@ -561,16 +543,9 @@ def _read_training_state(path: Path) -> dict:
         OptqaError: ``--resume: <path> ... refused``, with the reason, in one line.
     """
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message is a paragraph; its line naming what was refused says why
-        why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                   str(exc).strip().splitlines()[-1] if str(exc).strip() else "not a weights-only pickle")
-        raise OptqaError(f"--resume: {path} holds more than tensors and numbers (it could run code when loaded): "
-                         f"refused ({why})") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise OptqaError(f"--resume: {path} is damaged, not a resume state torch can read: refused "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+        blob = ckpt.load_pickled_tensors(path)
+    except OptqaError as exc:
+        raise OptqaError(f"--resume: {exc}") from None
     wrong = ([k for k, kind in _TRAINING_STATE_KEYS.items() if not isinstance(blob.get(k), kind)]
              if isinstance(blob, dict) else ["the whole file (not a dict)"])
     if not wrong and set(blob["train_state"]) != {f.name for f in fields(TrainState)}:
