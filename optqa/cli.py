@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import shlex
@@ -74,6 +75,10 @@ def main(argv=None) -> int:
     """``python -m optqa``: run one mode; returns the exit status (0, 2 for an ``error:`` line, 130 after Ctrl-C,
     141 when the reader of stdout went away)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python has no stream to print to
+        print("error: standard output is closed: nothing could be shown; redirect it to a file or to "
+              f"{os.devnull} instead", file=sys.stderr)
+        return 2
     try:
         status = _run(argv)
         sys.stdout.flush()  # what is still buffered meets a closed pipe here, not in the interpreter's exit
@@ -82,6 +87,21 @@ def main(argv=None) -> int:
         # the reader went away (`optqa ... | head`): nothing more can be shown, so stop quietly
         _drop_stdout()
         return BROKEN_PIPE_STATUS
+    except OSError as exc:
+        if not _from_stdout(exc):
+            raise
+        # stdout's file refuses what is printed (`> /dev/full`, a full disk): say so once, where it can be read
+        _drop_stdout()
+        print(f"error: could not write to standard output: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _from_stdout(exc: OSError) -> bool:
+    """Whether ``exc`` is stdout's file refusing what was printed. Writing to an open stream carries no file name,
+    while optqa's own file work either names its file (open, rename, mkdir) or is turned into an ``error:`` line
+    where it happens (checkpoints, run folders); and a terminal does not refuse text."""
+    return (exc.errno in (errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT) and exc.filename is None
+            and not sys.stdout.isatty())
 
 
 def _drop_stdout() -> None:
@@ -300,14 +320,14 @@ def answer_with_notes(model, question: str) -> str:
         model: a ``PromptForGeneration`` (from ``load_trained``).
         question: the question as typed.
     Returns:
-        The answer, followed by ``[question cut: its last N tokens did not fit max_seq_l M]`` when it was cut.
+        The answer, followed by ``[question cut to its first N tokens to fit max_seq_l M]`` when it was cut.
     """
     from optqa.data import InputExample
 
     answer = model.answer([question])[0]
     encoded = model.wrapper.encode(InputExample(text_a=question))
-    if encoded.tokens_cut:
-        answer += (f"   [question cut: its last {encoded.tokens_cut} tokens did not fit max_seq_l "
+    if encoded.truncated:
+        answer += (f"   [question cut to its first {encoded.question_tokens} tokens to fit max_seq_l "
                    f"{model.wrapper.max_seq_length}]")
     return answer
 

@@ -9,6 +9,7 @@ import codecs
 import json
 import logging
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,9 +54,35 @@ def iter_jsonl_objects(path: str | Path, kind: str) -> Iterator[tuple[str, int, 
                 row = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise OptqaError(f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+            except ValueError:  # Python reads no integer of over 4300 digits (sys.get_int_max_str_digits)
+                raise OptqaError(f"{where}: a number has more digits than Python reads "
+                                 f"({sys.get_int_max_str_digits()}); write such an id as a string") from None
+            except RecursionError:
+                raise OptqaError(f"{where}: not valid JSON (nested too deeply for Python's JSON parser)") from None
             if not isinstance(row, dict):
                 raise OptqaError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            _refuse_lone_surrogates(row, where)
             yield where, line_no, row
+
+
+def _refuse_lone_surrogates(row: dict, where: str) -> None:
+    """A JSON escape such as ``"\\ud800"`` is valid JSON but no text: the tokenizer and every UTF-8 file it
+    would be written to refuse it later, far from the line that holds it. Walked without recursion: a row may
+    nest as deeply as the parser allowed."""
+    stack: list[tuple[str, Any]] = [(name, value) for name, value in row.items()]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{name}.{key}", item) for key, item in value.items())
+            value = list(value)  # the keys are strings too
+        if isinstance(value, list):
+            stack.extend((name, item) for item in value if isinstance(item, (str, dict, list)))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise OptqaError(f"{where}: field {name!r} holds a lone surrogate ({value[exc.start]!r} at character "
+                                 f"{exc.start}), which is not text; write the character itself, in UTF-8") from None
 
 
 def read_qa_jsonl(path: str | Path, question_field: str = "question", answers_field: str = "answers",
@@ -125,7 +152,10 @@ class Encoded:
     target_ids: list[int] = field(default_factory=list)
     truncated: bool = False
     question_lost: bool = False  # cut to nothing: the template and the answer alone fill max_seq_l
-    tokens_cut: int = 0  # question tokens removed to fit max_seq_l
+    # question tokens removed to fit max_seq_l, counted in what was tokenised: of a question far longer than
+    # max_seq_l only a head is (template.render's max_tokens), so there it is a lower bound
+    tokens_cut: int = 0
+    question_tokens: int = 0  # question (shortenable) tokens kept in the prompt
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
@@ -161,12 +191,14 @@ class LMTokenizerWrapper:
             An ``Encoded``: the prompt ids (bos first), the target ids (answer and eos; empty to answer), ``soft_index``
             for ``{"soft"}`` positions, and how many question tokens were cut to fit ``max_seq_length``.
         """
-        segments = self.template.render(example)
         target_ids = self.encode_target(target) if target is not None else []
         budget = self.max_seq_length - 1 - len(target_ids)
+        # a question far longer than the budget is tokenised only as far as it can be kept (render's max_tokens)
+        segments = self.template.render(example, max_tokens=max(budget, 0))
         tokens_cut = _cut_to_budget(segments, budget)
         truncated = tokens_cut > 0
-        question_lost = truncated and not any(ids for _, ids, shortenable in segments if shortenable)
+        question_tokens = sum(len(ids) for _, ids, shortenable in segments if shortenable)
+        question_lost = truncated and not question_tokens
         prompt_ids, soft_index = [self.bos_id], [SOFT_NONE]
         pad = self.tokenizer.pad_token_id
         for kind, ids, _ in segments:
@@ -178,7 +210,7 @@ class LMTokenizerWrapper:
                 soft_index += [SOFT_NONE] * len(ids)
         golds = list(example.tgt_text or [])
         return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated,
-                       question_lost, tokens_cut)
+                       question_lost, tokens_cut, question_tokens)
 
     def encode_all(self, examples: list[InputExample], targets: str | list[str] | None = None,
                    desc: str = "tokenising", progress: bool | None = None) -> list[Encoded]:
@@ -213,19 +245,37 @@ class LMTokenizerWrapper:
 
 
 def _cut_to_budget(segments: list[tuple[str, list[int], bool]], budget: int) -> int:
-    """Cut the tail of the longest shortenable segment until the prompt fits; returns how many tokens were cut."""
+    """Cut the tails of the shortenable segments until the prompt fits ``budget`` tokens; returns how many tokens
+    were cut.
+
+    The longest shortenable segment loses a token, then the longest again, and so on (ties: the first in the
+    template), as OpenPrompt's ``truncate`` does, but computed at once: every segment longer than a level ``L``
+    is cut to ``L``, and the ``rest`` tokens still over the budget come off the first segments standing at ``L``.
+    Fixed text and the answer are never cut. Each segment is sliced once (the one-token-at-a-time loop copied
+    the list per token: quadratic in the question's length).
+    """
     excess = sum(len(ids) for _, ids, _ in segments) - budget
-    cut = 0
-    while excess > 0:
-        candidates = [i for i, (_, ids, shortenable) in enumerate(segments) if shortenable and ids]
-        if not candidates:
-            break  # only fixed text and the answer are left; they are never cut
-        longest = max(candidates, key=lambda i: len(segments[i][1]))
-        kind, ids, shortenable = segments[longest]
-        segments[longest] = (kind, ids[:-1], shortenable)
-        excess -= 1
-        cut += 1
-    return cut
+    lengths = {i: len(ids) for i, (_, ids, shortenable) in enumerate(segments) if shortenable and ids}
+    if excess <= 0 or not lengths:
+        return 0
+    excess = min(excess, sum(lengths.values()))  # beyond that only fixed text is left
+    # the highest level L at which cutting every segment down to L removes at least ``excess`` tokens
+    low, high = 0, max(lengths.values())
+    while low < high:
+        level = (low + high + 1) // 2
+        if sum(max(n - level, 0) for n in lengths.values()) >= excess:
+            low = level
+        else:
+            high = level - 1
+    level = low
+    rest = excess - sum(max(n - level - 1, 0) for n in lengths.values())  # cut to level + 1 first, then these
+    for i, n in lengths.items():  # dicts keep the template's order: ties go to the first segment
+        keep = min(n, level + 1)
+        if keep == level + 1 and rest > 0:
+            keep, rest = level, rest - 1
+        kind, ids, shortenable = segments[i]
+        segments[i] = (kind, ids[:keep], shortenable)
+    return excess
 
 
 def collate_for_training(batch: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:

@@ -27,6 +27,16 @@ def one_line(text: str) -> str:
     return _LINE_BREAKS.sub(" ", text).strip()
 
 
+def is_text(line: str) -> bool:
+    """Whether ``line`` is text: undecodable bytes read with ``surrogateescape`` (or a JSON ``\\ud800`` escape)
+    leave lone surrogates, which no tokenizer and no UTF-8 file takes."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def terminal_session(history_path: Path = HISTORY_PATH, **session_options):
     """A prompt_toolkit ``PromptSession`` with the question history in ``history_path`` (in memory where it cannot
     be written, e.g. a read-only home folder); ``session_options`` go to ``PromptSession`` (e.g. ``input`` and
@@ -61,6 +71,10 @@ def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None, s
     if hasattr(stdout, "reconfigure"):
         # a Windows pipe or legacy console encodes in cp1252: a character it lacks must not end the session
         stdout.reconfigure(errors="backslashreplace")
+    if hasattr(stdin, "reconfigure"):
+        # bytes that are not UTF-8 (binary junk piped in) arrive as lone surrogates, and that line is skipped below,
+        # instead of a decoding error ending the session
+        stdin.reconfigure(errors="surrogateescape")
     if session is None and stdin.isatty() and stdout.isatty():
         session = terminal_session()
     answered = 0
@@ -85,6 +99,9 @@ def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None, s
                 break
             if not question:
                 continue  # ask again
+            if not is_text(question):
+                print("skipped: that line is not UTF-8 text", file=sys.stderr, flush=True)
+                continue
             print(f"Answer: {one_line(answer_fn(question))}", file=stdout, flush=True)
             answered += 1
     except KeyboardInterrupt:

@@ -26,6 +26,12 @@ POST_PROCESSING = {
 }
 # Soft positions carry the pad id in input_ids; their embeddings come from the template's own table.
 SOFT_NONE = -1
+# a long shortenable piece (a question far over max_seq_l) is tokenised from a head of this many characters per
+# token wanted, doubled until it yields enough: plain English averages about 4 characters per BPE token
+HEAD_CHARS_PER_TOKEN = 8
+# tokens read past the limit before a head is trusted: the head's last word may tokenise differently than in the
+# whole text, and these tokens are cut anyway
+HEAD_SPARE_TOKENS = 8
 
 
 @dataclass
@@ -186,6 +192,28 @@ class ManualTemplate(nn.Module):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _encode_head(self, text: str, limit: int) -> list[int]:
+        """The tokens of ``text``, or, where it is long, its first ``limit`` + ``HEAD_SPARE_TOKENS`` tokens,
+        tokenising only a head of it.
+
+        Heads of ``(limit + HEAD_SPARE_TOKENS) * HEAD_CHARS_PER_TOKEN`` characters, doubling, each ending before a
+        whitespace run, so that every token before the end of the head is the token the whole text gives
+        (pre-tokenizers split at whitespace; a word with no whitespace for thousands of characters is the
+        exception): once a head yields more than ``limit`` + spare tokens, its first ``limit`` are the whole
+        text's. The characters tokenised are at most about twice those the tokens kept stand for: linear in
+        what is kept, whatever the text's length (tests/test_data.py counts them).
+        """
+        limit = max(limit, 0)
+        chars = (limit + HEAD_SPARE_TOKENS) * HEAD_CHARS_PER_TOKEN
+        while chars < len(text):
+            # end the head before its last whitespace run (rsplit: linear, where a regex could backtrack)
+            parts = text[:chars].rsplit(None, 1)
+            ids = self._encode(parts[0] if len(parts) == 2 else text[:chars])
+            if len(ids) > limit + HEAD_SPARE_TOKENS:
+                return ids[:limit + HEAD_SPARE_TOKENS]
+            chars *= 2
+        return self._encode(text)
+
     def _initial_soft_embeds(self, embedding: nn.Embedding) -> torch.Tensor:
         weight = embedding.weight.detach().float()
         generator = torch.Generator().manual_seed(0)
@@ -218,11 +246,17 @@ class ManualTemplate(nn.Module):
             if stripped:
                 yield piece, stripped
 
-    def render(self, example) -> list[tuple[str, list[int], bool]]:
+    def render(self, example, max_tokens: int | None = None) -> list[tuple[str, list[int], bool]]:
         """The prompt as ``(kind, token_ids, shortenable)`` segments, without bos and without the answer.
 
         Pieces are tokenised separately (so the question can be cut alone), with whitespace placed as
         ``_piece_texts`` says.
+
+        Args:
+            example: an ``InputExample``.
+            max_tokens: the most tokens the prompt may keep; a shortenable piece then holds at most its first
+                ``max_tokens`` (+ ``HEAD_SPARE_TOKENS``) tokens, read from a head of its text (``_encode_head``),
+                so a megabyte question costs what its kept tokens cost. None: every piece whole.
         """
         segments: list[tuple[str, list[int], bool]] = []
         soft_index = 0
@@ -235,7 +269,9 @@ class ManualTemplate(nn.Module):
             elif piece.kind == "special":
                 segments.append(("special", [self._special_ids[piece.value]], False))
             else:
-                segments.append((piece.kind, self._encode(text), piece.shortenable))
+                capped = piece.shortenable and max_tokens is not None
+                segments.append((piece.kind, self._encode_head(text, max_tokens) if capped else self._encode(text),
+                                 piece.shortenable))
         return segments
 
     def prompt_format(self) -> str:

@@ -92,14 +92,13 @@ def test_answering_with_too_many_new_tokens_is_refused_before_loading(capsys, ca
 
 def test_the_repl_says_when_it_cut_a_question(tiny_opt, checkpoint_64):
     model, _, _ = load_trained(checkpoint_64)
-    # the whole prompt, uncut, counted by a wrapper without a length limit
-    whole = LMTokenizerWrapper(model.tokenizer, model.template, max_seq_length=10_000).encode(InputExample(text_a=LONG))
-    cut = len(whole.prompt_ids) - 64
-    assert cut > 200
+    # the question tokens that fit: 64 less bos and the template's own tokens, counted on an empty question
+    fixed = LMTokenizerWrapper(model.tokenizer, model.template, max_seq_length=10_000).encode(InputExample(text_a=""))
+    kept = 64 - len(fixed.prompt_ids)
     short = MEMORY_SET[0][0]
     stdout = io.StringIO()
     repl(partial(answer_with_notes, model), stdin=io.StringIO(f"{LONG}\n{short}\n"), stdout=stdout)
     long_answer, short_answer = model.answer([LONG, short])
     assert [line for line in stdout.getvalue().split("\n") if line.startswith("Answer:")] == [
-        f"Answer: {one_line(long_answer)}   [question cut: its last {cut} tokens did not fit max_seq_l 64]",
+        f"Answer: {one_line(long_answer)}   [question cut to its first {kept} tokens to fit max_seq_l 64]",
         f"Answer: {one_line(short_answer)}"]

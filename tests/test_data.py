@@ -37,6 +37,22 @@ BAD_ROWS = {
     "answer empty": ('{"question": "x", "answers": ["y", " "]}', "'answers' must hold only non-empty strings"),
     "empty string answer": ('{"question": "x", "answers": ""}', "'answers' must"),
 }
+# rows the parser or the tokenizer would have failed on with a traceback, and their exact one-line reasons
+UNREADABLE_ROWS = {
+    "nested 100k deep": ('{"question": "x", "answers": ["y"], "meta": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                         "not valid JSON (nested too deeply for Python's JSON parser)"),
+    "5000-digit id": ('{"question_id": ' + "9" * 5000 + ', "question": "x", "answers": ["y"]}',
+                      "a number has more digits than Python reads (4300); write such an id as a string"),
+    "surrogate in the question": ('{"question": "bad \\ud800 q", "answers": ["y"]}',
+                                  "field 'question' holds a lone surrogate ('\\ud800' at character 4), which is "
+                                  "not text; write the character itself, in UTF-8"),
+    "surrogate in an answer": ('{"question": "x", "answers": ["y", "\\udc80"]}',
+                               "field 'answers' holds a lone surrogate ('\\udc80' at character 0), which is not "
+                               "text; write the character itself, in UTF-8"),
+    "surrogate in a nested key": ('{"question": "x", "answers": ["y"], "meta": {"a": [{"\\ud83d": 1}]}}',
+                                  "field 'meta.a' holds a lone surrogate ('\\ud83d' at character 0), which is not "
+                                  "text; write the character itself, in UTF-8"),
+}
 
 
 @pytest.mark.parametrize("case", BAD_ROWS)
@@ -47,6 +63,15 @@ def test_each_bad_row_names_file_and_line(tmp_path, case):
         read_qa_jsonl(path)
     message = str(err.value)
     assert message.startswith(f"{path}:3: ") and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize("case", UNREADABLE_ROWS)
+def test_rows_the_parser_or_tokenizer_would_fail_on_are_one_line(tmp_path, case):
+    bad, reason = UNREADABLE_ROWS[case]
+    path = _write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
+    with pytest.raises(OptqaError) as err:
+        read_qa_jsonl(path)
+    assert str(err.value) == f"{path}:3: {reason}"
 
 
 def test_custom_field_names_and_single_string_answer(tmp_path):
@@ -185,3 +210,77 @@ def test_a_byte_order_mark_is_accepted_and_a_repeated_id_is_refused(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     with pytest.raises(OptqaError, match=r"bom\.jsonl:2: question id 'q1' already used on line 1"):
         read_qa_jsonl(path)
+
+
+def _cut_one_token_at_a_time(segments, budget):
+    """The cut as it was first written (quadratic, kept as the reference): the longest shortenable segment loses
+    its last token until the prompt fits; ties go to the first."""
+    excess, cut = sum(len(ids) for _, ids, _ in segments) - budget, 0
+    while excess > 0:
+        candidates = [i for i, (_, ids, shortenable) in enumerate(segments) if shortenable and ids]
+        if not candidates:
+            break
+        longest = max(candidates, key=lambda i: len(segments[i][1]))
+        kind, ids, shortenable = segments[longest]
+        segments[longest] = (kind, ids[:-1], shortenable)
+        excess, cut = excess - 1, cut + 1
+    return cut
+
+
+def test_the_cut_at_once_equals_the_token_at_a_time_cut():
+    import random
+
+    from optqa.data import _cut_to_budget
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        segments = [("text", list(range(rng.randint(0, 30))), rng.random() < 0.6) for _ in range(rng.randint(1, 5))]
+        budget = rng.randint(-5, 100)
+        reference, fast = list(segments), list(segments)
+        assert (_cut_to_budget(fast, budget), fast) == (_cut_one_token_at_a_time(reference, budget), reference)
+
+
+class _CountingTokenizer:
+    """The tokenizer, recording how many characters each call was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.calls.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_megabyte_question_costs_what_its_kept_tokens_cost(tokenizer):
+    # 5 MB of ordinary text: only a head is tokenised (at most twice the characters the kept tokens stand for)
+    # and the prompt is exactly what tokenising all of it and cutting gives
+    counting = _CountingTokenizer(tokenizer)
+    wrapper = _wrapper(counting, 64)
+    question = " ".join([LONG] * (5_000_000 // (len(LONG) + 1)))
+    counting.calls.clear()
+    encoded = wrapper.encode(InputExample(text_a=question), target="water vapor")
+    budget = 64 - 1 - len(encoded.target_ids)
+    head_chars = (budget + 8) * 8  # template.HEAD_SPARE_TOKENS, HEAD_CHARS_PER_TOKEN
+    assert sum(counting.calls) < 4 * head_chars + 200  # the heads, the answer and the template's fixed text
+    whole = _ids(tokenizer, " " + question)
+    head, tail = _ids(tokenizer, "Question:"), _ids(tokenizer, " Answer:")
+    kept = 64 - 1 - len(head) - len(tail) - len(encoded.target_ids)
+    assert encoded.prompt_ids == [wrapper.bos_id] + head + whole[:kept] + tail
+    assert encoded.truncated and encoded.question_tokens == kept and encoded.tokens_cut >= 8
+
+
+def test_a_head_ends_before_whitespace_so_kept_tokens_match_the_whole_text(tokenizer):
+    # words of every length, so heads end inside words: the kept tokens are still the whole text's first ones
+    import random
+
+    rng = random.Random(1)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 14))) for _ in range(3000)]
+    question = " ".join(words)
+    for max_len in (16, 40, 100):
+        encoded = _wrapper(tokenizer, max_len).encode(InputExample(text_a=question))
+        head, tail = _ids(tokenizer, "Question:"), _ids(tokenizer, " Answer:")
+        kept = max_len - 1 - len(head) - len(tail)
+        assert encoded.prompt_ids[1 + len(head):-len(tail)] == _ids(tokenizer, " " + question)[:kept]

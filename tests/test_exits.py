@@ -45,6 +45,25 @@ def test_a_closed_pipe_ends_quietly_with_status_141(checkpoint):
     assert (done.returncode, done.stderr) == (BROKEN_PIPE_STATUS, "")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_stdout_that_refuses_writes_is_one_line(checkpoint):
+    # `> /dev/full`: every write fails with ENOSPC, as on a full disk
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "optqa", "--mode", "inspect", "--delta_save_path", str(checkpoint)],
+                              stdout=full, stderr=subprocess.PIPE, cwd=REPO, text=True, timeout=120, check=False,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stderr) == (2, "error: could not write to standard output: No space left on device\n")
+
+
+def test_a_closed_stdout_is_one_line(checkpoint):
+    # `>&-`: the program starts without a stdout at all
+    done = subprocess.run([sys.executable, "-m", "optqa", "--mode", "inspect", "--delta_save_path", str(checkpoint)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, text=True, timeout=120,
+                          check=False, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (2, "error: standard output is closed: nothing could be shown; redirect "
+                                                 f"it to a file or to {os.devnull} instead\n")
+
+
 def test_help_into_a_closed_pipe_ends_quietly():
     # argparse drops what a closed pipe refuses, and the help was asked for: status 0, no traceback
     done = closed_pipe_run("--help")

@@ -33,6 +33,17 @@ def test_an_answer_the_output_encoding_lacks_does_not_end_the_session():
 LEFT, UP, ENTER, CTRL_C, CTRL_D = "\x1b[D", "\x1b[A", "\r", "\x03", "\x04"
 
 
+def test_binary_junk_piped_in_is_skipped_line_by_line(capsys):
+    # bytes that are not UTF-8 between two questions: each such line is skipped with one message, the loop goes on
+    junk = bytes(range(128, 256)) + b"\xff\xfe\x00 \xc3\x28"
+    stdin = io.TextIOWrapper(io.BytesIO(b"first\n" + junk + b"\n" + junk[::-1] + b"\nsecond\n"), encoding="utf-8")
+    stdout = io.StringIO()
+    assert repl(lambda q: q.upper(), stdin=stdin, stdout=stdout) == 2
+    assert [line for line in stdout.getvalue().split("\n") if line.startswith("Answer:")] == [
+        "Answer: FIRST", "Answer: SECOND"]
+    assert capsys.readouterr().err == "skipped: that line is not UTF-8 text\n" * 2
+
+
 def terminal_repl(typed: list[str], history_file: Path) -> tuple[int, list[str]]:
     """The real loop reading keys as a terminal sends them; (answered, stdout lines).
 
