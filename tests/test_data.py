@@ -55,23 +55,26 @@ UNREADABLE_ROWS = {
 }
 
 
+def _refusal_of_line_3(folder: Path, bad: str) -> tuple[Path, str]:
+    """The file (a good row, a blank line, ``bad``, a good row) and the message reading it is refused with."""
+    path = _write_lines(folder / "train.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
+    with pytest.raises(OptqaError) as err:
+        read_qa_jsonl(path)
+    return path, str(err.value)
+
+
 @pytest.mark.parametrize("case", BAD_ROWS)
 def test_each_bad_row_names_file_and_line(tmp_path, case):
     bad, words = BAD_ROWS[case]
-    path = _write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
-    with pytest.raises(OptqaError) as err:
-        read_qa_jsonl(path)
-    message = str(err.value)
+    path, message = _refusal_of_line_3(tmp_path, bad)
     assert message.startswith(f"{path}:3: ") and words in message and "\n" not in message
 
 
 @pytest.mark.parametrize("case", UNREADABLE_ROWS)
 def test_rows_the_parser_or_tokenizer_would_fail_on_are_one_line(tmp_path, case):
     bad, reason = UNREADABLE_ROWS[case]
-    path = _write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
-    with pytest.raises(OptqaError) as err:
-        read_qa_jsonl(path)
-    assert str(err.value) == f"{path}:3: {reason}"
+    path, message = _refusal_of_line_3(tmp_path, bad)
+    assert message == f"{path}:3: {reason}"
 
 
 def test_custom_field_names_and_single_string_answer(tmp_path):
