@@ -683,8 +683,12 @@ def test_a_full_disk_at_the_final_save_keeps_the_previous_checkpoint(tiny_opt, m
     assert main(args) == 2
     err = capsys.readouterr().err
     # safetensors' "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)"
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        f"error: could not write {final}: {NO_SPACE}; the previous checkpoint in {final} is intact"]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    resume = tmp_path / "run" / "raw_delta_ckpts" / "resume"
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: could not write the final checkpoint ({final}): {NO_SPACE}; the previous checkpoint in {final} is "
+        f"intact; the last complete resume state (optimiser step 1) in {resume} is intact; continue from the last "
+        "saved state with: python -m optqa ")
     assert "Traceback" not in err
     assert snapshot(final) == before and read_checkpoint(final)[1]["files"]
     assert sorted(p.name for p in small_disk.iterdir()) == ["delta_ckpts", "filler"]  # no .partial left

@@ -283,9 +283,9 @@ def test_training_tokenises_each_example_once(tiny_opt, memory_data, tmp_path, m
         encoded.append(example.text_a)
         return original_encode(self, example, *args, **kwargs)
 
-    def counting_render(self, example):
+    def counting_render(self, example, *args, **kwargs):
         rendered.append(example.text_a)
-        return original_render(self, example)
+        return original_render(self, example, *args, **kwargs)
 
     monkeypatch.setattr(LMTokenizerWrapper, "encode", counting_encode)
     monkeypatch.setattr(ManualTemplate, "render", counting_render)

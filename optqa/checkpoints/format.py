@@ -198,12 +198,13 @@ def write_failure(exc: BaseException) -> str | None:
 
 
 class WriteRefused(OptqaError):
-    """A write the file system refused (:func:`write_failure`), as one line; ``reason`` is that reason alone, for
-    callers that say more (a training run adds its resume state and the command that continues)."""
+    """A write the file system refused (:func:`write_failure`), as one line; ``reason`` (why) and ``kept`` (what is
+    still there unchanged, or None) alone, for callers that say more (a training run adds its resume state and
+    the command that continues)."""
 
-    def __init__(self, message: str, reason: str):
+    def __init__(self, message: str, reason: str, kept: str | None):
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.kept = reason, kept
 
 
 @contextlib.contextmanager
@@ -229,7 +230,7 @@ def write_failures_as_errors(target: Path, intact: Callable[[], str | None]) -> 
             raise
         kept = intact()
         raise WriteRefused(f"could not write {target}: {reason}; "
-                           + (f"{kept} is intact" if kept else "nothing was replaced"), reason) from None
+                           + (f"{kept} is intact" if kept else "nothing was replaced"), reason, kept) from None
 
 
 def _rename(source: Path, target: Path) -> None:

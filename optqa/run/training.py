@@ -363,6 +363,8 @@ class TrainingRecipe:
             else:
                 kept = (f"the last complete resume state (optimiser step {self.saved_step}) in {self.resume_dir} "
                         "is intact")
+            if isinstance(exc, ckpt.WriteRefused) and exc.kept and Path(path) != self.resume_dir:
+                kept = f"{exc.kept} is intact; {kept}"  # the final checkpoint it was to replace, say
             raise RunNotSaved(f"could not write {what} ({path}): {reason}; {kept}") from exc
 
     # ------------------------------------------------------------------------------------------------- finish
