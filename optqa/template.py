@@ -3,11 +3,17 @@
 A template is plain text with ``{...}`` pieces: ``{"placeholder":"text_a"}``, ``{"mask"}``,
 ``{"meta":"name"}``, ``{"soft":"init words"}`` (trainable embeddings, one per token of the words; ``{"soft"}``
 is one randomly initialised token), ``{"special":"<eos>"}``, with optional ``"shortenable"`` and
-``"post_processing"`` keys. The answer is generated at ``{"mask"}``, which must come last.
+``"post_processing"`` keys. The answer is generated at ``{"mask"}``. Fixed text (and special tokens) may follow
+the mask, as OpenPrompt allows (``question: {"placeholder":"text_a"} answer: {"mask"}.``): in teacher forcing it
+would follow the target with no loss on it, which a decoder's causal attention makes a no-op, and when
+answering the prompt ends at the mask, so it is parsed and checked but never tokenised (OpenPrompt's
+LMTokenizerWrapper: "template words after <mask> ... we ignore"). An input (placeholder, meta, soft) after the
+mask is refused, as OpenPrompt refuses it.
 """
 from __future__ import annotations
 
 import ast
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,14 +140,32 @@ def _check_structure(pieces: list[Piece], source: str) -> None:
     if len(masks) > 1:
         raise OptqaError(f"{source}: a second {{\"mask\"}} at character {pieces[masks[1]].position}; "
                          "a template has exactly one")
-    after = [p for p in pieces[masks[0] + 1:] if p.kind != "text" or p.value.strip()]
-    if after:
-        raise OptqaError(f"{source}: {{\"mask\"}} at character {pieces[masks[0]].position} must come last, but "
-                         f"{after[0].kind} follows at character {after[0].position}: a decoder generates the "
-                         "answer after the prompt")
+    inputs_after = [p for p in pieces[masks[0] + 1:] if p.kind not in ("text", "special")]
+    if inputs_after:
+        raise OptqaError(f"{source}: {inputs_after[0].kind} at character {inputs_after[0].position} follows the "
+                         f"{{\"mask\"}} at character {pieces[masks[0]].position}: a decoder generates the answer "
+                         "after the prompt, so the inputs must come before the mask (fixed text may follow it)")
 
 
 OPENPROMPT_PLACEHOLDERS = {"<text_a>": "text_a", "<text_b>": "text_b"}
+
+
+def read_template_file(path: str | Path) -> str:
+    """A template file's text: UTF-8, a byte-order mark dropped (Windows editors write one; it is no prompt
+    text), line ends as written.
+
+    Raises:
+        OptqaError: the file is missing or not UTF-8 (naming the file and the byte).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OptqaError(f"template file not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OptqaError(f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); save the "
+                         "template as UTF-8") from None
 
 
 class ManualTemplate(nn.Module):
@@ -183,11 +207,9 @@ class ManualTemplate(nn.Module):
 
     @classmethod
     def from_file(cls, tokenizer, path: str | Path, embedding: nn.Embedding | None = None) -> "ManualTemplate":
-        """A template read from a file (UTF-8); raises OptqaError naming the file when it is missing or malformed."""
-        path = Path(path)
-        if not path.is_file():
-            raise OptqaError(f"template file not found: {path}")
-        return cls(tokenizer, text=path.read_text(encoding="utf-8"), source=str(path), embedding=embedding)
+        """A template read from a file (``read_template_file``); raises OptqaError naming the file when it is
+        missing, not UTF-8 or malformed."""
+        return cls(tokenizer, text=read_template_file(path), source=str(path), embedding=embedding)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -289,7 +311,11 @@ class ManualTemplate(nn.Module):
         example = _FieldNames(text_a="{text_a}", text_b="{text_b}", meta=fields, guid="template")
         parts = []
         for piece, text in self._piece_texts(example):
-            parts.append(self._special_token(piece.value) if piece.kind == "special" else text)
+            if piece.kind in ("placeholder", "meta"):
+                parts.append(text)  # "{text_a}": the one field str.format is to fill
+            else:  # fixed text is text: braces in it are doubled, so str.format never reads them as fields
+                text = self._special_token(piece.value) if piece.kind == "special" else text
+                parts.append(text.replace("{", "{{").replace("}", "}}"))
         return "".join(parts)
 
     def _special_token(self, name: str, where: str = "template") -> str:

@@ -70,9 +70,10 @@ def test_positions_point_into_the_text():
     ('{"placeholder":"text_a", "post_processing":"upper"} {"mask"}', ["unknown post_processing 'upper'"]),
     ('{"placeholder":"text_a"} Answer:', ['needs a {"mask"}', "found none"]),
     ('Q {"mask"} or {"mask"}', ['a second {"mask"} at character 14']),
-    ('{"mask"} {"placeholder":"text_a"}', ['{"mask"} at character 0 must come last',
-                                           "placeholder follows at character 9"]),
-    ('{"placeholder":"text_a"} {"mask"} please', ["must come last", "text follows at character 33"]),
+    ('{"mask"} {"placeholder":"text_a"}', ['placeholder at character 9 follows the {"mask"} at character 0',
+                                           "the inputs must come before the mask (fixed text may follow it)"]),
+    ('Q: {"placeholder":"text_a"} A: {"mask"} see {"meta":"tag"}', ["meta at character 44 follows the {\"mask\"}"]),
+    ('Q: {"placeholder":"text_a"} A: {"mask"} {"soft"}', ["soft at character 40 follows the {\"mask\"}"]),
 ])
 def test_bad_templates_name_problem_and_position(text, words):
     with pytest.raises(OptqaError) as info:
@@ -87,6 +88,54 @@ def test_bad_templates_name_problem_and_position(text, words):
 def test_whitespace_after_the_mask_is_allowed():
     assert kinds('{"placeholder":"text_a"} Answer: {"mask"}  \n\n')[-2:] == [("mask", None, False),
                                                                         ("text", "  \n\n", False)]
+
+
+COURSE_TEMPLATE = 'question: {"placeholder":"text_a"} answer: {"mask"}.'
+
+
+def test_text_after_the_mask_is_accepted_and_changes_no_row(tokenizer):
+    # OpenPrompt's semantics: teacher forcing puts the target at the mask and the text after it carries no loss,
+    # which a causal decoder cannot tell from no text at all; answering, the prompt ends at the mask. So the
+    # training row and the prompt are exactly those of the template without the tail.
+    from optqa.data import IGNORE_INDEX, LMTokenizerWrapper, collate_for_training
+
+    example = InputExample(guid="q", text_a=QUESTION, tgt_text=["ice"])
+    rows = {}
+    for text in (COURSE_TEMPLATE, COURSE_TEMPLATE.removesuffix("."), COURSE_TEMPLATE + ' {"special":"<eos>"} bye'):
+        wrapper = LMTokenizerWrapper(tokenizer, ManualTemplate(tokenizer, text=text), max_seq_length=64)
+        rows[text] = (wrapper.encode(example, target="ice"), wrapper.encode(example))
+    (train, prompt), *others = rows.values()
+    assert all((t.prompt_ids, t.target_ids, p.prompt_ids) == (train.prompt_ids, train.target_ids, prompt.prompt_ids)
+               for t, p in others)
+    question = tokenizer(f"question: {QUESTION} answer:", add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" ice", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert prompt.prompt_ids == [tokenizer.eos_token_id] + question  # OPT's bos is its eos
+    batch = collate_for_training([train], tokenizer.pad_token_id)
+    assert batch["input_ids"][0].tolist() == prompt.prompt_ids + answer
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * len(prompt.prompt_ids) + answer
+
+
+def test_a_template_file_is_utf8_with_its_byte_order_mark_dropped(tokenizer, tmp_path):
+    from optqa.template import read_template_file
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + COURSE_TEMPLATE.encode())
+    assert read_template_file(path) == COURSE_TEMPLATE
+    assert ManualTemplate.from_file(tokenizer, path).pieces[0].value == "question: "
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Réponse: {\"placeholder\":\"text_a\"} {\"mask\"}".encode("latin-1"))
+    with pytest.raises(OptqaError) as info:
+        read_template_file(latin)
+    assert str(info.value) == f"{latin}: not UTF-8 text (byte 0xe9 at offset 1); save the template as UTF-8"
+
+
+def test_the_format_string_keeps_braces_of_fixed_text_as_text(tokenizer):
+    # a text piece holding "{0.__class__}" must reach the prompt as those characters, never be evaluated by format
+    template = ManualTemplate(tokenizer, text='{"text":"{0.__class__} {x}"} Q: {"placeholder":"text_a"} A: {"mask"}.')
+    prompt = template.prompt_format().format(text_a=QUESTION)
+    assert prompt == f"{{0.__class__}} {{x}} Q: {QUESTION} A:"
+    rendered = [i for _, piece_ids, _ in template.render(InputExample(text_a=QUESTION)) for i in piece_ids]
+    assert tokenizer(prompt)["input_ids"] == [tokenizer.bos_token_id] + rendered  # what the card's snippet runs
 
 
 def test_render_matches_tokenising_the_whole_prompt(tokenizer):

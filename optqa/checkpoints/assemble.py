@@ -31,7 +31,7 @@ from optqa.errors import OptqaError
 from optqa.model import PromptForGeneration
 from optqa.options import check_length_budget
 from optqa.plm import backbone_identity, load_plm, max_positions_of
-from optqa.template import ManualTemplate
+from optqa.template import ManualTemplate, read_template_file
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def template_text(config: RunConfig) -> str:
     path = find_repo_file(config.template)
     if path is None or not path.is_file():
         raise OptqaError(f"template file not found: {config.template} (looked in {Path.cwd()} and {REPO_ROOT})")
-    return path.read_text(encoding="utf-8")
+    return read_template_file(path)
 
 
 def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config: RunConfig, delta=None):
@@ -310,7 +310,7 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
         if not (folder / TEMPLATE_FILE_NAME).is_file():
             raise OptqaError(f"{source} is a plain PEFT adapter, which records no prompt format: pass --template "
                              "with the template it was trained with (e.g. templates/answer_template.txt)")
-        template = (folder / TEMPLATE_FILE_NAME).read_text(encoding="utf-8")
+        template = read_template_file(folder / TEMPLATE_FILE_NAME)
     config.template = template
     text = template_text(config)
     config.plm_path = plm_path or adapter_config.get("base_model_name_or_path") or ""
