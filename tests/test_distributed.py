@@ -116,6 +116,43 @@ def test_two_processes_train_like_one(tiny_opt, memory_data, tmp_path, one_proce
     assert "FSDP" not in done.stderr
 
 
+END_ORDER_PROBE = """
+import sys, weakref
+from optqa.run import training
+
+def end_process_group(self):  # the recipe's own, with a look at DDP's wrapper (its Reducer) before the group ends
+    wrapper = weakref.ref(self.prepared)
+    end_training, accelerator = self.accelerator.end_training, self.accelerator
+
+    def probed():
+        # one write: lines of the two processes, each shorter than a pipe's atomic write, never interleave
+        sys.stdout.write(f"rank {accelerator.process_index}: DDP wrapper freed before the group ended: "
+                         f"{wrapper() is None}\n")
+        sys.stdout.flush()
+        end_training()
+
+    accelerator.end_training = probed
+    original(self)
+
+original, training.TrainingRecipe.end_process_group = training.TrainingRecipe.end_process_group, end_process_group
+from optqa.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ddps_reducer_is_freed_before_the_process_group_ends(tiny_opt, memory_data, tmp_path):
+    # ~Reducer releases the process group keeping the GIL, while a gloo worker finishing its last work needs the
+    # GIL: freed after destroy_process_group it deadlocked now and then under load (one rank hung at exit)
+    probe = tmp_path / "probe.py"
+    probe.write_text(END_ORDER_PROBE, encoding="utf-8")
+    done = launch(["torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"],
+                  str(probe), *train_args(tiny_opt, memory_data, tmp_path, "--train_epochs", "1", "--precision",
+                                          "fp32", "--max_new_tokens", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank ")) == [
+        f"rank {r}: DDP wrapper freed before the group ended: True" for r in (0, 1)]
+
+
 def test_fsdp_shards_the_backbone_and_trains_like_one_process(tiny_opt, memory_data, tmp_path, one_process_run):
     # seven dev/test questions answered one per batch: one process has 4 batches, the other 3, and must run
     # an idle batch so that the sharded backbone computes with both

@@ -132,13 +132,27 @@ class TrainingRecipe:
         with quiet_fsdp_views():
             self.train()
             summary = self.finish()
-        # the process group this run started ends with it, while the interpreter is whole: gloo's worker threads
-        # are joined here. Left to interpreter shutdown, a worker still releasing its last collective's work
-        # could touch Python as it was torn down and abort the process now and then under load ("terminate
-        # called without an active exception", exit -6; pytorch#65513). Only after a run that ended well: after
-        # an error another process may still wait in a collective, which this would wait for.
-        self.accelerator.end_training()
+        # Only after a run that ended well: after an error another process may still wait in a collective, which
+        # ending the process group would wait for.
+        self.end_process_group()
         return summary
+
+    def end_process_group(self) -> None:
+        """End the process group this run started, while the interpreter is whole, its gloo worker threads idle.
+
+        Left to interpreter shutdown, a worker still releasing its last collective's work could touch Python as
+        it was torn down and abort the process now and then under load ("terminate called without an active
+        exception", exit -6; pytorch#65513). And the order matters: DDP's ``Reducer`` holds the process group
+        through a C++ pointer whose release keeps the GIL, while a worker releasing a finished work (tensors
+        Python owns) needs the GIL, so a Reducer freed after ``destroy_process_group`` could join the workers
+        holding it and deadlock (seen under load: the main thread in ``~ProcessGroupGloo`` under
+        ``~Reducer``, the worker in ``~AsyncBarrierWork`` waiting for the GIL). So the prepared model (and
+        accelerate's own references to it) go first; the group's last reference is then Python's, whose release
+        lets go of the GIL while the workers are joined.
+        """
+        self.prepared = self.optimizer = self.scheduler = None
+        self.accelerator.free_memory()  # accelerate's lists of prepared objects, then the garbage collector
+        self.accelerator.end_training()
 
     # ------------------------------------------------------------------------------------------------ set-up
 
