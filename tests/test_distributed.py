@@ -127,7 +127,7 @@ def end_process_group(self):  # the recipe's own, with a look at DDP's wrapper (
     def probed():
         # one write: lines of the two processes, each shorter than a pipe's atomic write, never interleave
         sys.stdout.write(f"rank {accelerator.process_index}: DDP wrapper freed before the group ended: "
-                         f"{wrapper() is None}\n")
+                         f"{wrapper() is None}\\n")
         sys.stdout.flush()
         end_training()
 
