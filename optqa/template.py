@@ -248,25 +248,8 @@ class ManualTemplate(nn.Module):
         return torch.stack(rows)
 
     def _piece_texts(self, example):
-        """``(piece, text)`` for each piece before the mask; text is None for soft and special pieces.
-
-        Whitespace that ends one piece is moved to the start of the next, which is how byte-level BPE expects
-        word boundaries; white space before a piece that is not text has no word to attach to (carrying both it
-        and the space after it would give the next piece two leading spaces), and at the mask it is dropped.
-        """
-        carry = ""
-        for piece in self.pieces:
-            if piece.kind == "mask":
-                break
-            if piece.kind in ("soft", "special"):
-                carry = ""
-                yield piece, None
-                continue
-            text = carry + self._piece_text(piece, example)
-            stripped = text.rstrip()
-            carry = text[len(stripped):]
-            if stripped:
-                yield piece, stripped
+        """``piece_texts`` of this template's pieces."""
+        return piece_texts(self.pieces, example)
 
     def render(self, example, max_tokens: int | None = None) -> list[tuple[str, list[int], bool]]:
         """The prompt as ``(kind, token_ids, shortenable)`` segments, without bos and without the answer.
@@ -307,8 +290,8 @@ class ManualTemplate(nn.Module):
         """
         if self.num_soft_tokens:
             raise OptqaError('a template with {"soft"} pieces has no text form: its soft tokens are embeddings')
-        fields = _FieldNames()
-        example = _FieldNames(text_a="{text_a}", text_b="{text_b}", meta=fields, guid="template")
+        fields = FieldNames()
+        example = FieldNames(text_a="{text_a}", text_b="{text_b}", meta=fields, guid="template")
         parts = []
         for piece, text in self._piece_texts(example):
             if piece.kind in ("placeholder", "meta"):
@@ -350,14 +333,41 @@ def piece_text(piece: Piece, example, what: str = "template") -> str:
     return value
 
 
-class _FieldNames(dict):
-    """Stands in for an example when a template is rendered as a format string: every field is ``{name}``."""
+def piece_texts(pieces: list[Piece], example):
+    """``(piece, text)`` for each piece before the mask; text is None for soft and special pieces. The one
+    rendering of a prompt's text: the tokenised prompt (``ManualTemplate.render``), its format string
+    (``prompt_format``) and the Hub card's preview (``optqa.checkpoints.push.prompt_preview``) all read it.
+
+    Whitespace that ends one piece is moved to the start of the next, which is how byte-level BPE expects
+    word boundaries; white space before a piece that is not text has no word to attach to (carrying both it
+    and the space after it would give the next piece two leading spaces), and at the mask it is dropped.
+    """
+    carry = ""
+    for piece in pieces:
+        if piece.kind == "mask":
+            break
+        if piece.kind in ("soft", "special"):
+            carry = ""
+            yield piece, None
+            continue
+        text = carry + piece_text(piece, example)
+        stripped = text.rstrip()
+        carry = text[len(stripped):]
+        if stripped:
+            yield piece, stripped
+
+
+class FieldNames(dict):
+    """Stands in for an example (or its meta) when a template is shown as text: every field is ``{name}``."""
 
     def __init__(self, **fields):
         super().__init__()
         self.__dict__.update(fields)
 
     def __contains__(self, name) -> bool:
+        return True
+
+    def __bool__(self) -> bool:  # piece_text reads ``example.meta or {}``: an empty stand-in must not be replaced
         return True
 
     def __getitem__(self, name) -> str:

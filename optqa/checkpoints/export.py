@@ -130,6 +130,13 @@ def write_peft_adapter(source: Path, target: Path, manifest: dict[str, Any], plm
 MODEL_CARD_NAME = "README.md"
 
 
+def python_string(text: str) -> str:
+    """``text`` as a Python string literal for a card's code: JSON's escapes are Python's (quotes, backslashes,
+    control characters), and with non-ASCII characters kept as they are, none beyond U+FFFF turns into the pair
+    of surrogate escapes JSON would write (which Python reads as two lone surrogates)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def model_card(manifest: dict[str, Any], prompt: str, max_new_tokens: int, folder_name: str) -> str:
     """The exported PEFT folder's README.md: what the adapter is, the exact prompt, how to load and run it with
     plain transformers + PEFT, how it was trained and how it scored.
@@ -190,7 +197,7 @@ first `</s>`. optqa's template for the same prompt is in `{PEFT_TEMPLATE_NAME}`:
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-PROMPT = {json.dumps(prompt)}
+PROMPT = {python_string(prompt)}
 tokenizer = AutoTokenizer.from_pretrained({json.dumps(base)})
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({json.dumps(base)}), {json.dumps(folder_name)}).eval()
 

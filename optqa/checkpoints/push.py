@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from optqa.checkpoints.export import python_string
 from optqa.checkpoints.format import library_versions
 from optqa.checkpoints.hub import LOGIN_HINT, validate_repo_id
 from optqa.errors import OptqaError
@@ -201,26 +202,21 @@ METHOD_TAGS = {"lora": "lora", "soft_prompt": "prompt-tuning", "prefix": "prefix
 
 
 def prompt_preview(template: str, question: str) -> str:
-    """The text a template puts before the answer for ``question``, as the model sees it after its bos token
-    (soft tokens shown as ``<soft:N>``, special tokens by name); trailing white space is dropped, as optqa
-    renders it."""
-    from optqa.template import parse_template
+    """The text a template puts before the answer for ``question``, as the model sees it after its bos token:
+    optqa's own rendering (``optqa.template.piece_texts``: the same white space rules, and no ``str.format`` of
+    any text), soft tokens shown as ``<soft:N>``, special tokens by name, meta fields as ``{name}``."""
+    from optqa.template import FieldNames, parse_template, piece_texts
 
-    out = ""
-    for piece in parse_template(template, "checkpoint template"):
-        if piece.kind == "mask":
-            break
+    example = FieldNames(text_a=question.strip(), text_b="", meta=FieldNames(), guid="card")
+    out = []
+    for piece, text in piece_texts(parse_template(template, "checkpoint template"), example):
         if piece.kind == "soft":
-            out = out.rstrip() + f"<soft:{piece.value or ''}>"
+            out.append(f"<soft:{piece.value or ''}>")
         elif piece.kind == "special":
-            out = out.rstrip() + piece.value
-        elif piece.kind == "placeholder":
-            out += question
-        elif piece.kind == "meta":
-            out += "{" + piece.value + "}"
+            out.append(piece.value)
         else:
-            out += piece.value
-    return out.rstrip()
+            out.append(text)
+    return "".join(out)
 
 
 def _dataset_name(hyper: dict[str, Any]) -> str:
@@ -323,7 +319,8 @@ def model_card(manifest: dict[str, Any], repo_id: str, base_model: str | None, p
             f'base = AutoModelForCausalLM.from_pretrained("{hub_name}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{hub_name}")',
             f'model = PeftModel.from_pretrained(base, "{repo_id}")',
-            f'prompt = "{prompt_preview(template, question)}"  # the template above, in {peft_files[-1]}',
+            f"prompt = {python_string(prompt_preview(template, question))}  # the template above, in "
+            f"{peft_files[-1]}",
             'ids = tokenizer(prompt, return_tensors="pt")  # adds the bos token, as optqa does',
             "answer = model.generate(**ids, max_new_tokens=32)[0, ids['input_ids'].shape[1]:]",
             "print(tokenizer.decode(answer, skip_special_tokens=True).strip())",
