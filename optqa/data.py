@@ -43,6 +43,13 @@ def iter_jsonl_objects(path: str | Path, kind: str) -> Iterator[tuple[str, int, 
     path = Path(path)
     if not path.is_file():
         raise OptqaError(f"{kind} not found: {path}")
+    try:
+        yield from _jsonl_objects(path)
+    except OSError as exc:  # no permission, a disk error: the file cannot be read
+        raise OptqaError(f"cannot read {kind} {path} ({exc.strerror or exc})") from None
+
+
+def _jsonl_objects(path: Path) -> Iterator[tuple[str, int, dict]]:
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             where = f"{path}:{line_no}"
@@ -175,10 +182,19 @@ class LMTokenizerWrapper:
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
-    def encode_target(self, answer: str) -> list[int]:
-        """The ids of an answer as the model must generate it, then the eos."""
+    def encode_target(self, answer: str, guid: Any = None) -> list[int]:
+        """The ids of an answer as the model must generate it, then the eos.
+
+        Raises:
+            OptqaError: the answer alone has more than ``max_seq_length`` tokens: answers are never cut, and no row
+                could hold it (only the head of the answer that shows it is tokenised).
+        """
         # the leading space makes the answer's first word a word-initial BPE token, as after "Answer:"
-        return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos_id]
+        ids = self.template.encode_head(" " + answer.strip(), self.max_seq_length)
+        if len(ids) > self.max_seq_length:
+            raise OptqaError(f"question {guid}: its answer alone is longer than max_seq_l {self.max_seq_length} "
+                             f"tokens (answers are never cut; it begins {answer.strip()[:30]!r})")
+        return ids + [self.eos_id]
 
     def encode(self, example: InputExample, index: int = 0, target: str | None = None) -> Encoded:
         """One example as model input: the rendered prompt, then (for training) the answer and eos.
@@ -191,7 +207,7 @@ class LMTokenizerWrapper:
             An ``Encoded``: the prompt ids (bos first), the target ids (answer and eos; empty to answer), ``soft_index``
             for ``{"soft"}`` positions, and how many question tokens were cut to fit ``max_seq_length``.
         """
-        target_ids = self.encode_target(target) if target is not None else []
+        target_ids = self.encode_target(target, example.guid) if target is not None else []
         budget = self.max_seq_length - 1 - len(target_ids)
         # a question far longer than the budget is tokenised only as far as it can be kept (render's max_tokens)
         segments = self.template.render(example, max_tokens=max(budget, 0))

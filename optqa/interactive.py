@@ -18,13 +18,15 @@ PROMPT = "Input a question:"
 QUIT_WORDS = {"quit()", "quit", "exit()", "exit"}
 # where typed questions are remembered between sessions (Up recalls them)
 HISTORY_PATH = Path("~/.optqa/question_history")
-# every character a terminal (or str.splitlines) starts a new line at, with the spaces around it
-_LINE_BREAKS = re.compile(r"\s*[\r\n\x0b\x0c\x85\u2028\u2029]+\s*")
+# every character a terminal (or str.splitlines) starts a new line at
+_LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x85\u2028\u2029]")
 
 
 def one_line(text: str) -> str:
-    """``text`` with its line breaks folded to single spaces: one printed line per answer."""
-    return _LINE_BREAKS.sub(" ", text).strip()
+    """``text`` with its line breaks, and the white space around them, folded to single spaces: one printed line
+    per answer. Split and stripped: one pattern with ``\\s*`` on both sides of the breaks backtracks over every
+    run of spaces that ends in no break, quadratic in its length."""
+    return " ".join(part for part in (part.strip() for part in _LINE_BREAKS.split(text)) if part)
 
 
 def is_text(line: str) -> bool:

@@ -182,6 +182,12 @@ class ManualTemplate(nn.Module):
             raise OptqaError("ManualTemplate needs text= (or use ManualTemplate.from_file)")
         self.tokenizer = tokenizer
         self.text = text.strip("\n")
+        try:  # an undecodable byte of a command line (--template) arrives as a lone surrogate
+            self.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            shown = source.encode("utf-8", "backslashreplace").decode("utf-8")  # the source may be this text
+            raise OptqaError(f"{shown}: character {exc.start} is not text ({self.text[exc.start]!r}, a lone "
+                             "surrogate); write the template in UTF-8") from None
         if placeholder_mapping not in (None, OPENPROMPT_PLACEHOLDERS):
             # OpenPrompt's default maps <text_a>/<text_b> to the fields of the same name, which is what the
             # parser does; another mapping would be ignored, so it is refused
@@ -214,7 +220,7 @@ class ManualTemplate(nn.Module):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _encode_head(self, text: str, limit: int) -> list[int]:
+    def encode_head(self, text: str, limit: int) -> list[int]:
         """The tokens of ``text``, or, where it is long, its first ``limit`` + ``HEAD_SPARE_TOKENS`` tokens,
         tokenising only a head of it.
 
@@ -260,7 +266,7 @@ class ManualTemplate(nn.Module):
         Args:
             example: an ``InputExample``.
             max_tokens: the most tokens the prompt may keep; a shortenable piece then holds at most its first
-                ``max_tokens`` (+ ``HEAD_SPARE_TOKENS``) tokens, read from a head of its text (``_encode_head``),
+                ``max_tokens`` (+ ``HEAD_SPARE_TOKENS``) tokens, read from a head of its text (``encode_head``),
                 so a megabyte question costs what its kept tokens cost. None: every piece whole.
         """
         segments: list[tuple[str, list[int], bool]] = []
@@ -275,7 +281,7 @@ class ManualTemplate(nn.Module):
                 segments.append(("special", [self._special_ids[piece.value]], False))
             else:
                 capped = piece.shortenable and max_tokens is not None
-                segments.append((piece.kind, self._encode_head(text, max_tokens) if capped else self._encode(text),
+                segments.append((piece.kind, self.encode_head(text, max_tokens) if capped else self._encode(text),
                                  piece.shortenable))
         return segments
 

@@ -287,3 +287,31 @@ def test_a_head_ends_before_whitespace_so_kept_tokens_match_the_whole_text(token
         head, tail = _ids(tokenizer, "Question:"), _ids(tokenizer, " Answer:")
         kept = max_len - 1 - len(head) - len(tail)
         assert encoded.prompt_ids[1 + len(head):-len(tail)] == _ids(tokenizer, " " + question)[:kept]
+
+
+def test_an_answer_longer_than_max_seq_l_by_itself_is_refused_without_tokenising_it_all(tokenizer):
+    wrapper = _wrapper(tokenizer, 24)
+    given = []
+    encode = wrapper.template._encode
+    wrapper.template._encode = lambda text: given.append(len(text)) or encode(text)
+    with pytest.raises(OptqaError) as info:
+        # 6 MB: it was tokenised whole, and its training row (a million tokens) overran the backbone's positions
+        wrapper.encode(InputExample(guid="q9", text_a="Why?"), target="water " * 1_000_000)
+    assert str(info.value) == ("question q9: its answer alone is longer than max_seq_l 24 tokens (answers are never "
+                               "cut; it begins 'water water water water water ')")
+    assert sum(given) < 2_000  # a head of it
+    # an answer that fits alone is kept whole, even where the template and it overrun max_seq_l (tested above)
+    assert wrapper.encode(InputExample(text_a="Why?"), target="water " * 10).target_ids == \
+        _ids(tokenizer, " " + ("water " * 10).strip()) + [tokenizer.eos_token_id]
+
+
+def test_a_data_file_that_cannot_be_read_is_one_error(tmp_path, monkeypatch):
+    path = tmp_path / "dev.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+
+    def denied(self, *args, **kwargs):  # what a file without read permission gives (root reads any file)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(OptqaError, match=rf"^cannot read data file {path} \(Permission denied\)$"):
+        read_qa_jsonl(path)

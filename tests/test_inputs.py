@@ -104,6 +104,15 @@ def test_missing_template_file(capsys, tiny_opt, data, tmp_path):
     assert message.startswith("template file not found: templates/no_such_template.txt")
 
 
+def test_an_inline_template_holding_an_undecodable_byte(capsys, tiny_opt, data, tmp_path):
+    # `--template $'Q: \xff{"placeholder":"text_a"} {"mask"}'`: Python hands argv's undecodable byte over as a lone
+    # surrogate, which the tokenizer refused with a TypeError
+    message = fail(capsys, train_args(tiny_opt, data, tmp_path, "--template",
+                                      'Q: \udcff{"placeholder":"text_a"} {"mask"}'), tmp_path)
+    assert message == ('Q: \\udcff{"placeholder":"text_a"} {"mask"}: character 3 is not text (\'\\udcff\', a lone '
+                       "surrogate); write the template in UTF-8")
+
+
 def test_bad_inline_template(capsys, tiny_opt, data, tmp_path):
     message = fail(capsys, train_args(tiny_opt, data, tmp_path, "--template", '{"placeholder":"text_a"} A:'),
                    tmp_path)

@@ -92,6 +92,13 @@ def test_answers_are_folded_onto_one_line():
     assert one_line("carbon\ndioxide\r\n and  water\u2028too ") == "carbon dioxide and  water too"
 
 
+def test_folding_keeps_runs_of_spaces_without_breaks():
+    # a long run of spaces that ends in no line break: the one-pattern fold backtracked over it (quadratic)
+    spaces = " " * 20_000
+    assert one_line(f"a{spaces}b\n{spaces}c{spaces}") == f"a{spaces}b c"
+    assert one_line(" \n\n a \r\n\u2029 \n") == "a" and one_line(spaces) == ""
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
 @pytest.mark.parametrize("ending", ["C-d", "C-c"])
 def test_a_real_terminal_edits_recalls_and_ends_on_a_fresh_line(tmp_path, ending):
