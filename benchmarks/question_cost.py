@@ -1,0 +1,76 @@
+"""What one long question costs optqa's encoding (``LMTokenizerWrapper.encode``, shared by training, evaluate, the
+question loop and serve), and how many characters the tokenizer is given.
+
+    python benchmarks/question_cost.py [--max_seq_l 128] [--repeats 3] [--sizes 30 120 1000 5000]
+
+Questions of 30 kB to 5 MB (ordinary English sentences), encoded as a prompt to answer and with a training
+target, with the tiny test tokenizer (optqa.tiny, a byte-level BPE like OPT's; no download). The cost is meant
+to stay flat: only the head of the question that can be kept is tokenised (``ManualTemplate.encode_head``), and
+the cut is made once (``optqa.data._cut_to_budget``). ``--sizes`` picks the question sizes (kB), e.g. to time an
+older optqa, whose cost grew with the square of the question, on the small ones only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SENTENCE = "Sentence 7 says that green plants need light and water to grow. "
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting calls and the characters they were given."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.calls, self.characters = tokenizer, 0, 0
+
+    def __call__(self, text, **kwargs):
+        self.calls += 1
+        self.characters += len(text)
+        return self._tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max_seq_l", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[30, 120, 1000, 5000], help="question sizes, kB")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from optqa.data import InputExample, LMTokenizerWrapper
+    from optqa.template import ManualTemplate
+    from optqa.tiny import build_opt
+
+    texts = [json.loads(line)["question"] for line in (REPO / "data" / "sample" / "train.jsonl").read_text(
+        encoding="utf-8").splitlines()] + [SENTENCE]
+    folder = build_opt(Path(tempfile.mkdtemp(prefix="optqa-question-cost-")), texts, seed=0)
+    tokenizer = CountingTokenizer(AutoTokenizer.from_pretrained(folder))
+    template = ManualTemplate(tokenizer, text=(REPO / "templates" / "answer_template.txt").read_text(encoding="utf-8"))
+    wrapper = LMTokenizerWrapper(tokenizer, template, max_seq_length=args.max_seq_l)
+    print(f"max_seq_l {args.max_seq_l}; median of {args.repeats}")
+    print("| question | target | encode ms | tokenizer calls | characters tokenised |")
+    print("| --- | --- | --- | --- | --- |")
+    for size in (int(kb * 1000) for kb in args.sizes):
+        question = (SENTENCE * (size // len(SENTENCE) + 1))[:size].strip()
+        for target in (None, "light"):
+            times = []
+            for _ in range(args.repeats):
+                tokenizer.calls = tokenizer.characters = 0
+                started = time.perf_counter()
+                wrapper.encode(InputExample(text_a=question), target=target)
+                times.append(time.perf_counter() - started)
+            print(f"| {size / 1000:g} kB | {target or '-'} | {statistics.median(times) * 1000:.1f} | {tokenizer.calls} | "
+                  f"{tokenizer.characters} |")
+
+
+if __name__ == "__main__":
+    main()
