@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: E402  (benchmarks/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 SENTENCE = "Sentence 7 says that green plants need light and water to grow. "
 
@@ -56,20 +58,30 @@ def main() -> None:
     tokenizer = CountingTokenizer(AutoTokenizer.from_pretrained(folder))
     template = ManualTemplate(tokenizer, text=(REPO / "templates" / "answer_template.txt").read_text(encoding="utf-8"))
     wrapper = LMTokenizerWrapper(tokenizer, template, max_seq_length=args.max_seq_l)
-    print(f"max_seq_l {args.max_seq_l}; median of {args.repeats}")
-    print("| question | target | encode ms | tokenizer calls | characters tokenised |")
-    print("| --- | --- | --- | --- | --- |")
+    print(common.machine_markdown(common.machine()))
+    print(f"max_seq_l {args.max_seq_l}; median of {args.repeats}. The peer: the same tokenizer given the whole "
+          "question once, as `tokenizer(question, truncation=True, max_length=...)` does before it cuts")
+    print("| question | target | encode ms | tokenizer calls | characters tokenised | peer: whole question ms | "
+          "peer / encode |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for size in (int(kb * 1000) for kb in args.sizes):
         question = (SENTENCE * (size // len(SENTENCE) + 1))[:size].strip()
+        peer = _median_ms(lambda: tokenizer(question, truncation=True, max_length=args.max_seq_l), args.repeats)
         for target in (None, "light"):
-            times = []
-            for _ in range(args.repeats):
-                tokenizer.calls = tokenizer.characters = 0
-                started = time.perf_counter()
-                wrapper.encode(InputExample(text_a=question), target=target)
-                times.append(time.perf_counter() - started)
-            print(f"| {size / 1000:g} kB | {target or '-'} | {statistics.median(times) * 1000:.1f} | {tokenizer.calls} | "
-                  f"{tokenizer.characters} |")
+            tokenizer.calls = tokenizer.characters = 0
+            ms = _median_ms(lambda: wrapper.encode(InputExample(text_a=question), target=target), args.repeats)
+            calls, characters = tokenizer.calls // args.repeats, tokenizer.characters // args.repeats
+            print(f"| {size / 1000:g} kB | {target or '-'} | {ms:.1f} | {calls} | {characters} | {peer:.1f} | "
+                  f"{peer / ms:.0f}x |")
+
+
+def _median_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
 
 
 if __name__ == "__main__":
