@@ -66,10 +66,10 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for size in (int(kb * 1000) for kb in args.sizes):
         question = (SENTENCE * (size // len(SENTENCE) + 1))[:size].strip()
-        peer = _median_ms(lambda: tokenizer(question, truncation=True, max_length=args.max_seq_l), args.repeats)
+        peer = _median_ms(lambda q=question: tokenizer(q, truncation=True, max_length=args.max_seq_l), args.repeats)
         for target in (None, "light"):
             tokenizer.calls = tokenizer.characters = 0
-            ms = _median_ms(lambda: wrapper.encode(InputExample(text_a=question), target=target), args.repeats)
+            ms = _median_ms(lambda q=question, t=target: wrapper.encode(InputExample(text_a=q), target=t), args.repeats)
             calls, characters = tokenizer.calls // args.repeats, tokenizer.characters // args.repeats
             print(f"| {size / 1000:g} kB | {target or '-'} | {ms:.1f} | {calls} | {characters} | {peer:.1f} | "
                   f"{peer / ms:.0f}x |")

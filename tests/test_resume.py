@@ -14,7 +14,6 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
