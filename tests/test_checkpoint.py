@@ -125,6 +125,10 @@ DAMAGE = {
     "manifest nested 100k deep": (lambda f: (f / ckpt.MANIFEST_NAME).write_bytes(
         b'{"format": "optqa-delta", "metrics": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
                                   r"optqa_manifest\.json: damaged manifest, not valid JSON \(nested too deeply\)$"),
+    "manifest with a 5000-digit number": (lambda f: (f / ckpt.MANIFEST_NAME).write_bytes(
+        b'{"format": "optqa-delta", "trainable_parameters": ' + b"9" * 5000 + b"}"),
+                                          r"optqa_manifest\.json: damaged manifest, not valid JSON \(a number with "
+                                          r"more digits than Python reads\)$"),
     "file entry without a real hash": (_set("files", ckpt.WEIGHTS_NAME, {"sha256": "x", "bytes": 1}),
                                        r"damaged manifest, the entry for 'delta_model\.safetensors' lacks its sha256 "
                                        r"\(64 hex digits\) or byte count$"),

@@ -366,6 +366,8 @@ def _parse_json(data: bytes, path: Path, problem: str) -> Any:
         raise OptqaError(f"{path}: {problem} ({exc})") from None
     except RecursionError:  # the parser recurses per nesting level; no file optqa writes nests deeper than 5
         raise OptqaError(f"{path}: {problem} (nested too deeply)") from None
+    except ValueError:  # Python converts no integer of over 4300 digits (sys.get_int_max_str_digits)
+        raise OptqaError(f"{path}: {problem} (a number with more digits than Python reads)") from None
 
 
 def read_config_json(path: Path, key: str, what: str) -> dict[str, Any]:
