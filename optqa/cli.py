@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import os
 import shlex
@@ -97,11 +96,13 @@ def main(argv=None) -> int:
 
 
 def _from_stdout(exc: OSError) -> bool:
-    """Whether ``exc`` is stdout's file refusing what was printed. Writing to an open stream carries no file name,
-    while optqa's own file work either names its file (open, rename, mkdir) or is turned into an ``error:`` line
-    where it happens (checkpoints, run folders); and a terminal does not refuse text."""
-    return (exc.errno in (errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT) and exc.filename is None
-            and not sys.stdout.isatty())
+    """Whether ``exc`` is stdout's file refusing what was printed (a refused write as ``write_failure`` knows
+    them). Writing to an open stream carries no file name, while optqa's own file work either names its file
+    (open, rename, mkdir) or is turned into an ``error:`` line where it happens (checkpoints, run folders); and a
+    terminal does not refuse text."""
+    from optqa.checkpoints.format import write_failure
+
+    return write_failure(exc) is not None and exc.filename is None and not sys.stdout.isatty()
 
 
 def _drop_stdout() -> None:
@@ -324,8 +325,8 @@ def answer_with_notes(model, question: str) -> str:
     """
     from optqa.data import InputExample
 
-    answer = model.answer([question])[0]
-    encoded = model.wrapper.encode(InputExample(text_a=question))
+    encoded = model.wrapper.encode(InputExample(text_a=question))  # once: it answers and says what was cut
+    answer = model.answer_encoded([encoded])[0]
     if encoded.truncated:
         answer += (f"   [question cut to its first {encoded.question_tokens} tokens to fit max_seq_l "
                    f"{model.wrapper.max_seq_length}]")
