@@ -16,10 +16,10 @@ setup(
     install_requires=[
         # install torch==2.13.0 first on CPU machines (see README): an open range would pull a CUDA build
         "torch>=2.13,<2.14",
-        "transformers>=4.57,<5.25",
+        "transformers>=4.57,<5.26",
         "peft>=0.18,<0.22",
         "safetensors>=0.4.3,<0.9",
-        "accelerate>=1.10,<1.16",
+        "accelerate>=1.10,<1.17",
         # hf:// pulls, --mode push and the model card (snapshot_download, HfApi, ModelCard)
         "huggingface_hub>=0.34,<3",
         "jsonlines>=4.0,<5",
@@ -31,6 +31,8 @@ setup(
         # --mode serve: the ASGI app and its server (both run on Windows too)
         "fastapi>=0.110,<1",
         "uvicorn>=0.29,<1",
+        # --plm_path model.gguf: transformers reads GGUF files (llama.cpp, Ollama) through this package
+        "gguf>=0.10,<1",
     ],
     # The serve tests drive the server with the official openai client (its 3.x line brings httpx2, which the
     # tests also use) and the page with selenium on Debian's chromium + chromium-driver.
