@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "push", "download",
          "import_opendelta", "serve")
-DELTA_TYPES = ("adapter", "lora", "bitfit", "soft_prompt", "prefix")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 QUANTIZE_CHOICES = ("none", "int8", "auto")
 # what a checkpoint's hyperparameters record as its "mode" besides the modes: how it was made without training
@@ -128,6 +127,16 @@ class DeltaConfig:
 
     delta_type: ClassVar[str] = ""
 
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], source: str) -> dict[str, Any]:
+        """This delta's config dict for a PEFT ``adapter_config.json`` of the PEFT method it registers as
+        (``DeltaType.peft_type``); only types PEFT has override it.
+
+        Raises:
+            OptqaError: options optqa's delta cannot reproduce.
+        """
+        raise NotImplementedError(f"{cls.delta_type} has no PEFT counterpart")
+
     def __post_init__(self) -> None:
         check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
                      f"{self.delta_type}: ")
@@ -149,7 +158,8 @@ class AdapterConfig(DeltaConfig):
     delta_type: ClassVar[str] = "adapter"
     modified_modules: list[str] = _opt(["self_attn", "fc2"], "modules whose output the adapter follows")
     bottleneck_dim: int = _opt(24, "bottleneck width")
-    non_linearity: str = _opt("gelu_new", "activation between the down and up projection (transformers' ACT2FN)")
+    non_linearity: str = _opt("gelu_new", "activation between the down and up projection (transformers' ACT2FN)",
+                              cli=False)
 
     def _check(self) -> None:
         from transformers.activations import ACT2FN
@@ -176,6 +186,29 @@ class LoraConfig(DeltaConfig):
     lora_r: int = _opt(8, "rank r")
     lora_alpha: int = _opt(16, "alpha (scale = alpha / r)")
     lora_dropout: float = _opt(0.0, "dropout on the input of the LoRA path")
+
+    # PEFT LoRA options whose non-default values change the computation in ways this config cannot express
+    PEFT_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], source: str) -> dict[str, Any]:
+        from optqa.errors import OptqaError
+
+        # an option counts when it is set and not the default ("", None, [] and {} mean unset)
+        differing = sorted(k for k, default in cls.PEFT_DEFAULTS.items()
+                           if peft_config.get(k) and peft_config.get(k) != default)
+        if differing:
+            raise OptqaError(f"{source}: LoRA option {differing[0]}={peft_config[differing[0]]!r} is not supported "
+                             "by optqa's LoRA")
+        targets = peft_config.get("target_modules")
+        if isinstance(targets, str):
+            targets = [targets]  # a single name; a regular expression would match nothing by name and is caught
+        if not targets:
+            raise OptqaError(f"{source}: the LoRA config names no target_modules")
+        return {"delta_type": cls.delta_type, "modified_modules": sorted(targets), "lora_r": peft_config["r"],
+                "lora_alpha": peft_config["lora_alpha"], "lora_dropout": peft_config.get("lora_dropout", 0.0)}
 
     def _check(self) -> None:
         from optqa.errors import OptqaError
@@ -214,6 +247,12 @@ class SoftPromptConfig(DeltaConfig):
     def _check(self) -> None:
         _positive(self, "soft_token_num")
 
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], source: str) -> dict[str, Any]:
+        _decoder_only_prompt(peft_config, source)
+        # init_text only initialises; the trained embeddings are loaded over it
+        return {"delta_type": cls.delta_type, "soft_token_num": peft_config["num_virtual_tokens"], "init_text": ""}
+
 
 @dataclass
 class PrefixConfig(DeltaConfig):
@@ -226,10 +265,87 @@ class PrefixConfig(DeltaConfig):
     def _check(self) -> None:
         _positive(self, "prefix_token_num")
 
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], source: str) -> dict[str, Any]:
+        from optqa.errors import OptqaError
 
-DELTA_CONFIGS: dict[str, type[DeltaConfig]] = {
-    cls.delta_type: cls for cls in (AdapterConfig, LoraConfig, BitFitConfig, SoftPromptConfig, PrefixConfig)}
-assert tuple(DELTA_CONFIGS) == DELTA_TYPES
+        _decoder_only_prompt(peft_config, source)
+        if peft_config.get("prefix_projection"):
+            raise OptqaError(f"{source}: prefix tuning with prefix_projection=true is not supported by optqa's prefix")
+        return {"delta_type": cls.delta_type, "prefix_token_num": peft_config["num_virtual_tokens"]}
+
+
+def _decoder_only_prompt(peft_config: dict[str, Any], source: str) -> None:
+    """Refuse a PEFT prompt-learning config for an encoder-decoder model."""
+    from optqa.errors import OptqaError
+
+    if peft_config.get("num_transformer_submodules", 1) not in (1, None):
+        raise OptqaError(f"{source}: num_transformer_submodules={peft_config['num_transformer_submodules']} (an "
+                         "encoder-decoder adapter); optqa's backbones are decoder-only")
+
+
+# ------------------------------------------------------------------------------------ the delta-type registry
+
+@dataclass(frozen=True)
+class DeltaType:
+    """Everything optqa knows about one delta method, in one entry of ``REGISTRY``: the CLI's ``--delta_type``
+    choices and flags, the option checks, the length budget, PEFT export and import, model cards, OpenDelta
+    import and the model code all read it. Adding a delta type is adding one entry (and its two classes);
+    tests/test_registry.py adds one.
+
+    Attributes:
+        config: its typed config class: options, defaults, checks; every option but those marked ``cli=False``
+            becomes a ``RunConfig`` field and a command-line flag (``flag`` metadata renames one).
+        method: ``"module:Class"`` of its ``optqa.deltas.DeltaMethod``: how it attaches for training and for
+            answering, and the parameter names it owns (imported only when a backbone is modified, so the CLI
+            starts without torch).
+        title: how people name it (model cards, ``--help``).
+        hub_tag: its Hugging Face Hub tag.
+        peft_type: PEFT's ``PeftType`` of the same method, or None where PEFT has none (no PEFT export or import).
+        virtual_tokens: the option counting positions it puts before the prompt (soft prompt, prefix), or None.
+        virtual_place: where those positions go: ``"inputs"`` (embeddings before the prompt's) or ``"cache"``
+            (keys and values in every layer's KV cache).
+        gradient_checkpointing: whether it trains under ``--gradient_checkpointing`` (a prefix does not:
+            transformers recomputes the layers without the cache that holds it).
+        opendelta: whether OpenDelta checkpoints of this type import (``--mode import_opendelta``).
+    """
+
+    config: type[DeltaConfig]
+    method: str
+    title: str
+    hub_tag: str
+    peft_type: str | None = None
+    virtual_tokens: str | None = None
+    virtual_place: str | None = None
+    gradient_checkpointing: bool = True
+    opendelta: bool = False
+
+    @property
+    def name(self) -> str:
+        """``--delta_type``'s value: the config class's ``delta_type``."""
+        return self.config.delta_type
+
+    def implementation(self) -> Any:
+        """The ``DeltaMethod`` class (imports its module, and so torch)."""
+        import importlib
+
+        module, _, name = self.method.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+REGISTRY: dict[str, DeltaType] = {entry.name: entry for entry in (
+    DeltaType(AdapterConfig, "optqa.deltas:BottleneckAdapter", "bottleneck adapter", "adapter", opendelta=True),
+    DeltaType(LoraConfig, "optqa.deltas:LoRA", "LoRA", "lora", peft_type="LORA", opendelta=True),
+    DeltaType(BitFitConfig, "optqa.deltas:BitFit", "BitFit", "bitfit", opendelta=True),
+    DeltaType(SoftPromptConfig, "optqa.deltas:SoftPrompt", "prompt tuning", "prompt-tuning",
+              peft_type="PROMPT_TUNING", virtual_tokens="soft_token_num", virtual_place="inputs"),
+    DeltaType(PrefixConfig, "optqa.deltas:Prefix", "prefix tuning", "prefix-tuning", peft_type="PREFIX_TUNING",
+              virtual_tokens="prefix_token_num", virtual_place="cache", gradient_checkpointing=False),
+)}
+DELTA_TYPES = tuple(REGISTRY)
+DELTA_CONFIGS: dict[str, type[DeltaConfig]] = {name: entry.config for name, entry in REGISTRY.items()}
+# PEFT's method names and the delta type each is
+PEFT_TYPES: dict[str, str] = {entry.peft_type: name for name, entry in REGISTRY.items() if entry.peft_type}
 
 
 def delta_config_from_dict(config: dict[str, Any], ignored: Any = ()) -> DeltaConfig:
@@ -277,9 +393,10 @@ def delta_default(delta_type: str, flag: str, cli: bool = False) -> Any:
 
 
 def flags_of(delta_type: str) -> tuple[str, ...]:
-    """The names of ``delta_type``'s options as RunConfig calls them (``non_linearity`` has no flag: the library
-    API sets it)."""
-    return tuple(f.metadata.get("flag", f.name) for f in dataclasses.fields(DELTA_CONFIGS[delta_type]))
+    """The names of ``delta_type``'s options as RunConfig calls them; an option marked ``cli=False`` (adapter's
+    ``non_linearity``) has no flag: the library API sets it."""
+    return tuple(f.metadata.get("flag", f.name) for f in dataclasses.fields(DELTA_CONFIGS[delta_type])
+                 if f.metadata.get("cli", True))
 
 
 # the CLI's modules for adapter and lora (shown in --help; lora's differs from its library default, see LoraConfig)
@@ -295,7 +412,28 @@ def _delta_flag(delta_type: str, flag: str) -> Any:
     return _opt(delta_default(delta_type, flag), f"{delta_type}: {f.metadata['help']}", resume=True)
 
 
+def _with_delta_flags(cls: type) -> type:
+    """One RunConfig field per option of every registered delta type, placed right after ``modified_modules``
+    (which several types share), so ``--help`` and the README's table list them together. Their default and help
+    are the typed config's: an option is declared once, on its delta type's config class."""
+    annotations: dict[str, Any] = {}
+    for name, hint in cls.__dict__["__annotations__"].items():
+        annotations[name] = hint
+        if name != "modified_modules":
+            continue
+        for delta_type, delta_cls in DELTA_CONFIGS.items():
+            hints = typing.get_type_hints(delta_cls)
+            for f in dataclasses.fields(delta_cls):
+                flag = f.metadata.get("flag", f.name)
+                if flag in flags_of(delta_type) and flag not in annotations and flag != "modified_modules":
+                    annotations[flag] = hints[f.name]
+                    setattr(cls, flag, _delta_flag(delta_type, flag))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@_with_delta_flags
 class RunConfig:
     """Every setting of a run: the CLI's flags, a run folder's config.json and a checkpoint's hyperparameters.
 
@@ -333,14 +471,7 @@ class RunConfig:
                                                     "lora, and bitfit, which without it takes every Linear and "
                                                     "LayerNorm of the decoder layers)", nargs="+",
                                               shown=" ".join(CLI_MODIFIED_MODULES), resume=True)
-    # each delta type's own options: default and help come from its typed config (AdapterConfig, ...)
-    bottleneck_dim: int = _delta_flag("adapter", "bottleneck_dim")
-    lora_r: int = _delta_flag("lora", "lora_r")
-    lora_alpha: int = _delta_flag("lora", "lora_alpha")
-    lora_dropout: float = _delta_flag("lora", "lora_dropout")
-    soft_token_num: int = _delta_flag("soft_prompt", "soft_token_num")
-    soft_init_text: str = _delta_flag("soft_prompt", "soft_init_text")
-    prefix_token_num: int = _delta_flag("prefix", "prefix_token_num")
+    # here _with_delta_flags puts each registered delta type's own options (--bottleneck_dim, --lora_r, ...)
 
     # OpenPrompt ManualTemplate file (or inline template text)
     template: str = _opt(DEFAULT_TEMPLATE, "template file in templates/ (or inline template text)", resume=True)

@@ -12,17 +12,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from optqa.config import MODES, RunConfig
+from optqa.config import DELTA_TYPES, MODES, REGISTRY, RunConfig, flags_of
 from optqa.errors import OptqaError
 
-# Delta-specific flags and the delta types that read them (--delta_type itself chooses).
+# Delta-specific flags and the delta types that read them (--delta_type itself chooses), from the registry.
 DELTA_FLAGS: dict[str, tuple[str, ...]] = {
-    "modified_modules": ("adapter", "lora", "bitfit"),
-    "bottleneck_dim": ("adapter",),
-    "lora_r": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",),
-    "soft_token_num": ("soft_prompt",), "soft_init_text": ("soft_prompt",),
-    "prefix_token_num": ("prefix",),
-}
+    flag: tuple(t for t in DELTA_TYPES if flag in flags_of(t))
+    for flag in dict.fromkeys(flag for t in DELTA_TYPES for flag in flags_of(t))}
 
 _DATA = {"data_path", "train_file", "dev_file", "test_file", "question_field", "answers_field", "id_field"}
 _DOWNLOAD = {"data_url", "allow_checksum_mismatch"}
@@ -87,20 +83,17 @@ class Combination:
     refused: Callable[[RunConfig], bool] | None = None
 
 
-def _delta(name: str) -> Callable[[RunConfig], bool]:
-    return lambda config: config.delta_type == name
-
-
 BY_HAND = "works: checked by hand (2 CPU processes, trains, saves and answers)"
 # optqa.quantize raises the same lines for library callers (and for a precision a checkpoint recorded)
 QUANTIZE_WITH_PRECISION = ("--quantize int8 computes around its int8 matmuls in fp32; it cannot be combined with "
                            "--precision bf16 or fp16")
 QUANTIZE_WITH_FSDP = "--quantize int8 needs the whole backbone in one process; it cannot be combined with --fsdp"
 COMBINATIONS: tuple[Combination, ...] = (
-    Combination("--delta_type prefix", "--gradient_checkpointing",
-                "--delta_type prefix cannot be combined with --gradient_checkpointing (transformers recomputes the "
-                "layers without the prefix positions); drop --gradient_checkpointing or choose another --delta_type",
-                lambda c: c.delta_type == "prefix" and c.gradient_checkpointing),
+    *(Combination(f"--delta_type {name}", "--gradient_checkpointing",
+                  f"--delta_type {name} cannot be combined with --gradient_checkpointing (transformers recomputes the "
+                  "layers without the prefix positions); drop --gradient_checkpointing or choose another --delta_type",
+                  lambda c, name=name: c.delta_type == name and c.gradient_checkpointing)
+      for name, entry in REGISTRY.items() if not entry.gradient_checkpointing),
     Combination("--delta_type adapter", "--gradient_checkpointing",
                 "works, same losses: tests/test_distributed.py::test_gradient_checkpointing_gives_the_same_losses"),
     Combination("--delta_type lora, bitfit, soft_prompt", "--gradient_checkpointing",
@@ -254,10 +247,9 @@ def positions_needed(config: RunConfig, delta: dict | None = None) -> list[tuple
     """
     delta = delta if delta is not None else config.delta_config()
     needed = [("--max_seq_l", config.max_seq_l), ("--max_new_tokens", config.max_new_tokens)]
-    if delta.get("delta_type") == "soft_prompt":
-        needed.append(("--soft_token_num", int(delta.get("soft_token_num", 0))))
-    elif delta.get("delta_type") == "prefix":
-        needed.append(("--prefix_token_num", int(delta.get("prefix_token_num", 0))))
+    entry = REGISTRY.get(delta.get("delta_type"))
+    if entry is not None and entry.virtual_tokens:
+        needed.append((f"--{entry.virtual_tokens}", int(delta.get(entry.virtual_tokens, 0))))
     return needed
 
 

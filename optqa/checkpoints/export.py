@@ -14,11 +14,12 @@ from optqa.checkpoints.bundle import BUNDLE_SUFFIX, default_bundle_path, open_ch
 from optqa.checkpoints.format import read_manifest, write_folder_atomically
 from optqa.checkpoints.hub import default_export_name, pin_source
 from optqa.checkpoints.inspect import metrics_text, training_text
+from optqa.config import REGISTRY
 
 PEFT_SUFFIX = "-peft"
 PEFT_TEMPLATE_NAME = "optqa_template.txt"
-# Delta types PEFT implements; optqa's adapter and BitFit have no PEFT counterpart.
-PEFT_METHODS = {"lora": "LoRA", "soft_prompt": "prompt tuning", "prefix": "prefix tuning"}
+# Delta types PEFT implements, by the name cards give them (the registry's); optqa implements the others itself.
+PEFT_METHODS = {name: entry.title for name, entry in REGISTRY.items() if entry.peft_type}
 
 
 def peft_folder_for(bundle: Path) -> Path:

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from optqa.checkpoints.format import load_pickled_tensors, read_config_json
-from optqa.config import RunConfig
+from optqa.config import REGISTRY, RunConfig
 from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_BIN_NAME = "pytorch_model.bin"
-IMPORTABLE = ("adapter", "lora", "bitfit")
+IMPORTABLE = tuple(name for name, entry in REGISTRY.items() if entry.opendelta)
 
 
 def read_opendelta(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], Path]:

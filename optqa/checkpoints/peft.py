@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from optqa.checkpoints.format import MANIFEST_NAME, read_config_json
+from optqa.config import DELTA_CONFIGS, PEFT_TYPES
 from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # optqa's PEFT export writes the prompt format beside the adapter (see sharing.PEFT_TEMPLATE_NAME)
 TEMPLATE_FILE_NAME = "optqa_template.txt"
-PEFT_TYPES = {"LORA": "lora", "PROMPT_TUNING": "soft_prompt", "PREFIX_TUNING": "prefix"}
-# LoRA options whose non-default values change the computation in ways optqa's LoRA config cannot express.
-_LORA_DEFAULTS = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
-                  "fan_in_fan_out": False, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def is_peft_adapter(folder: Path) -> bool:
@@ -55,34 +52,12 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 
 
 def delta_config_from_peft(config: dict[str, Any], source: str) -> dict[str, Any]:
-    """optqa's delta config for a PEFT adapter config.
+    """optqa's delta config for a PEFT adapter config: the registered delta type of its ``peft_type`` maps it.
 
     Raises:
         OptqaError: options optqa's delta cannot reproduce (DoRA, rsLoRA, biases, patterns, projections, ...).
     """
-    delta_type = PEFT_TYPES[config["peft_type"]]
-    if delta_type == "lora":
-        # an option counts when it is set and not the default ("", None, [] and {} mean unset)
-        differing = sorted(k for k, default in _LORA_DEFAULTS.items() if config.get(k) and config.get(k) != default)
-        if differing:
-            raise OptqaError(f"{source}: LoRA option {differing[0]}={config[differing[0]]!r} is not supported by "
-                             "optqa's LoRA")
-        targets = config.get("target_modules")
-        if isinstance(targets, str):
-            targets = [targets]  # a single name; a regular expression would match nothing by name and is caught
-        if not targets:
-            raise OptqaError(f"{source}: the LoRA config names no target_modules")
-        return {"delta_type": "lora", "modified_modules": sorted(targets), "lora_r": config["r"],
-                "lora_alpha": config["lora_alpha"], "lora_dropout": config.get("lora_dropout", 0.0)}
-    if config.get("num_transformer_submodules", 1) not in (1, None):
-        raise OptqaError(f"{source}: num_transformer_submodules={config['num_transformer_submodules']} (an "
-                         "encoder-decoder adapter); optqa's backbones are decoder-only")
-    if delta_type == "soft_prompt":
-        # init_text only initialises; the trained embeddings are loaded over it
-        return {"delta_type": "soft_prompt", "soft_token_num": config["num_virtual_tokens"], "init_text": ""}
-    if config.get("prefix_projection"):
-        raise OptqaError(f"{source}: prefix tuning with prefix_projection=true is not supported by optqa's prefix")
-    return {"delta_type": "prefix", "prefix_token_num": config["num_virtual_tokens"]}
+    return DELTA_CONFIGS[PEFT_TYPES[config["peft_type"]]].from_peft(config, source)
 
 
 def check_base_model(config: dict[str, Any], plm_path: str, source: str, ignore_mismatch: bool) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from optqa.checkpoints.export import python_string
 from optqa.checkpoints.format import library_versions
 from optqa.checkpoints.hub import LOGIN_HINT, validate_repo_id
+from optqa.config import REGISTRY
 from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,7 @@ def _base_model(config, explicit: set[str], manifest: dict[str, Any]) -> str | N
     return name
 
 
-METHOD_TAGS = {"lora": "lora", "soft_prompt": "prompt-tuning", "prefix": "prefix-tuning", "adapter": "adapter",
-               "bitfit": "bitfit"}
+METHOD_TAGS = {name: entry.hub_tag for name, entry in REGISTRY.items()}
 
 
 def prompt_preview(template: str, question: str) -> str:
