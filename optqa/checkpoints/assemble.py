@@ -18,7 +18,7 @@ from optqa.checkpoints.peft import (
     is_peft_adapter,
     read_adapter_config,
 )
-from optqa.config import REPO_ROOT, RunConfig, find_repo_file
+from optqa.config import REGISTRY, REPO_ROOT, RunConfig, find_repo_file
 from optqa.deltas import (
     PEFT_PROMPT_LEARNING,
     AutoDeltaConfig,
@@ -327,7 +327,7 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
                          f"({str(exc).strip().splitlines()[-1].strip()})") from None
     unexpected = list(result.unexpected_keys)
     missing = sorted(k for k in result.missing_keys if is_delta_parameter(k))
-    if delta["delta_type"] != "lora":
+    if REGISTRY[delta["delta_type"]].virtual_tokens:
         # PEFT loads a prompt-learning adapter's one tensor (prompt_embeddings) into its prompt encoder itself,
         # outside load_state_dict: check it arrived instead of trusting the two lists
         unexpected = [k for k in unexpected if k != "prompt_embeddings"]
