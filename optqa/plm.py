@@ -32,11 +32,13 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
     log.info("loading backbone %s", model_path)
 
     local = Path(model_path).expanduser()
+    source, offline = _source(model_path)
+    if offline:
+        log.info("%s: loading %s from the Hugging Face cache (%s)", offline, model_path, source)
     try:
-        model_config = AutoConfig.from_pretrained(str(local) if local.exists() else model_path)
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else model_path)
-        plm = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else model_path,
-                                                   dtype=dtype or torch.float32)
+        model_config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        plm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         if local.exists():
             raise OptqaError(f"could not load the backbone from {local} (--plm_path needs a Hugging Face model "
@@ -59,6 +61,38 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
         plm.generation_config.pad_token_id = tokenizer.pad_token_id
     plm.config.use_cache = True
     return plm, tokenizer, model_config, LMTokenizerWrapper
+
+
+def _source(model_path: str) -> tuple[str, str | None]:
+    """What transformers' ``from_pretrained`` is given for ``--plm_path``, and why the Hub is not asked.
+
+    With ``HF_HUB_OFFLINE`` set or a Hub that cannot be reached (``optqa.hub_access``), a Hub id is replaced by
+    its cached snapshot folder (``snapshot_download(local_files_only=True)``): a cached copy then loads at once,
+    and transformers, which still asks the Hub for optional files such as ``adapter_config.json`` when given a
+    name, never waits on retries.
+
+    Returns:
+        ``(source, offline)``: a folder's path or the Hub id, and the reason the Hub is not asked (or None).
+    Raises:
+        OptqaError: the Hub is not asked and the backbone is not in the cache.
+    """
+    local = Path(model_path).expanduser()
+    if local.exists() or _looks_like_a_path(model_path):
+        return (str(local) if local.exists() else model_path), None
+    from optqa.hub_access import offline_reason
+
+    offline = offline_reason()
+    if offline is None:
+        return model_path, None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model_path, local_files_only=True), offline
+    except (LocalEntryNotFoundError, ValueError, OSError):  # ValueError: not a valid Hub id
+        raise OptqaError(f"backbone '{model_path}' is not a local folder and not in the Hugging Face cache, and "
+                         f"{offline}: pass --plm_path /path/to/local/{Path(model_path).name} (a copy saved on a "
+                         "connected machine)") from None
 
 
 def _looks_like_a_path(name: str) -> bool:
@@ -121,10 +155,9 @@ def backbone_max_positions(model_path: str) -> int | None:
     """
     from transformers import AutoConfig
 
-    local = Path(model_path).expanduser()
     try:
-        config = AutoConfig.from_pretrained(str(local) if local.exists() else model_path)
-    except (OSError, ValueError):
+        config = AutoConfig.from_pretrained(_source(model_path)[0])
+    except (OSError, ValueError, OptqaError):  # load_plm then reports why
         return None
     return max_positions_of(config.to_dict())
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MEMORY_SET, REPO, run_cli
+from conftest import MEMORY_SET, REPO, run_cli, train_args
 
 from optqa.checkpoints.format import MANIFEST_NAME, WEIGHTS_NAME, sha256_file
 from optqa.errors import OptqaError
@@ -335,10 +335,40 @@ def test_push_and_pull_without_network_fail_fast(ckpts, tmp_path, closed_port):
     line = _one_line_error(run_cli("--mode", "inspect", "--delta_save_path", f"hf://{REPO_ID}@v2",
                                    env={**env, "HF_TOKEN": ""}))
     assert line == (f"error: hf://{REPO_ID}@v2 is not in the Hugging Face cache ({tmp_path / 'empty-cache'}) and "
-                    f"the Hub at {endpoint} cannot be reached: pull it once with network access (python -m optqa "
+                    f"the Hub at {endpoint} cannot be reached (127.0.0.1:{closed_port}: connection refused): pull it "
+                    f"once with network access (python -m optqa "
                     f"--mode inspect --delta_save_path hf://{REPO_ID}@v2), or copy that cache folder from a machine "
                     "that has it")
     assert time.monotonic() - start < 20  # two interpreter start-ups; no retries with back-off
+
+
+def test_a_hub_backbone_without_network_fails_at_once_or_loads_from_the_cache(tiny_opt, memory_data, tmp_path,
+                                                                                closed_port):
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    cache = tmp_path / "hub-cache"
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_CACHE": str(cache)}
+    result = run_cli(*train_args(Path("facebook/opt-125m"), memory_data, tmp_path / "out"), env=env)
+    # one probe instead of huggingface_hub's five retries per file (~50 s of "Retrying in 8s" lines before)
+    assert "Retrying" not in result.stderr
+    assert _one_line_error(result) == (
+        f"error: backbone 'facebook/opt-125m' is not a local folder and not in the Hugging Face cache, and the Hub at "
+        f"{endpoint} cannot be reached (127.0.0.1:{closed_port}: connection refused): pass --plm_path "
+        "/path/to/local/opt-125m (a copy saved on a connected machine)")
+
+    # the same name cached as huggingface_hub caches a download: it loads from there, without asking the Hub
+    snapshot = cache / "models--tiny--opt" / "snapshots" / COMMIT_MAIN
+    snapshot.mkdir(parents=True)
+    for file in tiny_opt.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (cache / "models--tiny--opt" / "refs").mkdir()
+    (cache / "models--tiny--opt" / "refs" / "main").write_text(COMMIT_MAIN)
+    result = run_cli(*train_args(Path("tiny/opt"), memory_data, tmp_path / "out", "--max_steps", "1",
+                                 "--train_epochs", "1", "--max_new_tokens", "2"), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"the Hub at {endpoint} cannot be reached (127.0.0.1:{closed_port}: connection refused): loading "
+            f"tiny/opt from the Hugging Face cache ({snapshot})") in result.stderr
+    assert "Retrying" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------- pull

@@ -103,9 +103,12 @@ def pull(ref: HubRef) -> Pulled:
         RevisionNotFoundError,
     )
 
+    from optqa.hub_access import hub_unreachable
+
     revision = ref.revision or "main"
+    unreachable = hub_unreachable()  # then the cache alone, at once, instead of a minute of retries
     try:
-        folder = Path(snapshot_download(ref.repo_id, revision=revision))
+        folder = Path(snapshot_download(ref.repo_id, revision=revision, local_files_only=bool(unreachable)))
     except GatedRepoError:
         raise OptqaError(f"{ref}: the repository is gated; accept its conditions on the Hub and {LOGIN_HINT}") from None
     except RevisionNotFoundError:
@@ -119,7 +122,7 @@ def pull(ref: HubRef) -> Pulled:
             raise OptqaError(f"{ref}: the cached snapshot is incomplete and the Hub cannot be reached; pull it "
                              "again with network access") from None
         why = ("HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE
-               else f"the Hub at {constants.ENDPOINT} cannot be reached")
+               else f"the Hub at {constants.ENDPOINT} cannot be reached" + (f" ({unreachable})" if unreachable else ""))
         raise OptqaError(f"{ref} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: pull it "
                          f"once with network access (python -m optqa --mode inspect --delta_save_path {ref}), "
                          "or copy that cache folder from a machine that has it") from None
