@@ -37,8 +37,9 @@ setup(
     # The serve tests drive the server with the official openai client (its 3.x line brings httpx2, which the
     # tests also use) and the page with selenium on Debian's chromium + chromium-driver.
     # "plot" stays as an empty extra: older instructions say ".[dev,plot]".
+    # tensorboard: the tests read back what --report_to tensorboard wrote (users install their own tracker)
     extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24", "pyyaml>=6,<7", "openai>=3.57,<4",
-                            "selenium>=4.11,<5"],
+                            "selenium>=4.11,<5", "tensorboard>=2.21,<3"],
                     "plot": []},
     package_data={"optqa": ["static/*.html"]},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},

@@ -19,6 +19,8 @@ MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "expor
          "import_opendelta", "serve")
 DEFAULT_TEMPLATE = "templates/answer_template.txt"
 QUANTIZE_CHOICES = ("none", "int8", "auto")
+# --report_to: accelerate's tracker names, and the module each needs
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 # what a checkpoint's hyperparameters record as its "mode" besides the modes: how it was made without training
 CHECKPOINT_ORIGINS = ("import_peft", "import_opendelta", "save_finetuned")
 
@@ -569,6 +571,11 @@ class RunConfig:
     merge_lora: bool = _opt(True, "merge LoRA weights for inference-only modes")
     # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
     max_steps: int = _opt(0, "stop after N optimiser steps (0: no limit)")
+    # accelerate's trackers, beside the run folder's own logs (which are always written)
+    report_to: list[str] | None = _opt(None, "also log the losses, dev/test F1 and EM and the settings to these "
+                                             "experiment trackers (accelerate's): tensorboard (events in the run "
+                                             "folder), wandb, mlflow; each must be installed", nargs="+",
+                                       choices=TRACKERS)
 
     def __post_init__(self) -> None:
         # one resolved value for --modified_modules, whatever the delta type: the manifest's hyperparameters and

@@ -34,7 +34,8 @@ _LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_
 # The flags each mode reads (besides --mode). The demo builds its own backbone, save folders and dev file.
 MODE_FLAGS: dict[str, frozenset[str]] = {
     "train": frozenset(_DATA | _DOWNLOAD | _DELTA | _TRAINING | {"plm_name", "plm_path", "delta_save_path",
-                                                                   "raw_delta_save_path", "ignore_backbone_mismatch"}),
+                                                                   "raw_delta_save_path", "ignore_backbone_mismatch",
+                                                                   "report_to"}),
     "evaluate": frozenset(_DATA | _LOADING | {"eval_batch_size", "split", "predictions_file", "compare_file",
                                               "output_dir"}),
     "interactive_inference": frozenset(_LOADING),

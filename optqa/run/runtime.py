@@ -26,6 +26,7 @@ def make_accelerator(config):
     is done by the training loop (see ``optqa.run.training._optimiser_step``), so accelerate's stays at 1.
     """
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     use_cpu = config.cpu or not torch.cuda.is_available()
     dtype = autocast_dtype(config.precision, torch.device("cpu" if use_cpu else "cuda"))
@@ -38,7 +39,11 @@ def make_accelerator(config):
     plugin = fsdp_plugin(config)
     launcher_flag = os.environ.get("ACCELERATE_USE_FSDP")
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed, fsdp_plugin=plugin,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              log_with=config.report_to or None,
+                              # trackers with files (tensorboard) need a folder now; the run folder, made later,
+                              # replaces it before they start (optqa.run.trackers.start)
+                              project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir))
     # given a plugin, accelerate sets ACCELERATE_USE_FSDP=true for the whole process (and its children), which
     # would turn the next run in this process, or a run it starts, into an FSDP run: only a launcher may set it
     if launcher_flag is None:

@@ -38,6 +38,7 @@ from optqa.hardware import autocast_dtype, configure_threads, is_sharded, parame
 from optqa.quantize import int8_while_scoring, resolve_quantize
 from optqa.run.evaluation import evaluate
 from optqa.run.folder import METRICS_NAME, STEPS_NAME, RunFolder, plot_learning_curve
+from optqa.run import trackers
 from optqa.run.runtime import make_accelerator, quiet_fsdp_views
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class TrainingRecipe:
 
         config = self.config
         check_run(config)
+        trackers.check_trackers(config.report_to)
         check_length_budget(config, backbone_max_positions(config.plm_path), config.plm_path)
         self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
@@ -260,6 +262,8 @@ class TrainingRecipe:
                 self.run_folder = RunFolder.create(config.output_dir, "train", self.main)
             state.run_dir = str(self.run_folder.path.resolve())
             self.run_folder.write_config(config)
+        if config.report_to:
+            trackers.start(self.accelerator, self.run_folder.path, config.to_dict())
         self.manifest_base = dict(delta_config=self.model.delta.config.to_dict(), template_text=self.template_text,
                                   backbone=self.backbone, hyperparameters=config.to_dict(),
                                   trainable_parameters=self.model.num_trainable_parameters())
@@ -360,6 +364,8 @@ class TrainingRecipe:
         """Append rows to a jsonl log of the run folder; a failed write is a ``RunNotSaved``."""
         with self.writing(f"the log {name}", self.run_folder.path):
             self.run_folder.append(name, rows)
+        if self.config.report_to:
+            trackers.log_rows(self.accelerator, name, rows, self.state.global_step)
 
     @contextlib.contextmanager
     def writing(self, what: str, path: Path):
