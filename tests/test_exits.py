@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -189,3 +190,22 @@ def test_a_typed_or_occupied_checkpoint_folder_gets_the_loaders_reason(tmp_path,
     assert main(["--mode", "inspect"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: delta_ckpts is not an optqa checkpoint: optqa_manifest.json is missing")
+
+
+def test_ctrl_c_at_the_question_prompt_is_status_130(checkpoint):
+    """Issue 29: SIGINT (Ctrl-C) while the question loop waits for a question ends it as "Ways out" says: one
+    `interrupted` line, status 130, the answers given so far kept."""
+    process = subprocess.Popen([sys.executable, "-m", "optqa", "--mode", "interactive_inference", "--delta_save_path",
+                                str(checkpoint)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        process.stdin.write("What is frozen water called?\n")
+        process.stdin.flush()
+        lines = [process.stdout.readline() for _ in range(3)]  # prompt, answer, the prompt waiting for the next
+        assert [lines[0], lines[2]] == ["Input a question:\n"] * 2 and lines[1].startswith("Answer: "), lines
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert (process.returncode, out) == (130, "\n")  # the shell's prompt comes back on a fresh line
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
