@@ -827,5 +827,19 @@ def test_the_page_answers_with_every_chosen_delta(server):
             return [el.get_attribute("data-model") for el in b.find_elements(By.CSS_SELECTOR, ".answer[data-done='1']")]
 
         wait.until(lambda b: answered(b) == ["lora"])
+
+        # issue 29: a refused ask clears the previous answers, which would otherwise read as answers to it
+        question = browser.find_element(By.ID, "question")
+        question.clear()
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "type a question first")
+        assert browser.find_elements(By.CSS_SELECTOR, ".card") == []
+        question.send_keys(QUESTIONS[3])
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: answered(b) == ["lora"])
+        browser.find_element(By.CSS_SELECTOR, ".delta-choice[value='lora']").click()  # nothing chosen now
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "choose at least one delta")
+        assert browser.find_elements(By.CSS_SELECTOR, ".card") == []
     finally:
         browser.quit()
