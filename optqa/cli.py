@@ -33,7 +33,7 @@ modes:
   import_opendelta       convert an OpenDelta checkpoint (config.json + pytorch_model.bin)
   download               fetch ARC-DA v1.1 into --data_path and check it
   serve                  answer over HTTP with several deltas on one backbone: OpenAI-style
-                         /v1/completions and /v1/models, and a web page at /"""
+                         /v1/completions, /v1/chat/completions and /v1/models, and a web page at /"""
 
 
 def build_parser() -> argparse.ArgumentParser:
