@@ -84,7 +84,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NUMBER = ((int, float), "a number")
 COMMON_NEUTRAL = {"n": ((int,), "an integer", (1,)), "presence_penalty": (*NUMBER, (0,)),
                   "frequency_penalty": (*NUMBER, (0,)), "logit_bias": ((dict,), "an object", ({},))}
-# the fields OpenAI defines for both endpoints; a field no Endpoint takes is refused, as OpenAI refuses it
+# the fields OpenAI defines for both endpoints; a field its Endpoint does not take is refused, as OpenAI refuses it
 COMMON_FIELDS = {"model", "temperature", "top_p", "stop", "stream", "stream_options", "seed", "user"}
 
 
