@@ -33,7 +33,7 @@ modes:
   import_opendelta       convert an OpenDelta checkpoint (config.json + pytorch_model.bin)
   download               fetch ARC-DA v1.1 into --data_path and check it
   serve                  answer over HTTP with several deltas on one backbone: OpenAI-style
-                         /v1/completions and /v1/models, and a web page at /"""
+                         /v1/completions, /v1/chat/completions and /v1/models, and a web page at /"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +195,31 @@ def configure_logging() -> None:
 
 # ------------------------------------------------------------------------------------------ one per --mode
 
+# what a fresh clone's delta_ckpts/ holds: files that keep the folder in git, not a checkpoint
+PLACEHOLDERS = frozenset({"README.md", ".gitkeep"})
+
+
+def no_delta_yet(config: RunConfig, explicit: set[str]) -> None:
+    """Refuse, saying what to do first, a mode that reads the default --delta_save_path before any delta was saved
+    there: on a fresh clone ./delta_ckpts/ holds only its README, and "optqa_manifest.json is missing" would be
+    true but tell a newcomer nothing.
+
+    Raises:
+        OptqaError: --delta_save_path was not typed and its folder is missing or holds only ``PLACEHOLDERS``.
+    """
+    from optqa.checkpoints.format import MANIFEST_NAME, resolve_folder
+
+    if "delta_save_path" in explicit:
+        return
+    folder = resolve_folder(config.delta_save_path)
+    if (folder / MANIFEST_NAME).is_file() or (folder.is_dir() and {p.name for p in folder.iterdir()} - PLACEHOLDERS):
+        return  # a checkpoint, or files the loader names in its own refusal
+    raise OptqaError(f"no delta in {config.delta_save_path} yet (the default --delta_save_path): train one first "
+                     "(python -m optqa --mode train --plm_path facebook/opt-125m), or run the offline demo "
+                     "(python -m optqa --mode demo) and pass the --delta_save_path it prints; or name a checkpoint "
+                     "with --delta_save_path (a folder, a .optqa bundle or hf://OWNER/NAME)")
+
+
 def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default: str, background: bool = False):
     """A checkpoint rebuilds everything; only flags the user typed override what it recorded.
 
@@ -205,6 +230,7 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
     from optqa.hardware import configure_threads
     from optqa.quantize import prepare_for_answering
 
+    no_delta_yet(config, explicit)
     configure_threads(config.num_threads)
     overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision")
                  if k in explicit}
@@ -355,6 +381,7 @@ def download_mode(config: RunConfig, explicit: set[str]) -> int:
 def inspect_mode(config: RunConfig, explicit: set[str]) -> int:
     from optqa.checkpoints.inspect import inspect_checkpoint
 
+    no_delta_yet(config, explicit)
     print("\n".join(inspect_checkpoint(config.delta_save_path)))
     return 0
 
@@ -362,6 +389,7 @@ def inspect_mode(config: RunConfig, explicit: set[str]) -> int:
 def export_mode(config: RunConfig, explicit: set[str]) -> int:
     from optqa.checkpoints.export import export_checkpoint
 
+    no_delta_yet(config, explicit)
     for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
                                   plm_path=config.plm_path if "plm_path" in explicit else None,
                                   ignore_backbone_mismatch=config.ignore_backbone_mismatch,
@@ -373,6 +401,7 @@ def export_mode(config: RunConfig, explicit: set[str]) -> int:
 def push_mode(config: RunConfig, explicit: set[str]) -> int:
     from optqa.checkpoints.push import push as push_to_hub
 
+    no_delta_yet(config, explicit)
     for line in push_to_hub(config, explicit):
         print(line)
     return 0
@@ -403,6 +432,8 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
         url_of,
     )
 
+    if not config.deltas:  # --delta_save_path is served as "default"
+        no_delta_yet(config, explicit)
     deltas = parse_delta_specs(config.deltas, config.delta_save_path)
     api_key = api_key_from(config.api_key, os.environ)
     hosts = allowed_hosts_for(config.host, config.allowed_hosts)

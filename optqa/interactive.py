@@ -1,4 +1,5 @@
-"""The question-answering REPL: ``Input a question:`` -> ``Answer: ...`` until quit(), EOF or Ctrl-C.
+"""The question-answering REPL: ``Input a question:`` -> ``Answer: ...`` until quit(), EOF or Ctrl-C (which the
+command line ends with ``interrupted`` and status 130, the shells' convention for SIGINT).
 
 In a terminal the question is read by prompt_toolkit (line editing with the arrow keys, history kept in a file
 and recalled with Up, on Linux, macOS and the Windows console alike); piped input is read line by line as
@@ -66,7 +67,9 @@ def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None, s
         session: a prompt_toolkit ``PromptSession`` to read questions with; by default one is made when stdin
             and stdout are both terminals, and piped input is read line by line.
     Returns:
-        How many questions were answered.
+        How many questions were answered (after quit() or the end of input).
+    Raises:
+        KeyboardInterrupt: Ctrl-C, at the prompt or while answering, once the terminal's line is ended.
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -111,4 +114,5 @@ def repl(answer_fn, stdin: TextIO | None = None, stdout: TextIO | None = None, s
         # question, has already ended its line)
         if not prompting:
             print(file=stdout, flush=True)
+        raise
     return answered

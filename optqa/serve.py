@@ -1,12 +1,15 @@
-"""``--mode serve``: several verified deltas on one backbone behind an OpenAI-style completions API and a page.
+"""``--mode serve``: several verified deltas on one backbone behind an OpenAI-style API and a page.
 
-The shape is OpenAI's completions API as vLLM exposes LoRA adapters: each delta is a "model" named on the
-command line, so the official ``openai`` client, curl and existing tools work unchanged.
+The shape is OpenAI's completions and chat completions API as vLLM exposes LoRA adapters: each delta is a "model"
+named on the command line, so the official ``openai`` client, curl and existing tools work unchanged.
 
 - ``GET /v1/models`` (and ``/v1/models/{name}``): one entry per delta, with its type, template, SHA-256,
   size, backbone and the dev/test scores its manifest recorded;
 - ``POST /v1/completions``: ``model``, ``prompt`` (a question or a list), ``max_tokens``, ``temperature``,
   ``stop``, ``stream``; each question goes through that delta's own template, as in the question loop;
+- ``POST /v1/chat/completions``: the same with ``messages`` holding one message, the user's question (a delta
+  is trained on single questions: a system prompt or earlier turns are refused, not ignored), and
+  ``max_completion_tokens`` (or ``max_tokens``); both endpoints share every check, the batching and the errors;
 - ``GET /health``; ``GET /``: the page (``optqa/static/index.html``: no CDN, no build step).
 
 Every field of a request is checked before any work is queued (4xx in OpenAI's error shape, never exception
@@ -21,7 +24,8 @@ short window after the first question, then answers everything queued for the sa
 
 Only greedy decoding exists (the question loop's): ``temperature`` above 0 is refused with a 400 rather than
 silently answered greedily. Answers are produced whole by a batch, so ``stream: true`` sends each answer as
-one server-sent text event, then its ``finish_reason`` event, then ``data: [DONE]``, as OpenAI does.
+one server-sent text event (chat: after a ``role`` event), then its ``finish_reason`` event, then
+``data: [DONE]``, as OpenAI does.
 """
 from __future__ import annotations
 
@@ -75,16 +79,13 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # OpenAI parameters that would change the answer in ways greedy answering cannot honour: refused when given
-# with anything but their neutral value
+# with anything but their neutral value (both endpoints; each adds its own in its Endpoint)
 # name -> (JSON types accepted, what the message calls them, the neutral values)
 NUMBER = ((int, float), "a number")
-NEUTRAL = {"n": ((int,), "an integer", (1,)), "best_of": ((int,), "an integer", (1,)),
-           "echo": ((bool,), "a boolean", (False,)), "logprobs": ((int,), "an integer", ()),
-           "suffix": ((str,), "a string", ("",)), "presence_penalty": (*NUMBER, (0,)),
-           "frequency_penalty": (*NUMBER, (0,)), "logit_bias": ((dict,), "an object", ({},))}
-# the completions fields OpenAI defines; anything else is refused, as OpenAI refuses it
-FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed",
-          "user", *NEUTRAL}
+COMMON_NEUTRAL = {"n": ((int,), "an integer", (1,)), "presence_penalty": (*NUMBER, (0,)),
+                  "frequency_penalty": (*NUMBER, (0,)), "logit_bias": ((dict,), "an object", ({},))}
+# the fields OpenAI defines for both endpoints; a field its Endpoint does not take is refused, as OpenAI refuses it
+COMMON_FIELDS = {"model", "temperature", "top_p", "stop", "stream", "stream_options", "seed", "user"}
 
 
 class RequestError(Exception):
@@ -235,6 +236,8 @@ class Job:
     questions: list[str]
     max_tokens: int | None
     future: asyncio.Future
+    # the request's fields its refusals name: where its questions are, and its max_tokens
+    params: tuple[str, str] = ("prompt", "max_tokens")
     queued: float = field(default_factory=time.perf_counter)
     encoded: list = field(default_factory=list)  # optqa.data.Encoded, one per question
 
@@ -293,8 +296,11 @@ class Batcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    async def answer(self, name: str, questions: list[str], max_tokens: int | None) -> list[Answered]:
+    async def answer(self, name: str, questions: list[str], max_tokens: int | None,
+                     params: tuple[str, str] = ("prompt", "max_tokens")) -> list[Answered]:
         """This request's answers, in the order of ``questions``; cancelling the call drops the request.
+
+        ``params`` are the request's fields that hold its questions and its max_tokens (named in its refusals).
 
         Raises:
             RequestError: this request's questions cannot be encoded, ``max_tokens`` does not fit the model's
@@ -303,7 +309,7 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         self.waiting += 1
         try:
-            await self._queue.put(Job(name, questions, max_tokens, future))
+            await self._queue.put(Job(name, questions, max_tokens, future, params))
             return await future
         finally:
             self.waiting -= 1
@@ -378,7 +384,7 @@ class Batcher:
             except Exception:  # the tokenizer refused this request's text: it alone fails
                 log.exception("encoding a request's prompt for %s failed", job.name)
                 results.append(RequestError(400, "the prompt could not be encoded by this model's tokenizer",
-                                            "prompt"))
+                                            job.params[0]))
                 continue
             lengths = [len(e.prompt_ids) for e in job.encoded]
             max_tokens = job.max_tokens or served.model.max_new_tokens
@@ -387,8 +393,8 @@ class Batcher:
                 results.append(RequestError(
                     400, f"This model's maximum context length is {served.context_length} tokens, however you "
                          f"requested {longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the "
-                         f"completion). Please reduce max_tokens to at most {served.context_length - longest}.",
-                    "max_tokens", "context_length_exceeded"))
+                         f"completion). Please reduce {job.params[1]} to at most {served.context_length - longest}.",
+                    job.params[1], "context_length_exceeded"))
                 continue
             results.append((max_tokens, lengths))
         return results
@@ -574,10 +580,159 @@ def _text_list(value: Any, name: str, what: str) -> list[str]:
     return items
 
 
-def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, list[str], int | None, list[str], bool,
-                                                                     bool]:
-    """Validate every field of a completions body before any work; returns (delta, questions, max_tokens, stop
-    sequences, stream, include_usage).
+@dataclass
+class Checked:
+    """A request that passed every check: what the worker answers and how the response is shaped."""
+
+    delta: Served
+    questions: list[str]
+    max_tokens: int | None
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    # the fields its refusals name: where its questions are, and the max_tokens field it gave (or would give)
+    params: tuple[str, str]
+
+
+class Endpoint:
+    """What ``/v1/completions`` and ``/v1/chat/completions`` do differently (the fields they take, where the
+    questions are, the shape of a choice); everything else (the checks, batching, usage, streaming, errors) is
+    shared by ``_check_request`` and ``_respond``."""
+
+    questions_param = "prompt"  # the field holding the questions, named in its refusals
+    max_tokens_names: tuple[str, ...] = ("max_tokens",)  # the fields that may give max_tokens
+    fields: frozenset[str] = frozenset()
+    neutral: dict = {}
+    id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def questions(self, body: dict) -> list[str]:
+        """The request's questions, stripped and non-empty (``body`` holds ``questions_param``).
+
+        Raises:
+            RequestError: 422 for a wrong type, 400 for a value not answered.
+        """
+        raise NotImplementedError
+
+    def choice(self, index: int, text: str, reason: str) -> dict:
+        """One entry of a response's ``choices``."""
+        raise NotImplementedError
+
+    def chunks(self, index: int, text: str, reason: str) -> list[dict]:
+        """The ``choices`` entries a stream sends for one answer, one event each, the last with its reason."""
+        raise NotImplementedError
+
+
+class Completions(Endpoint):
+    """``POST /v1/completions``: ``prompt`` is a question or a list of them; one choice per question."""
+
+    neutral = {**COMMON_NEUTRAL, "best_of": ((int,), "an integer", (1,)), "echo": ((bool,), "a boolean", (False,)),
+               "logprobs": ((int,), "an integer", ()), "suffix": ((str,), "a string", ("",))}
+    fields = frozenset({*COMMON_FIELDS, "prompt", "max_tokens", *neutral})
+
+    def questions(self, body: dict) -> list[str]:
+        questions = _text_list(body["prompt"], "prompt", "a string or a list of strings (token ids are not accepted)")
+        if not questions or len(questions) > MAX_PROMPTS:
+            raise RequestError(400, f"'prompt' must hold 1 to {MAX_PROMPTS} questions, got {len(questions)}",
+                               "prompt")
+        questions = [q.strip() for q in questions]
+        if not all(questions):
+            raise RequestError(400, "every prompt must be a non-empty question", "prompt")
+        return questions
+
+    def choice(self, index: int, text: str, reason: str) -> dict:
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+
+    def chunks(self, index: int, text: str, reason: str) -> list[dict]:
+        return [{**self.choice(index, text, reason), "finish_reason": None}, self.choice(index, "", reason)]
+
+
+class ChatCompletions(Endpoint):
+    """``POST /v1/chat/completions``: the question is the conversation's one message, the user's.
+
+    A delta was trained on single questions through its template, with no system prompt and no earlier turns,
+    so a conversation holding anything else is refused rather than answered as if it had been read.
+    """
+
+    questions_param = "messages"
+    # max_tokens is OpenAI's older name of max_completion_tokens, still sent by many clients
+    max_tokens_names = ("max_completion_tokens", "max_tokens")
+    neutral = {**COMMON_NEUTRAL, "logprobs": ((bool,), "a boolean", (False,)),
+               "top_logprobs": ((int,), "an integer", (0,))}
+    fields = frozenset({*COMMON_FIELDS, "messages", *max_tokens_names, *neutral})
+    id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def questions(self, body: dict) -> list[str]:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise RequestError(422, "'messages' must be an array of message objects", "messages", "invalid_type")
+        if not messages:
+            raise RequestError(400, "'messages' must hold the user's question", "messages")
+        where = f"messages.[{len(messages) - 1}]"
+        last = messages[-1]
+        role = last.get("role")
+        if role != "user":
+            raise RequestError(400, f"the last message must be the user's question (role 'user'), got role "
+                                    f"{_shown(role)}", f"{where}.role")
+        if len(messages) > 1:
+            raise RequestError(400, f"'messages' must hold only the user's question: this model was trained on single "
+                                    f"questions, so it cannot read a system prompt or earlier turns (got "
+                                    f"{len(messages)} messages)", "messages", "unsupported_value")
+        unknown = sorted(set(last) - {"role", "content", "name"})
+        if unknown:
+            raise RequestError(400, f"Unrecognized message argument supplied: {unknown[0]}", f"{where}.{unknown[0]}",
+                               "unknown_parameter")
+        _typed(last, "name", (str,), "a string")
+        question = "\n".join(_text_list(_message_text(last.get("content"), f"{where}.content"), f"{where}.content",
+                                        "text")).strip()
+        if not question:
+            raise RequestError(400, "the user's message must be a non-empty question", f"{where}.content")
+        return [question]
+
+    def choice(self, index: int, text: str, reason: str) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason}
+
+    def chunks(self, index: int, text: str, reason: str) -> list[dict]:
+        return [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+                for delta in ({"role": "assistant", "content": ""}, {"content": text})] + [
+            {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
+
+
+def _message_text(content: Any, param: str) -> list[str]:
+    """A message's ``content``, a string or OpenAI's list of content parts, as its texts (the parts' texts joined
+    by newlines make the question, as vLLM joins them).
+
+    Raises:
+        RequestError: 422, content of another type; 400, a part that is not text (this model reads text only).
+    """
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        raise RequestError(422, f"'{param}' must be a string or an array of content parts", param, "invalid_type")
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type")
+        if kind != "text":
+            raise RequestError(400, f"content part {index} has type {_shown(kind)}: this model reads text only "
+                                    "(type 'text')", f"{param}.[{index}].type", "unsupported_value")
+        if not isinstance(part.get("text"), str):
+            raise RequestError(422, f"content part {index} must have 'text', a string", f"{param}.[{index}].text",
+                               "invalid_type")
+        texts.append(part["text"])
+    return texts
+
+
+def _shown(value: Any) -> str:
+    """A value a client sent, as a refusal quotes it (a string quoted, anything else as JSON, cut short)."""
+    shown = repr(value) if isinstance(value, str) else json.dumps(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+COMPLETIONS, CHAT = Completions(), ChatCompletions()
+
+
+def _check_request(body: Any, served: dict[str, Served], endpoint: Endpoint) -> Checked:
+    """Validate every field of a request to ``endpoint`` before any work.
 
     Raises:
         RequestError: 404 for an unknown model, 422 for a missing field or a wrong type, 400 for a value
@@ -585,10 +740,10 @@ def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, lis
     """
     if not isinstance(body, dict):
         raise RequestError(422, "the request body must be a JSON object")
-    for name in ("model", "prompt"):
+    for name in ("model", endpoint.questions_param):
         if name not in body:
             raise RequestError(422, f"'{name}' is a required property", name, "missing_required_parameter")
-    unknown = [name for name in body if name not in FIELDS]
+    unknown = [name for name in body if name not in endpoint.fields]
     if unknown:
         raise RequestError(400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0],
                            "unknown_parameter")
@@ -599,26 +754,15 @@ def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, lis
         raise RequestError(404, f"The model '{model}' does not exist; this server has: {', '.join(served)}",
                            "model", "model_not_found")
     delta = served[model]
-    questions = _text_list(body["prompt"], "prompt", "a string or a list of strings (token ids are not accepted)")
-    if not questions or len(questions) > MAX_PROMPTS:
-        raise RequestError(400, f"'prompt' must hold 1 to {MAX_PROMPTS} questions, got {len(questions)}", "prompt")
-    questions = [q.strip() for q in questions]
-    if not all(questions):
-        raise RequestError(400, "every prompt must be a non-empty question", "prompt")
+    questions = endpoint.questions(body)
     cap = delta.max_prompt_chars
     longest = max(map(len, questions))
     if cap and longest > cap:  # refused before tokenising: its tokens cannot fit the context
         raise RequestError(400, f"This model's maximum context length is {delta.context_length} tokens, however "
                                 f"your prompt has {longest} characters: more than {delta.context_length} tokens of "
-                                f"at most {delta.token_chars} characters each. Please shorten it.", "prompt",
-                           "context_length_exceeded")
-    max_tokens = _typed(body, "max_tokens", (int,), "an integer")
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise RequestError(400, "'max_tokens' must be at least 1", "max_tokens")
-        if delta.context_length and max_tokens >= delta.context_length:  # the prompt takes at least one token
-            raise RequestError(400, f"This model's maximum context length is {delta.context_length} tokens; "
-                                    f"'max_tokens' must be below it", "max_tokens", "context_length_exceeded")
+                                f"at most {delta.token_chars} characters each. Please shorten it.",
+                           endpoint.questions_param, "context_length_exceeded")
+    max_tokens, max_tokens_name = _max_tokens(body, delta, endpoint.max_tokens_names)
     temperature = _typed(body, "temperature", *NUMBER)
     if temperature is not None and temperature != 0:
         raise RequestError(400, f"temperature {temperature}: this server answers greedily only (temperature 0, the "
@@ -643,12 +787,35 @@ def _check_completion(body: Any, served: dict[str, Served]) -> tuple[Served, lis
             raise RequestError(400, "'stream_options' takes only 'include_usage'", "stream_options",
                                "unknown_parameter")
         include_usage = bool(_typed(options, "include_usage", (bool,), "a boolean"))
-    for name, (kinds, what, neutral) in NEUTRAL.items():
+    for name, (kinds, what, neutral) in endpoint.neutral.items():
         value = _typed(body, name, kinds, what)
         if value is not None and value not in neutral:
             raise RequestError(400, f"'{name}' is not supported by this server (greedy answers, one per prompt)",
                                name, "unsupported_parameter")
-    return delta, questions, max_tokens, stops, stream, include_usage
+    return Checked(delta, questions, max_tokens, stops, stream, include_usage,
+                   (endpoint.questions_param, max_tokens_name))
+
+
+def _max_tokens(body: dict, delta: Served, names: tuple[str, ...]) -> tuple[int | None, str]:
+    """The answer's token budget from the one of ``names`` given (None: the delta's own), and that name (the
+    first of ``names`` when none is given).
+
+    Raises:
+        RequestError: 400, two of ``names`` given, a value below 1 or not below the context; 422, not an integer.
+    """
+    given = [name for name in names if body.get(name) is not None]
+    if len(given) > 1:
+        raise RequestError(400, f"give '{given[0]}' or '{given[1]}', not both", given[1])
+    if not given:
+        return None, names[0]
+    name = given[0]
+    max_tokens = _typed(body, name, (int,), "an integer")
+    if max_tokens < 1:
+        raise RequestError(400, f"'{name}' must be at least 1", name)
+    if delta.context_length and max_tokens >= delta.context_length:  # the prompt takes at least one token
+        raise RequestError(400, f"This model's maximum context length is {delta.context_length} tokens; "
+                                f"'{name}' must be below it", name, "context_length_exceeded")
+    return max_tokens, name
 
 
 def create_app(served: dict[str, Served], api_key: str | None = None, window_s: float = WINDOW_S,
@@ -717,52 +884,72 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
             raise RequestError(404, f"The model '{name}' does not exist", "model", "model_not_found")
         return served[name].card()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise RequestError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
-        except UnicodeDecodeError:
-            raise RequestError(400, "the request body is not valid JSON (not UTF-8 text)", None,
-                               "invalid_json") from None
-        except RecursionError:
-            raise RequestError(400, "the request body is not valid JSON for this server (nested too deeply)", None,
-                               "invalid_json") from None
-        except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-            raise RequestError(400, "the request body is not valid JSON for this server (a number with too many "
-                                    "digits)", None, "invalid_json") from None
-        delta, questions, max_tokens, stops, stream, include_usage = _check_completion(body, served)
-        answers = await _unless_client_leaves(request, batcher.answer(delta.name, questions, max_tokens))
+    async def respond(request: Request, endpoint: Endpoint):
+        checked = _check_request(await _json_body(request), served, endpoint)
+        answers = await _unless_client_leaves(request, batcher.answer(
+            checked.delta.name, checked.questions, checked.max_tokens, checked.params))
         if answers is None:  # nobody is left to read an answer
             batcher.dropped += 1
             return Response(status_code=499)
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = []
-        for index, answered in enumerate(answers):
-            text, reason = finish(answered, stops)
-            choices.append({"text": text, "index": index, "logprobs": None, "finish_reason": reason})
-        prompt_tokens = sum(a.prompt_tokens for a in answers)
-        completion_tokens = sum(a.completion_tokens for a in answers)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        head = {"id": ident, "object": "text_completion", "created": created, "model": delta.name}
-        if not stream:
-            return {**head, "choices": choices, "usage": usage}
+        return _response(endpoint, checked, answers)
 
-        def events():
-            for choice in choices:
-                yield _event({**head, "choices": [{**choice, "finish_reason": None}]})
-                yield _event({**head, "choices": [{**choice, "text": "", "finish_reason": choice["finish_reason"]}]})
-            if include_usage:
-                yield _event({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await respond(request, COMPLETIONS)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await respond(request, CHAT)
 
     return Guard(app, api_key, allowed_hosts=allowed_hosts, body_timeout_s=body_timeout_s)
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's body parsed as JSON.
+
+    Raises:
+        RequestError: 400 (``invalid_json``), the body is not JSON this server can parse.
+    """
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
+    except UnicodeDecodeError:
+        raise RequestError(400, "the request body is not valid JSON (not UTF-8 text)", None,
+                           "invalid_json") from None
+    except RecursionError:
+        raise RequestError(400, "the request body is not valid JSON for this server (nested too deeply)", None,
+                           "invalid_json") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise RequestError(400, "the request body is not valid JSON for this server (a number with too many "
+                                "digits)", None, "invalid_json") from None
+
+
+def _response(endpoint: Endpoint, checked: Checked, answers: list[Answered]) -> dict | StreamingResponse:
+    """The response to a checked request: ``endpoint``'s choices with ``usage``, or its server-sent events
+    (each answer's chunks, the usage event when asked for, then ``data: [DONE]``)."""
+    finished = [finish(answered, checked.stops) for answered in answers]
+    prompt_tokens = sum(a.prompt_tokens for a in answers)
+    completion_tokens = sum(a.completion_tokens for a in answers)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    head = {"id": f"{endpoint.id_prefix}-{uuid.uuid4().hex}", "object": endpoint.object, "created": int(time.time()),
+            "model": checked.delta.name}
+    if not checked.stream:
+        return {**head, "choices": [endpoint.choice(index, *done) for index, done in enumerate(finished)],
+                "usage": usage}
+    head["object"] = endpoint.chunk_object
+
+    def events():
+        for index, done in enumerate(finished):
+            for choice in endpoint.chunks(index, *done):
+                yield _event({**head, "choices": [choice]})
+        if checked.include_usage:
+            yield _event({**head, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 async def _unless_client_leaves(request: Request, work) -> Any:

@@ -7,6 +7,8 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -138,3 +140,72 @@ def test_evaluate_without_gold_answers_names_what_is_missing(tmp_path, monkeypat
         f"error: --mode evaluate scores {what} against the gold answers of --split test, and "
         "data/ARC-DA-v1.1/test.jsonl does not exist; name them with --test_file FILE (any jsonl with 'question_id', "
         "'question' and 'answers') or --data_path FOLDER holding test.jsonl"]
+
+
+NO_DELTA_YET = ("error: no delta in ./delta_ckpts/ yet (the default --delta_save_path): train one first (python -m "
+                "optqa --mode train --plm_path facebook/opt-125m), or run the offline demo (python -m optqa --mode "
+                "demo) and pass the --delta_save_path it prints; or name a checkpoint with --delta_save_path (a "
+                "folder, a .optqa bundle or hf://OWNER/NAME)")
+
+
+def test_a_fresh_clone_asked_a_question_says_to_train_or_run_the_demo_first(tmp_path):
+    """Issue 29: `echo q | python -m optqa --mode interactive_inference` in a fresh clone, whose delta_ckpts/ holds
+    only its README."""
+    (tmp_path / "delta_ckpts").mkdir()
+    shutil.copy(REPO / "delta_ckpts" / "README.md", tmp_path / "delta_ckpts")
+    done = subprocess.run([sys.executable, "-m", "optqa", "--mode", "interactive_inference"], input="What is ice?\n",
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", NO_DELTA_YET + "\n")
+
+
+@pytest.mark.parametrize("mode", ["interactive_inference", "evaluate", "inspect", "export", "serve", "push"])
+@pytest.mark.parametrize("holds", [None, [], [".gitkeep"], ["README.md", ".gitkeep"]],
+                         ids=["no folder", "empty", "gitkeep", "readme"])
+def test_every_mode_reading_the_default_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys, mode, holds):
+    monkeypatch.chdir(tmp_path)
+    if holds is not None:
+        (tmp_path / "delta_ckpts").mkdir()
+        for name in holds:
+            (tmp_path / "delta_ckpts" / name).write_text("placeholder\n", encoding="utf-8")
+    if mode == "evaluate":  # the gold answers are read first
+        (tmp_path / "data" / "ARC-DA-v1.1").mkdir(parents=True)
+        (tmp_path / "data" / "ARC-DA-v1.1" / "test.jsonl").write_text(
+            '{"question_id": "q1", "question": "What is ice?", "answers": ["frozen water"]}\n', encoding="utf-8")
+    extra = ["--hub_repo", "someone/delta", "--dry_run"] if mode == "push" else []
+    assert main(["--mode", mode, *extra]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == NO_DELTA_YET
+
+
+def test_a_typed_or_occupied_checkpoint_folder_gets_the_loaders_reason(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "delta_ckpts").mkdir()
+    (tmp_path / "delta_ckpts" / "README.md").write_text("placeholder\n", encoding="utf-8")
+    # typed: the user named this folder, so the loader's own reason is the answer
+    assert main(["--mode", "inspect", "--delta_save_path", "delta_ckpts"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: delta_ckpts is not an optqa checkpoint: optqa_manifest.json is missing")
+    # something else is in the default folder (a half-copied checkpoint): the loader says what is wrong with it
+    (tmp_path / "delta_ckpts" / "delta_model.safetensors").write_bytes(b"")
+    assert main(["--mode", "inspect"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: delta_ckpts is not an optqa checkpoint: optqa_manifest.json is missing")
+
+
+def test_ctrl_c_at_the_question_prompt_is_status_130(checkpoint):
+    """Issue 29: SIGINT (Ctrl-C) while the question loop waits for a question ends it as "Ways out" says: one
+    `interrupted` line, status 130, the answers given so far kept."""
+    process = subprocess.Popen([sys.executable, "-m", "optqa", "--mode", "interactive_inference", "--delta_save_path",
+                                str(checkpoint)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        process.stdin.write("What is frozen water called?\n")
+        process.stdin.flush()
+        lines = [process.stdout.readline() for _ in range(3)]  # prompt, answer, the prompt waiting for the next
+        assert [lines[0], lines[2]] == ["Input a question:\n"] * 2 and lines[1].startswith("Answer: "), lines
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert (process.returncode, out) == (130, "\n")  # the shell's prompt comes back on a fresh line
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err

@@ -44,8 +44,9 @@ def test_binary_junk_piped_in_is_skipped_line_by_line(capsys):
     assert capsys.readouterr().err == "skipped: that line is not UTF-8 text\n" * 2
 
 
-def terminal_repl(typed: list[str], history_file: Path) -> tuple[int, list[str]]:
-    """The real loop reading keys as a terminal sends them; (answered, stdout lines).
+def terminal_repl(typed: list[str], history_file: Path) -> tuple[int | str, list[str]]:
+    """The real loop reading keys as a terminal sends them; (answered, or "Ctrl-C" where Ctrl-C ended it, stdout
+    lines).
 
     ``typed[0]`` is typed at the first prompt, ``typed[i]`` while the i-th answer is being made (before the next
     prompt), as a user types ahead.
@@ -66,7 +67,10 @@ def terminal_repl(typed: list[str], history_file: Path) -> tuple[int, list[str]]
             return f"line one\nline two: {question}"
 
         session = terminal_session(history_file, input=keyboard, output=DummyOutput())
-        answered = repl(answer, stdout=stdout, session=session)
+        try:
+            answered = repl(answer, stdout=stdout, session=session)
+        except KeyboardInterrupt:  # the command line ends with status 130 (tests/test_exits.py)
+            answered = "Ctrl-C"
     return answered, stdout.getvalue().split("\n")
 
 
@@ -80,12 +84,12 @@ def test_arrow_keys_edit_and_up_recalls_the_history(tmp_path):
     assert [line for line in history.read_text().splitlines() if line.startswith("+")] == ["+aXbc"]
     # a new session starts with the saved history: Up recalls the last question of the previous one
     answered, lines = terminal_repl([f"{UP}{ENTER}", CTRL_C], history)
-    assert (answered, lines) == (1, ["Answer: line one line two: aXbc", ""])
+    assert (answered, lines) == ("Ctrl-C", ["Answer: line one line two: aXbc", ""])
 
 
 def test_quit_and_ctrl_c_end_the_terminal_loop(tmp_path):
     assert terminal_repl([f"quit(){ENTER}"], tmp_path / "h") == (0, [""])
-    assert terminal_repl([f"half typed{CTRL_C}"], tmp_path / "h") == (0, [""])
+    assert terminal_repl([f"half typed{CTRL_C}"], tmp_path / "h") == ("Ctrl-C", [""])
 
 
 def test_answers_are_folded_onto_one_line():
@@ -103,9 +107,15 @@ def test_folding_keeps_runs_of_spaces_without_breaks():
 @pytest.mark.parametrize("ending", ["C-d", "C-c"])
 def test_a_real_terminal_edits_recalls_and_ends_on_a_fresh_line(tmp_path, ending):
     """The loop in a real terminal (tmux): keys as a user types them, the screen as a user sees it."""
+    # the command line's question loop (its exits and status) with a stand-in for the model
+    program = tmp_path / "loop.py"
+    program.write_text("import sys\nfrom optqa import cli\nfrom optqa.interactive import repl\n\n"
+                       "def loop(config, explicit):\n    repl(lambda q: 'line one\\nline two: ' + q)\n\n"
+                       "cli.interactive_inference_mode = loop\n"
+                       "sys.exit(cli.main(['--mode', 'interactive_inference']))\n")
     script = tmp_path / "run.sh"
-    script.write_text(f"{shlex.quote(sys.executable)} -c 'from optqa.interactive import repl; "
-                      "repl(lambda q: \"line one\\nline two: \" + q)'\necho SHELL-PROMPT\nsleep 30\n")
+    script.write_text(f"{shlex.quote(sys.executable)} {shlex.quote(str(program))}\necho STATUS $?\n"
+                      "echo SHELL-PROMPT\nsleep 30\n")
     server = ["tmux", "-L", f"optqa-{os.getpid()}-{ending}"]
     env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     subprocess.run([*server, "new-session", "-d", "-s", "t", "-x", "100", "-y", "12", f"sh {script}"], env=env,
@@ -136,8 +146,9 @@ def test_a_real_terminal_edits_recalls_and_ends_on_a_fresh_line(tmp_path, ending
         keys(ending)
         wait_for("SHELL-PROMPT")
         lines = [line.rstrip() for line in screen() if line.strip()]
+        ended = ["STATUS 0"] if ending == "C-d" else ["interrupted", "STATUS 130"]
         assert lines == [f"{PROMPT} aXbc", "Answer: line one line two: aXbc", f"{PROMPT} aXbc",
-                         "Answer: line one line two: aXbc", PROMPT, "SHELL-PROMPT"]
+                         "Answer: line one line two: aXbc", PROMPT, *ended, "SHELL-PROMPT"]
         assert "+aXbc" in (tmp_path / ".optqa" / "question_history").read_text()
     finally:
         subprocess.run([*server, "kill-server"], capture_output=True)

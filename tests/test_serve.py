@@ -296,6 +296,159 @@ def test_openai_client_raises_its_own_errors(server):
         client.completions.create(model="lora", prompt="hi", temperature=1.0)
 
 
+# ---- POST /v1/chat/completions (issue 29): the same answers, checks, batching and errors as /v1/completions ----
+
+def completion_texts(server: str, name: str, questions: list[str], **fields) -> list[str]:
+    response = httpx.post(f"{server}/v1/completions", json={"model": name, "prompt": questions, **fields}, timeout=60)
+    assert response.status_code == 200, response.text
+    return [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
+
+
+def test_openai_client_chat_gets_the_completions_answers(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    for name in ("adapter", "lora"):
+        expected = completion_texts(server, name, QUESTIONS)
+        assert len(set(expected)) > 1
+        for question, answer in zip(QUESTIONS, expected):
+            chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}])
+            assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-") and chat.model == name
+            assert len(chat.choices) == 1 and chat.choices[0].index == 0
+            assert (chat.choices[0].message.role, chat.choices[0].message.content) == ("assistant", answer)
+            assert chat.choices[0].finish_reason in ("stop", "length")
+            usage = chat.usage
+            assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # OpenAI's content parts: the texts joined by newlines make the question
+    parts = client.chat.completions.create(model="lora", messages=[{"role": "user", "content": [
+        {"type": "text", "text": QUESTIONS[0]}]}])
+    assert parts.choices[0].message.content == completion_texts(server, "lora", QUESTIONS[:1])[0]
+    split = client.chat.completions.create(model="lora", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What gas do"}, {"type": "text", "text": "plants take in?"}]}])
+    assert split.choices[0].message.content == completion_texts(server, "lora", ["What gas do\nplants take in?"])[0]
+
+
+def test_openai_client_chat_streams_role_content_then_finish_reason(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    answer = completion_texts(server, "adapter", QUESTIONS[1:2])[0]
+    chunks = list(client.chat.completions.create(model="adapter", stream=True, stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": QUESTIONS[1]}]))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    role, content, end, usage = chunks
+    assert role.choices[0].delta.role == "assistant" and role.choices[0].delta.content == ""
+    assert content.choices[0].delta.content == answer and content.choices[0].delta.role is None
+    assert [c.choices[0].finish_reason for c in (role, content)] == [None, None]
+    assert end.choices[0].delta.content is None and end.choices[0].finish_reason in ("stop", "length")
+    assert usage.choices == [] and usage.usage.completion_tokens > 0
+    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
+            "model": "adapter", "stream": True, "messages": [{"role": "user", "content": QUESTIONS[1]}]}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert [json.loads(e[6:])["choices"][0]["delta"] for e in events[:-1]] == [
+        {"role": "assistant", "content": ""}, {"content": answer}, {}]
+    assert events[-1] == "data: [DONE]"
+
+
+def test_chat_max_completion_tokens_max_tokens_and_stop_are_the_completions(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    cut = completion_texts(server, "adapter", QUESTIONS[:1], max_tokens=2)[0]
+    for budget in ({"max_completion_tokens": 2}, {"max_tokens": 2}):
+        chat = client.chat.completions.create(model="adapter", messages=messages, **budget)
+        assert chat.choices[0].message.content == cut and chat.choices[0].finish_reason == "length"
+        assert chat.usage.completion_tokens == 2
+    full = completion_texts(server, "adapter", QUESTIONS[:1])[0]
+    stop = full[len(full) // 2:][:2]
+    chat = client.chat.completions.create(model="adapter", messages=messages, stop=stop, user="u1", n=1,
+                                          temperature=0)
+    assert chat.choices[0].message.content == full[:full.index(stop)] and chat.choices[0].finish_reason == "stop"
+
+
+USER = {"role": "user", "content": "What is frozen water called?"}
+BAD_CHATS = [
+    # (case, body or bytes, status, param, message)
+    ("last message from the assistant", {"messages": [USER, {"role": "assistant", "content": "ice"}]}, 400,
+     "messages.[1].role", "the last message must be the user's question (role 'user'), got role 'assistant'"),
+    ("a message without a role", {"messages": [{"content": "hi"}]}, 400, "messages.[0].role",
+     "the last message must be the user's question (role 'user'), got role null"),
+    ("a system prompt", {"messages": [{"role": "system", "content": "Be brief."}, USER]}, 400, "messages",
+     "'messages' must hold only the user's question: this model was trained on single questions, so it cannot read "
+     "a system prompt or earlier turns (got 2 messages)"),
+    ("earlier turns", {"messages": [USER, {"role": "assistant", "content": "ice"}, USER]}, 400, "messages",
+     "'messages' must hold only the user's question: this model was trained on single questions, so it cannot read "
+     "a system prompt or earlier turns (got 3 messages)"),
+    ("an image part", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400,
+     "messages.[0].content.[1].type", "content part 1 has type 'image_url': this model reads text only (type 'text')"),
+    ("a text part without text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 422,
+     "messages.[0].content.[0].text", "content part 0 must have 'text', a string"),
+    ("content null", {"messages": [{"role": "user", "content": None}]}, 422, "messages.[0].content",
+     "'messages.[0].content' must be a string or an array of content parts"),
+    ("empty content", {"messages": [{"role": "user", "content": " \n"}]}, 400, "messages.[0].content",
+     "the user's message must be a non-empty question"),
+    ("lone surrogate in the content", b'{"model": "lora", "messages": [{"role": "user", "content": "a \\ud800"}]}',
+     400, "messages.[0].content", "'messages.[0].content' item 0 is not text: it holds a lone surrogate (\\ud800) at "
+     "character 2, which UTF-8 cannot encode"),
+    ("an unknown message field", {"messages": [{**USER, "tool_calls": []}]}, 400, "messages.[0].tool_calls",
+     "Unrecognized message argument supplied: tool_calls"),
+    ("no messages", {"messages": []}, 400, "messages", "'messages' must hold the user's question"),
+    ("messages a string", {"messages": "hi"}, 422, "messages", "'messages' must be an array of message objects"),
+    ("missing messages", {}, 422, "messages", "'messages' is a required property"),
+    ("a prompt", {"prompt": "hi", "messages": [USER]}, 400, "prompt", "Unrecognized request argument supplied: prompt"),
+    ("tools", {"messages": [USER], "tools": []}, 400, "tools", "Unrecognized request argument supplied: tools"),
+    ("sampling", {"messages": [USER], "temperature": 0.7}, 400, "temperature",
+     "temperature 0.7: this server answers greedily only (temperature 0, the question loop's decoding); sampling is "
+     "not supported"),
+    ("n 2", {"messages": [USER], "n": 2}, 400, "n",
+     "'n' is not supported by this server (greedy answers, one per prompt)"),
+    ("logprobs", {"messages": [USER], "logprobs": True}, 400, "logprobs",
+     "'logprobs' is not supported by this server (greedy answers, one per prompt)"),
+    ("both budgets", {"messages": [USER], "max_completion_tokens": 4, "max_tokens": 4}, 400, "max_tokens",
+     "give 'max_completion_tokens' or 'max_tokens', not both"),
+    ("max_completion_tokens 0", {"messages": [USER], "max_completion_tokens": 0}, 400, "max_completion_tokens",
+     "'max_completion_tokens' must be at least 1"),
+    ("max_tokens a string", {"messages": [USER], "max_tokens": "5"}, 422, "max_tokens",
+     "'max_tokens' must be an integer"),
+    ("max_completion_tokens past the context", {"messages": [USER], "max_completion_tokens": 256}, 400,
+     "max_completion_tokens", "This model's maximum context length is 256 tokens; 'max_completion_tokens' must be "
+     "below it"),
+    ("max_tokens past the context with the question", {"messages": [USER], "max_tokens": 255}, 400, "max_tokens",
+     re.compile(r"This model's maximum context length is 256 tokens, however you requested (\d+) tokens \((\d+) in "
+                r"your prompt; 255 for the completion\)\. Please reduce max_tokens to at most (\d+)\.")),
+    ("unknown model", {"model": "gpt-4o", "messages": [USER]}, 404, "model",
+     "The model 'gpt-4o' does not exist; this server has: adapter, lora"),
+]
+
+
+@pytest.mark.parametrize("case,body,status,param,message", BAD_CHATS, ids=[c[0] for c in BAD_CHATS])
+def test_bad_chat_requests_get_openais_error_shape(server, case, body, status, param, message):
+    content = body if isinstance(body, bytes) else json.dumps({"model": "lora", **body}).encode()
+    response = httpx.post(f"{server}/v1/chat/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    if isinstance(message, re.Pattern):  # counted in the worker, from the question's tokens
+        total, prompt, most = map(int, message.fullmatch(error["message"]).groups())
+        assert total == prompt + 255 and most == 256 - prompt and prompt > 1
+    else:
+        assert error["message"] == message
+
+
+def test_openai_client_chat_raises_its_own_errors(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[USER])
+    with pytest.raises(openai.BadRequestError, match="greedily"):
+        client.chat.completions.create(model="lora", messages=[USER], temperature=1.0)
+
+
 @contextlib.contextmanager
 def in_process_server(app, header_timeout_s: float = 30.0):
     """uvicorn in a thread with the CLI's settings, on a socket bound before it starts (so the port cannot be
@@ -383,7 +536,7 @@ def test_api_key_is_required_on_every_endpoint(ckpts, one_torch_thread):
     app = create_app(load_served({"lora": str(ckpts["lora"])}, precision="fp32"), api_key=key)
     with in_process_server(app) as url:
         for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/lora"),
-                             ("POST", "/v1/completions"), ("GET", "/nowhere")):
+                             ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/nowhere")):
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
                 response = httpx.request(method, url + path, headers=headers, json={"model": "lora", "prompt": "hi"})
                 assert response.status_code == 401, (path, headers)
@@ -437,6 +590,32 @@ def test_a_poison_request_fails_alone(wide):
     after = httpx.get(f"{url}/health").json()
     assert after["batches"] - before["batches"] == 1 and after["questions"] - before["questions"] == 3
 
+
+def test_chat_and_completions_requests_share_a_batch(wide):
+    """Chat and completions requests for the same delta, sent together, are answered in one batch with their exact
+    answers; a bad chat request among them fails alone."""
+    url, _, _, alone = wide
+    before = httpx.get(f"{url}/health").json()
+
+    async def send():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(
+                client.post("/v1/chat/completions", json={"model": "lora", "messages": [
+                    {"role": "user", "content": QUESTIONS[0]}]}),
+                client.post("/v1/completions", json={"model": "lora", "prompt": QUESTIONS[1:3]}),
+                client.post("/v1/chat/completions", json={"model": "lora", "messages": [
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
+                client.post("/v1/chat/completions", json={"model": "lora", "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": QUESTIONS[3]}]}]}))
+
+    chat, completions, bad, parts = asyncio.run(send())
+    assert [r.status_code for r in (chat, completions, bad, parts)] == [200, 200, 400, 200]
+    assert bad.json()["error"]["param"] == "messages.[0].content.[0].type"
+    assert chat.json()["choices"][0]["message"]["content"] == alone[QUESTIONS[0]]
+    assert [c["text"] for c in completions.json()["choices"]] == [alone[q] for q in QUESTIONS[1:3]]
+    assert parts.json()["choices"][0]["message"]["content"] == alone[QUESTIONS[3]]
+    after = httpx.get(f"{url}/health").json()
+    assert after["batches"] - before["batches"] == 1 and after["questions"] - before["questions"] == 4
 
 def test_a_failing_batch_is_answered_request_by_request(wide, monkeypatch):
     """A request that passes every check but makes generation fail: the batch is answered again request by
@@ -648,5 +827,19 @@ def test_the_page_answers_with_every_chosen_delta(server):
             return [el.get_attribute("data-model") for el in b.find_elements(By.CSS_SELECTOR, ".answer[data-done='1']")]
 
         wait.until(lambda b: answered(b) == ["lora"])
+
+        # issue 29: a refused ask clears the previous answers, which would otherwise read as answers to it
+        question = browser.find_element(By.ID, "question")
+        question.clear()
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "type a question first")
+        assert browser.find_elements(By.CSS_SELECTOR, ".card") == []
+        question.send_keys(QUESTIONS[3])
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: answered(b) == ["lora"])
+        browser.find_element(By.CSS_SELECTOR, ".delta-choice[value='lora']").click()  # nothing chosen now
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "choose at least one delta")
+        assert browser.find_elements(By.CSS_SELECTOR, ".card") == []
     finally:
         browser.quit()
