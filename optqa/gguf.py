@@ -60,6 +60,14 @@ def readable_architectures() -> list[str]:
     return sorted(names)
 
 
+def check_magic(path: Path) -> None:
+    """Raises OptqaError unless ``path`` starts with GGUF's magic bytes (read before hashing any other file)."""
+    with path.open("rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise OptqaError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); --plm_path "
+                             "takes a Hugging Face model folder, a hub id or a .gguf file")
+
+
 def read_header(path: Path) -> tuple[str, int]:
     """The file's ``general.architecture`` and how many tokens its vocabulary lists, read from its header with the
     ``gguf`` package (no tensor data).
@@ -67,10 +75,7 @@ def read_header(path: Path) -> tuple[str, int]:
     Raises:
         OptqaError: the file is not GGUF (no ``GGUF`` magic bytes) or its header cannot be read.
     """
-    with path.open("rb") as handle:
-        if handle.read(4) != GGUF_MAGIC:
-            raise OptqaError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); --plm_path "
-                             "takes a Hugging Face model folder, a hub id or a .gguf file")
+    check_magic(path)
     from gguf import GGUFReader
 
     try:
@@ -170,11 +175,12 @@ def dequantized_folder(path: str | Path) -> Path:
         OptqaError: the file is not GGUF, or transformers cannot read its architecture or tokenizer.
     """
     path = Path(path).expanduser().resolve()
-    architecture, tokens = read_header(path)
+    check_magic(path)
     folder = cache_root() / gguf_sha256(path)
-    if (folder / SOURCE_RECORD).is_file():
+    if (folder / SOURCE_RECORD).is_file():  # only a GGUF file's folder is ever written: no header to read again
         log.info("GGUF %s: dequantised copy found in %s", path.name, folder)
         return folder
+    architecture, tokens = read_header(path)
     log.info("GGUF %s (%s): dequantising once into %s", path.name, architecture, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
