@@ -263,3 +263,12 @@ def test_trains_and_answers_from_the_cli_and_refuses_another_gguf_file(ggufs, me
     model, _, config = load_trained(checkpoint, plm_path=str(ggufs.other), ignore_backbone_mismatch=True)
     assert config.plm_path == str(ggufs.other)
     assert f"{message}; loading anyway (--ignore_backbone_mismatch)" in caplog.messages
+
+
+def test_the_header_reads_alike_with_the_gguf_packages_reader(ggufs, monkeypatch):
+    """transformers before 5.25 has no header reader of its own: the gguf package's GGUFReader reads the same."""
+    from optqa.gguf import read_header
+
+    assert read_header(ggufs.path) == ("llama", 1000)
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf", None)  # its import now fails
+    assert read_header(ggufs.path) == ("llama", 1000)
