@@ -229,7 +229,7 @@ def dequantize(path: Path, architecture: str, folder: Path) -> None:
 
     where = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
     try:
-        AutoConfig.from_pretrained(**where)
+        config = AutoConfig.from_pretrained(**where)
     except ValueError as exc:
         readable = readable_architectures()
         if architecture not in readable:
@@ -239,7 +239,8 @@ def dequantize(path: Path, architecture: str, folder: Path) -> None:
                          f"{str(exc).splitlines()[0]}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(**where)
-        plm = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, **_dense_loading())
+        # the config read above is passed on: each reading of a header takes seconds on transformers' older path
+        plm = AutoModelForCausalLM.from_pretrained(**where, config=config, dtype=torch.float32, **_dense_loading())
     except (OSError, ValueError, KeyError) as exc:
         raise OptqaError(f"{path}: transformers cannot load this {architecture} GGUF file: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
