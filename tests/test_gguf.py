@@ -243,6 +243,10 @@ def test_trains_and_answers_from_the_cli_and_refuses_another_gguf_file(ggufs, me
     assert manifest["backbone"]["gguf"] == {"file": "tiny.gguf", "sha256": sha}
     assert manifest["backbone"]["name_or_path"] == str(ggufs.path.resolve())
     assert [p.name for p in cache.iterdir() if p.name != "index"] == [sha]
+    capsys.readouterr()
+    assert main(["--mode", "inspect", "--delta_save_path", str(checkpoint)]) == 0
+    assert [line.split(None, 2)[2] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("gguf file ")] == [f"tiny.gguf (SHA-256 {sha})"]
 
     question = MEMORY_SET[2][0]
     capsys.readouterr()
