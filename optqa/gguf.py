@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp, Ollama) as backbones: read by transformers' GGUF support, dequantised once into a cache.
 
 transformers reads a ``.gguf`` file with ``from_pretrained(folder, gguf_file=name)``, dequantising every tensor on
-each load (tens of seconds for a 135M-parameter model on two cores). optqa does that once per file content: the dequantised model is written as a normal Hugging Face folder (safetensors, config, tokenizer) under
+each load (tens of seconds for a 135M-parameter model on two cores). optqa does that once per file content: the
+dequantised model is written as a normal Hugging Face folder (safetensors, config, tokenizer) under
 ``<cache root>/<sha256 of the file>/``, so every later start loads that folder like any other backbone.
 
 The cache root is ``$OPTQA_GGUF_CACHE`` if set, else ``$XDG_CACHE_HOME/optqa/gguf`` (``~/.cache/optqa/gguf``).
