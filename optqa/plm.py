@@ -1,10 +1,12 @@
-"""Backbone loading with OpenPrompt's signature: ``load_plm(model_name, model_path)``."""
+"""Backbone loading with OpenPrompt's signature: ``load_plm(model_name, model_path)``, from a hub id, a Hugging Face
+folder or a GGUF file."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from optqa.errors import OptqaError
+from optqa.gguf import dequantized_folder, gguf_config_source, gguf_identity, is_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -15,14 +17,16 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
     Args:
         model_name: kept for OpenPrompt compatibility ("opt", "gpt2", ...): transformers' Auto classes pick the
             architecture from the folder.
-        model_path: a hub id or a local Hugging Face folder.
+        model_path: a hub id, a local Hugging Face folder or a GGUF file (``model.gguf``: dequantised once into a
+            cache folder, see :mod:`optqa.gguf`, and loaded from there).
         specials_to_add: OpenPrompt's special tokens to add; ``"<pad>"`` is added when the tokenizer has no pad
             token, and the embeddings (and a tied output head) grow to the new vocabulary, as OpenPrompt does.
         dtype: the weights' dtype (default float32).
     Returns:
         ``(plm, tokenizer, model_config, WrapperClass)`` like OpenPrompt.
     Raises:
-        OptqaError: the backbone cannot be found or loaded.
+        OptqaError: the backbone cannot be found or loaded; a file that is not GGUF, or a GGUF architecture or
+            tokenizer transformers cannot read.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -32,7 +36,7 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
     log.info("loading backbone %s", model_path)
 
     local = Path(model_path).expanduser()
-    source, offline = _source(model_path)
+    source, offline = (str(dequantized_folder(local)), None) if is_gguf_path(local) else _source(model_path)
     if offline:
         log.info("%s: loading %s from the Hugging Face cache (%s)", offline, model_path, source)
     try:
@@ -41,8 +45,9 @@ def load_plm(model_name: str, model_path: str, specials_to_add: list[str] | None
         plm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         if local.exists():
-            raise OptqaError(f"could not load the backbone from {local} (--plm_path needs a Hugging Face model "
-                             f"folder: config.json, tokenizer and weights): {str(exc).splitlines()[0]}") from exc
+            raise OptqaError(f"could not load the backbone from {source} (--plm_path needs a Hugging Face model "
+                             f"folder: config.json, tokenizer and weights; or a .gguf file): "
+                             f"{str(exc).splitlines()[0]}") from exc
         if _looks_like_a_path(model_path):
             raise OptqaError(f"backbone folder {model_path} not found; pass --plm_path with the backbone's "
                              "folder") from exc
@@ -148,16 +153,18 @@ def backbone_max_positions(model_path: str) -> int | None:
     the weights.
 
     Args:
-        model_path: a hub id or a local folder.
+        model_path: a hub id, a local folder or a GGUF file (its header, or its dequantised copy once cached).
     Returns:
         ``max_position_embeddings`` (``n_positions`` for GPT-2); None when the config cannot be read here (the
         backbone load then reports why) or names no limit.
     """
     from transformers import AutoConfig
 
+    local = Path(model_path).expanduser()
     try:
-        config = AutoConfig.from_pretrained(_source(model_path)[0])
-    except (OSError, ValueError, OptqaError):  # load_plm then reports why
+        source, extra = gguf_config_source(local) if is_gguf_path(local) else (_source(model_path)[0], {})
+        config = AutoConfig.from_pretrained(source, **extra)
+    except (OSError, ValueError, OptqaError):  # load_plm then reports why (a file that is not GGUF, no Hub, ...)
         return None
     return max_positions_of(config.to_dict())
 
@@ -169,14 +176,26 @@ def max_positions_of(config: dict) -> int | None:
 
 
 def backbone_identity(plm, model_path: str) -> dict:
-    """What a checkpoint records about the backbone it was trained on."""
+    """What a checkpoint records about the backbone it was trained on.
+
+    Args:
+        plm: the loaded backbone.
+        model_path: ``--plm_path`` as given.
+    Returns:
+        ``name_or_path`` (``backbone_reference``), ``architecture``, ``model_type``, the config without its
+        volatile fields, and for a GGUF file ``gguf``: ``{"file": name, "sha256": digest}`` (the file itself, as
+        the weight fingerprint identifies its dequantised weights).
+    """
     config = plm.config.to_dict()
     for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
                      "_attn_implementation_autoset", "_attn_implementation_internal"):
         config.pop(volatile, None)
-    return {
+    identity = {
         "name_or_path": backbone_reference(model_path),
         "architecture": type(plm).__name__,
         "model_type": plm.config.model_type,
         "config": config,
     }
+    if is_gguf_path(model_path):
+        identity["gguf"] = gguf_identity(model_path)
+    return identity

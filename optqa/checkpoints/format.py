@@ -497,6 +497,10 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"field {key!r} is not a JSON {kind.__name__}"
     if not isinstance(manifest["delta"].get("delta_type"), str):
         return "the delta has no delta_type"
+    gguf = manifest["backbone"].get("gguf")
+    if gguf is not None and not (isinstance(gguf, dict) and isinstance(gguf.get("file"), str)
+                                 and _is_sha256(gguf.get("sha256"))):
+        return "field 'backbone.gguf' lacks its file name or sha256 (64 hex digits)"
     for name, entry in manifest["files"].items():
         if not (isinstance(entry, dict) and _is_sha256(entry.get("sha256")) and isinstance(entry.get("bytes"), int)
                 and not isinstance(entry.get("bytes"), bool) and entry["bytes"] >= 0):
@@ -643,15 +647,28 @@ def check_backbone(manifest: dict[str, Any], identity: dict[str, Any], fingerpri
         raise OptqaError(f"this delta was made for a backbone with {key}={saved['config'].get(key)}, the loaded "
                          f"one has {key}={identity['config'].get(key)} ({saved.get('name_or_path')} vs "
                          f"{identity['name_or_path']})")
-    if saved.get("fingerprint") != fingerprint:
-        message = (f"this delta was made for backbone {saved.get('name_or_path')} whose weights differ from the "
-                   f"loaded {identity['name_or_path']} (fingerprint {str(saved.get('fingerprint'))[:12]} vs "
-                   f"{fingerprint[:12]})")
+    message = _other_weights(saved, identity, fingerprint)
+    if message:
         if not ignore_mismatch:
             raise OptqaError(message + "; pass --ignore_backbone_mismatch to load it anyway")
         log.warning("%s; loading anyway (--ignore_backbone_mismatch)", message)
     else:
         log.info("backbone check passed: %s matches the checkpoint's fingerprint", identity["name_or_path"])
+
+
+def _other_weights(saved: dict[str, Any], identity: dict[str, Any], fingerprint: str) -> str | None:
+    """Why the loaded backbone's weights are not the checkpoint's, or None: another GGUF file (the one a
+    ``--ignore_backbone_mismatch`` overrides, as it does a differing fingerprint), then other weights."""
+    made_for, loaded = saved.get("gguf"), identity.get("gguf")
+    if isinstance(made_for, dict) and loaded and made_for.get("sha256") != loaded["sha256"]:
+        return (f"this delta was made for GGUF file {made_for.get('file')} (SHA-256 "
+                f"{str(made_for.get('sha256'))[:12]}), the loaded backbone is another GGUF file, {loaded['file']} "
+                f"(SHA-256 {loaded['sha256'][:12]})")
+    if saved.get("fingerprint") != fingerprint:
+        return (f"this delta was made for backbone {saved.get('name_or_path')} whose weights differ from the "
+                f"loaded {identity['name_or_path']} (fingerprint {str(saved.get('fingerprint'))[:12]} vs "
+                f"{fingerprint[:12]})")
+    return None
 
 
 # the backbone config keys that define its shape: a delta loads only where these match (and inspect shows them)

@@ -103,7 +103,9 @@ def _versions_text(versions: dict[str, Any]) -> str:
 def _backbone_lines(backbone: dict[str, Any]) -> list[tuple[str, str]]:
     config = backbone.get("config") or {}
     shape = ", ".join(f"{k} {config[k]}" for k in SHAPE_KEYS if k in config)
+    gguf = backbone.get("gguf")
     return [("backbone", f"{backbone.get('name_or_path')} ({backbone.get('architecture')}, {shape})"),
+            *([("gguf file", f"{gguf['file']} (SHA-256 {gguf['sha256']})")] if gguf else []),
             ("fingerprint", str(backbone.get("fingerprint")))]
 
 
