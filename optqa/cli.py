@@ -288,13 +288,20 @@ def evaluate_mode(config: RunConfig, explicit: set[str]) -> int:
     if compared is not None:
         from optqa.run.folder import comparison_table
 
+        from optqa.run.folder import agreement_name, plot_agreement
+        from optqa.run.predictions import AGREEMENT, RIGHT_F1, agreement
+
         metrics_b, rows_b = compared
         counts, changed = compare_rows(rows, rows_b)
+        agreed = agreement(rows, rows_b)
         diff = run.write_rows(compare_name(split), changed)
+        chart = plot_agreement(run.path / agreement_name(split), agreed, source, config.compare_file, RIGHT_F1)
         run.append(METRICS_NAME, [{"split": split, "compare_file": config.compare_file, "compare_f1": metrics_b["f1"],
-                                   "compare_em": metrics_b["em"], **counts}])
+                                   "compare_em": metrics_b["em"], **counts, **agreed}])
         print(comparison_table(source, config.compare_file, metrics, metrics_b, counts, changed))
         print(f"questions with different predictions in {diff}")
+        print(f"right (F1 > {RIGHT_F1:g}%): " + ", ".join(f"{AGREEMENT[k]} {v}" for k, v in agreed.items())
+              + f"; chart in {chart}")
     return 0
 
 
