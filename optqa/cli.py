@@ -286,9 +286,7 @@ def evaluate_mode(config: RunConfig, explicit: set[str]) -> int:
     print(f"{split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions from {source}; "
           f"predictions in {path}")
     if compared is not None:
-        from optqa.run.folder import comparison_table
-
-        from optqa.run.folder import agreement_name, plot_agreement
+        from optqa.run.folder import agreement_name, comparison_table, plot_agreement
         from optqa.run.predictions import AGREEMENT, RIGHT_F1, agreement
 
         metrics_b, rows_b = compared
