@@ -156,8 +156,8 @@ def learning_curve_figure(run_dir: str | Path):
     Top: the train loss of every optimiser step (thin) and its trailing running mean over
     ``smoothing_window(steps)`` steps (thick; only where that window is above 1), y from 0 to 5% above the
     highest loss; a dashed line at the last step of the best dev epoch. Bottom: dev F1 per epoch, the best epoch
-    starred and named, y from 0 to a little above the best F1 (F1 is a percentage: a fixed floor keeps small differences honest). Both x axes cover the data
-    with a small margin and have integer ticks.
+    starred and named, y from 0 to a little above the best F1 (F1 is a percentage: a fixed floor keeps small
+    differences honest). Both x axes cover the data with a small margin and have integer ticks.
     """
     # imported here, not at the top: the question loop never draws, and matplotlib takes a while to import
     from matplotlib.backends.backend_agg import FigureCanvasAgg
