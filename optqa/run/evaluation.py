@@ -64,7 +64,7 @@ def bare_model(config):
 
     text = template_text(config)
     plm, tokenizer, model_config, _ = load_plm(config.plm_name, config.plm_path)
-    check_length_budget(config, max_positions_of(model_config.to_dict()), config.plm_path, delta={})
+    check_length_budget(config, max_positions_of(model_config.to_dict()), config.plm_path)
     template = ManualTemplate(tokenizer, text=text, source=config.template, embedding=plm.get_input_embeddings())
     model = PromptForGeneration(plm, template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
                                 max_new_tokens=config.max_new_tokens)
