@@ -318,7 +318,8 @@ def markdown(rows: list[Row], args, info: dict, settings: dict) -> str:
              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; budget: {settings['train_epochs']} epochs"
              + (f" (at most {settings['max_steps']} steps)" if settings["max_steps"] else "")
              + f", lr {settings['lr']:g} (LoRA's; other delta types their own default), "
-               f"batch {settings['batch_size']}, max_seq_l {settings['max_seq_l']}, max_new_tokens {settings['max_new_tokens']}.", "",
+               f"batch {settings['batch_size']}, max_seq_l {settings['max_seq_l']}, "
+               f"max_new_tokens {settings['max_new_tokens']}.", "",
              machine_markdown(info), "",
              "| system | dev F1 | dev EM | trainable params | checkpoint | train s | train s net | answer s | notes |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
