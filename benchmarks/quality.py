@@ -20,10 +20,11 @@ Rows, each scored on dev (F1/EM in percent, SQuAD-style, best over the gold answ
 
 optqa runs in this process through its command line (``optqa.cli.main``), as a user runs it, one system after the
 other on the same torch threads. Training time is the train command's wall time, model loading and optqa's dev
-scoring after every epoch included; "train s net" takes off that dev scoring (epochs x the answering time of the
-separate dev evaluation), comparable with the PEFT loop, which scores once. The table and a chart are written to
-``benchmarks/RESULTS.md`` (the section between ``<!-- quality:start -->`` and ``<!-- quality:end -->``, replaced
-on every run, with the machine and the date) and ``benchmarks/quality.png``.
+scoring after every epoch included; "train s net" takes off that dev scoring (epochs + 1 times the answering time
+of the separate dev evaluation: the final scores are dev's too), comparable with the PEFT loop, which scores
+once. The table and a chart are written to ``benchmarks/RESULTS.md`` (the section between
+``<!-- quality:start -->`` and ``<!-- quality:end -->``, replaced on every run, with the machine and the date)
+and ``benchmarks/quality.png``.
 """
 from __future__ import annotations
 
@@ -216,7 +217,7 @@ def delta_row(args, data: Path, delta_type: str, settings: dict) -> Row:
         note += ", modules " + " ".join(hyper["modified_modules"])
     return Row(name, metrics["dev_f1"], metrics["dev_em"], manifest["trainable_parameters"],
                sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()), train_s,
-               max(train_s - epochs * answer_s, 0.0), answer_s, note)
+               max(train_s - (epochs + 1) * answer_s, 0.0), answer_s, note)
 
 
 # ---- the peer: a plain PEFT LoRA loop -------------------------------------------------------------------------
@@ -328,8 +329,9 @@ def markdown(rows: list[Row], args, info: dict, settings: dict) -> str:
         lines.append(f"| {r.system} | {_cell(r.f1, '.1f')} | {_cell(r.em, '.1f')} | {_cell(r.trainable, ',')} | "
                      f"{_cell(size, '.2f')}{' MB' if size is not None else ''} | {_cell(r.train_s, '.1f')} | "
                      f"{_cell(r.train_net_s, '.1f')} | {_cell(r.answer_s, '.1f')} | {r.note} |")
-    lines += ["", "train s: the train command's wall time (loading and optqa's per-epoch dev scoring included); "
-                  "train s net: without the dev scoring (epochs x answer s), comparable with the PEFT loop's. "
+    lines += ["", "train s: the train command's wall time (loading, optqa's dev scoring after every epoch and its "
+                  "final scoring of the kept-back split's stand-in, dev, included); train s net: without that "
+                  "scoring ((epochs + 1) x answer s), comparable with the PEFT loop's. "
                   "answer s: scoring dev once (optqa at its default --precision auto: bf16 where the CPU has it "
                   "natively; the PEFT loop in fp32). The few-shot rows run with --max_seq_l (K + 1) x "
                   f"{settings['max_seq_l']} (at most the backbone's positions less max_new_tokens).", SECTION_END]
