@@ -245,3 +245,21 @@ def test_a_delta_trained_with_the_chat_template_records_it_and_answers_with_it(c
                      "--split", "dev", "--output_dir", str(tmp_path / "eval")]) == 0
     row = json.loads(next((tmp_path / "eval").glob("evaluate-*/metrics.jsonl")).read_text())
     assert row["chat_template"] is True and row["no_delta"] is False and row["num_shots"] == 0
+
+
+def test_a_saved_delta_can_be_scored_with_shots(capsys, tiny_opt, data, tmp_path):
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.tiny import build_random_checkpoint
+
+    ckpt = build_random_checkpoint(tiny_opt, tmp_path / "delta", "lora", max_new_tokens=2)
+    capsys.readouterr()
+    assert cli_main(["--mode", "evaluate", "--delta_save_path", str(ckpt), "--data_path", str(data), "--split", "dev",
+                     "--num_shots", "1", "--seed", "5", "--output_dir", str(tmp_path / "runs")]) == 0
+    row = json.loads(next((tmp_path / "runs").glob("evaluate-*/metrics.jsonl")).read_text())
+    assert (row["source"], row["no_delta"], row["num_shots"], row["chat_template"]) == (str(ckpt), False, 1, False)
+    # the prompts it answered: the drawn shot, then the question, through the checkpoint's template
+    model, _, _ = load_trained(ckpt, answer_only=True)
+    use_shots(model, RunConfig(data_path=str(data), num_shots=1, seed=5))
+    shot, answers = MEMORY_SET[_drawn(5, 2)[0]]
+    assert model.tokenizer.decode(model.wrapper.encode(_example(DEV[0][0])).prompt_ids[1:]) == (
+        f"{shot} Answer: {answers[0]}\n{DEV[0][0]} Answer:")
