@@ -23,7 +23,8 @@ DESCRIPTION = """Delta-tune OPT language models for direct-answer QA (ARC-DA) an
 modes:
   train                  train a delta; dev F1/EM per epoch; best delta to --raw_delta_save_path;
                          test scores; final delta to --delta_save_path
-  evaluate               score a saved delta on --split (or a --predictions_file) and write predictions
+  evaluate               score a saved delta on --split (or a --predictions_file) and write predictions;
+                         baselines: --no_delta (the bare backbone), --num_shots K, --chat_template
   interactive_inference  answer questions typed (or piped) one per line, with the delta in --delta_save_path
                          (a folder, a .optqa bundle, or hf://OWNER/NAME[@REVISION] on the Hugging Face Hub)
   demo                   offline first run: tiny random OPT + bundled sample, train, save, reload, answer
@@ -232,8 +233,8 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
 
     no_delta_yet(config, explicit)
     configure_threads(config.num_threads)
-    overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision")
-                 if k in explicit}
+    overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision", "max_seq_l",
+                                                 "chat_template") if k in explicit}
     model, manifest, saved = load_trained(config.delta_save_path,
                                           plm_path=config.plm_path if "plm_path" in explicit else None,
                                           ignore_backbone_mismatch=config.ignore_backbone_mismatch,
@@ -270,7 +271,8 @@ def print_summary(summary) -> None:
 
 
 def evaluate_mode(config: RunConfig, explicit: set[str]) -> int:
-    """Score a saved delta, or a --predictions_file, on --split; --compare_file adds a question-by-question diff."""
+    """Score a saved delta, the bare backbone (--no_delta), or a --predictions_file, on --split; --num_shots and
+    --chat_template change how the model is prompted; --compare_file adds a question-by-question diff."""
     from optqa.data import load_split, split_files
     from optqa.run.folder import METRICS_NAME, RunFolder, compare_name
     from optqa.run.predictions import compare_rows, read_predictions, score_predictions
@@ -292,32 +294,58 @@ def evaluate_mode(config: RunConfig, explicit: set[str]) -> int:
         metrics, rows = score_predictions(examples, read_predictions(source, config.id_field), source, gold)
     else:
         from optqa.run.evaluation import evaluate as score_model
+        from optqa.run.evaluation import use_shots
 
-        model, manifest, saved = _load_for_inference(config, explicit, quantize_default="none")
-        pulled = manifest.get("pulled_from")
-        # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
-        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
+        model, source, batch_size = _model_to_score(config, explicit)
+        use_shots(model, config)
         encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
-        metrics, rows = score_model(model, encoded, saved.eval_batch_size, split)
+        metrics, rows = score_model(model, encoded, batch_size, split)
+        # which baseline (or delta) answered, and how it was prompted
+        prompting = {"quantize": config.quantize, "no_delta": config.no_delta, "num_shots": config.num_shots,
+                     "chat_template": model.wrapper.chat_template}
     run = RunFolder.create(config.output_dir, "evaluate")
     run.write_config(config)
     path = run.write_predictions(split, rows)
     run.append(METRICS_NAME, [{"split": split, f"{split}_f1": metrics["f1"], f"{split}_em": metrics["em"],
                                "count": metrics["count"], "source": source,
-                               **({} if config.predictions_file else {"quantize": config.quantize})}])
+                               **({} if config.predictions_file else prompting)}])
     print(f"{split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions from {source}; "
           f"predictions in {path}")
     if compared is not None:
-        from optqa.run.folder import comparison_table
+        from optqa.run.folder import agreement_name, comparison_table, plot_agreement
+        from optqa.run.predictions import AGREEMENT, RIGHT_F1, agreement
 
         metrics_b, rows_b = compared
         counts, changed = compare_rows(rows, rows_b)
+        agreed = agreement(rows, rows_b)
         diff = run.write_rows(compare_name(split), changed)
+        chart = plot_agreement(run.path / agreement_name(split), agreed, source, config.compare_file, RIGHT_F1)
         run.append(METRICS_NAME, [{"split": split, "compare_file": config.compare_file, "compare_f1": metrics_b["f1"],
-                                   "compare_em": metrics_b["em"], **counts}])
+                                   "compare_em": metrics_b["em"], **counts, **agreed}])
         print(comparison_table(source, config.compare_file, metrics, metrics_b, counts, changed))
         print(f"questions with different predictions in {diff}")
+        print(f"right (F1 > {RIGHT_F1:g}%): " + ", ".join(f"{AGREEMENT[k]} {v}" for k, v in agreed.items())
+              + f"; chart in {chart}")
     return 0
+
+
+def _model_to_score(config: RunConfig, explicit: set[str]):
+    """What ``--mode evaluate`` answers with: a checkpoint (``_load_for_inference``), or with ``--no_delta`` the bare
+    backbone through --template. Returns ``(model, source recorded with the scores, answering batch size)``."""
+    if not config.no_delta:
+        model, manifest, saved = _load_for_inference(config, explicit, quantize_default="none")
+        pulled = manifest.get("pulled_from")
+        # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
+        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
+        return model, source, saved.eval_batch_size
+    from optqa.hardware import configure_threads
+    from optqa.quantize import prepare_for_answering
+    from optqa.run.evaluation import bare_model
+
+    configure_threads(config.num_threads)
+    model = bare_model(config)
+    config.quantize = prepare_for_answering(model, config, default="none")
+    return model, f"{config.plm_path} (no delta)", config.eval_batch_size
 
 
 def interactive_inference_mode(config: RunConfig, explicit: set[str]) -> int:

@@ -516,6 +516,15 @@ class RunConfig:
     predictions_file: str | None = _opt(None, "evaluate: score this predictions jsonl instead of a model")
     # --mode evaluate: compare against a second predictions jsonl, question by question
     compare_file: str | None = _opt(None, "evaluate: second predictions jsonl to compare with")
+    # --mode evaluate baselines: the backbone as it is, prompted through the template (no checkpoint is read)
+    no_delta: bool = _opt(False, "evaluate: score the bare backbone (--plm_path) through --template, without a delta")
+    # in-context examples before every question; drawn once with --seed from the train split, never the question
+    num_shots: int = _opt(0, "evaluate: put N training questions, each with its first gold answer, before every "
+                             "question (drawn once with --seed; 0: zero-shot)")
+    # instruct models expect their chat format; a checkpoint trained with it records it and always answers with it
+    chat_template: bool = _opt(False, "render the prompt as the user message of the tokenizer's chat template "
+                                      "(instruct models); a delta trained with it answers with it everywhere",
+                               resume=True, training=True)
     # --mode export: single-file bundle to write; --mode push --dry_run: the folder that would be uploaded
     export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa); "
                                          "push --dry_run: folder to write")

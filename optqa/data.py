@@ -147,6 +147,21 @@ def load_split(config, split: str) -> list[InputExample]:
     return read_qa_jsonl(split_files(config)[split], config.question_field, config.answers_field, config.id_field)
 
 
+def draw_shots(examples: list[InputExample], num_shots: int, seed: int) -> list[InputExample]:
+    """The in-context examples of a few-shot prompt: ``num_shots`` + 1 training examples drawn once with ``seed``
+    (``random.Random(seed).sample``), in the drawn order. The first ``num_shots`` are the shots of every question;
+    the spare one stands in for a shot that is the question being asked (``LMTokenizerWrapper.use_shots``).
+
+    Raises:
+        OptqaError: fewer training examples than ``num_shots``.
+    """
+    if num_shots > len(examples):
+        raise OptqaError(f"--num_shots {num_shots} asks for more shots than the {len(examples)} questions of the "
+                         "train split; lower --num_shots")
+    order = random.Random(seed).sample(range(len(examples)), min(num_shots + 1, len(examples)))
+    return [examples[i] for i in order]
+
+
 @dataclass
 class Encoded:
     """One rendered example: prompt ids (bos first), which prompt positions are soft, and the target."""
@@ -181,6 +196,54 @@ class LMTokenizerWrapper:
         self.max_seq_length = max_seq_length
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        # how prompts are built around the template (set by use_chat_template / use_shots; off: the plain prompt)
+        self.chat_template = False
+        self.shots: list[InputExample] = []  # draw_shots' K + 1 examples: the K shots and one spare
+        self.num_shots = 0
+
+    def use_chat_template(self, on: bool = True) -> None:
+        """Render every prompt as the user message of the tokenizer's chat template (``apply_chat_template``
+        with ``add_generation_prompt=True``); answers (and training targets) then follow the assistant's header
+        without a leading space.
+
+        Raises:
+            OptqaError: the tokenizer has no chat template, or the template has ``{"soft"}`` pieces (no text).
+        """
+        if on and not getattr(self.tokenizer, "chat_template", None):
+            raise OptqaError(f"--chat_template: the tokenizer of {self.tokenizer.name_or_path} has no chat template "
+                             "(no chat_template in its tokenizer_config.json); drop --chat_template")
+        if on and self.template.num_soft_tokens:
+            raise OptqaError('--chat_template writes the prompt as text into the chat, and a template with {"soft"} '
+                             "pieces has no text form; drop one of them")
+        self.chat_template = on
+
+    def use_shots(self, drawn: list[InputExample], num_shots: int) -> None:
+        """Put ``num_shots`` examples (``draw_shots``' list) before every prompt: each rendered through the template
+        with its first gold answer after it, then a newline (in a chat: a user turn and an assistant turn each).
+
+        The shots are the first ``num_shots`` of ``drawn`` whose question is not the one being asked: the same K
+        for every question, except where the question is itself one of them (scoring the train split), where the
+        next drawn example takes its place, last. Shots are never cut; only the question is.
+        """
+        self.shots, self.num_shots = list(drawn), num_shots
+
+    def shots_for(self, example: InputExample) -> list[InputExample]:
+        """The shots put before ``example`` (see ``use_shots``).
+
+        Raises:
+            OptqaError: too few training questions other than this one.
+        """
+        shots = [s for s in self.shots if s.text_a != example.text_a][:self.num_shots]
+        if len(shots) < self.num_shots:
+            raise OptqaError(f"--num_shots {self.num_shots}: the train split has too few questions other than "
+                             f"question {example.guid} to draw {self.num_shots} shots from; lower --num_shots")
+        return shots
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        """An answer's ids (at most ``max_seq_length`` + a few, see ``encode_head``): after a plain prompt with a
+        leading space, which makes its first word a word-initial BPE token as after "Answer:"; after a chat's
+        assistant header, as the message's text."""
+        return self.template.encode_head(("" if self.chat_template else " ") + answer.strip(), self.max_seq_length)
 
     def encode_target(self, answer: str, guid: Any = None) -> list[int]:
         """The ids of an answer as the model must generate it, then the eos.
@@ -189,8 +252,7 @@ class LMTokenizerWrapper:
             OptqaError: the answer alone has more than ``max_seq_length`` tokens: answers are never cut, and no row
                 could hold it (only the head of the answer that shows it is tokenised).
         """
-        # the leading space makes the answer's first word a word-initial BPE token, as after "Answer:"
-        ids = self.template.encode_head(" " + answer.strip(), self.max_seq_length)
+        ids = self._answer_ids(answer)
         if len(ids) > self.max_seq_length:
             raise OptqaError(f"question {guid}: its answer alone is longer than max_seq_l {self.max_seq_length} "
                              f"tokens (answers are never cut; it begins {answer.strip()[:30]!r})")
@@ -208,25 +270,82 @@ class LMTokenizerWrapper:
             for ``{"soft"}`` positions, and how many question tokens were cut to fit ``max_seq_length``.
         """
         target_ids = self.encode_target(target, example.guid) if target is not None else []
-        budget = self.max_seq_length - 1 - len(target_ids)
-        # a question far longer than the budget is tokenised only as far as it can be kept (render's max_tokens)
-        segments = self.template.render(example, max_tokens=max(budget, 0))
-        tokens_cut = _cut_to_budget(segments, budget)
-        truncated = tokens_cut > 0
+        shots = self.shots_for(example) if self.num_shots else []
+        if self.chat_template:
+            prompt_ids, segments, tokens_cut = self._chat_prompt(example, shots, len(target_ids))
+            soft_index = [SOFT_NONE] * len(prompt_ids)
+        else:
+            segments = [segment for shot in shots for segment in self._shot_segments(shot)]
+            fixed = sum(len(ids) for _, ids, _ in segments)
+            budget = self.max_seq_length - 1 - len(target_ids)
+            # a question far longer than the budget is tokenised only as far as it can be kept (render's max_tokens)
+            segments += self.template.render(example, max_tokens=max(budget - fixed, 0))
+            tokens_cut = _cut_to_budget(segments, budget)
+            prompt_ids, soft_index = self._join([("special", [self.bos_id], False), *segments])
         question_tokens = sum(len(ids) for _, ids, shortenable in segments if shortenable)
+        truncated = tokens_cut > 0
         question_lost = truncated and not question_tokens
-        prompt_ids, soft_index = [self.bos_id], [SOFT_NONE]
-        pad = self.tokenizer.pad_token_id
+        if shots and question_lost:
+            raise OptqaError(f"--num_shots {self.num_shots}: the shots leave no room for question {example.guid} "
+                             f"within --max_seq_l {self.max_seq_length} tokens; lower --num_shots or raise "
+                             "--max_seq_l")
+        golds = list(example.tgt_text or [])
+        return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated,
+                       question_lost, tokens_cut, question_tokens)
+
+    def _join(self, segments: list[tuple[str, list[int], bool]]) -> tuple[list[int], list[int]]:
+        """Prompt ids and soft indices of rendered segments (soft positions carry the pad id)."""
+        prompt_ids: list[int] = []
+        soft_index: list[int] = []
         for kind, ids, _ in segments:
             if kind == "soft":
-                prompt_ids += [pad] * len(ids)
+                prompt_ids += [self.tokenizer.pad_token_id] * len(ids)
                 soft_index += ids
             else:
                 prompt_ids += ids
                 soft_index += [SOFT_NONE] * len(ids)
-        golds = list(example.tgt_text or [])
-        return Encoded(index, example.guid, example.text_a, golds, prompt_ids, soft_index, target_ids, truncated,
-                       question_lost, tokens_cut, question_tokens)
+        return prompt_ids, soft_index
+
+    def _shot_segments(self, shot: InputExample) -> list[tuple[str, list[int], bool]]:
+        """One shot as prompt segments, none shortenable: its prompt, its first gold answer, a newline."""
+        rendered = [(kind, ids, False) for kind, ids, _ in self.template.render(shot)]
+        return [*rendered, ("text", self._answer_ids(shot.tgt_text[0]), False),
+                ("text", self.template._encode("\n"), False)]
+
+    def _prompt_text(self, segments: list[tuple[str, list[int], bool]]) -> str:
+        """The text of a rendered prompt (no soft pieces: ``use_chat_template`` refuses them)."""
+        return self.tokenizer.decode([i for _, ids, _ in segments for i in ids])
+
+    def _chat_prompt(self, example: InputExample, shots: list[InputExample],
+                     target_tokens: int) -> tuple[list[int], list, int]:
+        """The chat-template prompt: each shot a user turn (its prompt's text) and an assistant turn (its first
+        answer), then the question's prompt text as the last user turn and the assistant's header.
+
+        The question is cut until the whole conversation and ``target_tokens`` fit ``max_seq_length``; cut text is
+        decoded from the kept tokens and tokenised again inside the chat, so a cut is checked again (a token may
+        merge differently there).
+
+        Returns:
+            ``(prompt ids, the question's segments after cutting, question tokens cut)``.
+        """
+        messages = []
+        for shot in shots:
+            messages += [{"role": "user", "content": self._prompt_text(self.template.render(shot))},
+                         {"role": "assistant", "content": shot.tgt_text[0].strip()}]
+        budget = self.max_seq_length - target_tokens
+        segments = self.template.render(example, max_tokens=max(budget, 0))
+        cut = 0
+        while True:
+            text = self.tokenizer.apply_chat_template(
+                [*messages, {"role": "user", "content": self._prompt_text(segments)}],
+                tokenize=False, add_generation_prompt=True)
+            # the chat template writes its own special tokens (bos among them where the model wants one)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            excess = len(ids) - budget
+            more = _cut_to_budget(segments, sum(len(i) for _, i, _ in segments) - excess) if excess > 0 else 0
+            if not more:
+                return ids, segments, cut
+            cut += more
 
     def encode_all(self, examples: list[InputExample], targets: str | list[str] | None = None,
                    desc: str = "tokenising", progress: bool | None = None) -> list[Encoded]:

@@ -31,13 +31,15 @@ _TRAINING = {"template", "batch_size", "eval_batch_size", "max_seq_l", "max_new_
 # (--template only for a plain PEFT adapter, which has no template of its own)
 _LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_tokens", "precision", "quantize",
             "merge_lora", "num_threads", "cpu", "template"}
+# how --mode evaluate prompts a model (optqa.run.evaluation); --max_seq_l and --seed: room for shots, their draw
+_BASELINES = ("no_delta", "num_shots", "chat_template", "max_seq_l", "seed")
 # The flags each mode reads (besides --mode). The demo builds its own backbone, save folders and dev file.
 MODE_FLAGS: dict[str, frozenset[str]] = {
     "train": frozenset(_DATA | _DOWNLOAD | _DELTA | _TRAINING | {"plm_name", "plm_path", "delta_save_path",
                                                                    "raw_delta_save_path", "ignore_backbone_mismatch",
-                                                                   "report_to"}),
+                                                                   "report_to", "chat_template"}),
     "evaluate": frozenset(_DATA | _LOADING | {"eval_batch_size", "split", "predictions_file", "compare_file",
-                                              "output_dir"}),
+                                              "output_dir", *_BASELINES}),
     "interactive_inference": frozenset(_LOADING),
     "demo": frozenset((_DATA - {"dev_file"}) | _DELTA | _TRAINING),
     "inspect": frozenset({"delta_save_path"}),
@@ -132,6 +134,16 @@ COMBINATIONS: tuple[Combination, ...] = (
                 "works, same answers: tests/test_speed_paths.py::test_merged_and_unmerged_lora_agree"),
     Combination("merged LoRA (--merge_lora)", 'a {"soft"} template, --precision bf16',
                 "works: checked by hand (interactive_inference)"),
+    *(Combination(f"--{flag}", "--predictions_file",
+                  f"--{flag} sets how a model is prompted, and --predictions_file scores answers already written; "
+                  f"drop one of them", lambda c, flag=flag: bool(getattr(c, flag)) and c.predictions_file is not None)
+      for flag in ("no_delta", "num_shots", "chat_template")),
+    Combination("--no_delta", "--delta_save_path",
+                "--no_delta scores the bare backbone and reads no checkpoint; drop --delta_save_path (or --no_delta)",
+                lambda c: c.no_delta and c.mode == "evaluate" and c.delta_save_path != RunConfig.delta_save_path),
+    Combination("--chat_template", "--mode train, evaluate",
+                "works, same prompt everywhere: tests/test_baselines.py::test_a_delta_trained_with_the_chat_template_"
+                "records_it_and_answers_with_it"),
     Combination("--mode evaluate, interactive_inference, export, import_opendelta, inspect, download",
                 "2 processes",
                 "--mode {mode} runs in one process: start it with python -m optqa, not torchrun or accelerate "
@@ -178,7 +190,7 @@ def check_typed_flags(config: RunConfig, typed: set[str]) -> None:
 AT_LEAST_ONE = ("batch_size", "eval_batch_size", "max_seq_l", "max_new_tokens", "train_epochs",
                 "gradient_accumulation_steps", "bottleneck_dim", "lora_r", "lora_alpha", "soft_token_num",
                 "prefix_token_num", "num_threads")
-AT_LEAST_ZERO = ("warmup_steps", "save_steps", "max_steps", "max_grad_norm", "weight_decay")
+AT_LEAST_ZERO = ("warmup_steps", "save_steps", "max_steps", "max_grad_norm", "weight_decay", "num_shots")
 
 
 def check_values(config: RunConfig, spell: str = "--{}") -> None:

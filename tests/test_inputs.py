@@ -83,8 +83,9 @@ def test_unavailable_hub_backbone_names_the_flag(capsys, data, tmp_path, plm):
     # the tests run with HF_HUB_OFFLINE=1 (conftest), like a machine without internet; a name of the form
     # owner/model may be either a hub name or a relative folder, and the message covers both
     message = fail(capsys, train_args(Path(plm), data, tmp_path), tmp_path)
-    assert f"could not load backbone '{plm}' (not a local folder" in message
-    assert "pass --plm_path /path/to/local/opt-125m" in message
+    assert message == (f"backbone '{plm}' is not a local folder and not in the Hugging Face cache, and "
+                       "HF_HUB_OFFLINE=1 is set: pass --plm_path /path/to/local/opt-125m (a copy saved on a "
+                       "connected machine)")
 
 
 def test_missing_backbone_folder_names_the_flag(capsys, data, tmp_path):

@@ -46,6 +46,13 @@ REFUSED_ARGV = {
     ("--quantize int8", "--precision bf16, fp16"): ["--quantize", "int8", "--precision", "bf16"],
     ("--quantize int8", "--fsdp"): ["--quantize", "int8", "--fsdp"],
 }
+# refused pairs of --mode evaluate's baselines (optqa/run/evaluation.py): whole command lines
+EVALUATE_REFUSED_ARGV = {
+    ("--no_delta", "--predictions_file"): ["--no_delta", "--predictions_file", "p.jsonl"],
+    ("--num_shots", "--predictions_file"): ["--num_shots", "2", "--predictions_file", "p.jsonl"],
+    ("--chat_template", "--predictions_file"): ["--chat_template", "--predictions_file", "p.jsonl"],
+    ("--no_delta", "--delta_save_path"): ["--no_delta", "--delta_save_path", "elsewhere/"],
+}
 PREFIX_GC_LINE = ("--delta_type prefix cannot be combined with --gradient_checkpointing (transformers recomputes "
                   "the layers without the prefix positions); drop --gradient_checkpointing or choose another "
                   "--delta_type")
@@ -53,8 +60,14 @@ PREFIX_GC_LINE = ("--delta_type prefix cannot be combined with --gradient_checkp
 
 def test_every_refused_pair_has_a_test_case():
     refused = {(c.first, c.second) for c in COMBINATIONS if c.refused}
-    assert refused == set(REFUSED_ARGV) | {(c.first, c.second) for c in COMBINATIONS
-                                           if c.refused and c.second == "2 processes"}
+    assert refused == set(REFUSED_ARGV) | set(EVALUATE_REFUSED_ARGV) | {(c.first, c.second) for c in COMBINATIONS
+                                                                        if c.refused and c.second == "2 processes"}
+
+
+@pytest.mark.parametrize("pair", sorted(EVALUATE_REFUSED_ARGV), ids=lambda p: f"{p[0]} x {p[1]}")
+def test_refused_evaluate_pairs_are_one_line(capsys, caplog, pair):
+    [row] = [c for c in COMBINATIONS if (c.first, c.second) == pair]
+    assert cli_error(capsys, caplog, ["--mode", "evaluate", *EVALUATE_REFUSED_ARGV[pair]]) == row.outcome
 
 
 @pytest.mark.parametrize("pair", sorted(REFUSED_ARGV), ids=lambda p: f"{p[0]} x {p[1]}")
@@ -174,7 +187,7 @@ def test_a_delta_flag_for_another_delta_type_is_refused(capsys, caplog, tiny_opt
     (["--mode", "train", "--split", "dev"], "--split does not apply to --mode train (it is read by --mode evaluate); "
                                             "drop it"),
     (["--mode", "download", "--max_seq_l", "64"],
-     "--max_seq_l does not apply to --mode download (it is read by --mode train, --mode demo, "
+     "--max_seq_l does not apply to --mode download (it is read by --mode train, --mode evaluate, --mode demo, "
      "--mode import_opendelta); drop it"),
 ])
 def test_a_flag_the_mode_does_not_read_is_refused(capsys, caplog, argv, line):

@@ -12,7 +12,7 @@ from optqa.cli import main as cli_main
 from optqa.data import InputExample
 from optqa.errors import OptqaError
 from optqa.run import folder as reports
-from optqa.run.predictions import compare_rows, read_predictions, score_predictions
+from optqa.run.predictions import agreement, compare_rows, read_predictions, score_predictions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LONG = ("Which process moves water from the leaves of a plant into the air, and why does it happen faster "
@@ -134,6 +134,14 @@ def test_evaluate_from_file_equals_evaluate_from_model(trained, capsys):
     [diff] = _read_jsonl(compared / "compare_test.jsonl")
     assert diff["question_id"] == f"c{target}" and diff["change"] == "better" and diff["f1_b"] == 100.0
     assert "B vs A, question by question: 1 better, 0 worse, 8 same" in out
+    # who got which right (F1 > 50%): the fixed question moves from "both wrong" to "only B" unless A had it half
+    right_a = sum(r["f1"] > 50 for r in model_rows)
+    a_had_it = model_rows[target]["f1"] > 50
+    assert {k: row[k] for k in ("both_right", "only_a", "only_b", "both_wrong")} == {
+        "both_right": right_a, "only_a": 0, "only_b": 0 if a_had_it else 1,
+        "both_wrong": 9 - right_a - (0 if a_had_it else 1)}
+    assert (compared / "compare_test.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert f"chart in {compared / 'compare_test.png'}" in out
 
 
 # ---- scoring predictions files without a model --------------------------------------------------------------
@@ -239,6 +247,64 @@ def test_plot_is_a_png_of_loss_and_dev_f1(tmp_path):
     assert path == run / "learning_curve.png"
     data = path.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+
+
+def _run_of(folder: Path, losses: list[float], dev_f1: list[float], steps_per_epoch: int) -> Path:
+    folder.mkdir()
+    _write_jsonl(folder / "train_loss.jsonl", [{"step": s, "epoch": 1 + (s - 1) // steps_per_epoch, "loss": v}
+                                               for s, v in enumerate(losses, start=1)])
+    _write_jsonl(folder / "metrics.jsonl", [{"epoch": e, "dev_f1": f, "dev_em": 0.0, "step": e * steps_per_epoch}
+                                            for e, f in enumerate(dev_f1, start=1)])
+    return folder
+
+
+def _lines(ax) -> dict[str, list]:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_the_learning_curve_smooths_the_loss_and_marks_the_best_epoch(tmp_path):
+    losses = [4.0 - 0.05 * s + (0.5 if s % 2 else -0.5) for s in range(1, 41)]  # noisy, falling
+    run = _run_of(tmp_path / "run", losses, [10.0, 32.5, 30.0, 32.5], steps_per_epoch=10)
+    loss_ax, dev_ax = reports.learning_curve_figure(run).axes
+    lines = _lines(loss_ax)
+    assert set(lines) == {"loss per step", "running mean of 4 steps", "best epoch 2 (step 20)"}
+    assert list(lines["loss per step"].get_ydata()) == losses
+    smooth = list(lines["running mean of 4 steps"].get_ydata())
+    assert smooth[0] == losses[0] and smooth[-1] == pytest.approx(sum(losses[-4:]) / 4)
+    assert list(lines["best epoch 2 (step 20)"].get_xdata()) == [20, 20]  # the tie goes to the earlier epoch
+    assert loss_ax.get_xlim() == pytest.approx((1 - 0.78, 40 + 0.78))
+    assert loss_ax.get_ylim() == pytest.approx((0, max(losses) * 1.05))
+    assert all(float(t).is_integer() for t in loss_ax.get_xticks() if 0 <= t <= 41)
+    dev_lines = _lines(dev_ax)
+    star = dev_lines["best epoch 2: F1 32.50"]
+    assert (list(star.get_xdata()), list(star.get_ydata()), star.get_marker()) == ([2], [32.5], "*")
+    assert dev_ax.get_xlim() == (0.5, 4.5) and list(dev_ax.get_xticks()) == [1, 2, 3, 4]
+    assert dev_ax.get_ylim() == pytest.approx((-0.02 * 37.5, 37.5))
+
+
+def test_a_one_epoch_curve_has_sane_axes(tmp_path):
+    """The issue's case: one epoch, a loss near 1 (ticks ran 0.945-1.065) and an epoch axis far wider than 1."""
+    run = _run_of(tmp_path / "run", [1.0, 1.01, 0.99], [0.0], steps_per_epoch=3)
+    loss_ax, dev_ax = reports.learning_curve_figure(run).axes
+    assert set(_lines(loss_ax)) == {"loss per step", "best epoch 1 (step 3)"}  # 3 steps: nothing to smooth
+    assert loss_ax.get_xlim() == (0.5, 3.5) and list(loss_ax.get_xticks()) == [1, 2, 3]
+    assert loss_ax.get_ylim() == pytest.approx((0, 1.01 * 1.05))
+    assert dev_ax.get_xlim() == (0.5, 1.5) and list(dev_ax.get_xticks()) == [1]
+    assert dev_ax.get_ylim() == pytest.approx((-0.1, 5.0))
+
+
+def test_the_agreement_chart_counts_each_case(tmp_path):
+    a = score_predictions(GOLD, {"g0": "carbon", "g1": "gravity", "g2": "ice", "g3": "lungs"})[1]
+    b = score_predictions(GOLD, {"g0": "co2", "g1": "mass", "g2": "ICE!", "g3": "kidney"})[1]
+    # g0: "carbon" against "carbon dioxide" is F1 66.7: right, as "co2" is
+    counts = agreement(a, b)
+    assert counts == {"both_right": 2, "only_a": 1, "only_b": 0, "both_wrong": 1}
+    ax = reports.agreement_figure(counts, "A.jsonl", "B.jsonl", 50).axes[0]
+    bars = ax.containers[0]
+    assert [bar.get_width() for bar in bars] == [2, 1, 0, 1]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["both right", "only A", "only B", "both wrong"]
+    assert [t.get_text() for t in ax.texts] == ["2 (50%)", "1 (25%)", "0 (0%)", "1 (25%)"]
+    assert ax.get_xlim() == (0, 2.5)
 
 
 def test_a_plain_install_brings_the_plot():

@@ -54,7 +54,7 @@ def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config:
         plm, tokenizer: a backbone without a delta (``load_plm``) and its tokenizer.
         delta_config: an AutoDeltaConfig dict (a run's ``delta_config()`` or a manifest's ``delta``).
         text: the template text; ``source`` names it in error messages.
-        config: ``max_seq_l`` and ``max_new_tokens`` come from it.
+        config: ``max_seq_l``, ``max_new_tokens`` and ``chat_template`` come from it.
         delta: the delta already on ``plm`` (``fold_lora``'s merged LoRA); None: attach ``delta_config``'s.
     Returns:
         ``(model, delta)``: the ``PromptForGeneration`` and its delta model.
@@ -67,6 +67,8 @@ def assemble(plm, tokenizer, delta_config: dict, text: str, source: str, config:
     template = ManualTemplate(tokenizer, text=text, source=source, embedding=plm.get_input_embeddings())
     model = PromptForGeneration(plm, template, tokenizer=tokenizer, max_seq_length=config.max_seq_l,
                                 max_new_tokens=config.max_new_tokens)
+    # a delta trained in the chat format records it (hyperparameters) and answers in it wherever it is loaded
+    model.wrapper.use_chat_template(config.chat_template)
     return model, delta
 
 

@@ -93,3 +93,20 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict]) -> tuple[dict, list[dic
                             "f1_a": a["f1"], "f1_b": b["f1"], "em_a": a["em"], "em_b": b["em"],
                             "f1_change": round(delta[0], 4)})
     return counts, changed
+
+
+# a question counts as answered right where its F1 (percent, best over the gold answers) passes this: ARC-DA's
+# answers are free text, so a partly right answer ("the sun" for "sun and wind") counts, which EM would not
+RIGHT_F1 = 50.0
+# the four cases of a per-question comparison: metrics.jsonl key -> what the chart calls it
+AGREEMENT = {"both_right": "both right", "only_a": "only A", "only_b": "only B", "both_wrong": "both wrong"}
+
+
+def agreement(rows_a: list[dict], rows_b: list[dict], right_f1: float = RIGHT_F1) -> dict[str, int]:
+    """Per question, which of A and B answered it right (F1 above ``right_f1`` percent): counts of the four
+    ``AGREEMENT`` cases over the same questions in the same order (``score_predictions``' rows)."""
+    cases = {(True, True): "both_right", (True, False): "only_a", (False, True): "only_b", (False, False): "both_wrong"}
+    counts = dict.fromkeys(AGREEMENT, 0)
+    for a, b in zip(rows_a, rows_b, strict=True):
+        counts[cases[a["f1"] > right_f1, b["f1"] > right_f1]] += 1
+    return counts
