@@ -25,8 +25,10 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 TEMPLATE_FILE_NAME = "optqa_template.txt"
 PEFT_TYPES = {"LORA": "lora", "PROMPT_TUNING": "soft_prompt", "PREFIX_TUNING": "prefix"}
 # LoRA options whose non-default values change the computation in ways optqa's LoRA config cannot express.
+# (fan_in_fan_out is not one: it says how the target stores its weight, and optqa sets it from the target's
+# type, True for GPT-2's Conv1D, as an adapter trained on that backbone must have it.)
 _LORA_DEFAULTS = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
-                  "fan_in_fan_out": False, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+                  "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def is_peft_adapter(folder: Path) -> bool:

@@ -1,0 +1,210 @@
+"""Every delta type on every backbone family of ``optqa.families``, with default flags (no --modified_modules).
+
+Each case builds a tiny random model of the family from its transformers config (``optqa.tiny.build_family``:
+grouped-query attention for Llama, Mistral, Qwen and Phi-3, multi-query attention with a set head size for
+Gemma, Conv1D for GPT-2), trains the delta, saves it, noises the saved weights (a briefly trained delta changes
+few answers, so a delta dropped on reload would go unnoticed), reloads it from the checkpoint alone, and checks
+that the batched KV-cache answers (left padded, one batch) equal the reference that runs the full forward pass
+without a cache, one question at a time (``tests/test_reference_decoder.py``), also on the answering path
+without PEFT (merged LoRA, plain prompt table). Where PEFT has the method, the PEFT export answers the same in
+PEFT's own forward pass and imports back.
+
+The full matrix is marked ``families``: ``python -m pytest -m families tests/test_families.py``. By default a
+slice runs: Llama (grouped-query) and GPT-2 (Conv1D) with all five types, every other family with the type that
+meets its odd part.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sample_texts, train_in_process
+from test_reference_decoder import QUESTIONS, decode, reference_answer
+
+from optqa.config import DELTA_TYPES
+from optqa.data import InputExample, collate_for_generation
+from optqa.families import FAMILIES, FAMILY_NAMES, family_of, kv_layout
+from optqa.tiny import FAMILY_SHAPES
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# the default slice: each family with the delta type that meets its odd part
+SLICE = {("llama", d) for d in DELTA_TYPES} | {("gpt2", d) for d in DELTA_TYPES} | {
+    ("mistral", "prefix"),        # grouped-query attention in the prefix's cache
+    ("qwen2", "adapter"),         # biased q/k/v projections, adapter on attn and mlp.down_proj
+    ("qwen3", "bitfit"),          # per-head q_norm / k_norm RMSNorms get biases of the head size
+    ("gemma2", "soft_prompt"),    # embeddings scaled inside the embedding module
+    ("gemma3_text", "prefix"),    # multi-query attention, head size set apart from hidden / heads
+    ("phi3", "lora"),             # fused qkv_proj
+    ("gpt_neox", "lora"),         # fused query_key_value, partial rotary
+}
+CASES = [pytest.param(f, d, marks=() if (f, d) in SLICE else pytest.mark.families, id=f"{f}-{d}")
+         for f in FAMILY_SHAPES for d in DELTA_TYPES]
+PEFT_METHODS = ("lora", "soft_prompt", "prefix")
+_BUILT: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """``model_type -> folder`` of its tiny random model, each built once when first asked for."""
+    from optqa.tiny import build_family
+
+    def get(model_type: str) -> Path:
+        if model_type not in _BUILT:
+            _BUILT[model_type] = build_family(model_type, tmp_path_factory.mktemp(model_type), sample_texts())
+        return _BUILT[model_type]
+    return get
+
+
+def noise_checkpoint(folder: Path) -> None:
+    """Re-save the checkpoint with its delta weights noised (as tests/test_reference_decoder.py noises them)."""
+    from optqa.checkpoints.format import read_checkpoint, save_checkpoint
+
+    folder, manifest, state = read_checkpoint(folder)
+    generator = torch.Generator().manual_seed(0)
+    noised = {k: v + torch.randn(v.shape, generator=generator) * (0.5 if v.dim() > 1 else 0.2) for k, v in state.items()}
+    save_checkpoint(folder, noised, {k: v for k, v in manifest.items() if k != "files"})
+
+
+def batched_answers(model) -> list[str]:
+    """All of QUESTIONS in one left-padded batch, through optqa's KV-cache decoder."""
+    encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS)]
+    batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
+    answers = dict(zip(batch["index"], model.generate_answers(batch)))
+    return [answers[i] for i in range(len(QUESTIONS))]
+
+
+@pytest.mark.parametrize("model_type,delta", CASES)
+def test_every_delta_type_trains_reloads_and_answers_as_the_reference(backbones, memory_data, tmp_path, model_type,
+                                                                      delta):
+    from optqa.checkpoints.assemble import load_trained
+
+    backbone = backbones(model_type)
+    summary = train_in_process(backbone, memory_data, tmp_path, "--delta_type", delta, "--precision", "fp32",
+                               "--lr", "1e-2", "--batch_size", "4", "--train_epochs", "3", "--max_new_tokens", "5")
+    losses = [json.loads(line)["train_loss"] for line in (Path(summary.run_dir) / "metrics.jsonl").read_text()
+              .splitlines() if '"epoch"' in line]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and min(losses[1:]) < losses[0], losses
+
+    checkpoint = tmp_path / "delta_ckpts"
+    noise_checkpoint(checkpoint)
+    model, manifest, _ = load_trained(checkpoint)
+    assert manifest["delta"]["delta_type"] == delta and model.max_new_tokens == 5
+    reference = [reference_answer(model, q) for q in QUESTIONS]
+    expected = [decode(model, ids) for ids, _ in reference]
+    assert batched_answers(model) == expected
+    assert sum(bool(a) for a in expected) >= len(QUESTIONS) // 2 and len(set(expected)) > 3, expected
+
+    # the answering path without PEFT (LoRA merged into the weights, a soft prompt or prefix as a plain table)
+    fast, _, _ = load_trained(checkpoint, merge_lora=True, answer_only=True)
+    assert batched_answers(fast) == expected
+
+    if delta in PEFT_METHODS:
+        assert_peft_round_trip(checkpoint, backbone, model, reference, expected, tmp_path)
+
+
+def assert_peft_round_trip(checkpoint: Path, backbone: Path, model, reference, expected: list[str],
+                           tmp_path: Path) -> None:
+    """The PEFT export computes the same logits in PEFT's own forward pass, and imports back to the same answers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.checkpoints.export import export_checkpoint
+
+    export_checkpoint(checkpoint, tmp_path / "shared.optqa")
+    folder = tmp_path / "shared-peft"
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone), folder).eval()
+    for question, (_, first_logits) in list(zip(QUESTIONS, reference))[:4]:
+        ids = model.wrapper.encode(InputExample(guid=0, text_a=question)).prompt_ids
+        with torch.no_grad():
+            logits = theirs(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            use_cache=False).logits[0, -1].float()
+        torch.testing.assert_close(logits, first_logits, rtol=1e-4, atol=1e-4)
+    imported, manifest, _ = load_trained(folder, plm_path=str(backbone), overrides={"max_new_tokens": 5})
+    assert manifest["imported_from"]["peft_type"] and batched_answers(imported) == expected
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_SHAPES))
+def test_the_family_table_names_modules_the_model_has(backbones, model_type):
+    """Every name the table gives exists in the family's model, and the neutral names resolve as it says."""
+    from transformers import AutoModelForCausalLM
+
+    from optqa.deltas import resolve_modules
+
+    plm = AutoModelForCausalLM.from_pretrained(backbones(model_type))
+    family = family_of(plm)
+    assert family is FAMILIES[model_type]
+    modules = dict(plm.named_modules())
+    layers = plm.config.get_text_config().num_hidden_layers
+    assert len(modules[family.layers]) == layers
+    inner = (family.attn, family.mlp_out, *family.projections, *family.qv, *family.norms)
+    assert all(f"{family.layers}.{i}.{name}" in modules for i in range(layers) for name in inner)
+    for name in FAMILY_NAMES:
+        assert sorted(resolve_modules(plm, [name])) == sorted(f"{family.layers}.{i}.{inner}" for i in range(layers)
+                                                              for inner in family.neutral(name))
+    # the KV cache's layout is the one the prefix fills: run the model once and look
+    with torch.no_grad():
+        cache = plm(input_ids=torch.tensor([[2, 5, 6]]), use_cache=True).past_key_values
+    count, kv_heads, head_dim = kv_layout(plm.config)
+    assert (len(cache.layers), *cache.layers[0].keys.shape[1:2], cache.layers[0].keys.shape[-1]) == (
+        count, kv_heads, head_dim)
+
+
+def test_a_neutral_name_on_a_family_outside_the_table_is_refused_in_one_line(tmp_path):
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    from optqa.deltas import bitfit_module_names, resolve_modules
+    from optqa.errors import OptqaError
+
+    plm = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(OptqaError, match=re.escape(
+            "modified_modules: 'mlp_out' is a family-neutral name and backbone type 'bloom' is not in optqa's family "
+            "table (opt, gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, gpt_neox); pass module names "
+            "instead (names inside a layer: ")) as error:
+        resolve_modules(plm, ["mlp_out"])
+    assert "dense_4h_to_h" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(OptqaError, match=r"^bitfit: backbone type 'bloom' is not in optqa's family table .* pass "
+                                         r"--modified_modules \(names inside a layer: .*self_attention"):
+        bitfit_module_names(plm, None)
+    assert resolve_modules(plm, ["self_attention"]) == ["transformer.h.0.self_attention"]  # short names still work
+
+
+def test_the_readme_holds_the_family_table():
+    from optqa.families import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme, "paste the output of: python -m optqa.families"
+
+
+def test_lora_on_gpt2s_conv1d_folds_as_pefts_merge(backbones):
+    """fold_lora on Conv1D targets (weight stored (in, out)) gives PEFT's merged weights bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from optqa.config import LoraConfig
+    from optqa.deltas import AutoDeltaModel, fold_lora
+
+    config = LoraConfig(modified_modules=["attn", "mlp_out"])
+    plm = AutoModelForCausalLM.from_pretrained(backbones("gpt2"))
+    delta = AutoDeltaModel.from_config(config, plm)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in delta.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    state = {name: param.detach().clone() for name, param in delta.named_parameters()}
+    delta.model.merge_adapter()
+    merged = {n: p.detach().clone() for n, p in delta.model.get_base_model().named_parameters() if "lora_" not in n}
+    fresh = AutoModelForCausalLM.from_pretrained(backbones("gpt2"))
+    fold_lora(config, fresh, state)
+    ours = dict(fresh.named_parameters())
+    names = [n.replace(".base_layer", "") for n in merged]
+    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"} <= set(names)
+    for name, (_, weight) in zip(names, merged.items()):
+        assert torch.equal(ours[name], weight), name
+    assert not torch.equal(ours["transformer.h.0.attn.c_attn.weight"],
+                           dict(AutoModelForCausalLM.from_pretrained(backbones("gpt2")).named_parameters())[
+                               "transformer.h.0.attn.c_attn.weight"])
