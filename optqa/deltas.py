@@ -213,9 +213,9 @@ def resolve_modules(model: nn.Module, short_names: list[str]) -> list[str]:
     names = [n for n, _ in model.named_modules() if n and not n.startswith("lm_head")]
     matched = []
     for short in short_names:
-        if short in FAMILY_NAMES:
+        if short in FAMILY_NAMES:  # in the order the family's entry names them, as the short names would be
             patterns = [re.compile(p) for p in _neutral_patterns(model, short, names)]
-            hits = [n for n in names if any(p.fullmatch(n) for p in patterns)]
+            hits = [n for pattern in patterns for n in names if pattern.fullmatch(n)]
         else:
             hits = [n for n in names if n == short or n.endswith("." + short)]
         if not hits:

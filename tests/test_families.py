@@ -102,9 +102,34 @@ def test_every_delta_type_trains_reloads_and_answers_as_the_reference(backbones,
     # the answering path without PEFT (LoRA merged into the weights, a soft prompt or prefix as a plain table)
     fast, _, _ = load_trained(checkpoint, merge_lora=True, answer_only=True)
     assert batched_answers(fast) == expected
+    assert_int8_answers(fast)
 
     if delta in PEFT_METHODS:
         assert_peft_round_trip(checkpoint, backbone, model, reference, expected, tmp_path)
+
+
+def assert_int8_answers(model) -> None:
+    """The int8 backbone (optqa.quantize) answers: every frozen nn.Linear runs on int8 (GPT-2's Conv1D layers
+    stay float) and changes the logits, and undoing it gives fp32's back exactly. (How close int8 stays to fp32
+    is measured on OPT in tests/test_quantize.py: these random large-weight models amplify any rounding.)"""
+    from optqa import quantize
+
+    encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS[:8])]
+    batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
+
+    def first_logits():
+        with torch.no_grad(), model._running(batch):
+            inputs = model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
+            return model.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    fp32 = first_logits()
+    linears = [m for m in model.plm.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    assert quantize.quantize_int8(model.plm)["layers"] == len(linears) > 0
+    int8 = first_logits()
+    assert torch.isfinite(int8).all() and not torch.equal(int8, fp32)
+    assert len(batched_answers(model)) == len(QUESTIONS)
+    quantize.dequantize(model.plm)
+    assert torch.equal(first_logits(), fp32)
 
 
 def assert_peft_round_trip(checkpoint: Path, backbone: Path, model, reference, expected: list[str],
@@ -145,8 +170,8 @@ def test_the_family_table_names_modules_the_model_has(backbones, model_type):
     inner = (family.attn, family.mlp_out, *family.projections, *family.qv, *family.norms)
     assert all(f"{family.layers}.{i}.{name}" in modules for i in range(layers) for name in inner)
     for name in FAMILY_NAMES:
-        assert sorted(resolve_modules(plm, [name])) == sorted(f"{family.layers}.{i}.{inner}" for i in range(layers)
-                                                              for inner in family.neutral(name))
+        assert resolve_modules(plm, [name]) == [f"{family.layers}.{i}.{inner}" for inner in family.neutral(name)
+                                                for i in range(layers)]
     # the KV cache's layout is the one the prefix fills: run the model once and look
     with torch.no_grad():
         cache = plm(input_ids=torch.tensor([[2, 5, 6]]), use_cache=True).past_key_values
@@ -208,3 +233,29 @@ def test_lora_on_gpt2s_conv1d_folds_as_pefts_merge(backbones):
     assert not torch.equal(ours["transformer.h.0.attn.c_attn.weight"],
                            dict(AutoModelForCausalLM.from_pretrained(backbones("gpt2")).named_parameters())[
                                "transformer.h.0.attn.c_attn.weight"])
+
+
+def test_every_delta_type_is_served_on_a_grouped_query_backbone(backbones, tmp_path):
+    """``--mode serve`` with the five delta types on one Llama (grouped-query) backbone: the official openai client
+    gets each delta's answers as ``load_trained`` gives them alone."""
+    import openai
+    from test_serve import start_cli_server
+
+    from optqa.checkpoints.assemble import load_trained
+    from optqa.tiny import build_random_checkpoint
+
+    backbone = backbones("llama")
+    paths = {delta: build_random_checkpoint(backbone, tmp_path / delta, delta, seed=1, max_new_tokens=5)
+             for delta in DELTA_TYPES}
+    process, url = start_cli_server("--deltas", *(f"{d}={p}" for d, p in paths.items()), "--precision", "fp32",
+                                    "--quantize", "none")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        for delta, path in paths.items():
+            alone = load_trained(path)[0].answer(QUESTIONS[:4])
+            served = client.completions.create(model=delta, prompt=QUESTIONS[:4])
+            assert [c.text for c in sorted(served.choices, key=lambda c: c.index)] == alone and any(alone), delta
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Traceback" not in process.stderr.read()
