@@ -60,14 +60,29 @@ def backbones(tmp_path_factory):
     return get
 
 
-def noise_checkpoint(folder: Path) -> None:
-    """Re-save the checkpoint with its delta weights noised (as tests/test_reference_decoder.py noises them)."""
+# Gemma's tiny model (its embeddings scaled, four norms per layer) is fragile: a few steps at 1e-2 or the full
+# noise of tests/test_reference_decoder.py on an adapter or BitFit make it answer every question alike
+LR = {"gemma2": "1e-3", "gemma3_text": "1e-3"}
+NOISE = {"gemma2": 0.05, "gemma3_text": 0.05}
+
+
+def noise_checkpoint(folder: Path, scale: float) -> None:
+    """Re-save the checkpoint with its delta weights noised (as tests/test_reference_decoder.py noises them, times
+    ``scale``)."""
     from optqa.checkpoints.format import read_checkpoint, save_checkpoint
 
     folder, manifest, state = read_checkpoint(folder)
     generator = torch.Generator().manual_seed(0)
-    noised = {k: v + torch.randn(v.shape, generator=generator) * (0.5 if v.dim() > 1 else 0.2) for k, v in state.items()}
+    noised = {k: v + torch.randn(v.shape, generator=generator) * (0.5 if v.dim() > 1 else 0.2) * scale
+              for k, v in state.items()}
     save_checkpoint(folder, noised, {k: v for k, v in manifest.items() if k != "files"})
+
+
+def first_step_logits(model, batch) -> torch.Tensor:
+    """``(batch, vocab)`` logits of the first answer token, from optqa's batched, cached pass over the prompts."""
+    with torch.no_grad(), model._running(batch):
+        inputs = model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
+        return model.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()
 
 
 def batched_answers(model) -> list[str]:
@@ -85,19 +100,26 @@ def test_every_delta_type_trains_reloads_and_answers_as_the_reference(backbones,
 
     backbone = backbones(model_type)
     summary = train_in_process(backbone, memory_data, tmp_path, "--delta_type", delta, "--precision", "fp32",
-                               "--lr", "1e-2", "--batch_size", "4", "--train_epochs", "3", "--max_new_tokens", "5")
+                               "--lr", LR.get(model_type, "1e-2"), "--batch_size", "4", "--train_epochs", "3", "--max_new_tokens", "5")
     losses = [json.loads(line)["train_loss"] for line in (Path(summary.run_dir) / "metrics.jsonl").read_text()
               .splitlines() if '"epoch"' in line]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and min(losses[1:]) < losses[0], losses
 
     checkpoint = tmp_path / "delta_ckpts"
-    noise_checkpoint(checkpoint)
+    noise_checkpoint(checkpoint, NOISE.get(model_type, 1.0))
     model, manifest, _ = load_trained(checkpoint)
     assert manifest["delta"]["delta_type"] == delta and model.max_new_tokens == 5
     reference = [reference_answer(model, q) for q in QUESTIONS]
     expected = [decode(model, ids) for ids, _ in reference]
     assert batched_answers(model) == expected
-    assert sum(bool(a) for a in expected) >= len(QUESTIONS) // 2 and len(set(expected)) > 3, expected
+    assert sum(bool(a) for a in expected) >= len(QUESTIONS) // 2 and len(set(expected)) > 1, expected
+    # step 1's logits of the batched, cached pass against the reference's: a comparison that bites even where
+    # a fragile tiny model gives many questions one answer
+    encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS)]
+    batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
+    first = first_step_logits(model, batch)
+    for row, index in enumerate(batch["index"]):
+        torch.testing.assert_close(first[row], reference[index][1], rtol=1e-3, atol=1e-3)
 
     # the answering path without PEFT (LoRA merged into the weights, a soft prompt or prefix as a plain table)
     fast, _, _ = load_trained(checkpoint, merge_lora=True, answer_only=True)
@@ -116,20 +138,14 @@ def assert_int8_answers(model) -> None:
 
     encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS[:8])]
     batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
-
-    def first_logits():
-        with torch.no_grad(), model._running(batch):
-            inputs = model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
-            return model.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()
-
-    fp32 = first_logits()
+    fp32 = first_step_logits(model, batch)
     linears = [m for m in model.plm.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
     assert quantize.quantize_int8(model.plm)["layers"] == len(linears) > 0
-    int8 = first_logits()
+    int8 = first_step_logits(model, batch)
     assert torch.isfinite(int8).all() and not torch.equal(int8, fp32)
     assert len(batched_answers(model)) == len(QUESTIONS)
     quantize.dequantize(model.plm)
-    assert torch.equal(first_logits(), fp32)
+    assert torch.equal(first_step_logits(model, batch), fp32)
 
 
 def assert_peft_round_trip(checkpoint: Path, backbone: Path, model, reference, expected: list[str],
