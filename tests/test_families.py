@@ -275,3 +275,22 @@ def test_every_delta_type_is_served_on_a_grouped_query_backbone(backbones, tmp_p
         process.terminate()
         process.wait(timeout=30)
     assert "Traceback" not in process.stderr.read()
+
+
+def test_soft_tokens_start_from_the_embedding_modules_output_on_gemma(backbones):
+    """Gemma scales its embedding rows by sqrt(hidden_size) inside the embedding module: a soft prompt's init text
+    and a template's {"soft"} tokens start from that output (what they replace), not from the raw rows."""
+    from optqa.config import SoftPromptConfig
+    from optqa.deltas import AutoDeltaModel
+    from optqa.plm import load_plm
+    from optqa.template import ManualTemplate
+
+    plm, tokenizer, _, _ = load_plm("gemma3_text", str(backbones("gemma3_text")))
+    embedding = plm.get_input_embeddings()
+    ids = tokenizer("Question:", add_special_tokens=False)["input_ids"]
+    scaled = embedding(torch.tensor(ids)).detach()
+    assert not torch.allclose(scaled, embedding.weight[ids])  # Gemma's scale is not 1
+    template = ManualTemplate(tokenizer, '{"soft":"Question:"} {"placeholder":"text_a"} {"mask"}', embedding=embedding)
+    assert torch.equal(template.soft_embeds.detach(), scaled)
+    delta = AutoDeltaModel.from_config(SoftPromptConfig(soft_token_num=len(ids), init_text="Question:"), plm, tokenizer)
+    assert torch.equal(delta.model.prompt_encoder["default"].embedding.weight.detach(), scaled)
