@@ -320,9 +320,10 @@ class PromptForGeneration(nn.Module):
         A soft prompt (Lester et al., 2021, https://arxiv.org/abs/2104.08691) is prepended to the token
         embeddings; a prefix goes into a fresh KV cache ahead of the prompt. Either way the attention mask
         gains ``num_virtual_tokens`` leading ones. Positions are passed, counted along that mask
-        (``positions``): OPT counts them so itself, but Llama, Qwen, Gemma, Mistral, Phi-3, GPT-2 and GPT-NeoX
-        would count them from the cache's start, so a left-padded row would see other positions than the same
-        prompt alone.
+        (``positions``): OPT counts them so itself, but the other families count them from the cache's start, so
+        a left-padded row would see other positions than the same prompt alone: GPT-2's learned absolute
+        positions then change its answers (tests/test_families.py); rotary families (Llama, Qwen, Gemma,
+        Mistral, Phi-3, GPT-NeoX) see only relative positions in attention, so there only the rounding moves.
 
         Args:
             input_ids: ``(batch, seq_len)`` token ids, left padded.
