@@ -50,10 +50,10 @@ class Family:
 
 
 def _llama_like(label: str, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
-                qk_norms: bool = False) -> Family:
+                qk_norms: bool = False, layers: str = "model.layers") -> Family:
     """Llama's layout, shared by Mistral, Qwen2/3 and Gemma 2/3 (``LlamaDecoderLayer`` and its copies)."""
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    return Family(label, "model.layers", "self_attn", attn, ("self_attn.q_proj", "self_attn.v_proj"),
+    return Family(label, layers, "self_attn", attn, ("self_attn.q_proj", "self_attn.v_proj"),
                   "mlp.down_proj", norms + (("self_attn.q_norm", "self_attn.k_norm") if qk_norms else ()))
 
 
@@ -73,6 +73,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3": _llama_like("Qwen3", qk_norms=True),
     "gemma2": _llama_like("Gemma 2", norms=_GEMMA_NORMS),
     "gemma3_text": _llama_like("Gemma 3", norms=_GEMMA_NORMS, qk_norms=True),
+    # the multimodal Gemma 3 checkpoints (Gemma3ForConditionalGeneration): the same text stack under
+    # model.language_model, beside a vision tower whose layers the neutral names leave alone
+    "gemma3": _llama_like("Gemma 3 (multimodal)", norms=_GEMMA_NORMS, qk_norms=True,
+                          layers="model.language_model.layers"),
     "phi3": Family("Phi-3", "model.layers", "self_attn", ("self_attn.qkv_proj", "self_attn.o_proj"),
                    ("self_attn.qkv_proj",), "mlp.down_proj", ("input_layernorm", "post_attention_layernorm")),
     "gpt_neox": Family("GPT-NeoX", "gpt_neox.layers", "attention", ("attention.query_key_value", "attention.dense"),

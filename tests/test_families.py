@@ -205,7 +205,7 @@ def test_a_neutral_name_on_a_family_outside_the_table_is_refused_in_one_line(tmp
     plm = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(OptqaError, match=re.escape(
             "modified_modules: 'mlp_out' is a family-neutral name and backbone type 'bloom' is not in optqa's family "
-            "table (opt, gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, gpt_neox); pass module names "
+            "table (opt, gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3, phi3, gpt_neox); pass module names "
             "instead (names inside a layer: ")) as error:
         resolve_modules(plm, ["mlp_out"])
     assert "dense_4h_to_h" in str(error.value) and "\n" not in str(error.value)
@@ -294,3 +294,23 @@ def test_soft_tokens_start_from_the_embedding_modules_output_on_gemma(backbones)
     assert torch.equal(template.soft_embeds.detach(), scaled)
     delta = AutoDeltaModel.from_config(SoftPromptConfig(soft_token_num=len(ids), init_text="Question:"), plm, tokenizer)
     assert torch.equal(delta.model.prompt_encoder["default"].embedding.weight.detach(), scaled)
+
+
+def test_multimodal_gemma3_resolves_to_its_text_stack_only():
+    """A Gemma 3 checkpoint with its vision tower (model_type gemma3): the neutral names and BitFit's default
+    stay in the language model's layers (OpenDelta's short name self_attn would also match the vision tower's),
+    and the KV layout is the text config's."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from optqa.deltas import bitfit_module_names, resolve_modules
+
+    text = {**FAMILY_SHAPES["gemma3_text"], "vocab_size": 300}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    plm = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    assert family_of(plm) is FAMILIES["gemma3"]
+    assert resolve_modules(plm, ["attn", "mlp_out"]) == [f"model.language_model.layers.{i}.{name}"
+                                                         for name in ("self_attn", "mlp.down_proj") for i in range(2)]
+    assert any("vision_tower" in name for name in resolve_modules(plm, ["self_attn"]))
+    assert all(name.startswith("model.language_model.layers.") for name in bitfit_module_names(plm, None))
+    assert kv_layout(plm.config) == (2, 1, 32)
