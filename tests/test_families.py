@@ -112,9 +112,13 @@ def test_every_delta_type_trains_reloads_and_answers_as_the_reference(backbones,
     reference = [reference_answer(model, q) for q in QUESTIONS]
     expected = [decode(model, ids) for ids, _ in reference]
     assert batched_answers(model) == expected
-    assert sum(bool(a) for a in expected) >= len(QUESTIONS) // 2 and len(set(expected)) > 1, expected
-    # step 1's logits of the batched, cached pass against the reference's: a comparison that bites even where
-    # a fragile tiny model gives many questions one answer
+    assert sum(bool(a) for a in expected) >= len(QUESTIONS) // 2, expected
+    # the answers depend on the question (most families: several distinct answers; Gemma's fragile tiny model
+    # may give one answer to all, but not one distribution), so the comparisons below bite
+    firsts = torch.stack([logits for _, logits in reference])
+    assert (firsts - firsts[0]).abs().amax() > 0.1
+    assert model_type in NOISE or len(set(expected)) > 3, expected
+    # step 1's logits of the batched, cached pass against the reference's
     encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(QUESTIONS)]
     batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
     first = first_step_logits(model, batch)
