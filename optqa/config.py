@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from optqa.families import defaults_text
+
 # templates/ and data/sample/ sit beside the package in a checkout; default paths are relative to it
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("train", "evaluate", "interactive_inference", "demo", "inspect", "export", "push", "download",
@@ -155,10 +157,12 @@ class DeltaConfig:
 @dataclass
 class AdapterConfig(DeltaConfig):
     """Bottleneck adapter (Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP"), after each
-    modified module's output: ``out + up(act(down(out)))``, OpenDelta's layout."""
+    modified module's output: ``out + up(act(down(out)))``, OpenDelta's layout. The default modules are the
+    attention block and the MLP's output projection of every decoder layer, on any family (``optqa.families``)."""
 
     delta_type: ClassVar[str] = "adapter"
-    modified_modules: list[str] = _opt(["self_attn", "fc2"], "modules whose output the adapter follows")
+    # family-neutral names (optqa.families): on OPT self_attn and fc2, the homework's modules
+    modified_modules: list[str] = _opt(["attn", "mlp_out"], "modules whose output the adapter follows")
     bottleneck_dim: int = _opt(24, "bottleneck width")
     non_linearity: str = _opt("gelu_new", "activation between the down and up projection (transformers' ACT2FN)",
                               cli=False)
@@ -181,17 +185,20 @@ class LoraConfig(DeltaConfig):
     ``W`` of each Linear in the modified modules computes ``W x + (alpha / r) B A x``."""
 
     delta_type: ClassVar[str] = "lora"
-    # the library keeps PEFT's and OpenDelta's q_proj + v_proj; the command line follows the homework, whose
-    # runs put LoRA on every Linear of the attention block and on fc2
-    modified_modules: list[str] = _opt(["self_attn.q_proj", "self_attn.v_proj"], "modules whose Linears get LoRA",
-                                         cli_default=["self_attn", "fc2"])
+    # the library keeps PEFT's and OpenDelta's q_proj + v_proj (attn_qv); the command line follows the homework,
+    # whose runs put LoRA on every Linear of the attention block and on fc2 (attn, mlp_out); family-neutral
+    # names (optqa.families) resolve to those places on every family
+    modified_modules: list[str] = _opt(["attn_qv"], "modules whose Linears get LoRA",
+                                         cli_default=["attn", "mlp_out"])
     lora_r: int = _opt(8, "rank r")
     lora_alpha: int = _opt(16, "alpha (scale = alpha / r)")
     lora_dropout: float = _opt(0.0, "dropout on the input of the LoRA path")
 
     # PEFT LoRA options whose non-default values change the computation in ways this config cannot express
+    # (fan_in_fan_out is not one: it says how the target stores its weight, and optqa sets it from the target's
+    # type, True for GPT-2's Conv1D, as an adapter trained on that backbone must have it)
     PEFT_DEFAULTS: ClassVar[dict[str, Any]] = {
-        "use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
+        "use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
 
     @classmethod
@@ -224,11 +231,12 @@ class LoraConfig(DeltaConfig):
 @dataclass
 class BitFitConfig(DeltaConfig):
     """BitFit (Ben Zaken et al., 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
-    Masked Language-models"): a trainable bias added to the output of every Linear and LayerNorm of the
-    modified modules (None: all decoder layers); the backbone's own biases stay frozen."""
+    Masked Language-models"): a trainable bias added to the output of every Linear (GPT-2's Conv1D) and norm
+    (LayerNorm, RMSNorm) of the modified modules (None: all decoder layers, where the family table puts them);
+    the backbone's own biases stay frozen."""
 
     delta_type: ClassVar[str] = "bitfit"
-    modified_modules: list[str] | None = _opt(None, "modules whose Linears and LayerNorms get a bias "
+    modified_modules: list[str] | None = _opt(None, "modules whose Linears and norms get a bias "
                                                       "(None: every decoder layer)")
 
     def _check(self) -> None:
@@ -469,9 +477,11 @@ class RunConfig:
     delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES, resume=True)
     # OpenDelta-style short module names the delta attaches to (adapter, lora, bitfit); None: the delta type's
     # default, resolved in __post_init__ so that a manifest records what was actually modified
-    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to (OpenDelta short names; adapter, "
-                                                    "lora, and bitfit, which without it takes every Linear and "
-                                                    "LayerNorm of the decoder layers)", nargs="+",
+    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to (OpenDelta short names or the "
+                                                    "family-neutral attn, mlp_out, attn_qv; adapter, lora, and "
+                                                    "bitfit, which without it takes every Linear and norm of the "
+                                                    "decoder layers); the default is, per family: "
+                                                    + defaults_text(list(CLI_MODIFIED_MODULES)), nargs="+",
                                               shown=" ".join(CLI_MODIFIED_MODULES), resume=True)
     # here _with_delta_flags puts each registered delta type's own options (--bottleneck_dim, --lora_r, ...)
 

@@ -7,8 +7,12 @@ semantics and parameter names (which also makes importing OpenDelta checkpoints 
 
 - adapter: ``out + up(act(down(out)))`` on the output of each modified module, the up projection starting
   at zero so the model starts exactly as the backbone;
-- bitfit: a trainable bias added to the output of every Linear and LayerNorm in the decoder layers
-  (the backbone's own biases stay frozen, so the delta stays separate from the backbone).
+- bitfit: a trainable bias added to the output of every Linear (GPT-2's Conv1D) and norm (LayerNorm, a
+  family's RMSNorm) in the decoder layers (the backbone's own biases stay frozen, so the delta stays separate
+  from the backbone).
+
+Module names are OpenDelta's short names or family-neutral ones (``attn``, ``mlp_out``, ``attn_qv``), which
+``optqa.families`` resolves on each backbone family.
 
 ``is_delta_parameter`` is the one predicate for "belongs to the delta": freezing, counting and saving all
 use it, so what trains and what is saved cannot drift apart.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import warnings
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -162,45 +167,114 @@ def _bitfit_hook(module: nn.Module, inputs, output):
     return output + module.bitfit_delta_bias.to(output.dtype)
 
 
-def resolve_modules(model: nn.Module, short_names: list[str]) -> list[str]:
-    """Full module names matching OpenDelta-style short names (``self_attn``, ``fc2``, ``self_attn.q_proj``).
+def _conv1d() -> type:
+    from transformers.pytorch_utils import Conv1D
 
-    A short name matches every module whose dotted name ends with it; the output head is never modified.
+    return Conv1D
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """LayerNorm or a family's RMSNorm: each family has its own RMSNorm class (LlamaRMSNorm, Gemma3RMSNorm, ...)
+    with no common base class, but every one is named ``*Norm`` and scales by a per-feature (1-D) weight."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__.endswith("Norm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def _inside_a_layer(names: list[str]) -> str:
+    """The module names inside the first block of any layer list (OPT's layers.0, GPT-2's h.0, ...)."""
+    return ", ".join(sorted({n.split(".")[-1] for n in names if ".0." in n}))
+
+
+def _neutral_patterns(model: nn.Module, short: str, names: list[str]) -> list[str]:
+    """The full-name patterns a family-neutral name (``attn``, ``mlp_out``, ``attn_qv``) stands for on
+    ``model``'s family: ``<layers>.<i>.<name inside the layer>``."""
+    from optqa.families import FAMILIES, family_of, model_type_of
+
+    family = family_of(model)
+    if family is None:
+        raise OptqaError(f"modified_modules: {short!r} is a family-neutral name and backbone type "
+                         f"{model_type_of(model)!r} is not in optqa's family table ({', '.join(FAMILIES)}); pass "
+                         f"module names instead (names inside a layer: {_inside_a_layer(names)})")
+    return [rf"{re.escape(family.layers)}\.\d+\.{re.escape(inner)}" for inner in family.neutral(short)]
+
+
+def resolve_modules(model: nn.Module, short_names: list[str]) -> list[str]:
+    """Full module names matching OpenDelta-style short names (``self_attn``, ``fc2``, ``self_attn.q_proj``) and
+    family-neutral names (``attn``, ``mlp_out``, ``attn_qv``: ``optqa.families``).
+
+    A short name matches every module whose dotted name ends with it; a family-neutral name the modules its
+    family's table entry names in every decoder layer; the output head is never modified.
+
+    Raises:
+        OptqaError: a name that matches nothing; a family-neutral name on a backbone type not in the table.
     """
+    from optqa.families import FAMILY_NAMES
+
     names = [n for n, _ in model.named_modules() if n and not n.startswith("lm_head")]
     matched = []
     for short in short_names:
-        hits = [n for n in names if n == short or n.endswith("." + short)]
+        if short in FAMILY_NAMES:  # in the order the family's entry names them, as the short names would be
+            patterns = [re.compile(p) for p in _neutral_patterns(model, short, names)]
+            hits = [n for pattern in patterns for n in names if pattern.fullmatch(n)]
+        else:
+            hits = [n for n in names if n == short or n.endswith("." + short)]
         if not hits:
-            # inside the first block of any layer list: OPT's layers.0, GPT-2's h.0, ...
-            examples = sorted({n.split(".")[-1] for n in names if ".0." in n})
             raise OptqaError(f"modified_modules: {short!r} matches no module of the backbone "
-                             f"(names inside a layer: {', '.join(examples)})")
+                             f"(names inside a layer: {_inside_a_layer(names)})")
         matched.extend(h for h in hits if h not in matched)
     return matched
 
 
 def _output_width(module: nn.Module, model: nn.Module) -> int:
+    """The width of ``module``'s output: a Linear's out_features, a Conv1D's ``nf``, a norm's weight length;
+    anything else (an attention block) writes the hidden size."""
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(module, _conv1d()):
+        return module.nf
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
-    return model.config.hidden_size
+    if _is_norm(module):
+        return module.weight.shape[0]
+    return model.config.get_text_config().hidden_size
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or a Conv1D (whose weight is stored ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]
 
 
 def _linear_targets(model: nn.Module, short_names: list[str]) -> list[str]:
-    """LoRA needs Linear layers: a matched block (e.g. ``self_attn``) stands for the Linears inside it."""
+    """LoRA needs Linear (or GPT-2's Conv1D) layers: a matched block (e.g. ``self_attn``) stands for the ones
+    inside it."""
     modules = dict(model.named_modules())
+    kinds = (nn.Linear, _conv1d())
     targets = []
     for name in resolve_modules(model, short_names):
-        if isinstance(modules[name], nn.Linear):
+        if isinstance(modules[name], kinds):
             targets.append(name)
         else:
             targets += [f"{name}.{child}" for child, m in modules[name].named_modules()
-                        if child and isinstance(m, nn.Linear)]
+                        if child and isinstance(m, kinds)]
     if not targets:
         raise OptqaError(f"modified_modules {short_names} contain no Linear layer for LoRA")
     return list(dict.fromkeys(targets))
+
+
+def _fan_in_fan_out(model: nn.Module, targets: list[str]) -> bool:
+    """PEFT's ``fan_in_fan_out``: True for Conv1D targets (weight stored ``(in, out)``), False for Linear ones.
+
+    Raises:
+        OptqaError: a mix of both (PEFT applies one setting to every target).
+    """
+    modules = dict(model.named_modules())
+    conv = {isinstance(modules[name], _conv1d()) for name in targets}
+    if len(conv) > 1:
+        raise OptqaError("modified_modules: LoRA targets mix Linear and Conv1D layers; PEFT's fan_in_fan_out "
+                         "takes one setting for all (name only Linear or only Conv1D modules)")
+    return conv == {True}
 
 
 class DeltaModel:
@@ -372,18 +446,36 @@ def _attach_adapter(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module
     return plm
 
 
+def _decoder_layers(plm: nn.Module) -> str:
+    """The dotted name of ``plm``'s decoder layers, from the family table.
+
+    Raises:
+        OptqaError: a backbone type not in the table (naming the modules to pass instead).
+    """
+    from optqa.families import FAMILIES, family_of, model_type_of
+
+    family = family_of(plm)
+    if family is None:
+        names = [n for n, _ in plm.named_modules()]
+        raise OptqaError(f"bitfit: backbone type {model_type_of(plm)!r} is not in optqa's family table "
+                         f"({', '.join(FAMILIES)}), so its decoder layers are unknown; pass --modified_modules "
+                         f"(names inside a layer: {_inside_a_layer(names)})")
+    return family.layers
+
+
 def bitfit_module_names(plm: nn.Module, modified_modules: list[str] | None) -> list[str]:
-    """Every Linear and LayerNorm inside the decoder layers (OpenDelta's attn/ff/layer_norm biases)."""
+    """Every Linear, Conv1D and norm (LayerNorm, RMSNorm) inside the modified modules, by default inside the
+    decoder layers (OpenDelta's attn/ff/layer_norm biases)."""
     modules = dict(plm.named_modules())
-    roots = resolve_modules(plm, modified_modules) if modified_modules else [
-        n for n in modules if n.endswith(".layers") or n.endswith(".h")]
+    roots = resolve_modules(plm, modified_modules) if modified_modules else [_decoder_layers(plm)]
+    kinds = (nn.Linear, _conv1d())
     names = []
     for root in roots:
         for name, module in modules.items():
-            if (name == root or name.startswith(root + ".")) and isinstance(module, (nn.Linear, nn.LayerNorm)):
+            if (name == root or name.startswith(root + ".")) and (isinstance(module, kinds) or _is_norm(module)):
                 names.append(name)
     if not names:
-        raise OptqaError("bitfit found no Linear or LayerNorm module to add biases to")
+        raise OptqaError("bitfit found no Linear, Conv1D or norm module to add biases to")
     return list(dict.fromkeys(names))
 
 
@@ -414,7 +506,8 @@ def _attach_lora(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
 
     targets = _linear_targets(plm, config.modified_modules)
     lora = peft.LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
-                           lora_dropout=config.lora_dropout, target_modules=targets)
+                           lora_dropout=config.lora_dropout, target_modules=targets,
+                           fan_in_fan_out=_fan_in_fan_out(plm, targets))
     return _peft_model(plm, lora)
 
 
@@ -427,15 +520,16 @@ def fold_lora(config: DeltaConfig, plm: nn.Module, state: dict[str, torch.Tensor
     """A saved LoRA folded straight into ``plm``'s Linear weights, for answering only, without PEFT.
 
     Each target Linear gets ``W + (B @ A) * (lora_alpha / r)``: PEFT's ``merge_adapter``, op for op
-    (``peft.tuners.lora.layer.Linear.merge`` and ``get_delta_weight``, vanilla LoRA with ``fan_in_fan_out``
-    off), so the weights are those a PEFT merge gives, bit for bit (tests/test_speed_paths.py). Importing peft and
+    (``peft.tuners.lora.layer.Linear.merge`` and ``get_delta_weight``, vanilla LoRA; a Conv1D target, whose
+    weight is stored ``(in, out)``, gets the product transposed, as PEFT's ``fan_in_fan_out``), so the weights
+    are those a PEFT merge gives, bit for bit (tests/test_speed_paths.py). Importing peft and
     wrapping the backbone had been most of optqa's own share of the question loop's start-up (0.2 s of 0.3 s).
 
     Args:
         config: the checkpoint's ``LoraConfig``.
         plm: a backbone without a delta (``load_plm``); its weights change in place.
         state: the checkpoint's delta tensors by their saved names: ``backbone.<module>.lora_A.default.weight``
-            ``(r, in_features)`` and ``...lora_B.default.weight`` ``(out_features, r)`` per target Linear, and
+            ``(r, in_features)`` and ``...lora_B.default.weight`` ``(out_features, r)`` per target layer, and
             a template's soft tokens, if any.
         source: names the checkpoint in errors.
     Returns:
@@ -446,11 +540,12 @@ def fold_lora(config: DeltaConfig, plm: nn.Module, state: dict[str, torch.Tensor
     """
     modules = dict(plm.named_modules())
     targets = _linear_targets(plm, config.modified_modules)
+    transposed = _fan_in_fan_out(plm, targets)
     expected = {}
     for name in targets:
-        linear = modules[name]
-        expected[f"backbone.{name}.lora_A.{PEFT_ADAPTER_NAME}.weight"] = (config.lora_r, linear.in_features)
-        expected[f"backbone.{name}.lora_B.{PEFT_ADAPTER_NAME}.weight"] = (linear.out_features, config.lora_r)
+        in_features, out_features = _in_out(modules[name])
+        expected[f"backbone.{name}.lora_A.{PEFT_ADAPTER_NAME}.weight"] = (config.lora_r, in_features)
+        expected[f"backbone.{name}.lora_B.{PEFT_ADAPTER_NAME}.weight"] = (out_features, config.lora_r)
     lora = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
     _check_fits(expected, lora, source)
     scaling = config.lora_alpha / config.lora_r  # PEFT's LoraLayer.update_layer (no rank-stabilised scaling)
@@ -462,7 +557,8 @@ def fold_lora(config: DeltaConfig, plm: nn.Module, state: dict[str, torch.Tensor
             # PEFT adds in place; the same sum into a new tensor is bit for bit the same and 10x sooner here:
             # transformers leaves loaded weights on the safetensors file's copy-on-write pages, and writing into
             # them costs a page fault per 4 kB (0.23 s for OPT-125m's 24 q/v matrices, against 0.03 s)
-            weight.data = weight.data + (lora_b @ lora_a) * scaling
+            product = lora_b @ lora_a
+            weight.data = weight.data + (product.T if transposed else product) * scaling
     delta = DeltaModel(config, plm, plm)
     delta._merged = True
     log.info("LoRA merged into the backbone weights for answering (%d Linear layers)", len(targets))
@@ -485,7 +581,10 @@ def _attach_soft_prompt(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Mo
         ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
         ids = (ids * (config.soft_token_num // max(len(ids), 1) + 1))[:config.soft_token_num]
         with torch.no_grad():
-            weight = plm.get_input_embeddings().weight[torch.tensor(ids)].detach().clone()
+            # the embedding module's output, not its weight rows: Gemma's scales by sqrt(hidden_size) inside it,
+            # and a soft prompt enters after the embedding module (as inputs_embeds)
+            embedding = plm.get_input_embeddings()
+            weight = embedding(torch.tensor(ids, device=embedding.weight.device)).float()
             model.prompt_encoder["default"].embedding.weight.copy_(weight)
     return model
 
@@ -532,10 +631,15 @@ class PromptTable(nn.Module):
 
 def prompt_table_shape(config: DeltaConfig, plm: nn.Module) -> tuple[int, int]:
     """PEFT's table shape for a soft prompt (``(soft_token_num, input embedding width)``) or a prefix
-    (``(prefix_token_num, layers * 2 * hidden_size)``: a key and a value per layer and virtual token)."""
+    (``(prefix_token_num, layers * 2 * kv_heads * head_dim)``: a key and a value per layer and virtual token,
+    each as wide as the KV cache holds them, ``optqa.families.kv_layout``; the hidden size without
+    grouped-query attention)."""
+    from optqa.families import kv_layout
+
     if config.delta_type == "soft_prompt":
         return config.soft_token_num, input_embedding_width(plm)
-    return config.prefix_token_num, plm.config.num_hidden_layers * 2 * plm.config.hidden_size
+    layers, kv_heads, head_dim = kv_layout(plm.config)
+    return config.prefix_token_num, layers * 2 * kv_heads * head_dim
 
 
 def attach_prompt_table(config: DeltaConfig, plm: nn.Module) -> DeltaModel:

@@ -11,6 +11,7 @@ from torch import nn
 
 from optqa.data import IGNORE_INDEX, InputExample, LMTokenizerWrapper, collate_for_generation, generation_batches
 from optqa.deltas import PEFT_PROMPT_LEARNING, DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
+from optqa.families import kv_layout
 from optqa.hardware import is_sharded
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,19 @@ def _virtual_kind(model: nn.Module) -> str | None:
     if peft_type not in kinds:
         raise OptqaError(f"PEFT {peft_type} is not supported (prompt learning: prompt tuning and prefix tuning)")
     return kinds[peft_type]
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position, counted along the attention mask (padding skipped), as OPT counts them itself
+    (``OPTLearnedPositionalEmbedding``) and transformers' ``generate`` does for the other families.
+
+    Args:
+        attention_mask: ``(batch, seq_len)``, 0 on (left) padding; with virtual tokens, their leading ones.
+    Returns:
+        ``(batch, seq_len)`` long positions from 0; padding gets 0 (GPT-2's position table has no row -1, and
+        a padding position is never attended to).
+    """
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def _all_done(done: torch.Tensor, synced: bool) -> bool:
@@ -285,12 +299,14 @@ class PromptForGeneration(nn.Module):
 
     def _prefix_cache(self, batch_size: int):
         """A fresh KV cache holding the prefix: per layer, keys and values of shape
-        ``(batch, heads, num_virtual_tokens, head_dim)``, taken from the table as PEFT's ``get_prompt`` lays it out
-        (Li & Liang, 2021, "Prefix-Tuning", https://arxiv.org/abs/2101.00190)."""
+        ``(batch, kv_heads, num_virtual_tokens, head_dim)`` (the cache's key/value heads, fewer than the attention
+        heads under grouped-query attention: ``optqa.families.kv_layout``), taken from the table as PEFT's
+        ``get_prompt`` lays it out (Li & Liang, 2021, "Prefix-Tuning", https://arxiv.org/abs/2101.00190)."""
         config = self.backbone.config
         weight = self._virtual_weight()
-        n, layers, heads = weight.shape[0], config.num_hidden_layers, config.num_attention_heads
-        table = weight.view(n, 2 * layers, heads, -1).permute(1, 2, 0, 3)  # (2 * layers, heads, n, head_dim)
+        layers, kv_heads, head_dim = kv_layout(config)
+        n = weight.shape[0]
+        table = weight.view(n, 2 * layers, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2 * layers, kv_heads, n, hd)
         cache = _new_cache(config)
         for layer in range(layers):
             keys, values = table[2 * layer], table[2 * layer + 1]
@@ -303,15 +319,19 @@ class PromptForGeneration(nn.Module):
 
         A soft prompt (Lester et al., 2021, https://arxiv.org/abs/2104.08691) is prepended to the token
         embeddings; a prefix goes into a fresh KV cache ahead of the prompt. Either way the attention mask
-        gains ``num_virtual_tokens`` leading ones, so OPT's positions (counted along the mask) are PEFT's.
+        gains ``num_virtual_tokens`` leading ones. Positions are passed, counted along that mask
+        (``positions``): OPT counts them so itself, but the other families count them from the cache's start, so
+        a left-padded row would see other positions than the same prompt alone: GPT-2's learned absolute
+        positions then change its answers (tests/test_families.py); rotary families (Llama, Qwen, Gemma,
+        Mistral, Phi-3, GPT-NeoX) see only relative positions in attention, so there only the rounding moves.
 
         Args:
             input_ids: ``(batch, seq_len)`` token ids, left padded.
             attention_mask: ``(batch, seq_len)``, 0 on padding.
             use_cache: return a KV cache to decode with (always, for a prefix: it lives in the cache).
         Returns:
-            ``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``use_cache`` and, where a cache is used,
-            the cache under this transformers' argument name.
+            ``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``use_cache`` and, where a
+            cache is used, the cache under this transformers' argument name.
         """
         batch = input_ids.shape[0]
         inputs: dict = {"use_cache": use_cache or self._virtual == "prefix"}
@@ -325,6 +345,9 @@ class PromptForGeneration(nn.Module):
             ones = attention_mask.new_ones(batch, self._virtual_weight().shape[0])
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         inputs["attention_mask"] = attention_mask
+        # a prefix's positions are in the cache already: the prompt's follow them
+        width = inputs["inputs_embeds" if "inputs_embeds" in inputs else "input_ids"].shape[1]
+        inputs["position_ids"] = positions(attention_mask)[:, -width:]
         if inputs["use_cache"]:
             inputs[self._cache_arg] = (self._prefix_cache(batch) if self._virtual == "prefix"
                                        else _new_cache(self.backbone.config))
@@ -358,8 +381,8 @@ class PromptForGeneration(nn.Module):
             if _all_done(done, synced):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "use_cache": True,
-                      self._cache_arg: cache}
+            inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "position_ids": positions(mask)[:, -1:],
+                      "use_cache": True, self._cache_arg: cache}
         return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
 
     def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False,

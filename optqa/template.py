@@ -243,15 +243,13 @@ class ManualTemplate(nn.Module):
         return self._encode(text)
 
     def _initial_soft_embeds(self, embedding: nn.Embedding) -> torch.Tensor:
-        weight = embedding.weight.detach().float()
+        # the embedding module's output, not its weight rows: the soft tokens replace that output, and Gemma's
+        # embedding scales its rows by sqrt(hidden_size) inside the module
         generator = torch.Generator().manual_seed(0)
-        rows = []
-        for ids in self._soft_token_ids:
-            for token_id in ids:
-                if token_id is None:
-                    token_id = int(torch.randint(4, weight.shape[0], (1,), generator=generator))
-                rows.append(weight[token_id].clone())
-        return torch.stack(rows)
+        ids = [int(torch.randint(4, embedding.num_embeddings, (1,), generator=generator)) if token_id is None
+               else token_id for token_ids in self._soft_token_ids for token_id in token_ids]
+        with torch.no_grad():
+            return embedding(torch.tensor(ids, device=embedding.weight.device)).detach().float().clone()
 
     def _piece_texts(self, example):
         """``piece_texts`` of this template's pieces."""

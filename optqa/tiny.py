@@ -1,7 +1,8 @@
-"""Small OPT backbones built locally, for the offline demo, the tests and the benchmarks.
+"""Small backbones built locally, for the offline demo, the tests and the benchmarks.
 
 Weights cannot be downloaded on offline machines, so these build a real ``OPTForCausalLM`` folder from
-``OPTConfig`` and a byte-level BPE tokenizer trained with ``tokenizers`` in OPT's layout
+``OPTConfig`` (or, ``build_family``, a model of any family in ``optqa.families`` from its transformers config)
+and a byte-level BPE tokenizer trained with ``tokenizers`` in OPT's layout
 (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3; ``</s>`` doubles as bos like facebook/opt-*).
 """
 from __future__ import annotations
@@ -65,6 +66,65 @@ def build_opt(folder: str | Path, texts: Iterable[str] | None = None, seed: int 
         # layer norm, so no delta could ever make a confident prediction; pretrained OPT has no such cap
         model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     model.save_pretrained(folder)
+    return folder
+
+
+# One tiny shape per family (hidden 64, 2 layers, 4 attention heads), each with its odd part: grouped-query
+# attention (2 key/value heads) for Llama, Mistral, Qwen2/3 and Phi-3 (whose fused qkv projection is then
+# uneven), multi-query attention (1 key/value head) with a head size set apart from hidden / heads for Gemma,
+# Conv1D projections for GPT-2, a fused query_key_value and partial rotary for GPT-NeoX.
+_GQA = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "max_position_embeddings": 256}
+_MQA = {**_GQA, "num_key_value_heads": 1, "head_dim": 32}
+FAMILY_SHAPES: dict[str, dict] = {
+    "opt": TINY_SHAPE,
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 256},
+    "gpt_neox": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                 "max_position_embeddings": 256, "rotary_pct": 0.5},
+    "llama": _GQA, "mistral": _GQA, "qwen2": _GQA, "qwen3": {**_GQA, "head_dim": 32}, "phi3": _GQA,
+    "gemma2": _MQA, "gemma3_text": _MQA,
+}
+
+
+# Gemma scales its embeddings by sqrt(hidden_size) inside the embedding module: at 0.3 every answer is one token
+# repeated, its own 0.02 already gives varied answers
+FAMILY_INIT_STD = {"gemma2": 0.02, "gemma3_text": 0.02}
+
+
+def build_family(model_type: str, folder: str | Path, texts: Iterable[str], seed: int = 0,
+                 init_std: float | None = None, **shape) -> Path:
+    """Write a random-weight model of ``model_type`` (a key of ``FAMILY_SHAPES``, transformers' model_type) with
+    ``build_tokenizer``'s tokenizer into ``folder``.
+
+    ``init_std`` is the weights' initial spread (transformers' ``initializer_range``; None: 0.3, Gemma's
+    ``FAMILY_INIT_STD``): the families' own 0.02 leaves a random 2-layer model predicting one token everywhere
+    (every answer empty or alike); 0.3 gives answers that differ from question to question, so batched and
+    one-at-a-time answers compare something.
+
+    Returns:
+        ``folder``, loadable with ``load_plm`` / ``AutoModelForCausalLM``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    init_std = init_std if init_std is not None else FAMILY_INIT_STD.get(model_type, 0.3)
+    if model_type == "opt":
+        return build_opt(folder, texts, seed=seed, init_std=init_std, embedding_std=1.0, **shape)
+    folder = Path(folder)
+    build_tokenizer(texts, folder)
+    # with tokenizer.json too: transformers 5 loads a Mistral folder's tokenizer by its model type (Llama's or
+    # mistral-common's, ignoring tokenizer_class) unless a tokenizers file is there; the ids stay the same
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    ids = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    specials = dict(pad_token_id=ids["<pad>"], bos_token_id=ids["</s>"], eos_token_id=ids["</s>"])
+    config = AutoConfig.for_model(model_type, vocab_size=len(ids), initializer_range=init_std, tie_word_embeddings=True,
+                                  **specials, **{**FAMILY_SHAPES[model_type], **shape})
+    for key, value in config.to_dict().items():
+        # no dropout, as build_opt's: the families name it apart (attn_pdrop, attention_dropout, hidden_dropout, ...)
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 
 

@@ -32,6 +32,23 @@ MEMORY_SET = [
 ]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "families: the family x delta-type cases outside tests/test_families.py's "
+                                       "default slice; run them with -m families, the whole matrix with "
+                                       "OPTQA_FAMILIES=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``families`` cases run only when asked for (``-m families`` or ``OPTQA_FAMILIES=1``): the whole
+    matrix is 50 trainings, the default slice covers each family once."""
+    if "families" in (config.getoption("markexpr") or "") or os.environ.get("OPTQA_FAMILIES") == "1":
+        return
+    deselected = [item for item in items if "families" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if "families" not in item.keywords]
+
+
 def sample_texts() -> list[str]:
     texts = []
     for split in ("train", "dev", "test"):

@@ -26,8 +26,9 @@ def test_the_cli_takes_each_delta_default_from_its_typed_config():
         20, "Answer the science question briefly.", 6)
     assert AdapterConfig().bottleneck_dim == run.bottleneck_dim and SoftPromptConfig().init_text == run.soft_init_text
     # LoRA's one difference between the library and the command line is on LoraConfig's field, nowhere else
-    assert LoraConfig().modified_modules == ["self_attn.q_proj", "self_attn.v_proj"]
-    assert RunConfig(delta_type="lora").delta_config()["modified_modules"] == ["self_attn", "fc2"]
+    # (family-neutral names: on OPT self_attn.q_proj + self_attn.v_proj, and self_attn + fc2)
+    assert LoraConfig().modified_modules == ["attn_qv"]
+    assert RunConfig(delta_type="lora").delta_config()["modified_modules"] == ["attn", "mlp_out"]
     assert [f.name for f in dataclasses.fields(LoraConfig) if "cli_default" in f.metadata] == ["modified_modules"]
 
 

@@ -252,8 +252,18 @@ def test_delta_config_errors():
     with pytest.raises(OptqaError, match="needs 'delta_type'"):
         AutoDeltaConfig.from_dict({"lora_r": 8})
     config = AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_r": 4, "opendelta_version": "0.3.2"})
-    assert (config.lora_r, config.lora_alpha, config.modified_modules) == (4, 16, ["self_attn.q_proj",
-                                                                                 "self_attn.v_proj"])
+    assert (config.lora_r, config.lora_alpha, config.modified_modules) == (4, 16, ["attn_qv"])
+
+
+def test_the_neutral_defaults_are_the_homeworks_modules_on_opt(fresh_plm):
+    """attn, mlp_out and attn_qv resolve on OPT to exactly the modules the defaults named before
+    (self_attn, fc2, self_attn.q_proj + self_attn.v_proj): OPT's parameter names and answers stay as they were."""
+    from optqa.deltas import resolve_modules
+
+    plm, _ = fresh_plm()
+    assert resolve_modules(plm, ["attn", "mlp_out"]) == resolve_modules(plm, ["self_attn", "fc2"]) == [
+        f"model.decoder.layers.{i}.{name}" for name in ("self_attn", "fc2") for i in range(2)]
+    assert resolve_modules(plm, ["attn_qv"]) == resolve_modules(plm, ["self_attn.q_proj", "self_attn.v_proj"])
 
 
 def test_a_backbone_takes_one_delta(fresh_plm):

@@ -200,8 +200,8 @@ def test_every_flag_is_read_by_some_mode():
 
 
 def test_library_config_resolves_modified_modules_per_delta_type():
-    assert RunConfig(delta_type="adapter").modified_modules == ["self_attn", "fc2"]
-    assert RunConfig(delta_type="lora").delta_config()["modified_modules"] == ["self_attn", "fc2"]
+    assert RunConfig(delta_type="adapter").modified_modules == ["attn", "mlp_out"]
+    assert RunConfig(delta_type="lora").delta_config()["modified_modules"] == ["attn", "mlp_out"]
     assert RunConfig(delta_type="bitfit").delta_config() == {"delta_type": "bitfit", "modified_modules": None}
     assert RunConfig(delta_type="prefix", modified_modules=["fc2"]).to_dict()["modified_modules"] is None
 
