@@ -141,6 +141,12 @@ class DeltaConfig:
         """
         raise NotImplementedError(f"{cls.delta_type} has no PEFT counterpart")
 
+    @classmethod
+    def from_opendelta(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """This delta's config dict for an OpenDelta ``config.json`` of the same type (its run metadata already
+        dropped); the same options unless a type overrides it."""
+        return config
+
     def __post_init__(self) -> None:
         check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
                      f"{self.delta_type}: ")
@@ -242,6 +248,12 @@ class BitFitConfig(DeltaConfig):
     def _check(self) -> None:
         _module_names(self, allow_none=True)
 
+    @classmethod
+    def from_opendelta(cls, config: dict[str, Any]) -> dict[str, Any]:
+        # OpenDelta's patterns ("attn@") are its syntax for the set optqa's BitFit covers by default: every
+        # Linear and norm of the decoder layers
+        return {k: v for k, v in config.items() if k != "modified_modules"}
+
 
 @dataclass
 class SoftPromptConfig(DeltaConfig):
@@ -318,12 +330,16 @@ class DeltaType:
         gradient_checkpointing: whether it trains under ``--gradient_checkpointing`` (a prefix does not:
             transformers recomputes the layers without the cache that holds it).
         opendelta: whether OpenDelta checkpoints of this type import (``--mode import_opendelta``).
+        parameters: substrings that only the names of its parameters contain (``lora_``): the names it declares
+            as its own, so ``optqa.deltas.is_delta_parameter`` (what trains, what is saved, what a checkpoint
+            file may hold) knows them without a model at hand.
     """
 
     config: type[DeltaConfig]
     method: str
     title: str
     hub_tag: str
+    parameters: tuple[str, ...]
     peft_type: str | None = None
     virtual_tokens: str | None = None
     virtual_place: str | None = None
@@ -344,13 +360,15 @@ class DeltaType:
 
 
 REGISTRY: dict[str, DeltaType] = {entry.name: entry for entry in (
-    DeltaType(AdapterConfig, "optqa.deltas:BottleneckAdapter", "bottleneck adapter", "adapter", opendelta=True),
-    DeltaType(LoraConfig, "optqa.deltas:LoRA", "LoRA", "lora", peft_type="LORA", opendelta=True),
-    DeltaType(BitFitConfig, "optqa.deltas:BitFit", "BitFit", "bitfit", opendelta=True),
-    DeltaType(SoftPromptConfig, "optqa.deltas:SoftPrompt", "prompt tuning", "prompt-tuning",
+    DeltaType(AdapterConfig, "optqa.deltas:BottleneckAdapter", "bottleneck adapter", "adapter", (".adapter.",),
+              opendelta=True),
+    DeltaType(LoraConfig, "optqa.deltas:LoRA", "LoRA", "lora", ("lora_",), peft_type="LORA", opendelta=True),
+    DeltaType(BitFitConfig, "optqa.deltas:BitFit", "BitFit", "bitfit", ("bitfit_delta_bias",), opendelta=True),
+    DeltaType(SoftPromptConfig, "optqa.deltas:SoftPrompt", "prompt tuning", "prompt-tuning", ("prompt_encoder.",),
               peft_type="PROMPT_TUNING", virtual_tokens="soft_token_num", virtual_place="inputs"),
-    DeltaType(PrefixConfig, "optqa.deltas:Prefix", "prefix tuning", "prefix-tuning", peft_type="PREFIX_TUNING",
-              virtual_tokens="prefix_token_num", virtual_place="cache", gradient_checkpointing=False),
+    DeltaType(PrefixConfig, "optqa.deltas:Prefix", "prefix tuning", "prefix-tuning", ("prompt_encoder.",),
+              peft_type="PREFIX_TUNING", virtual_tokens="prefix_token_num", virtual_place="cache",
+              gradient_checkpointing=False),
 )}
 DELTA_TYPES = tuple(REGISTRY)
 DELTA_CONFIGS: dict[str, type[DeltaConfig]] = {name: entry.config for name, entry in REGISTRY.items()}

@@ -30,14 +30,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from optqa.config import DeltaConfig, delta_config_from_dict
+from optqa.config import REGISTRY, DeltaConfig, delta_config_from_dict
 from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
 
-# Substrings that only delta parameter names contain: PEFT's lora_*/prompt_encoder, optqa's adapter and
-# bitfit, and a template's soft tokens. Backbone parameter names never contain them.
-DELTA_MARKERS = ("lora_", "prompt_encoder.", ".adapter.", "bitfit_delta_bias", "soft_embeds")
+# Substrings that only delta parameter names contain: each registered delta type's (its entry declares them:
+# PEFT's lora_*/prompt_encoder, optqa's adapter and bitfit) and a template's soft tokens. Backbone parameter
+# names never contain them.
+TEMPLATE_MARKER = "soft_embeds"
+DELTA_MARKERS = tuple(dict.fromkeys([m for entry in REGISTRY.values() for m in entry.parameters] + [TEMPLATE_MARKER]))
 # Keys OpenDelta writes into its config.json that describe the run rather than the delta.
 OPENDELTA_METADATA_KEYS = {"backbone_checkpoint_name", "backbone_class", "backbone_hash", "opendelta_version",
                            "transformers_version", "exclude_modules", "common_structure", "unfrozen_modules"}
@@ -383,10 +385,10 @@ class DeltaModel:
         return text
 
     def merge_lora(self) -> bool:
-        """Fold LoRA into the frozen weights for inference (exact up to float rounding). True if merged."""
-        if self.config.delta_type != "lora" or self._merged:
+        """Fold the delta into the frozen weights for inference where its method can (LoRA: exact up to float
+        rounding). True if merged now."""
+        if self._merged or not REGISTRY[self.config.delta_type].implementation().merge(self.model):
             return False
-        self.model.merge_adapter()
         self._merged = True
         return True
 
@@ -425,9 +427,7 @@ class AutoDeltaModel:
             config = AutoDeltaConfig.from_dict(config)
         if attached_delta(backbone_model) is not None:
             raise OptqaError("this backbone already carries a delta; load a fresh backbone for another one")
-        builder = {"adapter": _attach_adapter, "bitfit": _attach_bitfit, "lora": _attach_lora,
-                   "soft_prompt": _attach_soft_prompt, "prefix": _attach_prefix}[config.delta_type]
-        model = builder(config, backbone_model, tokenizer)
+        model = REGISTRY[config.delta_type].implementation().attach(config, backbone_model, tokenizer)
         return cls.delta_model_class(config, backbone_model, model)
 
 
@@ -596,8 +596,8 @@ def _attach_prefix(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
     return _peft_model(plm, prefix)
 
 
-# PEFT's names for the two prompt-learning methods (its PeftType values), for PromptTable and PromptForGeneration
-PEFT_PROMPT_LEARNING = {"soft_prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+# PEFT's names for the prompt-learning methods (its PeftType values), for PromptTable and PromptForGeneration
+PEFT_PROMPT_LEARNING = {name: entry.peft_type for name, entry in REGISTRY.items() if entry.virtual_place}
 
 
 class PromptTable(nn.Module):
@@ -609,7 +609,7 @@ class PromptTable(nn.Module):
     (``plm.prompt_encoder.default.embedding.weight``) loads into it unchanged.
 
     Args:
-        delta_type: ``"soft_prompt"`` or ``"prefix"``.
+        delta_type: a prompt-learning delta type (``"soft_prompt"``, ``"prefix"``: ``PEFT_PROMPT_LEARNING``).
         shape: the table's ``(num_virtual_tokens, width)`` (``prompt_table_shape``).
         base_model: the backbone.
     """
@@ -630,16 +630,8 @@ class PromptTable(nn.Module):
 
 
 def prompt_table_shape(config: DeltaConfig, plm: nn.Module) -> tuple[int, int]:
-    """PEFT's table shape for a soft prompt (``(soft_token_num, input embedding width)``) or a prefix
-    (``(prefix_token_num, layers * 2 * kv_heads * head_dim)``: a key and a value per layer and virtual token,
-    each as wide as the KV cache holds them, ``optqa.families.kv_layout``; the hidden size without
-    grouped-query attention)."""
-    from optqa.families import kv_layout
-
-    if config.delta_type == "soft_prompt":
-        return config.soft_token_num, input_embedding_width(plm)
-    layers, kv_heads, head_dim = kv_layout(plm.config)
-    return config.prefix_token_num, layers * 2 * kv_heads * head_dim
+    """PEFT's table shape for a prompt-learning delta: its method's ``table_shape`` (``SoftPrompt``, ``Prefix``)."""
+    return REGISTRY[config.delta_type].implementation().table_shape(config, plm)
 
 
 def attach_prompt_table(config: DeltaConfig, plm: nn.Module) -> DeltaModel:
@@ -656,3 +648,121 @@ def attach_prompt_table(config: DeltaConfig, plm: nn.Module) -> DeltaModel:
         The ``DeltaModel``; load the checkpoint's tensors into the ``PromptForGeneration`` built on ``plm``.
     """
     return DeltaModel(config, plm, PromptTable(config.delta_type, prompt_table_shape(config, plm), plm))
+
+
+# ------------------------------------------------------------------------------------------ the delta methods
+# A registry entry (optqa.config.REGISTRY) names one of these as its ``method``: how the type attaches for
+# training and for answering, and whether it folds into the weights. Adding a delta type adds one entry, its
+# config class and one class here.
+
+class DeltaMethod:
+    """How one delta type changes a backbone; every method is a static method, the class holds no state."""
+
+    @staticmethod
+    def attach(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
+        """Attach the delta to ``plm`` for training (in place, or by wrapping it).
+
+        Returns:
+            The module that runs: ``plm`` itself, or a wrapper around it (PEFT's).
+        Raises:
+            OptqaError: modules that match nothing, or another reason the delta cannot sit on this backbone.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def attach_for_answering(config: DeltaConfig, plm: nn.Module, state: dict[str, torch.Tensor], source: str,
+                             merge: bool) -> tuple[DeltaModel, dict[str, torch.Tensor]] | None:
+        """A lighter attachment for a model that only answers (no PEFT import, weights folded where ``merge``).
+
+        Returns:
+            ``(delta, state still to load)``, or None: attach as for training.
+        """
+        return None
+
+    @staticmethod
+    def merge(model: nn.Module) -> bool:
+        """Fold the delta into the frozen weights of the running ``model`` (answering only); False: it cannot."""
+        return False
+
+    @staticmethod
+    def from_opendelta(key: str, value: torch.Tensor, backbone: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+        """An OpenDelta checkpoint's tensor under the name and value optqa's delta gives it (names without the
+        wrappers around the backbone, ``optqa.checkpoints.opendelta``); ``backbone``: the backbone's own
+        parameters by name. The same unless a method overrides it."""
+        return key, value
+
+
+class BottleneckAdapter(DeltaMethod):
+    """``out + up(act(down(out)))`` after each modified module (``AdapterLayer``)."""
+
+    attach = staticmethod(_attach_adapter)
+
+
+class BitFit(DeltaMethod):
+    """A trainable bias on the output of every Linear, Conv1D and norm of the modified modules."""
+
+    attach = staticmethod(_attach_bitfit)
+
+    @staticmethod
+    def from_opendelta(key, value, backbone):
+        # OpenDelta trained the backbone's own biases; optqa's delta is what they moved by
+        if not key.endswith(".bias"):
+            return key, value
+        frozen = backbone.get(key)
+        return key[:-len("bias")] + "bitfit_delta_bias", value.float() - (
+            frozen.detach().float() if frozen is not None else 0)
+
+
+class LoRA(DeltaMethod):
+    """PEFT's LoRA; answering folds it into the weights without PEFT (``fold_lora``) where merging is asked."""
+
+    attach = staticmethod(_attach_lora)
+
+    @staticmethod
+    def attach_for_answering(config, plm, state, source, merge):
+        return fold_lora(config, plm, state, source) if merge else None
+
+    @staticmethod
+    def merge(model: nn.Module) -> bool:
+        model.merge_adapter()
+        return True
+
+    @staticmethod
+    def from_opendelta(key, value, backbone):
+        # OpenDelta: <module>.lora.lora_A (a Parameter); PEFT: <module>.lora_A.default.weight
+        return (key.replace(".lora.lora_", ".lora_") + ".weight", value) if ".lora.lora_" in key else (key, value)
+
+
+class PromptLearning(DeltaMethod):
+    """Virtual tokens in PEFT's prompt encoder; answering reads the table without PEFT (``PromptTable``)."""
+
+    @staticmethod
+    def attach_for_answering(config, plm, state, source, merge):
+        return attach_prompt_table(config, plm), state
+
+
+class SoftPrompt(PromptLearning):
+    """Prompt tuning: the table's rows are embeddings put before the prompt's."""
+
+    attach = staticmethod(_attach_soft_prompt)
+
+    @staticmethod
+    def table_shape(config: DeltaConfig, plm: nn.Module) -> tuple[int, int]:
+        """``(soft_token_num, input embedding width)``."""
+        return config.soft_token_num, input_embedding_width(plm)
+
+
+class Prefix(PromptLearning):
+    """Prefix tuning: the table's rows are keys and values put into every layer's KV cache."""
+
+    attach = staticmethod(_attach_prefix)
+
+    @staticmethod
+    def table_shape(config: DeltaConfig, plm: nn.Module) -> tuple[int, int]:
+        """``(prefix_token_num, layers * 2 * kv_heads * head_dim)``: a key and a value per layer and virtual
+        token, each as wide as the KV cache holds them (``optqa.families.kv_layout``; the hidden size without
+        grouped-query attention)."""
+        from optqa.families import kv_layout
+
+        layers, kv_heads, head_dim = kv_layout(plm.config)
+        return config.prefix_token_num, layers * 2 * kv_heads * head_dim

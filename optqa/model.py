@@ -9,6 +9,7 @@ import logging
 import torch
 from torch import nn
 
+from optqa.config import REGISTRY
 from optqa.data import IGNORE_INDEX, InputExample, LMTokenizerWrapper, collate_for_generation, generation_batches
 from optqa.deltas import PEFT_PROMPT_LEARNING, DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
 from optqa.families import kv_layout
@@ -48,8 +49,8 @@ def _new_cache(model_config):
 
 
 def _virtual_kind(model: nn.Module) -> str | None:
-    """"soft_prompt" or "prefix" for a PEFT prompt-learning model (optqa's or one loaded with
-    ``PeftModel.from_pretrained``), else None."""
+    """The prompt-learning delta type (``"soft_prompt"``, ``"prefix"``) of a PEFT prompt-learning model (optqa's
+    or one loaded with ``PeftModel.from_pretrained``), else None."""
     if not hasattr(model, "prompt_encoder"):
         return None
     from optqa.errors import OptqaError
@@ -148,6 +149,9 @@ class PromptForGeneration(nn.Module):
         # soft prompts and prefixes are applied here, not by PEFT's generation glue, which broke when
         # transformers 5.24 renamed the cache argument; PEFT still holds their parameters (its layout and export)
         self._virtual = _virtual_kind(self.plm)
+        # where its virtual tokens go: "inputs" (embeddings before the prompt's) or "cache" (every layer's keys and
+        # values), as its registry entry says
+        self._virtual_place = REGISTRY[self._virtual].virtual_place if self._virtual else None
         self._cache_arg = _cache_argument(self.backbone)
         if self.delta is not None:  # save_finetuned then saves this template's soft tokens and text too
             self.delta.bind(self)
@@ -334,8 +338,8 @@ class PromptForGeneration(nn.Module):
             cache is used, the cache under this transformers' argument name.
         """
         batch = input_ids.shape[0]
-        inputs: dict = {"use_cache": use_cache or self._virtual == "prefix"}
-        if self._virtual == "soft_prompt":
+        inputs: dict = {"use_cache": use_cache or self._virtual_place == "cache"}
+        if self._virtual_place == "inputs":
             embeds = self.backbone.get_input_embeddings()(input_ids)
             prompt = self._virtual_weight().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
@@ -349,7 +353,7 @@ class PromptForGeneration(nn.Module):
         width = inputs["inputs_embeds" if "inputs_embeds" in inputs else "input_ids"].shape[1]
         inputs["position_ids"] = positions(attention_mask)[:, -width:]
         if inputs["use_cache"]:
-            inputs[self._cache_arg] = (self._prefix_cache(batch) if self._virtual == "prefix"
+            inputs[self._cache_arg] = (self._prefix_cache(batch) if self._virtual_place == "cache"
                                        else _new_cache(self.backbone.config))
         return inputs
 

@@ -19,14 +19,7 @@ from optqa.checkpoints.peft import (
     read_adapter_config,
 )
 from optqa.config import REGISTRY, REPO_ROOT, RunConfig, find_repo_file
-from optqa.deltas import (
-    PEFT_PROMPT_LEARNING,
-    AutoDeltaConfig,
-    AutoDeltaModel,
-    attach_prompt_table,
-    attached_delta,
-    fold_lora,
-)
+from optqa.deltas import AutoDeltaConfig, AutoDeltaModel, attached_delta
 from optqa.errors import OptqaError
 from optqa.model import PromptForGeneration
 from optqa.options import check_length_budget
@@ -145,9 +138,10 @@ def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
         folder, manifest, state: what ``read_verified`` returned.
         config: the checkpoint's settings (``checkpoint_config``): max_seq_l and max_new_tokens.
         merge_lora: a LoRA is merged into the backbone's weights (``fold_lora``, no PEFT): the model answers
-            only (it cannot train, save or unmerge).
-        answer_only: the model only answers: a soft prompt or prefix is read into a plain table
-            (``attach_prompt_table``, no PEFT); it cannot train or be exported in PEFT's format.
+            only (it cannot train, save or unmerge); implies ``answer_only``.
+        answer_only: the model only answers: its delta type's method attaches it for that
+            (``DeltaMethod.attach_for_answering``: a soft prompt or prefix is read into a plain table, no PEFT);
+            it cannot train or be exported in PEFT's format.
     Returns:
         The model in eval mode, answering with the checkpoint's template.
     Raises:
@@ -155,10 +149,11 @@ def attach_checkpoint(plm, tokenizer, folder: Path, manifest: dict, state: dict,
     """
     delta = None
     delta_config = AutoDeltaConfig.from_dict(manifest["delta"])
-    if merge_lora and delta_config.delta_type == "lora":
-        delta, state = fold_lora(delta_config, plm, state, str(folder))
-    elif answer_only and delta_config.delta_type in PEFT_PROMPT_LEARNING:
-        delta = attach_prompt_table(delta_config, plm)
+    if merge_lora or answer_only:
+        method = REGISTRY[delta_config.delta_type].implementation()
+        attached = method.attach_for_answering(delta_config, plm, state, str(folder), merge=merge_lora)
+        if attached is not None:
+            delta, state = attached
     model, _ = assemble(plm, tokenizer, manifest["delta"], manifest["template"], f"{folder} template", config,
                         delta=delta)
     model.load_delta_state_dict(state, source=str(folder))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from optqa.checkpoints.format import load_pickled_tensors, read_config_json
-from optqa.config import REGISTRY, RunConfig
+from optqa.config import DELTA_CONFIGS, REGISTRY, RunConfig
 from optqa.errors import OptqaError
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def delta_config_from_opendelta(config: dict[str, Any]) -> dict[str, Any]:
     from optqa.deltas import OPENDELTA_METADATA_KEYS
 
     delta = {k: v for k, v in config.items() if k not in OPENDELTA_METADATA_KEYS}
-    if delta["delta_type"] == "bitfit":
-        delta.pop("modified_modules", None)
-    return delta
+    return DELTA_CONFIGS[delta["delta_type"]].from_opendelta(delta)
 
 
 def _plain_name(name: str) -> str:
@@ -71,15 +69,9 @@ def map_state(delta_type: str, state: dict[str, Any], own_names: list[str], back
     """OpenDelta's tensors under optqa's names (see the module docstring)."""
     by_plain = {_plain_name(name): name for name in own_names}
     mapped = {}
+    method = REGISTRY[delta_type].implementation()
     for key, value in state.items():
-        if delta_type == "lora" and ".lora.lora_" in key:
-            plain = key.replace(".lora.lora_", ".lora_") + ".weight"
-        elif delta_type == "bitfit" and key.endswith(".bias"):
-            plain = key[:-len("bias")] + "bitfit_delta_bias"
-            frozen = backbone_params.get(key)
-            value = value.float() - (frozen.detach().float() if frozen is not None else 0)
-        else:
-            plain = key
+        plain, value = method.from_opendelta(key, value, backbone_params)
         if plain not in by_plain:
             raise OptqaError(f"{source}: {key} has no counterpart in optqa's {delta_type} on this backbone "
                              f"(expected names like {sorted(by_plain)[0]})")
