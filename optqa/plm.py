@@ -170,9 +170,12 @@ def backbone_max_positions(model_path: str) -> int | None:
 
 
 def max_positions_of(config: dict) -> int | None:
-    """The position limit in a backbone's config dict (a manifest records one)."""
+    """The position limit in a backbone's config dict (a manifest records one); a multimodal config (Gemma 3's)
+    keeps it in its ``text_config``."""
     value = config.get("max_position_embeddings", config.get("n_positions"))
-    return int(value) if isinstance(value, int) else None
+    if value is None and isinstance(config.get("text_config"), dict):
+        return max_positions_of(config["text_config"])
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def backbone_identity(plm, model_path: str) -> dict:

@@ -318,3 +318,8 @@ def test_multimodal_gemma3_resolves_to_its_text_stack_only():
     assert any("vision_tower" in name for name in resolve_modules(plm, ["self_attn"]))
     assert all(name.startswith("model.language_model.layers.") for name in bitfit_module_names(plm, None))
     assert kv_layout(plm.config) == (2, 1, 32)
+    # the length budget reads the position limit from the text config, where a multimodal config keeps it
+    from optqa.plm import max_positions_of
+
+    assert "max_position_embeddings" not in plm.config.to_dict()
+    assert max_positions_of(plm.config.to_dict()) == plm.config.text_config.max_position_embeddings == 256
