@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """How many torch threads pay off: 1 thread against every usable CPU, on a quiet machine and beside a busy process.
 
-    python benchmarks/threads.py            # full run (~3-6 min on 2 cores)
-    python benchmarks/threads.py --quick    # smoke run
+    python benchmarks/threads.py            # full run (10-20 min on a loaded 2-core machine)
+    python benchmarks/threads.py --quick    # smoke run (~3 min)
 
 For each backbone (random weights built locally from ``OPTConfig``, no download): the demo's tiny OPT (hidden
-64, 2 layers), a small one (hidden 256, 4 layers) and an OPT-125m-shaped one (hidden 768, 12 layers), with
-optqa's default delta, it times ``--steps`` training steps (forward, backward, AdamW; batch 8 of the bundled
-sample) and answering ``--questions`` sample questions in one batch (greedy, ``--max_new_tokens``). Each is timed
-with 1 thread and with all usable CPUs, alternating, ``--repeats`` times (the median is shown), first on the
-machine as it is ("quiet") and then with a sibling process the script starts spinning on one core ("busy").
-The ratio is N threads' time over 1 thread's in the same condition of the same run: under 1 means threads
-help. These numbers set ``optqa.hardware.configure_threads``'s rule (``SMALL_HIDDEN_SIZE``, the free CPUs).
+64, 2 layers), a small one (hidden 256, 4 layers), a medium one (hidden 512, 6 layers) and an OPT-125m-shaped
+one (hidden 768, 12 layers), with optqa's default delta, it times ``--steps`` training steps (forward, backward,
+AdamW; batch 8 of the bundled sample) and answering ``--questions`` sample questions in one batch (greedy,
+``--max_new_tokens``). Each is timed with 1 thread and with all usable CPUs, alternating,
+``--repeats`` times, first on the machine as it is ("quiet") and then with a sibling process the script starts
+spinning on one core ("busy"). The ratio is N threads' time over 1 thread's in the same condition of the same
+run, of the medians and of the fastest repeats (on a shared machine, the moments its cores were free): under 1
+means threads help. These numbers set ``optqa.hardware.choose_threads``'s rule (``SMALL_HIDDEN_SIZE``, the free CPUs).
 Other jobs on a shared machine change the absolute times: the load average each condition ran under is printed.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ SHAPES = {
     "tiny (hidden 64, 2 layers)": {},
     "small (hidden 256, 4 layers)": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
                                          word_embed_proj_dim=256),
+    "medium (hidden 512, 6 layers)": dict(hidden_size=512, num_hidden_layers=6, ffn_dim=2048, num_attention_heads=8,
+                                          word_embed_proj_dim=512),
     "OPT-125m shape (hidden 768, 12 layers)": None,  # optqa.tiny.OPT_125M_SHAPE
 }
 

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 # Below this hidden size a matmul is too little work to split: every parallel region costs OpenMP a wake-up and a
 # barrier of its threads, which on a core another process holds is a wait for that process's time slice.
-# benchmarks/threads.py: hidden 64 and 256 gained nothing from 2 threads and ran several times slower beside
-# other work; hidden 768 (OPT-125m) is where threads pay on free cores.
-SMALL_HIDDEN_SIZE = 512
+# benchmarks/threads.py on 2 cores: hidden 64, 256 and 512 never gained from 2 threads, not even in their fastest
+# repeats, and ran 4-14x slower (medians) beside other work; hidden 768 (OPT-125m) gained 1.5x (training) and 2.8x
+# (answering) in the moments both cores were free.
+SMALL_HIDDEN_SIZE = 768
 # the 1-minute load average's time constant (Linux's, and the BSDs' / macOS's), seconds
 LOAD_WINDOW_S = 60.0
 # wall clock of the process start, taking the imports before this module as CPU-bound (they are: torch's import)
@@ -62,7 +63,7 @@ def choose_threads(num_threads: int | None = None, hidden_size: int | None = Non
     container quota), shared between the processes of a multi-process run on one machine (LOCAL_WORLD_SIZE), and
     never more than the CPUs other work leaves free (``busy_cpus``), rounded, at least 1. Threads on a core that
     another process holds wait for it, so erring low costs at most the spare cores' share while erring high cost
-    5-20x on a loaded 2-core machine (benchmarks/threads.py).
+    2-14x on a loaded 2-core machine (benchmarks/threads.py).
 
     Args:
         num_threads: ``--num_threads`` (None or 0: not given).

@@ -33,9 +33,10 @@ def machine(monkeypatch):
 
 @pytest.mark.parametrize("load, own, hidden_size, expected", [
     (0.0, 0.0, None, 8),    # a quiet machine, work not known yet: every core
-    (0.0, 0.0, 768, 8),     # OPT-125m's width: every core
-    (0.0, 0.0, 512, 8),     # SMALL_HIDDEN_SIZE itself is large enough
-    (0.0, 0.0, 511, 1),     # below it: one thread, however quiet the machine
+    (0.0, 0.0, 768, 8),     # OPT-125m's width, SMALL_HIDDEN_SIZE itself: every core
+    (0.0, 0.0, 4096, 8),
+    (0.0, 0.0, 767, 1),     # below it: one thread, however quiet the machine
+    (0.0, 0.0, 512, 1),
     (0.0, 0.0, 64, 1),      # the demo's tiny OPT
     (2.6, 0.0, 768, 5),     # 8 - 2.6 = 5.4 CPUs free, rounded
     (2.4, 0.0, 768, 6),     # 5.6 free
@@ -67,7 +68,7 @@ def test_reasons_name_the_busy_cpus_and_the_small_backbone(machine):
     machine(3.25)
     assert hardware.choose_threads(None, 1024) == (5, "8 usable CPUs, 3.2 busy with other work (1-minute load "
                                                       "average)")
-    assert hardware.choose_threads(None, 64) == (1, "hidden size 64 < 512, too little work per matmul to split")
+    assert hardware.choose_threads(None, 64) == (1, "hidden size 64 < 768, too little work per matmul to split")
 
 
 def test_no_load_average_counts_no_busy_cpus(machine, monkeypatch):
@@ -106,12 +107,12 @@ def test_configure_threads_sets_torch_and_logs_the_first_decision_that_knows_the
     finally:
         torch.set_num_threads(before)
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert info == ["torch uses 1 CPU thread: hidden size 64 < 512, too little work per matmul to split"]
+    assert info == ["torch uses 1 CPU thread: hidden size 64 < 768, too little work per matmul to split"]
     assert len(caplog.records) == 3
 
 
 @pytest.mark.parametrize("flags, threads, reason", [
-    ((), 1, "hidden size 64 < 512, too little work per matmul to split"),
+    ((), 1, "hidden size 64 < 768, too little work per matmul to split"),
     (("--num_threads", "2"), 2, "--num_threads"),
 ])
 def test_training_sets_threads_from_the_loaded_backbone(machine, monkeypatch, caplog, tiny_opt, memory_data, tmp_path,
