@@ -71,6 +71,7 @@ def choose_threads(num_threads: int | None = None, hidden_size: int | None = Non
     Returns:
         ``(threads, reason)``: at least 1; the reason is a short phrase for the log.
     """
+    default = _torch_default_threads()  # read before any path below sets a count, so a later call still sees it
     if num_threads:
         return num_threads, "--num_threads"
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
@@ -80,7 +81,7 @@ def choose_threads(num_threads: int | None = None, hidden_size: int | None = Non
         return 1, f"hidden size {hidden_size} < {SMALL_HIDDEN_SIZE}, too little work per matmul to split"
     processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
     usable = usable_cpus()
-    cores = max(1, min(_torch_default_threads(), usable) // processes)
+    cores = max(1, min(default, usable) // processes)
     busy = busy_cpus()
     free = max(1, round((os.cpu_count() or 1) - busy))
     threads = min(cores, free)
