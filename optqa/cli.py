@@ -241,6 +241,7 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
                                           overrides=overrides,
                                           template=config.template if "template" in explicit else None,
                                           merge_lora=config.merge_lora, answer_only=True)
+    configure_threads(config.num_threads, hidden_size=model.backbone.config.hidden_size)
     saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
     config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
     return model, manifest, saved
@@ -474,6 +475,8 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
                              ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
                              precision=config.precision if "precision" in explicit else None,
                              quantize=config.quantize)
+        backbone = next(iter(served.values())).model.backbone  # one backbone, shared by every delta
+        configure_threads(config.num_threads, hidden_size=backbone.config.hidden_size)
         app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size, allowed_hosts=hosts)
         url = url_of(sock)
         log.info("%d delta(s) on one backbone:\n%s", len(served), "\n".join(describe(served)))

@@ -6,9 +6,11 @@ Pure introspection of torch and the operating system (no process group, no accel
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,25 +19,94 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def configure_threads(num_threads: int | None = None) -> int:
-    """Set torch's CPU threads and return how many: --num_threads wins, then OMP_NUM_THREADS.
+# Below this hidden size a matmul is too little work to split: every parallel region costs OpenMP a wake-up and a
+# barrier of its threads, which on a core another process holds is a wait for that process's time slice.
+# benchmarks/threads.py on 2 cores: hidden 64, 256 and 512 never gained from 2 threads, not even in their fastest
+# repeats, and ran 4-14x slower (medians) beside other work; hidden 768 (OPT-125m) gained 1.5x (training) and 2.8x
+# (answering) in the moments both cores were free.
+SMALL_HIDDEN_SIZE = 768
+# the 1-minute load average's time constant (Linux's, and the BSDs' / macOS's), seconds
+LOAD_WINDOW_S = 60.0
+# wall clock of the process start, taking the imports before this module as CPU-bound (they are: torch's import)
+_STARTED = time.monotonic() - time.process_time()
+_announced = False
 
-    Otherwise one per physical core (torch's default), but never more than the CPUs this process may
-    actually use (affinity mask, container CPU quota: torch counts the host's cores, and a container
-    limited to 2 of 64 cores would otherwise run 32 threads on 2 CPUs), shared between the processes of a
-    multi-process run on one machine.
+
+def configure_threads(num_threads: int | None = None, hidden_size: int | None = None) -> int:
+    """Set torch's CPU threads and return how many (the rule is ``choose_threads``).
+
+    Called once at start (work unknown) and again once the backbone is loaded, with its ``hidden_size``. The
+    first decision that knows the work, or an override, is logged at info level: ``torch uses N CPU threads: why``.
+
+    Args:
+        num_threads: ``--num_threads``; None or 0 leaves the choice to OMP_NUM_THREADS, then to the rule.
+        hidden_size: the backbone's ``config.hidden_size``, once loaded; None before.
+    Returns:
+        The thread count torch now computes with.
     """
-    if num_threads:
-        threads = num_threads
-    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        threads = int(os.environ["OMP_NUM_THREADS"])
-    else:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        threads = max(1, min(_torch_default_threads(), usable_cpus()) // max(local_processes, 1))
+    global _announced
+    threads, reason = choose_threads(num_threads, hidden_size)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    log.debug("torch uses %d CPU threads", threads)
+    final = hidden_size is not None or reason in ("--num_threads", "OMP_NUM_THREADS")
+    log.log(logging.INFO if final and not _announced else logging.DEBUG, "torch uses %d CPU thread%s: %s",
+            threads, "" if threads == 1 else "s", reason)
+    _announced = _announced or final
     return threads
+
+
+def choose_threads(num_threads: int | None = None, hidden_size: int | None = None) -> tuple[int, str]:
+    """How many CPU threads torch should use, and why: ``--num_threads`` wins, then OMP_NUM_THREADS, then the rule.
+
+    The rule: 1 for a backbone under ``SMALL_HIDDEN_SIZE`` (a thread per core only adds waiting); otherwise the
+    cores torch would use (one per physical core), never more than the CPUs this process may use (affinity mask,
+    container quota), shared between the processes of a multi-process run on one machine (LOCAL_WORLD_SIZE), and
+    never more than the CPUs other work leaves free (``busy_cpus``), rounded, at least 1. Threads on a core that
+    another process holds wait for it, so erring low costs at most the spare cores' share while erring high cost
+    2-14x on a loaded 2-core machine (benchmarks/threads.py).
+
+    Args:
+        num_threads: ``--num_threads`` (None or 0: not given).
+        hidden_size: the backbone's hidden size; None while unknown (before it is loaded).
+    Returns:
+        ``(threads, reason)``: at least 1; the reason is a short phrase for the log.
+    """
+    default = _torch_default_threads()  # read before any path below sets a count, so a later call still sees it
+    if num_threads:
+        return num_threads, "--num_threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    if hidden_size is not None and hidden_size < SMALL_HIDDEN_SIZE:
+        return 1, f"hidden size {hidden_size} < {SMALL_HIDDEN_SIZE}, too little work per matmul to split"
+    processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    usable = usable_cpus()
+    cores = max(1, min(default, usable) // processes)
+    busy = busy_cpus()
+    free = max(1, round((os.cpu_count() or 1) - busy))
+    threads = min(cores, free)
+    reason = f"{usable} usable CPUs, {busy:.1f} busy with other work (1-minute load average)"
+    return threads, reason + (f", shared by {processes} processes" if processes > 1 else "")
+
+
+def busy_cpus() -> float:
+    """CPUs' worth of other processes' work: the 1-minute load average less this process's own share of it.
+
+    0 where the operating system has no load average (Windows). The load average counts the whole machine (the
+    host's, inside a container) and follows work that began seconds ago only partly (it averages a minute).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    return max(0.0, load - own_load())
+
+
+def own_load() -> float:
+    """This process's share of the 1-minute load average: its mean busy threads (CPU seconds / wall seconds) over
+    its life, weighted as the load average weighs a process that started ``wall`` seconds ago."""
+    wall = max(time.monotonic() - _STARTED, 1e-3)
+    return time.process_time() / wall * (1 - math.exp(-wall / LOAD_WINDOW_S))
 
 
 @lru_cache(maxsize=1)
@@ -55,8 +126,6 @@ def usable_cpus() -> int:
 
 
 def _cgroup_cpu_quota() -> int | None:
-    import math
-
     try:
         v2 = Path("/sys/fs/cgroup/cpu.max")
         if v2.is_file():

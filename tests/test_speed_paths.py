@@ -19,7 +19,6 @@ from optqa.data import (
     collate_for_training,
     generation_batches,
 )
-from optqa.hardware import configure_threads, usable_cpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -294,17 +293,3 @@ def test_training_tokenises_each_example_once(tiny_opt, memory_data, tmp_path, m
     # train, dev and test are each MEMORY_SET: three renderings per question for three epochs, not nine
     assert len(encoded) == len(rendered) == 3 * len(MEMORY_SET)
 
-
-def test_threads_follow_flag_then_environment_then_usable_cpus(monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert configure_threads(None) == 1
-        monkeypatch.delenv("OMP_NUM_THREADS")
-        threads = configure_threads(None)
-        assert 1 <= threads <= usable_cpus() and torch.get_num_threads() == threads
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(usable_cpus() * 4))
-        assert configure_threads(None) == 1  # processes sharing the machine never go below one thread each
-    finally:
-        torch.set_num_threads(before)

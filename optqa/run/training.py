@@ -193,6 +193,7 @@ class TrainingRecipe:
         config = self.config
         self.template_text = template_text(config)  # read once: the model, the manifest and --resume use this text
         self.model, self.backbone = build_model(config, template=self.template_text, source=config.template)
+        configure_threads(config.num_threads, hidden_size=self.model.backbone.config.hidden_size)
         self.model.autocast_dtype = autocast_dtype(config.precision, self.accelerator.device)
         if config.gradient_checkpointing:
             # non-reentrant: works with a frozen embedding (no input needs a gradient) and under DDP
