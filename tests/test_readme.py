@@ -51,3 +51,24 @@ def test_constraints_pin_what_setup_py_allows():
         name = requirement.name.lower().replace("_", "-")
         assert name in pins, f"{name} is not pinned in constraints.txt"
         assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name], requirement)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's (and MkDocs') anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_in_the_readme_and_architecture_lead_somewhere():
+    """README.md and ARCHITECTURE.md are read on GitHub, outside the MkDocs build that checks docs/: each relative
+    link names a file of the repository, and an anchor a heading of that file."""
+    for name in ("README.md", "ARCHITECTURE.md"):
+        text = (REPO / name).read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = REPO / path if path else REPO / name
+            assert linked.exists(), f"{name}: {target} does not exist"
+            if anchor:
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(encoding="utf-8"), flags=re.M)
+                assert anchor in {_anchor(h) for h in headings}, f"{name}: {target} names no heading"
