@@ -38,8 +38,10 @@ setup(
     # tests also use) and the page with selenium on Debian's chromium + chromium-driver.
     # "plot" stays as an empty extra: older instructions say ".[dev,plot]".
     # tensorboard: the tests read back what --report_to tensorboard wrote (users install their own tracker)
+    # mkdocs: CI builds docs/ with `mkdocs build --strict`; the plugin includes the top-level ARCHITECTURE.md
     extras_require={"dev": ["pytest>=8,<10", "tokenizers>=0.22,<0.24", "pyyaml>=6,<7", "openai>=3.57,<4",
-                            "selenium>=4.11,<5", "tensorboard>=2.21,<3"],
+                            "selenium>=4.11,<5", "tensorboard>=2.21,<3", "mkdocs>=1.6,<2",
+                            "mkdocs-include-markdown-plugin>=7.3,<8"],
                     "plot": []},
     package_data={"optqa": ["static/*.html"]},
     entry_points={"console_scripts": ["optqa=optqa.cli:main"]},

@@ -7,7 +7,7 @@ The OpenPrompt + OpenDelta workflow on transformers + PEFT::
     template = ManualTemplate(tokenizer, text='{"placeholder":"text_a"} Answer: {"mask"}')
     model = PromptForGeneration(plm, template)
 
-and what a course script calls besides (PromptDataLoader, GenerationVerbalizer, MixedTemplate, ...; README).
+and what a course script calls besides (PromptDataLoader, GenerationVerbalizer, MixedTemplate, ...; docs/library.md).
 """
 __version__ = "0.1.0"
 

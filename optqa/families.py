@@ -118,7 +118,7 @@ def kv_layout(config: Any) -> tuple[int, int, int]:
 
 
 def markdown_table() -> str:
-    """The README's family table: what the family-neutral names resolve to on each family."""
+    """docs/deltas.md's family table: what the family-neutral names resolve to on each family."""
     rows = ["| `model_type` | family | decoder layers | `attn` | `mlp_out` | `attn_qv` | norms |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for model_type, f in FAMILIES.items():
@@ -136,5 +136,5 @@ def defaults_text(names: list[str]) -> str:
     return "; ".join(f"{', '.join(labels)}: {text}" for text, labels in by_text.items())
 
 
-if __name__ == "__main__":  # python -m optqa.families > table.md: the README's family table
+if __name__ == "__main__":  # python -m optqa.families > table.md: docs/deltas.md's family table
     print(markdown_table())

@@ -3,8 +3,8 @@
 ``check_run(config, typed)`` is the one gate: the command line calls it on every run (with the flags the user
 typed), the training loop calls it again for library callers. A flag that a mode or a delta type does not read
 is refused, never silently ignored, and a pair of options that cannot work together is refused in one line
-instead of failing in the first training step. ``combinations_table()`` renders ``COMBINATIONS`` for the
-README, so the documented outcomes are the enforced ones.
+instead of failing in the first training step. ``combinations_table()`` renders ``COMBINATIONS`` for
+docs/flags.md, so the documented outcomes are the enforced ones.
 """
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def check_run(config: RunConfig, typed: set[str] | None = None) -> None:
 
 
 def combinations_table() -> str:
-    """The README's table of option pairs, generated from ``COMBINATIONS``."""
+    """docs/flags.md's table of option pairs, generated from ``COMBINATIONS``."""
     rows = ["| option | with | outcome |", "| --- | --- | --- |"]
     for c in COMBINATIONS:
         outcome = f"refused: `error: {c.outcome}`" if c.refused else c.outcome
@@ -241,7 +241,7 @@ def combinations_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m optqa.options: the README's table of option pairs
+if __name__ == "__main__":  # python -m optqa.options: docs/flags.md's table of option pairs
     print(combinations_table())
 
 

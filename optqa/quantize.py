@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # engines with int8 kernels for x86 CPUs, best first (x86 picks fbgemm or oneDNN per shape)
 INT8_ENGINES = ("x86", "fbgemm", "onednn")
 # The tied output head (50272 x 768 on OPT-125m, a third of its weights) is the largest single matmul of a
-# decoding step; benchmarks/bench_int8.py measures what quantising it adds (README, "int8 answering").
+# decoding step; benchmarks/bench_int8.py measures what quantising it adds (docs/performance.md, "int8 answering").
 QUANTIZE_HEAD = True
 _INT8 = "_optqa_int8"  # where a quantised Linear keeps its packed int8 weight (not a tensor: no state dict)
 _PENDING = "_optqa_int8_pending"  # a background quantisation still running on a PromptForGeneration

@@ -1,4 +1,4 @@
-"""The package's layers: the README's layout table is the order, and every import follows it downwards."""
+"""The package's layers: ARCHITECTURE.md's layout table is the order, and every import follows it downwards."""
 from __future__ import annotations
 
 import ast
@@ -9,8 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def layout_table() -> list[tuple[str, list[str]]]:
-    """(layer, module paths in import order) per row of the README table between the layout markers."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """(layer, module paths in import order) per row of ARCHITECTURE.md's table between the layout markers."""
+    text = (REPO / "ARCHITECTURE.md").read_text(encoding="utf-8")
     table = text.split("<!-- layout:start -->")[1].split("<!-- layout:end -->")[0]
     rows = [line.split("|") for line in table.strip().splitlines()[2:]]
     return [(cells[1].strip(), re.findall(r"`(optqa/[\w/]+\.py)`", cells[2])) for cells in rows]

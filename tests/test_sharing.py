@@ -123,7 +123,9 @@ def test_folder_bundle_folder_round_trip(lora_ckpt, exported, tmp_path):
     with pytest.raises(OptqaError, match="already exists"):
         unpack_bundle(bundle, unpacked)
     expected = answers(lora_ckpt)
-    assert all(expected) and len(set(expected)) == len(expected)
+    # question-dependent answers (a broken load answers "" to everything); one may be empty: whether the random
+    # delta's first token is eos can turn on the last bit of a sum, which the thread count changes
+    assert len(set(expected)) == len(expected) and sum(map(bool, expected)) >= len(expected) - 1
     assert answers(unpacked) == expected
     assert answers(bundle) == expected  # load_trained takes the bundle file directly
 

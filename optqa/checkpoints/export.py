@@ -174,8 +174,8 @@ with a short phrase, greedily decoded after the prompt below.
 
 - **Method**: PEFT {method}, {json.dumps(delta)}
 - **Backbone**: `{base}` ({backbone.get("architecture")}); optqa's weight fingerprint
-  `{backbone.get("fingerprint")}` (SHA-256 over sampled weights, see optqa's README): any other weights give
-  other answers.
+  `{backbone.get("fingerprint")}` (SHA-256 over sampled weights, see optqa's docs/checkpoints.md): any other
+  weights give other answers.
 - **Training**: {training}; data {hyper.get("train_file") or hyper.get("data_path")}
 - **Scores** (SQuAD-style token F1 and exact match, percent): {metrics_text(manifest.get("metrics") or {})}
 
