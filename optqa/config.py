@@ -1,7 +1,7 @@
-"""The one typed configuration: defaults for the CLI, the saved checkpoint and the README table.
+"""The one typed configuration: defaults for the CLI, the saved checkpoint and the docs' flag table.
 
 Every field carries its help text in ``metadata["help"]``; ``optqa.cli`` builds argparse from these fields
-and ``markdown_table()`` renders the README's flag table, so a default is written in exactly one place.
+and ``markdown_table()`` renders the flag table of docs/flags.md, so a default is written in exactly one place.
 """
 from __future__ import annotations
 
@@ -442,7 +442,7 @@ def _delta_flag(delta_type: str, flag: str) -> Any:
 
 def _with_delta_flags(cls: type) -> type:
     """One RunConfig field per option of every registered delta type, placed right after ``modified_modules``
-    (which several types share), so ``--help`` and the README's table list them together. Their default and help
+    (which several types share), so ``--help`` and the flag table list them together. Their default and help
     are the typed config's: an option is declared once, on its delta type's config class."""
     annotations: dict[str, Any] = {}
     for name, hint in cls.__dict__["__annotations__"].items():
@@ -603,7 +603,8 @@ class RunConfig:
     # FSDP2 through accelerate: each of N processes keeps 1/N of the frozen backbone; only with several processes
     fsdp: bool = _opt(False, "shard the backbone across processes (FSDP2) for backbones that do not fit one device")
     # None: torch's default (one thread per physical core)
-    num_threads: int | None = _opt(None, "CPU threads for torch")
+    num_threads: int | None = _opt(None, "CPU threads for torch (default: 1 for a backbone narrower than 768, else "
+                                         "one per free physical core; see docs/performance.md)")
     # merge LoRA into the weights when only answering (exact up to float rounding)
     merge_lora: bool = _opt(True, "merge LoRA weights for inference-only modes")
     # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
@@ -676,7 +677,7 @@ def find_repo_file(path: str | Path) -> Path | None:
 
 
 def shown_default(f: dataclasses.Field) -> Any:
-    """A field's default as --help and the README show it (``metadata["shown"]`` where the default is resolved
+    """A field's default as --help and docs/flags.md show it (``metadata["shown"]`` where the default is resolved
     later, per delta type)."""
     if "shown" in f.metadata:
         return f.metadata["shown"]
@@ -685,7 +686,7 @@ def shown_default(f: dataclasses.Field) -> Any:
 
 
 def markdown_table() -> str:
-    """The README's flag table, generated from RunConfig so the two cannot drift."""
+    """The flag table of docs/flags.md, generated from RunConfig so the two cannot drift."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(RunConfig):
         default = shown_default(f)
@@ -693,5 +694,5 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m optqa.config > table.md: the README's flag table
+if __name__ == "__main__":  # python -m optqa.config > table.md: the flag table of docs/flags.md
     print(markdown_table())
