@@ -240,15 +240,19 @@ def peft_row(args, data: Path, settings: dict) -> Row:
 
     from optqa.metrics import score
 
-    if not Path(args.plm_path).is_dir():
-        return Row("PEFT LoRA loop", note="skipped: the plain loop loads a Hugging Face folder only")
+    from optqa.gguf import dequantized_folder, is_gguf_path
+
+    # a GGUF file: the plain loop reads the same dequantised folder optqa made of it (as a user would save one)
+    folder = dequantized_folder(Path(args.plm_path)) if is_gguf_path(Path(args.plm_path)) else Path(args.plm_path)
+    if not folder.is_dir():
+        return Row("PEFT LoRA loop", note="skipped: the plain loop loads a Hugging Face folder or a GGUF file only")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.plm_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.plm_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=settings["lora_r"],
                                              lora_alpha=settings["lora_alpha"]))
     train, dev = _read(data / "train.jsonl"), _read(data / "dev.jsonl")
