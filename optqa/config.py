@@ -6,6 +6,7 @@ and ``markdown_table()`` renders the flag table of docs/flags.md, so a default i
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -445,7 +446,7 @@ def _with_delta_flags(cls: type) -> type:
     (which several types share), so ``--help`` and the flag table list them together. Their default and help
     are the typed config's: an option is declared once, on its delta type's config class."""
     annotations: dict[str, Any] = {}
-    for name, hint in cls.__dict__["__annotations__"].items():
+    for name, hint in inspect.get_annotations(cls).items():  # the class's own, however the interpreter keeps them
         annotations[name] = hint
         if name != "modified_modules":
             continue
