@@ -116,7 +116,8 @@ class PromptForGeneration(nn.Module):
     """
 
     def __init__(self, plm: nn.Module, template, freeze_plm: bool = True, plm_eval_mode: bool = False,
-                 gen_config=None, tokenizer=None, max_seq_length: int = 128, max_new_tokens: int = 32):
+                 gen_config=None, tokenizer=None, max_seq_length: int = 128, max_new_tokens: int = 32,
+                 stop_at_newline: bool = True):
         super().__init__()
         if gen_config is not None:
             from optqa.errors import OptqaError
@@ -133,6 +134,9 @@ class PromptForGeneration(nn.Module):
         self.tokenizer = tokenizer or template.tokenizer
         self.wrapper = LMTokenizerWrapper(self.tokenizer, template, max_seq_length)
         self.max_new_tokens = max_new_tokens
+        # an answer is one line: a prompt with worked examples (few-shot) otherwise runs on into the next question
+        self.stop_at_newline = stop_at_newline
+        self._line_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # the blocks FSDP shards one by one (accelerate reads this name), e.g. OPTDecoderLayer
         self._no_split_modules = list(getattr(plm, "_no_split_modules", None) or [])
         self._autocast_dtype: torch.dtype | None = None
@@ -373,6 +377,7 @@ class PromptForGeneration(nn.Module):
         inputs = self._backbone_inputs(input_ids, attention_mask, use_cache=True)
         cache, mask = inputs[self._cache_arg], inputs["attention_mask"]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        started = torch.zeros_like(done)  # the row has generated more than white space
         steps = []
         for step in range(max_new_tokens):
             logits = self.backbone(**inputs, logits_to_keep=1).logits[:, -1]
@@ -382,12 +387,33 @@ class PromptForGeneration(nn.Module):
             next_ids = torch.where(done, pad, logits.argmax(dim=-1))
             steps.append(next_ids)
             done |= next_ids == eos
+            if self.stop_at_newline:
+                ends, started = self._ends_line(next_ids, started)
+                done |= ends
             if _all_done(done, synced):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "position_ids": positions(mask)[:, -1:],
                       "use_cache": True, self._cache_arg: cache}
         return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    def _ends_line(self, next_ids: torch.Tensor, started: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which rows end their answer with ``next_ids`` ``(batch,)``: a token holding a line break after some text
+        (leading blank lines do not end an answer). The per-token tables are built once, from the vocabulary.
+
+        Returns:
+            ``(ends, started)``, both ``(batch,)`` bool: the rows that end, and the rows that have now generated
+            more than white space.
+        """
+        if self._line_tokens is None or self._line_tokens[0].device != next_ids.device:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            tables = [[("\n" in t), bool(t.split("\n", 1)[0].strip()) and "\n" in t, not t.strip()] for t in texts]
+            self._line_tokens = tuple(torch.tensor(column, dtype=torch.bool, device=next_ids.device)
+                                      for column in zip(*tables))
+        newline, text_then_newline, blank = self._line_tokens
+        ids = next_ids.clamp(max=newline.shape[0] - 1)  # ids past the tokenizer (padded embedding rows): no line
+        known = next_ids < newline.shape[0]
+        return known & newline[ids] & (started | text_then_newline[ids]), started | ~(known & blank[ids])
 
     def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False,
                          logits_processor=None, return_ids: bool = False):
@@ -423,11 +449,13 @@ class PromptForGeneration(nn.Module):
         return (answers, rows) if return_ids else answers
 
     def decode_answer(self, ids: list[int]) -> str:
-        """Generated ids as answer text: cut at the tokenizer's eos, special tokens dropped, stripped."""
+        """Generated ids as answer text: cut at the tokenizer's eos, special tokens dropped, stripped; with
+        ``stop_at_newline``, its first non-blank line."""
         eos = self.tokenizer.eos_token_id
         if eos in ids:
             ids = ids[:ids.index(eos)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return text.split("\n", 1)[0].rstrip() if self.stop_at_newline else text
 
     def answer(self, questions: list[str], batch_size: int = 32, max_new_tokens: int | None = None,
                return_ids: bool = False):

@@ -1,0 +1,41 @@
+"""An answer is one line: greedy decoding stops at a line break that follows some text (a few-shot prompt otherwise
+runs on into the next worked example), leading blank lines are skipped, and ``stop_at_newline=False`` keeps every
+line."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optqa.checkpoints.assemble import build_model
+from optqa.config import RunConfig
+from optqa.data import InputExample, collate_for_generation
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def forced(tokenizer, pieces: list[str]):
+    """A logits processor that makes step k emit ``pieces[k]`` (one token each), then eos."""
+    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)) for p in pieces]
+    assert all(len(i) == 1 for i in ids), ids
+    plan = [i[0] for i in ids] + [tokenizer.eos_token_id] * 20
+
+    def processor(logits, step):
+        out = torch.full_like(logits, -1e4)
+        out[:, plan[step]] = 0.0
+        return out
+    return processor
+
+
+@pytest.mark.parametrize("stop,text,steps", [(True, "water", 3), (False, "water\n the", 6)])
+def test_an_answer_ends_at_its_first_line_break_after_text(lively_opt, stop, text, steps):
+    model, _ = build_model(RunConfig(plm_path=str(lively_opt), delta_type="lora", max_new_tokens=8))
+    model.stop_at_newline = stop
+    model.eval()
+    tokenizer = model.tokenizer
+    batch = collate_for_generation([model.wrapper.encode(InputExample(guid=0, text_a="What gas?"))],
+                                   tokenizer.pad_token_id)
+    # a leading line break does not end the answer; the one after " water" does
+    answers, rows = model.generate_answers(batch, logits_processor=forced(tokenizer, ["\n", " water", "\n", " the",
+                                                                                      "\n"]), return_ids=True)
+    assert answers == [text]
+    assert len(rows[0]) == steps
