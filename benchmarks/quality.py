@@ -342,12 +342,14 @@ def markdown(rows: list[Row], args, info: dict, settings: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` into ``path`` in place of the previous one (or at the end; a new file gets a title)."""
+def write_section(path: Path, section: str, name: str = "quality") -> None:
+    """Put ``section`` (from its ``<!-- NAME:start -->`` to its ``<!-- NAME:end -->`` marker) into ``path`` in place
+    of the previous one (or at the end; a new file gets a title)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + section + rest.split(SECTION_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")

@@ -1,0 +1,155 @@
+"""The sweep that chose optqa's default recipes: train each setting on a real backbone and ARC-DA-format data,
+score dev after every epoch, and write the table to ``benchmarks/RESULTS.md``.
+
+```bash
+python benchmarks/sweep.py --plm_path SmolLM2-135M-Instruct.Q4_1.gguf --data_path ../shared/data/ARC-DA-v1.1
+python benchmarks/sweep.py ... --runs "lora lr=2e-3 train_epochs=1" "soft_prompt lr=3e-2"   # your own settings
+python benchmarks/sweep.py ... --quick    # a smoke run of the grid on a few questions
+```
+
+A setting is a delta type and optqa flags, ``name=value`` or a bare ``name`` for a true switch (``chat_template``);
+what it leaves out takes optqa's default. Each runs ``python -m optqa --mode train`` as a user does (in this
+process, one after the other), with dev as the split it keeps the best epoch by; the final "test" scores, which a
+sweep must not look at, are taken on a stand-in of 8 dev questions. Results are appended to
+``<workdir>/sweep.jsonl`` as each setting ends, so a sweep can be stopped and run again (finished settings are
+skipped) or split over several processes sharing the work folder; the table is rewritten from that file after
+each setting (section ``<!-- sweep:start -->`` of RESULTS.md). When a backbone changes, run it again and move the
+defaults in ``optqa/config.py`` (the registry's ``recipe``) to the best row per delta type.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine, machine_markdown  # noqa: E402
+from quality import QUICK, optqa, prepare_data, write_section  # noqa: E402
+
+SECTION = "sweep"
+# The grid run to choose the defaults (SmolLM2-135M-Instruct, ARC-DA): each delta type's learning rate around
+# its literature value, LoRA's training targets and prompt format, and the number of epochs.
+GRID = [
+    "lora lr=1e-3 train_epochs=1",
+    "lora lr=1e-3 train_epochs=1 chat_template",
+    "lora lr=2e-3 train_epochs=1",
+    "lora lr=1e-3 train_epochs=1 train_targets=all",
+    "lora lr=5e-4 train_epochs=2",
+    "adapter lr=1e-3 train_epochs=1",
+    "bitfit lr=3e-3 train_epochs=1",
+    "soft_prompt lr=3e-2 train_epochs=1",
+    "prefix lr=1e-2 train_epochs=1",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plm_path", required=True, help="the backbone: a Hugging Face folder or a .gguf file")
+    parser.add_argument("--data_path", required=True, help="ARC-DA-format folder with train.jsonl and dev.jsonl")
+    parser.add_argument("--runs", nargs="+", default=GRID, metavar="SETTING",
+                        help="settings to run, each 'DELTA_TYPE flag=value ...' (default: the grid that chose the "
+                             "defaults)")
+    parser.add_argument("--quick", action="store_true", help=f"the first {QUICK['train']} train and "
+                        f"{QUICK['dev']} dev questions, at most {QUICK['max_steps']} steps per setting")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: optqa's choice)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "sweep-work"),
+                        help="checkpoints, run folders and sweep.jsonl (finished settings are skipped)")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    return parser.parse_args(argv)
+
+
+def setting_flags(setting: str) -> list[str]:
+    """``"lora lr=2e-3 chat_template"`` as optqa flags: ``--delta_type lora --lr 2e-3 --chat_template``.
+
+    Raises:
+        ValueError: an empty setting.
+    """
+    words = setting.split()
+    if not words:
+        raise ValueError("an empty setting")
+    flags = ["--delta_type", words[0]]
+    for word in words[1:]:
+        name, _, value = word.partition("=")
+        flags += [f"--{name}", *value.split(",")] if value else [f"--{name}"]
+    return flags
+
+
+def run_setting(args, data: Path, setting: str) -> dict:
+    """Train one setting; its dev F1/EM per epoch, the best epoch, and the train command's wall time."""
+    out = Path(args.workdir) / setting.replace(" ", "_").replace("=", "-")
+    stand_in = out / "test-stand-in.jsonl"  # the final test scoring is not used here: keep it cheap
+    out.mkdir(parents=True, exist_ok=True)
+    dev_lines = (data / "dev.jsonl").read_text(encoding="utf-8").splitlines()
+    stand_in.write_text("\n".join(dev_lines[:8]) + "\n", encoding="utf-8")
+    flags = ["--mode", "train", "--plm_path", args.plm_path, "--data_path", str(data), "--test_file", str(stand_in),
+             "--output_dir", str(out / "runs"), "--delta_save_path", str(out / "delta_ckpts"),
+             "--raw_delta_save_path", str(out / "raw_delta_ckpts"), "--seed", str(args.seed),
+             *setting_flags(setting)]
+    if args.num_threads:
+        flags += ["--num_threads", str(args.num_threads)]
+    if args.quick:
+        flags += ["--max_steps", str(QUICK["max_steps"]), "--max_new_tokens", str(QUICK["max_new_tokens"])]
+    seconds = optqa(flags)
+    [run] = sorted((out / "runs").glob("train-*"))[-1:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    epochs = [r for r in rows if "epoch" in r]
+    best = max(epochs, key=lambda r: r["dev_f1"])
+    return {"setting": setting, "dev_f1": [r["dev_f1"] for r in epochs], "best_epoch": best["epoch"],
+            "best_f1": best["dev_f1"], "best_em": best["dev_em"], "train_s": round(seconds, 1)}
+
+
+def markdown(results: list[dict], args, info: dict) -> str:
+    lines = [f"Backbone `{Path(args.plm_path).name}`, data `{args.data_path}`"
+             f"{' (--quick subset)' if args.quick else ''}; {datetime.datetime.now():%Y-%m-%d %H:%M}.", "",
+             machine_markdown(info), "",
+             "| setting | best dev F1 | dev EM | best epoch | dev F1 per epoch | train s |",
+             "| --- | ---: | ---: | ---: | --- | ---: |"]
+    for r in sorted(results, key=lambda r: (r["setting"].split()[0], -r["best_f1"])):
+        per_epoch = " / ".join(f"{f:.1f}" for f in r["dev_f1"])
+        lines.append(f"| `{r['setting']}` | {r['best_f1']:.1f} | {r['best_em']:.1f} | {r['best_epoch']} | "
+                     f"{per_epoch} | {r['train_s']:.0f} |")
+    lines += ["", "Settings not named take optqa's defaults of the time; train s: the train command's wall time "
+                  "(loading and dev scoring after every epoch included), on cores other work may have shared."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from optqa.cli import configure_logging
+
+    configure_logging()
+    logging.getLogger("optqa").setLevel(logging.WARNING)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, info, log = prepare_data(args), machine(), workdir / "sweep.jsonl"
+    if args.num_threads:
+        info["threads"] = args.num_threads
+    print(machine_markdown(info), flush=True)
+    for setting in args.runs:
+        done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        if any(r["setting"] == setting for r in done):
+            continue
+        started = time.strftime("%H:%M:%S")
+        try:
+            result = run_setting(args, data, setting)
+        except RuntimeError as exc:
+            print(f"{setting}: {exc}", flush=True)
+            continue
+        with log.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result) + "\n")
+        print(f"[{started}] {setting}: best dev F1 {result['best_f1']:.1f} (epoch {result['best_epoch']}), "
+              f"{result['train_s']:.0f} s", flush=True)
+        done = [json.loads(line) for line in log.read_text().splitlines()]
+        body = markdown([r for r in done if r["setting"] in args.runs], args, info)
+        write_section(Path(args.results), f"<!-- {SECTION}:start -->\n## Default recipes: the sweep "
+                      f"(`benchmarks/sweep.py`)\n\n{body}\n<!-- {SECTION}:end -->", SECTION)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
