@@ -7,8 +7,9 @@ named on the command line, so the official ``openai`` client, curl and existing 
   size, backbone and the dev/test scores its manifest recorded;
 - ``POST /v1/completions``: ``model``, ``prompt`` (a question or a list), ``max_tokens``, ``temperature``,
   ``stop``, ``stream``; each question goes through that delta's own template, as in the question loop;
-- ``POST /v1/chat/completions``: the same with ``messages`` holding one message, the user's question (a delta
-  is trained on single questions: a system prompt or earlier turns are refused, not ignored), and
+- ``POST /v1/chat/completions``: the same with ``messages``, whose last message is the user's question (a delta
+  is trained on single questions: it answers that message on its own; a system prompt and earlier turns, which
+  chat clients send on every turn, are not part of its prompt), and
   ``max_completion_tokens`` (or ``max_tokens``); both endpoints share every check, the batching and the errors;
 - ``GET /health``; ``GET /``: the page (``optqa/static/index.html``: no CDN, no build step).
 
@@ -646,11 +647,16 @@ class Completions(Endpoint):
         return [{**self.choice(index, text, reason), "finish_reason": None}, self.choice(index, "", reason)]
 
 
-class ChatCompletions(Endpoint):
-    """``POST /v1/chat/completions``: the question is the conversation's one message, the user's.
+# the roles of OpenAI's chat messages ("developer" is the newer name of "system")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
-    A delta was trained on single questions through its template, with no system prompt and no earlier turns,
-    so a conversation holding anything else is refused rather than answered as if it had been read.
+
+class ChatCompletions(Endpoint):
+    """``POST /v1/chat/completions``: the question is the conversation's last message, the user's.
+
+    A chat client sends the whole conversation on every turn; a delta was trained on single questions through its
+    template, so it answers the last user message on its own: a system prompt and earlier turns (checked for a
+    known role) are not part of its prompt, as docs/serving.md says.
     """
 
     questions_param = "messages"
@@ -673,10 +679,10 @@ class ChatCompletions(Endpoint):
         if role != "user":
             raise RequestError(400, f"the last message must be the user's question (role 'user'), got role "
                                     f"{_shown(role)}", f"{where}.role")
-        if len(messages) > 1:
-            raise RequestError(400, f"'messages' must hold only the user's question: this model was trained on single "
-                                    f"questions, so it cannot read a system prompt or earlier turns (got "
-                                    f"{len(messages)} messages)", "messages", "unsupported_value")
+        for i, earlier in enumerate(messages[:-1]):
+            if earlier.get("role") not in CHAT_ROLES:
+                raise RequestError(400, f"messages.[{i}].role must be one of {', '.join(CHAT_ROLES)}, got "
+                                        f"{_shown(earlier.get('role'))}", f"messages.[{i}].role")
         unknown = sorted(set(last) - {"role", "content", "name"})
         if unknown:
             raise RequestError(400, f"Unrecognized message argument supplied: {unknown[0]}", f"{where}.{unknown[0]}",

@@ -368,6 +368,22 @@ def test_chat_max_completion_tokens_max_tokens_and_stop_are_the_completions(serv
     assert chat.choices[0].message.content == full[:full.index(stop)] and chat.choices[0].finish_reason == "stop"
 
 
+def test_chat_answers_the_last_user_message_of_a_conversation_on_its_own(server):
+    """A chat UI sends the whole conversation (and often a system prompt) every turn: the answer is the one the
+    last question gets alone."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    alone = completion_texts(server, "adapter", QUESTIONS[1:2])[0]
+    conversation = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": "ice"},
+                    {"role": "user", "content": QUESTIONS[1]}]
+    chat = client.chat.completions.create(model="adapter", messages=conversation)
+    assert chat.choices[0].message.content == alone
+    single = client.chat.completions.create(model="adapter", messages=conversation[-1:])
+    assert chat.usage.prompt_tokens == single.usage.prompt_tokens
+
+
 USER = {"role": "user", "content": "What is frozen water called?"}
 BAD_CHATS = [
     # (case, body or bytes, status, param, message)
@@ -375,12 +391,8 @@ BAD_CHATS = [
      "messages.[1].role", "the last message must be the user's question (role 'user'), got role 'assistant'"),
     ("a message without a role", {"messages": [{"content": "hi"}]}, 400, "messages.[0].role",
      "the last message must be the user's question (role 'user'), got role null"),
-    ("a system prompt", {"messages": [{"role": "system", "content": "Be brief."}, USER]}, 400, "messages",
-     "'messages' must hold only the user's question: this model was trained on single questions, so it cannot read "
-     "a system prompt or earlier turns (got 2 messages)"),
-    ("earlier turns", {"messages": [USER, {"role": "assistant", "content": "ice"}, USER]}, 400, "messages",
-     "'messages' must hold only the user's question: this model was trained on single questions, so it cannot read "
-     "a system prompt or earlier turns (got 3 messages)"),
+    ("an earlier message with an unknown role", {"messages": [{"role": "narrator", "content": "Once."}, USER]}, 400,
+     "messages.[0].role", "messages.[0].role must be one of system, developer, user, assistant, tool, got 'narrator'"),
     ("an image part", {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400,
      "messages.[0].content.[1].type", "content part 1 has type 'image_url': this model reads text only (type 'text')"),
