@@ -578,8 +578,7 @@ def _attach_soft_prompt(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Mo
     model = _peft_model(plm, prompt)
     if config.init_text and tokenizer is not None:
         # PEFT's TEXT init reloads the tokenizer by name (fails offline); the same init, done in place
-        ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
-        ids = (ids * (config.soft_token_num // max(len(ids), 1) + 1))[:config.soft_token_num]
+        ids = _init_ids(tokenizer, config.init_text, config.soft_token_num)
         with torch.no_grad():
             # the embedding module's output, not its weight rows: Gemma's scales by sqrt(hidden_size) inside it,
             # and a soft prompt enters after the embedding module (as inputs_embeds)
@@ -589,11 +588,41 @@ def _attach_soft_prompt(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Mo
     return model
 
 
+def _init_ids(tokenizer, text: str, count: int) -> list[int]:
+    """``count`` token ids of ``text``, repeated as often as needed (PEFT's TEXT init)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return (ids * (count // max(len(ids), 1) + 1))[:count]
+
+
 def _attach_prefix(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
     import peft
 
     prefix = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.prefix_token_num)
-    return _peft_model(plm, prefix)
+    model = _peft_model(plm, prefix)
+    if config.init_text and tokenizer is not None:
+        table = model.prompt_encoder["default"].embedding.weight
+        with torch.no_grad():
+            table.copy_(_text_prefix(plm, _init_ids(tokenizer, config.init_text, config.prefix_token_num)))
+    return model
+
+
+def _text_prefix(plm: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The keys and values the backbone computes for ``ids`` at positions ``0..n-1``, in every layer, as a prefix
+    table ``(n, layers * 2 * kv_heads * head_dim)`` in PEFT's layout (the inverse of
+    ``PromptForGeneration._prefix_cache``): Li and Liang's initialisation with real words' activations."""
+    from optqa.families import cache_argument, kv_layout, new_cache
+
+    layers, kv_heads, head_dim = kv_layout(plm.config)
+    cache, was_training = new_cache(plm.config), plm.training
+    device = next(plm.parameters()).device
+    plm.eval()  # no dropout in the activations the prefix starts from
+    try:
+        plm(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_argument(plm): cache})
+    finally:
+        plm.train(was_training)
+    per_layer = [tensor[0].float() for layer in cache.layers[:layers] for tensor in (layer.keys, layer.values)]
+    table = torch.stack(per_layer)  # (2 * layers, kv_heads, n, head_dim)
+    return table.permute(2, 0, 1, 3).reshape(len(ids), 2 * layers * kv_heads * head_dim)
 
 
 # PEFT's names for the prompt-learning methods (its PeftType values), for PromptTable and PromptForGeneration

@@ -138,3 +138,25 @@ def defaults_text(names: list[str]) -> str:
 
 if __name__ == "__main__":  # python -m optqa.families > table.md: docs/deltas.md's family table
     print(markdown_table())
+
+
+# ---- the KV cache's API, which transformers keeps changing
+
+
+def cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name is deprecated until 5.40). Read from the signature, not from a version number."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def new_cache(model_config):
+    """An empty ``DynamicCache``; given the model's config where this transformers takes one (>= 4.56)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=model_config)
+    return DynamicCache()

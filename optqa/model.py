@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 
 import torch
@@ -12,7 +11,9 @@ from torch import nn
 from optqa.config import REGISTRY
 from optqa.data import IGNORE_INDEX, InputExample, LMTokenizerWrapper, collate_for_generation, generation_batches
 from optqa.deltas import PEFT_PROMPT_LEARNING, DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
+from optqa.families import cache_argument as _cache_argument
 from optqa.families import kv_layout
+from optqa.families import new_cache as _new_cache
 from optqa.hardware import is_sharded
 
 log = logging.getLogger(__name__)
@@ -31,21 +32,6 @@ def _cast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         cached = ((dtype, weight._version), weight.detach().to(dtype))
         weight.__dict__["_optqa_cast"] = cached
     return cached[1]
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """The forward argument that takes the KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``
-    (the old name is deprecated until 5.40). Read from the signature, not from a version number."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _new_cache(model_config):
-    """An empty ``DynamicCache``; given the model's config where this transformers takes one (>= 4.56)."""
-    from transformers import DynamicCache
-
-    if "config" in inspect.signature(DynamicCache.__init__).parameters:
-        return DynamicCache(config=model_config)
-    return DynamicCache()
 
 
 def _virtual_kind(model: nn.Module) -> str | None:

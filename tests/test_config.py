@@ -48,7 +48,7 @@ def test_the_cli_takes_each_delta_default_from_its_typed_config():
     ({"delta_type": "bitfit", "modified_modules": []}, "bitfit: modified_modules must be a non-empty list"),
     ({"delta_type": "soft_prompt", "soft_token_num": -1}, "soft_prompt: soft_token_num must be a positive"),
     ({"delta_type": "prefix", "prefix_token_num": True}, "prefix: prefix_token_num must be a whole number, got True$"),
-    ({"delta_type": "prefix", "lora_r": 8}, r"prefix does not take lora_r \(it takes prefix_token_num\)"),
+    ({"delta_type": "prefix", "lora_r": 8}, r"prefix does not take lora_r \(it takes prefix_token_num, init_text\)"),
     ({"delta_type": "ia3"}, "unknown delta_type 'ia3'"),
 ])
 def test_a_bad_delta_config_is_refused_when_built(config, message):

@@ -302,6 +302,30 @@ def test_soft_tokens_start_from_the_embedding_modules_output_on_gemma(backbones)
     assert torch.equal(delta.model.prompt_encoder["default"].embedding.weight.detach(), scaled)
 
 
+@pytest.mark.parametrize("model_type", ["opt", "llama", "gpt2"])
+def test_a_prefix_from_text_is_that_text_written_before_the_prompt(backbones, tiny_opt, model_type):
+    """Li and Liang's init: the prefix holds the keys and values the backbone computes for the init text, so the
+    first answer step with that prefix sees what the bare backbone sees with the text before the prompt."""
+    from optqa.config import PrefixConfig
+    from optqa.deltas import AutoDeltaModel
+    from optqa.model import PromptForGeneration
+    from optqa.plm import load_plm
+    from optqa.template import ManualTemplate
+
+    folder = tiny_opt if model_type == "opt" else backbones(model_type)
+    plm, tokenizer, _, _ = load_plm(model_type, str(folder))
+    init = tokenizer(" the sun is hot", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(" What is ice?", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        alone = plm(input_ids=torch.tensor([init + prompt])).logits[0, -1]
+    AutoDeltaModel.from_config(PrefixConfig(prefix_token_num=len(init), init_text=" the sun is hot"), plm, tokenizer)
+    model = PromptForGeneration(plm, ManualTemplate(tokenizer, '{"placeholder":"text_a"}{"mask"}')).eval()
+    with torch.no_grad():
+        inputs = model._backbone_inputs(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), True)
+        prefixed = model.backbone(**inputs).logits[0, -1]
+    torch.testing.assert_close(prefixed, alone, atol=1e-4, rtol=1e-4)
+
+
 def test_multimodal_gemma3_resolves_to_its_text_stack_only():
     """A Gemma 3 checkpoint with its vision tower (model_type gemma3): the neutral names and BitFit's default
     stay in the language model's layers (OpenDelta's short name self_attn would also match the vision tower's),
