@@ -7,7 +7,8 @@ python benchmarks/sweep.py ... --runs "lora lr=2e-3 train_epochs=1" "soft_prompt
 python benchmarks/sweep.py ... --quick    # a smoke run of the grid on a few questions
 ```
 
-A setting is a delta type and optqa flags, ``name=value`` or a bare ``name`` for a true switch (``chat_template``);
+A setting is a delta type and optqa flags, ``name=value`` (``name=a,b`` for a list, ``name=`` for the empty
+string) or a bare ``name`` for a true switch (``chat_template``);
 what it leaves out takes optqa's default. Each runs ``python -m optqa --mode train`` as a user does (in this
 process, one after the other), with dev as the split it keeps the best epoch by; the final "test" scores, which a
 sweep must not look at, are taken on a stand-in of 8 dev questions. Results are appended to
@@ -74,8 +75,8 @@ def setting_flags(setting: str) -> list[str]:
         raise ValueError("an empty setting")
     flags = ["--delta_type", words[0]]
     for word in words[1:]:
-        name, _, value = word.partition("=")
-        flags += [f"--{name}", *value.split(",")] if value else [f"--{name}"]
+        name, equals, value = word.partition("=")
+        flags += [f"--{name}", *value.split(",")] if equals else [f"--{name}"]  # "name=": the empty string
     return flags
 
 
