@@ -769,6 +769,20 @@ def _check_request(body: Any, served: dict[str, Served], endpoint: Endpoint) -> 
                                 f"at most {delta.token_chars} characters each. Please shorten it.",
                            endpoint.questions_param, "context_length_exceeded")
     max_tokens, max_tokens_name = _max_tokens(body, delta, endpoint.max_tokens_names)
+    stops, stream, include_usage = _check_decoding(body, endpoint)
+    return Checked(delta, questions, max_tokens, stops, stream, include_usage,
+                   (endpoint.questions_param, max_tokens_name))
+
+
+def _check_decoding(body: dict, endpoint: Endpoint) -> tuple[list[str], bool, bool]:
+    """The decoding fields of a request: greedy only, ``stop``, ``stream`` and its options, and the fields taken
+    only at their neutral values.
+
+    Returns:
+        ``(stops, stream, include_usage)``.
+    Raises:
+        RequestError: 400 for a value that would ask for other decoding than greedy, 422 for a wrong type.
+    """
     temperature = _typed(body, "temperature", *NUMBER)
     if temperature is not None and temperature != 0:
         raise RequestError(400, f"temperature {temperature}: this server answers greedily only (temperature 0, the "
@@ -798,8 +812,7 @@ def _check_request(body: Any, served: dict[str, Served], endpoint: Endpoint) -> 
         if value is not None and value not in neutral:
             raise RequestError(400, f"'{name}' is not supported by this server (greedy answers, one per prompt)",
                                name, "unsupported_parameter")
-    return Checked(delta, questions, max_tokens, stops, stream, include_usage,
-                   (endpoint.questions_param, max_tokens_name))
+    return stops, stream, include_usage
 
 
 def _max_tokens(body: dict, delta: Served, names: tuple[str, ...]) -> tuple[int | None, str]:
@@ -849,6 +862,13 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
     app = FastAPI(title="optqa", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   default_response_class=AsciiJSONResponse)
     app.state.batcher = batcher
+    _add_error_handlers(app)
+    _add_routes(app, served, batcher)
+    return Guard(app, api_key, allowed_hosts=allowed_hosts, body_timeout_s=body_timeout_s)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error a client gets is OpenAI's error object, in ASCII JSON; a crash's traceback stays in the log."""
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
@@ -870,6 +890,10 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
         log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
         return AsciiJSONResponse(error_body("internal error (the server logged the details)", "server_error"),
                                  status_code=500)
+
+
+def _add_routes(app: FastAPI, served: dict[str, Served], batcher: "Batcher") -> None:
+    """The page, ``/health``, ``/v1/models`` and the two answering endpoints."""
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -906,8 +930,6 @@ def create_app(served: dict[str, Served], api_key: str | None = None, window_s: 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await respond(request, CHAT)
-
-    return Guard(app, api_key, allowed_hosts=allowed_hosts, body_timeout_s=body_timeout_s)
 
 
 async def _json_body(request: Request) -> Any:
