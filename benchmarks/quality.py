@@ -18,6 +18,10 @@ Rows, each scored on dev (F1/EM in percent, SQuAD-style, best over the gold answ
   PEFT's default target modules, AdamW with a linear schedule, the same prompt text as optqa's default template,
   greedy ``generate``.
 
+``--systems`` runs some rows only (``baselines``, delta types, ``peft``): every row is kept in
+``<workdir>/rows.jsonl`` with the backbone, data and settings it ran with, and the table holds the newest row of
+each system run with the same ones, so the rows can be run one after the other, or at once in separate processes.
+
 optqa runs in this process through its command line (``optqa.cli.main``), as a user runs it, one system after the
 other on the same torch threads. Training time is the train command's wall time, model loading and optqa's dev
 scoring after every epoch included; "train s net" takes off that dev scoring (epochs + 1 times the answering time
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -73,7 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_shots", type=int, default=5, help="shots of the few-shot baseline")
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: optqa's choice)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--delta_types", nargs="+", default=None, help="default: every delta type")
+    parser.add_argument("--systems", nargs="+", default=None, metavar="SYSTEM",
+                        help="rows to (re)run: 'baselines', delta types, 'peft' (default: all). Rows are kept in "
+                             "<workdir>/rows.jsonl, so runs of different systems (one after the other, or at once "
+                             "in separate processes) fill one table")
     parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "quality-work"),
                         help="checkpoints, run folders and the quick data subset go here")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
@@ -238,9 +246,8 @@ def peft_row(args, data: Path, settings: dict) -> Row:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from optqa.metrics import score
-
     from optqa.gguf import dequantized_folder, is_gguf_path
+    from optqa.metrics import score
 
     # a GGUF file: the plain loop reads the same dequantised folder optqa made of it (as a user would save one)
     folder = dequantized_folder(Path(args.plm_path)) if is_gguf_path(Path(args.plm_path)) else Path(args.plm_path)
@@ -310,6 +317,34 @@ def peft_row(args, data: Path, settings: dict) -> Row:
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
+
+
+def _run_key(args) -> dict:
+    """What makes rows comparable: the same backbone, data, subset and shots."""
+    return {"plm_path": args.plm_path, "data_path": args.data_path, "quick": args.quick, "num_shots": args.num_shots}
+
+
+def keep(path: Path, rows: list[Row], args) -> None:
+    """Append ``rows`` to the rows file (one line each, with the run's key); later lines replace earlier ones."""
+    with path.open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({"key": _run_key(args), **dataclasses.asdict(row)}) + "\n")
+
+
+def kept(path: Path, args) -> list[Row]:
+    """The newest row of every system in the rows file run with ``args``' key, in the table's order: baselines,
+    delta types, PEFT."""
+    from optqa.config import DELTA_TYPES
+
+    newest = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = json.loads(line)
+        if fields.pop("key") == _run_key(args):
+            newest[fields["system"]] = Row(**fields)
+    shots = args.num_shots
+    order = ["zero-shot", f"{shots}-shot", "zero-shot, chat template", f"{shots}-shot, chat template",
+             *(f"optqa {t}" for t in DELTA_TYPES), "PEFT LoRA loop"]
+    return sorted(newest.values(), key=lambda r: order.index(r.system) if r.system in order else len(order))
 
 
 def _cell(value, spec: str) -> str:
@@ -392,11 +427,17 @@ def main(argv=None) -> int:
     if args.num_threads:
         info["threads"] = args.num_threads
     print(machine_markdown(info), flush=True)
-    rows = baseline_rows(args, data, settings)
-    for delta_type in args.delta_types or DELTA_TYPES:
-        rows.append(delta_row(args, data, delta_type, settings))
-        print(f"{rows[-1].system}: dev F1 {_cell(rows[-1].f1, '.1f')} {rows[-1].note}", flush=True)
-    rows.append(peft_row(args, data, settings))
+    systems = args.systems or ["baselines", *DELTA_TYPES, "peft"]
+    unknown = sorted(set(systems) - {"baselines", *DELTA_TYPES, "peft"})
+    if unknown:
+        raise SystemExit(f"error: unknown system {unknown[0]!r} (baselines, {', '.join(DELTA_TYPES)}, peft)")
+    for system in systems:
+        new = (baseline_rows(args, data, settings) if system == "baselines" else
+               [peft_row(args, data, settings)] if system == "peft" else [delta_row(args, data, system, settings)])
+        for row in new:
+            print(f"{row.system}: dev F1 {_cell(row.f1, '.1f')} {row.note}", flush=True)
+        keep(Path(args.workdir) / "rows.jsonl", new, args)
+    rows = kept(Path(args.workdir) / "rows.jsonl", args)
     section = markdown(rows, args, info, settings)
     write_section(Path(args.results), section)
     chart(rows, Path(args.chart), f"dev F1/EM, {Path(args.plm_path).name}{' (--quick)' if args.quick else ''}")
