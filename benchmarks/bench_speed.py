@@ -134,9 +134,13 @@ def worker_train(args) -> dict:
         if args.delta == "lora":
             import peft
 
+            from optqa.deltas import resolve_modules
+
+            # optqa's default names roles (attn_qv); a PEFT user names the Linears inside a layer (q_proj, v_proj)
+            targets = sorted({name.split(".")[-1] for name in resolve_modules(plm, settings["modified_modules"])})
             module = peft.get_peft_model(plm, peft.LoraConfig(
                 task_type="CAUSAL_LM", r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
-                target_modules=[m.split(".")[-1] for m in settings["modified_modules"]]))
+                target_modules=targets))
         else:
             from optqa.deltas import AutoDeltaModel
 
