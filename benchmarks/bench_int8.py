@@ -20,7 +20,8 @@ Prints what the CPU is (its flags, and the kernel level torch actually runs), th
   and where that time goes, phase by phase, in one fresh process per setting (``startup_phases``).
 
 Random weights never emit eos, so every 125m-shaped answer runs to --max_new_tokens in every setting: each
-does the same work per question.
+does the same work per question. The report also goes into its section of ``benchmarks/RESULTS.md`` (``--results``;
+``bench_int8_avx2`` under ``--emulate avx2``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_speed import make_checkpoint, time_bare_load, time_repl  # noqa: E402
 
+TITLE = "int8 answering against fp32 and bf16 (`benchmarks/bench_int8.py`)"
 GOALS = {"loop": 2.5, "batched_vs_single": 7.0, "agreement": 95.0, "first_answer": 1.3}
 
 
@@ -276,6 +278,73 @@ def agreement() -> dict:
     return result
 
 
+def report(args, info: dict, answer: dict, kernel: dict, agree: dict, startup: dict) -> str:
+    """The tables and lines printed at the end and written to RESULTS.md (Markdown): the question loop and batched
+    answering, the kernel pair, packing, agreement, start-up against the floor and where it goes.
+
+    ``startup``: ``{"bare": [s], "repl": {quantize: [marks]}, "loads": [load before, after], "phases": {...}}``."""
+    import torch
+
+    from optqa.quantize import resolve_quantize
+
+    bare, repl, loads, phases = startup["bare"], startup["repl"], startup["loads"], startup["phases"]
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        lines.append(text)
+
+    fp32, int8 = answer["fp32"], answer["int8"]
+    say(f"| {info['cpu']} ({torch.backends.cpu.get_cpu_capability()} kernels) | fp32 | int8 | int8, head fp32 |"
+        + (" bf16 |" if "bf16" in answer else ""))
+    say("| --- | --- | --- | --- |" + (" --- |" if "bf16" in answer else ""))
+    say(f"| question loop, s per answer ({args.max_new_tokens} tokens) | {fp32['seconds_per_answer']:.3f} | "
+        f"{int8['seconds_per_answer']:.3f} ({fp32['seconds_per_answer'] / int8['seconds_per_answer']:.2f}x) | "
+        f"{answer['int8, head fp32']['seconds_per_answer']:.3f} |"
+        + (f" {answer['bf16']['seconds_per_answer']:.3f} |" if "bf16" in answer else ""))
+    say(f"| batched (batch {answer['batch_size']}), questions/s | {fp32['questions_per_s']:.2f} | "
+        f"{int8['questions_per_s']:.2f} ({int8['questions_per_s'] / fp32['questions_per_s']:.2f}x) | - |"
+        + (f" {answer['bf16']['questions_per_s']:.2f} |" if "bf16" in answer else ""))
+    single_qps = 1 / fp32["seconds_per_answer"]
+    say(f"| batched vs fp32 one at a time | {fp32['questions_per_s'] / single_qps:.2f}x | "
+        f"{int8['questions_per_s'] / single_qps:.2f}x | - |"
+        + (f" {answer['bf16']['questions_per_s'] / single_qps:.2f}x |" if "bf16" in answer else ""))
+    step = answer["step_matmuls"]
+    say(f"| one decoding step's {step['calls']} Linear calls alone, 1 row, ms | {step['fp32_ms']:.2f} | "
+        f"{step['int8_ms']:.2f} ({step['ratio']:.2f}x: the loop's ceiling on these kernels) | - |"
+        + (" - |" if "bf16" in answer else ""))
+    thread_count = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    say(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {thread_count} | "
+        + " | ".join(f"{rows} row{'s' if rows > 1 else ''}" for rows in kernel) + " |")
+    say("| --- |" + " --- |" * len(kernel))
+    say("| fp32 / int8, ms | " + " | ".join(f"{k['fp32_ms']:.1f} / {k['int8_ms']:.1f}" for k in kernel.values()) + " |")
+    say("| int8 speed-up | " + " | ".join(f"{k['ratio']:.2f}x" for k in kernel.values()) + " |")
+    # packing runs on torch's threads (--threads here, --num_threads in optqa)
+    say(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {thread_count}"
+        + (f" ({answer['quantize_seconds_one_thread']:.2f} s on one)" if info["threads"] != 1 else ""))
+    say(f"agreement with fp32: the {agree['trained']['questions']} trained questions (fp32 memorised "
+        f"{agree['memorised']}): {agree['trained']['same']} identical "
+        f"({100 * agree['trained']['same'] / agree['trained']['questions']:.1f}%); the "
+        f"{agree['unseen']['questions']} unseen ones: {agree['unseen']['same']} identical\n")
+    for name in ("trained", "unseen"):
+        for question, a, b in agree[name]["differ"]:
+            say(f"- {name}, differs: {question!r}: fp32 {a!r}, int8 {b!r}")
+    floor = statistics.median(bare)
+    auto = resolve_quantize("auto", "auto", torch.device("cpu"))
+    say(f"\nstart-up (median of {args.repl_runs}; auto is {auto} here), import-and-load floor {floor:.2f} s"
+        + (f" (1-minute load average {loads[0]:.2f} before, {loads[1]:.2f} after, on {os.cpu_count()} CPUs)"
+           if loads else "") + ":\n")
+    for q, runs in repl.items():
+        prompt = statistics.median(r["prompt"] for r in runs)
+        first = statistics.median(r["answer"] for r in runs)
+        say(f"- --quantize {q}: first prompt {prompt:.2f} s, first answer {first:.2f} s ({first / floor:.2f}x the "
+            f"floor; goal <= {GOALS['first_answer']}x)")
+    for q, measured in phases.items():
+        say(f"\nwhere the start-up goes, --quantize {q} (= {measured['resolved']}), one fresh process:\n")
+        for name, seconds in measured["phases"]:
+            say(f"- {seconds:.3f} s: {name}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.emulate(args)
@@ -283,10 +352,6 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    from optqa.quantize import resolve_quantize
-
     info = common.machine()
     info["threads"] = args.threads or info["threads"]  # machine() reports optqa's default; answering uses these
     print(common.machine_markdown(info))
@@ -310,56 +375,9 @@ def main(argv=None) -> int:
     loads += [os.getloadavg()[0]] if loads else []
     phases = {q: startup_phases(checkpoint, args.max_new_tokens, q, args.threads) for q in ("none", "auto")}
 
-    fp32, int8 = answer["fp32"], answer["int8"]
-    print()
-    print(f"| {info['cpu']} ({torch.backends.cpu.get_cpu_capability()} kernels) | fp32 | int8 | int8, head fp32 |"
-          + (" bf16 |" if "bf16" in answer else ""))
-    print("| --- | --- | --- | --- |" + (" --- |" if "bf16" in answer else ""))
-    print(f"| question loop, s per answer ({args.max_new_tokens} tokens) | {fp32['seconds_per_answer']:.3f} | "
-          f"{int8['seconds_per_answer']:.3f} ({fp32['seconds_per_answer'] / int8['seconds_per_answer']:.2f}x) | "
-          f"{answer['int8, head fp32']['seconds_per_answer']:.3f} |"
-          + (f" {answer['bf16']['seconds_per_answer']:.3f} |" if "bf16" in answer else ""))
-    print(f"| batched (batch {answer['batch_size']}), questions/s | {fp32['questions_per_s']:.2f} | "
-          f"{int8['questions_per_s']:.2f} ({int8['questions_per_s'] / fp32['questions_per_s']:.2f}x) | - |"
-          + (f" {answer['bf16']['questions_per_s']:.2f} |" if "bf16" in answer else ""))
-    single_qps = 1 / fp32["seconds_per_answer"]
-    print(f"| batched vs fp32 one at a time | {fp32['questions_per_s'] / single_qps:.2f}x | "
-          f"{int8['questions_per_s'] / single_qps:.2f}x | - |"
-          + (f" {answer['bf16']['questions_per_s'] / single_qps:.2f}x |" if "bf16" in answer else ""))
-    step = answer["step_matmuls"]
-    print(f"| one decoding step's {step['calls']} Linear calls alone, 1 row, ms | {step['fp32_ms']:.2f} | "
-          f"{step['int8_ms']:.2f} ({step['ratio']:.2f}x: the loop's ceiling on these kernels) | - |"
-          + (" - |" if "bf16" in answer else ""))
-    thread_count = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
-    print(f"\n| int8 Linear vs fp32, 24 OPT-125m MLP matrices, {thread_count} | "
-          + " | ".join(f"{rows} row{'s' if rows > 1 else ''}" for rows in kernel) + " |")
-    print("| --- |" + " --- |" * len(kernel))
-    print("| fp32 / int8, ms | " + " | ".join(f"{k['fp32_ms']:.1f} / {k['int8_ms']:.1f}" for k in kernel.values()) + " |")
-    print("| int8 speed-up | " + " | ".join(f"{k['ratio']:.2f}x" for k in kernel.values()) + " |")
-    # packing runs on torch's threads (--threads here, --num_threads in optqa)
-    print(f"\nquantising the backbone took {answer['quantize_seconds']:.2f} s on {thread_count}"
-          + (f" ({answer['quantize_seconds_one_thread']:.2f} s on one)" if info["threads"] != 1 else ""))
-    print(f"agreement with fp32: the {agree['trained']['questions']} trained questions (fp32 memorised "
-          f"{agree['memorised']}): {agree['trained']['same']} identical "
-          f"({100 * agree['trained']['same'] / agree['trained']['questions']:.1f}%); the "
-          f"{agree['unseen']['questions']} unseen ones: {agree['unseen']['same']} identical")
-    for name in ("trained", "unseen"):
-        for question, a, b in agree[name]["differ"]:
-            print(f"  {name}, differs: {question!r}: fp32 {a!r}, int8 {b!r}")
-    floor = statistics.median(bare)
-    auto = resolve_quantize("auto", "auto", torch.device("cpu"))
-    print(f"\nstart-up (median of {args.repl_runs}; auto is {auto} here), import-and-load floor {floor:.2f} s"
-          + (f" (1-minute load average {loads[0]:.2f} before, {loads[1]:.2f} after, on {os.cpu_count()} CPUs)"
-             if loads else "") + ":")
-    for q, runs in repl.items():
-        prompt = statistics.median(r["prompt"] for r in runs)
-        first = statistics.median(r["answer"] for r in runs)
-        print(f"  --quantize {q}: first prompt {prompt:.2f} s, first answer {first:.2f} s ({first / floor:.2f}x the "
-              f"floor; goal <= {GOALS['first_answer']}x)")
-    for q, measured in phases.items():
-        print(f"\nwhere the start-up goes, --quantize {q} (= {measured['resolved']}), one fresh process:")
-        for name, seconds in measured["phases"]:
-            print(f"  {seconds:6.3f} s  {name}")
+    body = report(args, info, answer, kernel, agree, {"bare": bare, "repl": repl, "loads": loads, "phases": phases})
+    print("\n" + body)
+    common.write_run(args, "bench_int8", TITLE, body, info, argv=argv)
     return 0
 
 

@@ -16,7 +16,9 @@ ARC-DA's token-length distribution, then measures, each configuration in its own
   ``Input a question:`` and to the first answer, next to a bare transformers model load;
 - the share of computed tokens that are padding, for each.
 
-It prints a markdown table (with the machine) and the ratios against the peers measured in the same run.
+It prints a markdown table (with the machine) and the ratios against the peers measured in the same run, and
+writes them into its section of ``benchmarks/RESULTS.md`` (``--results``; ``bench_speed_avx2`` under
+``--emulate avx2``).
 Random weights never emit eos, so every answer runs to max_new_tokens in every method: answering does the
 same work per question everywhere.
 """
@@ -39,6 +41,7 @@ SCRIPT = Path(__file__).resolve()
 BATCH_SIZE = 8
 MAX_SEQ_L = 128
 LR = 1e-3
+TITLE = "Speed: optqa against plain loops (`benchmarks/bench_speed.py`)"
 TARGETS = {"max_seq_l": 2.0, "per_batch": 1.2, "answering": 10.0}
 PADDING_NAMES = {"grouped": "per batch, length-grouped", "per_batch": "per batch, random order",
                  "max_seq_l": f"to max_seq_l ({MAX_SEQ_L})"}
@@ -131,9 +134,13 @@ def worker_train(args) -> dict:
         if args.delta == "lora":
             import peft
 
+            from optqa.deltas import resolve_modules
+
+            # optqa's default names roles (attn_qv); a PEFT user names the Linears inside a layer (q_proj, v_proj)
+            targets = sorted({name.split(".")[-1] for name in resolve_modules(plm, settings["modified_modules"])})
             module = peft.get_peft_model(plm, peft.LoraConfig(
                 task_type="CAUSAL_LM", r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
-                target_modules=[m.split(".")[-1] for m in settings["modified_modules"]]))
+                target_modules=targets))
         else:
             from optqa.deltas import AutoDeltaModel
 
@@ -373,6 +380,30 @@ def repl_table(runs: list[dict], bare: list[float]) -> str:
         f"| floor: python + import transformers + load the same backbone | {floor:.1f} |"])
 
 
+def report(results: dict, args, wall_s: float) -> str:
+    """What ran, the tables of every measurement made, the PASS/MISS lines and the wall time (Markdown)."""
+    lines = [f"OPT-125m shape (random weights), ARC-DA-like data, batch {BATCH_SIZE}, max_seq_l {MAX_SEQ_L}. "
+             f"Training: {args.steps} timed steps per row ({max(1, args.steps // 2)} when padded to max_seq_l) after "
+             f"{args.warmup} warm-up, each row in its own process; answering: {args.questions} dev questions batched, "
+             f"{args.single_questions} one at a time, greedy, max_new_tokens {args.max_new_tokens} (random weights "
+             "never emit eos, so every answer is that long in every method)."]
+    verdicts = []
+    for rows, table in ((results["train"], training_table), (results["answer"], answering_table)):
+        if rows:
+            text, found = table(rows)
+            lines += ["", text]
+            verdicts += found
+    if results["repl"]:
+        lines += ["", repl_table(results["repl"], results["bare_load"])]
+    if verdicts:
+        lines += [""] + [f"- {v}" for v in verdicts]
+        if args.quick:
+            lines.append("(--quick: a smoke run; a batch of a few questions and a few steps are too small to judge the "
+                         "targets)")
+    lines += ["", f"(benchmark wall time {wall_s:.0f} s)"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.emulate(args)
@@ -436,31 +467,12 @@ def main(argv=None) -> int:
             print(f"  repl: first prompt {marks['prompt']:.1f} s, first answer {marks['answer']:.1f} s "
                   f"(bare load {results['bare_load'][-1]:.1f} s)", flush=True)
 
-    print()
-    print(f"### Speed: OPT-125m shape (random weights), ARC-DA-like data, batch {BATCH_SIZE}, max_seq_l {MAX_SEQ_L}")
-    print()
+    body = report(results, args, time.perf_counter() - total)
+    print(f"\n### Speed: OPT-125m shape (random weights), ARC-DA-like data, batch {BATCH_SIZE}, "
+          f"max_seq_l {MAX_SEQ_L}\n")
     print(common.machine_markdown(info) + ".")
-    print(f"Training: {args.steps} timed steps per row ({max(1, args.steps // 2)} when padded to max_seq_l) after "
-          f"{args.warmup} warm-up, each row in its own process; answering: {args.questions} dev questions batched, "
-          f"{args.single_questions} one at a time, greedy, max_new_tokens {args.max_new_tokens} (random weights never "
-          "emit eos, so every answer is that long in every method).")
-    verdicts = []
-    if results["train"]:
-        table, found = training_table(results["train"])
-        print("\n" + table)
-        verdicts += found
-    if results["answer"]:
-        table, found = answering_table(results["answer"])
-        print("\n" + table)
-        verdicts += found
-    if results["repl"]:
-        print("\n" + repl_table(results["repl"], results["bare_load"]))
-    if verdicts:
-        print("\n" + "\n".join(f"- {v}" for v in verdicts))
-        if args.quick:
-            print("(--quick: a smoke run; a batch of a few questions and a few steps are too small to judge the "
-                  "targets)")
-    print(f"\n(benchmark wall time {time.perf_counter() - total:.0f} s)")
+    print(body)
+    common.write_run(args, "bench_speed", TITLE, body, info, argv=argv)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

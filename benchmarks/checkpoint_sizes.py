@@ -5,7 +5,8 @@
 Each delta type is attached with its default settings (the CLI's), and saved as a real optqa checkpoint
 (manifest with backbone fingerprint + safetensors weights). Prints a markdown table: trainable parameters,
 weights file and manifest bytes, the share of the backbone's weights file, and how long verifying and reading
-the checkpoint takes. Weights are random: sizes depend only on shapes, so they equal a real opt-125m's.
+the checkpoint takes. Weights are random: sizes depend only on shapes, so they equal a real opt-125m's. The table
+also goes into its section of ``benchmarks/RESULTS.md`` (``--results``), with the machine and the date.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 DEFAULT_BACKBONE = Path(tempfile.gettempdir()) / "optqa-bench" / "opt-125m-random"
+TITLE = "Checkpoint size per delta type (`benchmarks/checkpoint_sizes.py`)"
 
 
 def opt_125m_folder(folder: Path = DEFAULT_BACKBONE) -> Path:
@@ -78,24 +82,32 @@ def main() -> None:
     logging.disable(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone_dir", type=Path, default=DEFAULT_BACKBONE)
+    common.add_results_option(parser)
     args = parser.parse_args()
     backbone = opt_125m_folder(args.backbone_dir)
     backbone_bytes = (backbone / "model.safetensors").stat().st_size
     with tempfile.TemporaryDirectory() as out:
         rows = [measure(backbone, t, Path(out)) for t in ("adapter", "lora", "bitfit", "soft_prompt", "prefix")]
+    body = report(rows, backbone_bytes)
+    print(body)
+    common.write_run(args, "checkpoint_sizes", TITLE, body)
+
+
+def report(rows: list[dict], backbone_bytes: int) -> str:
+    """The backbone's size, then one table row per delta type (Markdown)."""
     backbone_params = rows[0]["total"] - rows[0]["trainable"]
     fp16_bytes = 2 * backbone_params  # facebook/opt-125m is shared in fp16 (~250 MB)
-    print(f"backbone: OPT-125m shape, {backbone_params:,} parameters; weights file {backbone_bytes / 1e6:.1f} MB "
-          f"(fp32), {fp16_bytes / 1e6:.1f} MB in fp16 as facebook/opt-125m is shared")
-    print()
-    print("| delta | settings | trainable params | % of backbone params | weights file | manifest | "
-          "share of fp32 / fp16 backbone file | verify + read |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"backbone: OPT-125m shape, {backbone_params:,} parameters; weights file {backbone_bytes / 1e6:.1f} MB "
+             f"(fp32), {fp16_bytes / 1e6:.1f} MB in fp16 as facebook/opt-125m is shared", "",
+             "| delta | settings | trainable params | % of backbone params | weights file | manifest | "
+             "share of fp32 / fp16 backbone file | verify + read |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        print(f"| {row['delta']} | {row['settings']} | {row['trainable']:,} | "
-              f"{100 * row['trainable'] / backbone_params:.3f}% | {row['weights'] / 1e6:.3f} MB | "
-              f"{row['manifest'] / 1e3:.1f} kB | {100 * row['weights'] / backbone_bytes:.2f}% / "
-              f"{100 * row['weights'] / fp16_bytes:.2f}% | {row['verify_ms']:.1f} ms |")
+        lines.append(f"| {row['delta']} | {row['settings']} | {row['trainable']:,} | "
+                     f"{100 * row['trainable'] / backbone_params:.3f}% | {row['weights'] / 1e6:.3f} MB | "
+                     f"{row['manifest'] / 1e3:.1f} kB | {100 * row['weights'] / backbone_bytes:.2f}% / "
+                     f"{100 * row['weights'] / fp16_bytes:.2f}% | {row['verify_ms']:.1f} ms |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,19 @@ ARC-DA-like synthetic data, peak-memory readings and running a measurement in it
 
 Nothing here downloads anything: the backbone, its tokenizer and the data are built locally (and cached in
 the work folder), so a benchmark runs the same on an offline laptop.
+
+Every script writes what it measured into its own section of ``benchmarks/RESULTS.md`` (``write_section``), with
+the machine, the date and the command that ran, so numbers are never typed by hand.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -19,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "templates" / "answer_template.txt"
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
 ASSETS_VERSION = 1  # bump when the synthetic data or the backbone recipe changes, to rebuild cached assets
 
 # Token counts of ARC-DA v1.1 with OPT's tokenizer (all 2985 questions), from
@@ -46,7 +52,15 @@ def bench_parser(doc: str, quick_help: str, workdir_help: str):
                         help="run on an AVX2-only laptop's kernels on a newer CPU: the script runs again with every "
                              "library's instruction set capped (ATen, MKL, fbgemm, oneDNN; optqa.hardware."
                              "KERNEL_ISA_CAPS). It emulates the instructions, not the laptop's caches or memory")
+    add_results_option(parser)
     return parser
+
+
+def add_results_option(parser) -> None:
+    """``--results PATH``: the Markdown file the script writes its section into (tests point it elsewhere)."""
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="write this run's section into this Markdown file, in place of the section's previous "
+                             "run; the other sections are kept (default: benchmarks/RESULTS.md)")
 
 
 def emulate(args) -> None:
@@ -114,6 +128,84 @@ def machine_markdown(info: dict) -> str:
             f"{'yes' if info['native_bf16'] else 'no'} (CPU flags: {info['cpu_flags']}), {info['threads']} torch threads"
             f"{', GPU ' + info['gpu'] if info['gpu'] else ''}; {info['os']}, Python {info['python']}, "
             f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}")
+
+
+# --- RESULTS.md ----------------------------------------------------------------------------------------------
+
+QUICK_NOTE = "--quick: a smoke run, too few steps and questions to judge the numbers by"
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    """The HTML comments around a script's section of RESULTS.md: ``<!-- NAME:start -->``, ``<!-- NAME:end -->``."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that ran, as it can be typed again from the repository's root."""
+    argv = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *argv])
+
+
+def render_section(name: str, title: str, body: str, info: dict, *, quick: bool = False,
+                   argv: list[str] | None = None, when: datetime.datetime | None = None) -> str:
+    """A script's section: markers, ``## title``, the date and command (``--quick`` said as such), the machine
+    line (``machine_markdown``), then ``body`` (the script's tables and notes, Markdown)."""
+    start, end = section_markers(name)
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    ran = f"{when:%Y-%m-%d %H:%M} UTC, `{command_line(argv)}`" + (f" ({QUICK_NOTE})." if quick else ".")
+    return "\n".join([start, f"## {title}", "", ran, "", machine_markdown(info), "", body.strip("\n"), end])
+
+
+def write_section(path: Path | str, name: str, title: str, body: str, info: dict | None = None, *,
+                  quick: bool = False, argv: list[str] | None = None) -> str:
+    """Put a script's section into ``path`` in place of its previous one (or at the end; a new file gets a title).
+
+    Args:
+        path: the results file (``--results``, default ``benchmarks/RESULTS.md``).
+        name: the section's marker name, e.g. ``"bench_speed"``; other names' sections are kept as they are.
+        title: the section's heading (without ``##``); keep it fixed, the docs link to its anchor.
+        body: Markdown: the tables the script printed, with what they mean.
+        info: ``machine()``'s description (the script's, with its thread count); when None, measured here with
+            the torch threads in use now.
+        quick: the run was ``--quick``; the section says so.
+        argv: the script's arguments (default ``sys.argv[1:]``), shown as the command that ran.
+
+    Returns:
+        The section as written.
+
+    Raises:
+        ValueError: the file has one of the section's markers without the other (a hand edit; nothing is written).
+    """
+    path = Path(path)
+    if info is None:
+        import torch
+
+        threads = torch.get_num_threads()  # machine() sets optqa's choice: report the threads the run computed with
+        info = {**machine(), "threads": threads}
+    section = render_section(name, title, body, info, quick=quick, argv=argv)
+    start, end = section_markers(name)
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
+    if (start in text) != (end in text):
+        raise ValueError(f"{path}: {start if start in text else end} without its pair; fix the file by hand")
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    partial = path.with_name(path.name + ".partial")  # a run killed while writing leaves the old file whole
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+    return section
+
+
+def write_run(args, name: str, title: str, body: str, info: dict | None = None,
+              argv: list[str] | None = None) -> str:
+    """``write_section`` for a script's run: into its ``--results``, said to be ``--quick`` where it was, and under
+    ``--emulate avx2`` as the section ``NAME_avx2`` (kept beside the native one) titled as emulated."""
+    emulated = getattr(args, "emulate", None)
+    return write_section(args.results, f"{name}_{emulated}" if emulated else name,
+                         f"{title} (emulated {emulated.upper()})" if emulated else title, body, info,
+                         quick=getattr(args, "quick", False), argv=argv)
 
 
 # --- ARC-DA-like data ---------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ after one warm-up load that brings the file into the page cache:
 - ``from_pretrained`` + reading every weight once: what the backbone costs by its first forward pass;
 - ``backbone_fingerprint`` on a freshly loaded model (its sampled pages read from the mapping) and again;
 - for comparison, a full SHA-256 of the weights file (what an exact whole-weights hash would cost).
+
+The table also goes into its section of ``benchmarks/RESULTS.md`` (``--results``), with the machine and the date.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 from checkpoint_sizes import DEFAULT_BACKBONE, opt_125m_folder
+
+TITLE = "What the backbone fingerprint costs (`benchmarks/fingerprint_cost.py`)"
 
 
 def timed(function, repeats: int) -> tuple[float, object]:
@@ -41,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone_dir", type=Path, default=DEFAULT_BACKBONE)
     parser.add_argument("--repeats", type=int, default=5)
+    common.add_results_option(parser)
     args = parser.parse_args()
     folder = opt_125m_folder(args.backbone_dir)
     weights = folder / "model.safetensors"
@@ -70,22 +76,22 @@ def main() -> None:
     bf16_fingerprint = backbone_fingerprint(model.to(torch.bfloat16))
     sha_s, _ = timed(lambda: sha256_file(weights), max(1, args.repeats // 2))
 
-    print(f"backbone: {folder} ({weights.stat().st_size / 1e6:.1f} MB fp32, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters); torch threads {torch.get_num_threads()}; "
-          f"median of {args.repeats}")
-    print()
-    print("| step | time | fingerprint (fresh) as a share of it |")
-    print("| --- | ---: | ---: |")
+    lines = [f"backbone: {folder} ({weights.stat().st_size / 1e6:.1f} MB fp32, "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters); torch threads {torch.get_num_threads()}; "
+             f"median of {args.repeats}", "",
+             "| step | time | fingerprint (fresh) as a share of it |", "| --- | ---: | ---: |"]
     for label, seconds in (("from_pretrained (weights mapped, mostly unread)", load_s),
                            ("load_plm: config + tokenizer + from_pretrained (optqa's load)", load_plm_s),
                            ("from_pretrained + every weight read once (paid by the first forward)", read_s)):
-        print(f"| {label} | {seconds * 1000:.0f} ms | {100 * fresh_s / seconds:.1f}% |")
-    print(f"| backbone_fingerprint on a freshly loaded model | {fresh_s * 1000:.1f} ms | |")
-    print(f"| backbone_fingerprint again (pages already read) | {fingerprint_s * 1000:.1f} ms | |")
-    print(f"| full SHA-256 of the weights file, for comparison | {sha_s * 1000:.0f} ms | |")
-    print()
-    print(f"fingerprint {fingerprint[:16]}...; same model cast to bf16: "
-          f"{'same' if bf16_fingerprint == fingerprint else 'DIFFERENT'}")
+        lines.append(f"| {label} | {seconds * 1000:.0f} ms | {100 * fresh_s / seconds:.1f}% |")
+    lines += [f"| backbone_fingerprint on a freshly loaded model | {fresh_s * 1000:.1f} ms | |",
+              f"| backbone_fingerprint again (pages already read) | {fingerprint_s * 1000:.1f} ms | |",
+              f"| full SHA-256 of the weights file, for comparison | {sha_s * 1000:.0f} ms | |", "",
+              f"fingerprint {fingerprint[:16]}...; same model cast to bf16: "
+              f"{'same' if bf16_fingerprint == fingerprint else 'DIFFERENT'}"]
+    body = "\n".join(lines)
+    print(body)
+    common.write_run(args, "fingerprint_cost", TITLE, body)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Both runs are optqa's own training (``optqa.run.training.train``) on a random-we
 global batch 8, three optimiser steps, then the test questions answered. Per process it reports the RSS after
 the last optimiser step (what training holds) and the peak RSS of the whole run, which includes loading the
 whole backbone before it is sharded. The two modes run back to back on the same machine, so the ratio is what
-to read, not the megabytes.
+to read, not the megabytes. The table also goes into the script's section of ``benchmarks/RESULTS.md``
+(``--results``), with the machine and the date.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+TITLE = "Memory per process: DDP against FSDP (`benchmarks/fsdp_memory.py`)"
 STEPS = 3  # Adam's moments appear at the first step; later steps show the steady state
 BATCH = 8  # global batch, split across the processes
 LABELS = {"ddp": "DDP (torchrun)", "fsdp": "FSDP (torchrun, --fsdp)",
@@ -142,33 +144,44 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "optqa-bench",
                         help="cache for the random-weight backbones and data")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    from common import add_results_option
+
+    add_results_option(parser)
     options, rest = parser.parse_known_args()
     if options.worker:
         worker(rest[1:] if rest[:1] == ["--"] else rest, options.worker)
         return
 
-    from common import machine, machine_markdown
+    from common import machine, machine_markdown, write_run
 
     plm = build_backbone(options.size, options.work)
     data = Path(json.loads((options.work / "assets.json").read_text())["data"])
     scratch = Path(tempfile.mkdtemp(prefix="optqa-fsdp-"))
     rows = {mode: run(mode, plm, data, options.processes, scratch) for mode in LABELS}
     shutil.rmtree(scratch, ignore_errors=True)
-    print(machine_markdown(machine()))
-    print(f"\nopt-{options.size} shape, {options.processes} CPU processes, LoRA, fp32, global batch 8, "
-          f"{STEPS} optimiser steps, then {QUESTIONS} test questions answered\n")
-    print("| | parameters held per process | private memory per process after the last step | file-backed "
-          "(weights file, shared) | peak RSS, first process / others |")
-    print("| --- | --- | --- | --- | --- |")
+    info = machine()
+    print(machine_markdown(info))
+    body = report(rows, options.size, options.processes)
+    print("\n" + body)
+    write_run(options, "fsdp_memory", TITLE, body, info)
+
+
+def report(rows: dict[str, list[dict]], size: str, processes: int) -> str:
+    """Per launch mode: parameters held, private and file-backed memory after the last step, peak RSS (Markdown)."""
+    lines = [f"opt-{size} shape, {processes} CPU processes, LoRA, fp32, global batch 8, {STEPS} optimiser steps, then "
+             f"{QUESTIONS} test questions answered", "",
+             "| | parameters held per process | private memory per process after the last step | file-backed "
+             "(weights file, shared) | peak RSS, first process / others |", "| --- | --- | --- | --- | --- |"]
     last = {mode: [r["after_steps"][-1] for r in rows[mode]] for mode in rows}
     for mode, label in LABELS.items():
         held = max(r["held"] for r in last[mode])
-        print(f"| {label} | {held:,} of {last[mode][0]['total']:,} | {max(r['private_mb'] for r in last[mode]):.0f} MB "
-              f"| {max(r['file_mb'] for r in last[mode]):.0f} MB | {rows[mode][0]['peak_mb']:.0f} / "
-              f"{max(r['peak_mb'] for r in rows[mode][1:]):.0f} MB |")
+        lines.append(f"| {label} | {held:,} of {last[mode][0]['total']:,} | "
+                     f"{max(r['private_mb'] for r in last[mode]):.0f} MB | {max(r['file_mb'] for r in last[mode]):.0f} "
+                     f"MB | {rows[mode][0]['peak_mb']:.0f} / {max(r['peak_mb'] for r in rows[mode][1:]):.0f} MB |")
     ratio = max(r["held"] for r in last["fsdp"]) / max(r["held"] for r in last["ddp"])
-    print(f"\nFSDP: each process holds {ratio:.2f}x the parameters DDP's processes hold (what a GPU's memory must "
-          "fit)")
+    lines += ["", f"FSDP: each process holds {ratio:.2f}x the parameters DDP's processes hold (what a GPU's memory "
+                  "must fit)"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

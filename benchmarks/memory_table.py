@@ -18,6 +18,9 @@ Memory of one training step (bytes):
 plus OVERHEAD_GB for the framework (CPU: the imported libraries, GPU: the CUDA context). Activations are
 ``coefficient x layers x tokens x hidden``; the coefficient is measured here (--measure) on random-weight
 models of the real shapes, or a default fitted the same way on this project's CPU machine.
+
+The tables also go into the script's section of ``benchmarks/RESULTS.md`` (``--results``), with the machine and
+the date.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
+
+TITLE = "How large an OPT fits in memory (`benchmarks/memory_table.py`)"
 GB = 2**30
 OVERHEAD_GB = 1.0
 BUDGETS_GB = (8, 16, 24, 32, 80)
@@ -211,16 +217,19 @@ def main() -> None:
                         help="what to measure (full fine-tuning of opt-1.3b needs ~22 GB)")
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    common.add_results_option(parser)
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker, args.out)
         return
     measured = measure(args.measure, args.modes)
-    for row in measured:
-        print(f"measured opt-{row['size']} {row['mode']}: peak RSS {row['peak_mb']:.0f} MB, of which "
-              f"{row['peak_mb'] - row['baseline_mb']:.0f} MB above the imports; "
-              f"{row['seconds_per_step']:.1f} s/step")
-    print(render(fitted_coefficient(measured), measured))
+    body = render(fitted_coefficient(measured), measured)
+    if measured:  # the measured runs first, one line each
+        body = "\n".join(f"- measured opt-{row['size']} {row['mode']}: peak RSS {row['peak_mb']:.0f} MB, of which "
+                         f"{row['peak_mb'] - row['baseline_mb']:.0f} MB above the imports; "
+                         f"{row['seconds_per_step']:.1f} s/step" for row in measured) + "\n\n" + body
+    print(body)
+    common.write_run(args, "memory_table", TITLE, body)
 
 
 if __name__ == "__main__":

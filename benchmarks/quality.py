@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import io
 import json
 import logging
@@ -46,9 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, machine_markdown  # noqa: E402
+from common import REPO, RESULTS, machine, machine_markdown, write_run  # noqa: E402
 
-SECTION_START, SECTION_END = "<!-- quality:start -->", "<!-- quality:end -->"
+TITLE = "Answer quality on dev (`benchmarks/quality.py`)"
 # --quick: a smoke run of every row in minutes on a real backbone, seconds on a tiny one
 QUICK = {"train": 16, "dev": 8, "train_epochs": 1, "max_steps": 2, "max_new_tokens": 8}
 
@@ -84,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "in separate processes) fill one table")
     parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "quality-work"),
                         help="checkpoints, run folders and the quick data subset go here")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS), help="the Markdown file its section is written into")
     parser.add_argument("--chart", default=str(REPO / "benchmarks" / "quality.png"))
     return parser.parse_args(argv)
 
@@ -351,16 +350,14 @@ def _cell(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(rows: list[Row], args, info: dict, settings: dict) -> str:
-    """The section written to RESULTS.md: what was run, on what, when, and the table."""
-    lines = [SECTION_START, "## Answer quality on dev (`benchmarks/quality.py`)", "",
-             f"Backbone `{args.plm_path}`, data `{args.data_path}`{' (--quick subset)' if args.quick else ''}; "
-             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; budget: {settings['train_epochs']} epochs"
+def markdown(rows: list[Row], args, settings: dict) -> str:
+    """The section's body in RESULTS.md: what was run on, the budget, and the table."""
+    lines = [f"Backbone `{args.plm_path}`, data `{args.data_path}`{' (--quick subset)' if args.quick else ''}; "
+             f"budget: {settings['train_epochs']} epochs"
              + (f" (at most {settings['max_steps']} steps)" if settings["max_steps"] else "")
              + f", lr {settings['lr']:g} (LoRA's; other delta types their own default), "
                f"batch {settings['batch_size']}, max_seq_l {settings['max_seq_l']}, "
                f"max_new_tokens {settings['max_new_tokens']}.", "",
-             machine_markdown(info), "",
              "| system | dev F1 | dev EM | trainable params | checkpoint | train s | train s net | answer s | notes |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
@@ -373,21 +370,8 @@ def markdown(rows: list[Row], args, info: dict, settings: dict) -> str:
                   "scoring ((epochs + 1) x answer s), comparable with the PEFT loop's. "
                   "answer s: scoring dev once (optqa at its default --precision auto: bf16 where the CPU has it "
                   "natively; the PEFT loop in fp32). The few-shot rows run with --max_seq_l (K + 1) x "
-                  f"{settings['max_seq_l']} (at most the backbone's positions less max_new_tokens).", SECTION_END]
+                  f"{settings['max_seq_l']} (at most the backbone's positions less max_new_tokens)."]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str, name: str = "quality") -> None:
-    """Put ``section`` (from its ``<!-- NAME:start -->`` to its ``<!-- NAME:end -->`` marker) into ``path`` in place
-    of the previous one (or at the end; a new file gets a title)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def chart(rows: list[Row], path: Path, title: str) -> Path:
@@ -438,8 +422,7 @@ def main(argv=None) -> int:
             print(f"{row.system}: dev F1 {_cell(row.f1, '.1f')} {row.note}", flush=True)
         keep(Path(args.workdir) / "rows.jsonl", new, args)
     rows = kept(Path(args.workdir) / "rows.jsonl", args)
-    section = markdown(rows, args, info, settings)
-    write_section(Path(args.results), section)
+    section = write_run(args, "quality", TITLE, markdown(rows, args, settings), info, argv=argv)
     chart(rows, Path(args.chart), f"dev F1/EM, {Path(args.plm_path).name}{' (--quick)' if args.quick else ''}")
     print(section)
     print(f"written to {args.results} and {args.chart}")

@@ -7,7 +7,8 @@ Questions of 30 kB to 5 MB (ordinary English sentences), encoded as a prompt to 
 target, with the tiny test tokenizer (optqa.tiny, a byte-level BPE like OPT's; no download). The cost is meant
 to stay flat: only the head of the question that can be kept is tokenised (``ManualTemplate.encode_head``), and
 the cut is made once (``optqa.data._cut_to_budget``). ``--sizes`` picks the question sizes (kB), e.g. to time an
-older optqa, whose cost grew with the square of the question, on the small ones only.
+older optqa, whose cost grew with the square of the question, on the small ones only. The table also goes into its
+section of ``benchmarks/RESULTS.md`` (``--results``), with the machine and the date.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import common  # noqa: E402  (benchmarks/ is the script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
+TITLE = "What one long question costs the encoding (`benchmarks/question_cost.py`)"
 SENTENCE = "Sentence 7 says that green plants need light and water to grow. "
 
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--max_seq_l", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=float, nargs="+", default=[30, 120, 1000, 5000], help="question sizes, kB")
+    common.add_results_option(parser)
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -58,12 +61,13 @@ def main() -> None:
     tokenizer = CountingTokenizer(AutoTokenizer.from_pretrained(folder))
     template = ManualTemplate(tokenizer, text=(REPO / "templates" / "answer_template.txt").read_text(encoding="utf-8"))
     wrapper = LMTokenizerWrapper(tokenizer, template, max_seq_length=args.max_seq_l)
-    print(common.machine_markdown(common.machine()))
-    print(f"max_seq_l {args.max_seq_l}; median of {args.repeats}. The peer: the same tokenizer given the whole "
-          "question once, as `tokenizer(question, truncation=True, max_length=...)` does before it cuts")
-    print("| question | target | encode ms | tokenizer calls | characters tokenised | peer: whole question ms | "
-          "peer / encode |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    info = common.machine()
+    print(common.machine_markdown(info))
+    lines = [f"max_seq_l {args.max_seq_l}; median of {args.repeats}. The peer: the same tokenizer given the whole "
+             "question once, as `tokenizer(question, truncation=True, max_length=...)` does before it cuts", "",
+             "| question | target | encode ms | tokenizer calls | characters tokenised | peer: whole question ms | "
+             "peer / encode |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines))
     for size in (int(kb * 1000) for kb in args.sizes):
         question = (SENTENCE * (size // len(SENTENCE) + 1))[:size].strip()
         peer = _median_ms(lambda q=question: tokenizer(q, truncation=True, max_length=args.max_seq_l), args.repeats)
@@ -71,8 +75,10 @@ def main() -> None:
             tokenizer.calls = tokenizer.characters = 0
             ms = _median_ms(lambda q=question, t=target: wrapper.encode(InputExample(text_a=q), target=t), args.repeats)
             calls, characters = tokenizer.calls // args.repeats, tokenizer.characters // args.repeats
-            print(f"| {size / 1000:g} kB | {target or '-'} | {ms:.1f} | {calls} | {characters} | {peer:.1f} | "
-                  f"{peer / ms:.0f}x |")
+            lines.append(f"| {size / 1000:g} kB | {target or '-'} | {ms:.1f} | {calls} | {characters} | {peer:.1f} | "
+                         f"{peer / ms:.0f}x |")
+            print(lines[-1], flush=True)
+    common.write_run(args, "question_cost", TITLE, "\n".join(lines), info)
 
 
 def _median_ms(run, repeats: int) -> float:

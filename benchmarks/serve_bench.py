@@ -3,6 +3,7 @@
     python benchmarks/serve_bench.py                    # both parts on an OPT-125m-shaped random backbone
     python benchmarks/serve_bench.py --skip_memory      # only the 64-concurrent vs 64-sequential table
     python benchmarks/serve_bench.py --precision fp32   # the same in fp32 (default: auto, bf16 where native)
+    python benchmarks/serve_bench.py --quick            # smoke run: 16 requests of 8 tokens
 
 Memory: peak RSS of a fresh process that loads 1 and then 6 deltas (adapter, two LoRAs, BitFit, soft prompt,
 prefix, random weights) through ``load_served`` exactly as ``--mode serve`` does, and answers one question with
@@ -12,6 +13,9 @@ Throughput: the real server (``python -m optqa --mode serve`` in its own process
 (one question each, alternating deltas, ``max_tokens`` 16) sent one after another, then all 64 at once.
 Random weights never emit eos, so every answer runs to ``max_tokens`` in both runs: the same work per
 question. Goal: concurrent questions/s >= 5x sequential.
+
+The tables also go into the script's section of ``benchmarks/RESULTS.md`` (``--results``), with the machine and
+the date.
 """
 from __future__ import annotations
 
@@ -30,7 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_assets, child_env, machine, machine_markdown, peak_rss_mb, run_worker  # noqa: E402
+from common import (  # noqa: E402
+    add_results_option,
+    build_assets,
+    child_env,
+    fill_counts,
+    machine,
+    machine_markdown,
+    peak_rss_mb,
+    run_worker,
+    write_run,
+)
+
+TITLE = "Serving several deltas (`benchmarks/serve_bench.py`)"
 
 DELTAS = [  # served name, delta type, RunConfig flags
     ("adapter", "adapter", {}),
@@ -178,13 +194,45 @@ def measure_throughput(paths: dict[str, Path], data: Path, precision: str, reque
         process.wait(timeout=60)
 
 
+def memory_table(rows: list[dict]) -> str:
+    """Peak RSS per number of deltas served, against one, and the PASS/MISS line of the goal (Markdown)."""
+    one = rows[1]["peak_mb"]
+    lines = ["| deltas served | peak RSS | vs 1 delta | answered |", "| ---: | ---: | ---: | --- |"]
+    for row in rows:
+        label = "backbone only" if row["count"] == 0 else str(row["count"])
+        failed = "; ".join(f"{k}: {v}" for k, v in row.get("failed", {}).items())
+        lines.append(f"| {label} | {row['peak_mb']:.0f} MB | {row['peak_mb'] / one:.3f}x | "
+                     f"{', '.join(row['answered']) or '-'}{' (failed: ' + failed + ')' if failed else ''} |")
+    ratio = rows[-1]["peak_mb"] / one
+    lines += ["", f"{'PASS' if ratio <= 1.15 else 'MISS'}: {rows[-1]['count']} deltas use {ratio:.3f}x the memory of "
+                  "one (goal <= 1.15x)"]
+    return "\n".join(lines)
+
+
+def throughput_table(rows: list[dict], requests: int, max_tokens: int) -> str:
+    """Sequential against concurrent requests, the server's batch count, and the PASS/MISS line (Markdown)."""
+    lines = [f"{requests} requests over 2 deltas (adapter, lora), one question each, max_tokens {max_tokens}:", "",
+             "| requests sent | wall time | questions/s | p50 latency | p95 latency |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for row in rows[:2]:
+        lines.append(f"| {row['requests']} {row['run']} | {row['wall_s']:.2f} s | {row['questions_per_s']:.2f} | "
+                     f"{row['p50_s']:.3f} s | {row['p95_s']:.3f} s |")
+    speedup = rows[1]["questions_per_s"] / rows[0]["questions_per_s"]
+    lines += ["", f"server: {rows[2]['health']['batches']} generation batches for {rows[2]['health']['questions']} "
+                  "questions",
+              f"{'PASS' if speedup >= 5 else 'MISS'}: concurrent answering is {speedup:.1f}x the sequential rate "
+              "(goal >= 5x)"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "optqa-bench-serve"),
                         help="where the backbone, data and checkpoints are built once and cached")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max_tokens", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer and shorter requests")
+    parser.add_argument("--requests", type=int, help="requests sent each way (default 64; quick 16)")
+    parser.add_argument("--max_tokens", type=int, help="tokens per answer (default 16; quick 8)")
     parser.add_argument("--threads", type=int, help="the server's --num_threads (default: one per usable core); "
                         "on a machine other jobs keep busy, 1 avoids OpenMP threads spinning against them")
     parser.add_argument("--skip_memory", action="store_true")
@@ -196,7 +244,8 @@ def main() -> None:
     parser.add_argument("--plm")
     parser.add_argument("--paths")
     parser.add_argument("--out")
-    args = parser.parse_args()
+    add_results_option(parser)
+    args = fill_counts(parser.parse_args(), (("requests", 64, 16), ("max_tokens", 16, 8)))
     if args.worker:
         memory_worker(args)
         return
@@ -206,40 +255,22 @@ def main() -> None:
     paths = checkpoints(workdir, assets["plm"])
     info = machine()
     print(machine_markdown(info))
-    print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}" if hasattr(os, "getloadavg")
-          else "")
+    load = (f"; load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+            if hasattr(os, "getloadavg") else "")
     report: dict = {"machine": info, "precision": args.precision, "threads": args.threads}
-    print(f"precision {args.precision}, server threads: {args.threads or 'default'}")
+    parts = [f"precision {args.precision}, server threads: {args.threads or 'default'}{load}"]
+    print(parts[0])
     if not args.skip_memory:
-        rows = measure_memory(paths, assets["plm"], args.precision, workdir, args.threads)
-        report["memory"] = rows
-        one = rows[1]["peak_mb"]
-        print("\n| deltas served | peak RSS | vs 1 delta | answered |\n| ---: | ---: | ---: | --- |")
-        for row in rows:
-            label = "backbone only" if row["count"] == 0 else str(row["count"])
-            failed = "; ".join(f"{k}: {v}" for k, v in row.get("failed", {}).items())
-            print(f"| {label} | {row['peak_mb']:.0f} MB | {row['peak_mb'] / one:.3f}x | "
-                  f"{', '.join(row['answered']) or '-'}{' (failed: ' + failed + ')' if failed else ''} |")
-        ratio = rows[-1]["peak_mb"] / one
-        print(f"{'PASS' if ratio <= 1.15 else 'MISS'}: {rows[-1]['count']} deltas use {ratio:.3f}x the memory of "
-              "one (goal <= 1.15x)")
+        report["memory"] = measure_memory(paths, assets["plm"], args.precision, workdir, args.threads)
+        parts.append(memory_table(report["memory"]))
+        print("\n" + parts[-1])
     if not args.skip_throughput:
         two = {k: paths[k] for k in ("adapter", "lora")}
-        rows = measure_throughput(two, Path(assets["data"]), args.precision, args.requests, args.max_tokens,
-                                  args.threads)
-        report["throughput"] = rows
-        print(f"\n{args.requests} requests over 2 deltas (adapter, lora), one question each, max_tokens "
-              f"{args.max_tokens}:\n")
-        print("| requests sent | wall time | questions/s | p50 latency | p95 latency |\n"
-              "| --- | ---: | ---: | ---: | ---: |")
-        for row in rows[:2]:
-            print(f"| {row['requests']} {row['run']} | {row['wall_s']:.2f} s | {row['questions_per_s']:.2f} | "
-                  f"{row['p50_s']:.3f} s | {row['p95_s']:.3f} s |")
-        speedup = rows[1]["questions_per_s"] / rows[0]["questions_per_s"]
-        print(f"server: {rows[2]['health']['batches']} generation batches for {rows[2]['health']['questions']} "
-              "questions")
-        print(f"{'PASS' if speedup >= 5 else 'MISS'}: concurrent answering is {speedup:.1f}x the sequential rate "
-              "(goal >= 5x)")
+        report["throughput"] = measure_throughput(two, Path(assets["data"]), args.precision, args.requests,
+                                                  args.max_tokens, args.threads)
+        parts.append(throughput_table(report["throughput"], args.requests, args.max_tokens))
+        print("\n" + parts[-1])
+    write_run(args, "serve_bench", TITLE, "\n\n".join(parts), info)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -14,13 +14,13 @@ process, one after the other), with dev as the split it keeps the best epoch by;
 sweep must not look at, are taken on a stand-in of 8 dev questions. Results are appended to
 ``<workdir>/sweep.jsonl`` as each setting ends, so a sweep can be stopped and run again (finished settings are
 skipped) or split over several processes sharing the work folder; the table is rewritten from that file after
-each setting (section ``<!-- sweep:start -->`` of RESULTS.md). When a backbone changes, run it again and move the
+the sweep (section ``<!-- sweep:start -->`` of RESULTS.md; finished settings count, so a second run of the
+same settings only writes the table). When a backbone changes, run it again and move the
 defaults in ``optqa/config.py`` (the registry's ``recipe``) to the best row per delta type.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import sys
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, machine_markdown  # noqa: E402
-from quality import QUICK, optqa, prepare_data, write_section  # noqa: E402
+from common import REPO, RESULTS, machine, machine_markdown, write_run  # noqa: E402
+from quality import QUICK, optqa, prepare_data  # noqa: E402
 
 SECTION = "sweep"
 # The grid run to choose the defaults (SmolLM2-135M-Instruct, ARC-DA): each delta type's learning rate around
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "sweep-work"),
                         help="checkpoints, run folders and sweep.jsonl (finished settings are skipped)")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS), help="the Markdown file its section is written into")
     return parser.parse_args(argv)
 
 
@@ -104,10 +104,8 @@ def run_setting(args, data: Path, setting: str) -> dict:
             "best_f1": best["dev_f1"], "best_em": best["dev_em"], "train_s": round(seconds, 1)}
 
 
-def markdown(results: list[dict], args, info: dict) -> str:
-    lines = [f"Backbone `{Path(args.plm_path).name}`, data `{args.data_path}`"
-             f"{' (--quick subset)' if args.quick else ''}; {datetime.datetime.now():%Y-%m-%d %H:%M}.", "",
-             machine_markdown(info), "",
+def markdown(results: list[dict], args) -> str:
+    lines = [f"Backbone `{Path(args.plm_path).name}`, data `{args.data_path}`.", "",
              "| setting | best dev F1 | dev EM | best epoch | dev F1 per epoch | train s |",
              "| --- | ---: | ---: | ---: | --- | ---: |"]
     for r in sorted(results, key=lambda r: (r["setting"].split()[0], -r["best_f1"])):
@@ -117,6 +115,11 @@ def markdown(results: list[dict], args, info: dict) -> str:
     lines += ["", "Settings not named take optqa's defaults of the time; train s: the train command's wall time "
                   "(loading and dev scoring after every epoch included), on cores other work may have shared."]
     return "\n".join(lines)
+
+
+def _finished(log: Path) -> list[dict]:
+    """The settings finished so far (by this process or another sharing the work folder)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
 def main(argv=None) -> int:
@@ -132,8 +135,7 @@ def main(argv=None) -> int:
         info["threads"] = args.num_threads
     print(machine_markdown(info), flush=True)
     for setting in args.runs:
-        done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-        if any(r["setting"] == setting for r in done):
+        if any(r["setting"] == setting for r in _finished(log)):
             continue
         started = time.strftime("%H:%M:%S")
         try:
@@ -145,10 +147,9 @@ def main(argv=None) -> int:
             handle.write(json.dumps(result) + "\n")
         print(f"[{started}] {setting}: best dev F1 {result['best_f1']:.1f} (epoch {result['best_epoch']}), "
               f"{result['train_s']:.0f} s", flush=True)
-        done = [json.loads(line) for line in log.read_text().splitlines()]
-        body = markdown([r for r in done if r["setting"] in args.runs], args, info)
-        write_section(Path(args.results), f"<!-- {SECTION}:start -->\n## Default recipes: the sweep "
-                      f"(`benchmarks/sweep.py`)\n\n{body}\n<!-- {SECTION}:end -->", SECTION)
+    rows = [r for r in _finished(log) if r["setting"] in args.runs]
+    print(write_run(args, SECTION, "Default recipes: the sweep (`benchmarks/sweep.py`)", markdown(rows, args), info,
+                    argv=argv))
     return 0
 
 

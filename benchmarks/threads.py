@@ -14,6 +14,7 @@ spinning on one core ("busy"). The ratio is N threads' time over 1 thread's in t
 run, of the medians and of the fastest repeats (on a shared machine, the moments its cores were free): under 1
 means threads help. These numbers set ``optqa.hardware.choose_threads``'s rule (``SMALL_HIDDEN_SIZE``, the free CPUs).
 Other jobs on a shared machine change the absolute times: the load average each condition ran under is printed.
+The table also goes into its section of ``benchmarks/RESULTS.md`` (``--results``), with the machine and the date.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SAMPLE = common.REPO / "data" / "sample"
+TITLE = "Threads: 1 against every usable CPU (`benchmarks/threads.py`)"
 SHAPES = {
     "tiny (hidden 64, 2 layers)": {},
     "small (hidden 256, 4 layers)": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
@@ -160,14 +162,17 @@ def main() -> None:
             if sibling is not None:
                 sibling.terminate()
                 sibling.join()
-    print(f"\n{args.repeats} alternating repeats, median seconds; ratio = {threads[-1]} threads / 1 thread "
-          "(under 1: threads help), of the medians and of the fastest repeats. Load: the 1-minute load average as "
-          "the condition began.\n")
-    print(f"| machine | backbone | work | 1 thread, s | {threads[-1]} threads, s | ratio | ratio of fastest |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    print("\n".join(rows))
-    print(f"\nafter: load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    lines = [f"{args.repeats} alternating repeats, median seconds; ratio = {threads[-1]} threads / 1 thread "
+             "(under 1: threads help), of the medians and of the fastest repeats. Load: the 1-minute load average as "
+             "the condition began.", "",
+             f"| machine | backbone | work | 1 thread, s | {threads[-1]} threads, s | ratio | ratio of fastest |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |", *rows]
+    if hasattr(os, "getloadavg"):
+        lines += ["", f"after: load average {os.getloadavg()[0]:.1f}"]
+    body = "\n".join(lines)
+    print("\n" + body)
     print(json.dumps(raw))
+    common.write_run(args, "threads", TITLE, body, info)
 
 
 if __name__ == "__main__":
