@@ -188,8 +188,8 @@ def test_card_of_a_delta_peft_cannot_hold(tiny_opt, tmp_path):
     library optqa, and the card says why there is no PEFT adapter."""
     from optqa.build import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
-    from optqa.sharing.push import build_upload_folder
     from optqa.cli import parse_args
+    from optqa.sharing.push import build_upload_folder
 
     config, explicit = parse_args(["--mode", "push", "--plm_path", str(tiny_opt), "--delta_type", "adapter",
                                    "--delta_save_path", str(tmp_path / "adapter"), "--hub_repo", "alice/tiny-adapter"])
@@ -539,8 +539,8 @@ def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):
         assert model.answer([question])[0] == tokenizer.decode(generated, skip_special_tokens=True).strip()
 
     # inspect describes it without a backbone; export converts it into an optqa bundle that says where it came from
-    from optqa.sharing.export import export_checkpoint
     from optqa.checkpoints.inspect import inspect_checkpoint
+    from optqa.sharing.export import export_checkpoint
 
     shown = "\n".join(inspect_checkpoint(folder))
     assert f"checkpoint  {folder} [plain PEFT adapter, no optqa manifest]" in shown

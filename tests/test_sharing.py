@@ -149,8 +149,8 @@ def test_peft_export_gives_the_same_answers(delta, request, tiny_opt, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from optqa.build import load_trained
-    from optqa.sharing.export import export_checkpoint
     from optqa.model import PromptForGeneration
+    from optqa.sharing.export import export_checkpoint
 
     source = request.getfixturevalue(f"{delta}_ckpt")
     export_checkpoint(source, tmp_path / "shared.optqa")
