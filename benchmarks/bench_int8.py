@@ -94,7 +94,7 @@ def answering(checkpoint: str, data: str, args) -> dict:
     weights to bf16 in place. Batched, each setting answers the dev questions in turn."""
     import torch
 
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.config import RunConfig
     from optqa.data import read_qa_jsonl
     from optqa.hardware import configure_threads, cpu_has_native_bf16
@@ -204,7 +204,7 @@ marks.append(("import torch", time.perf_counter()))
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 marks.append(("import transformers", time.perf_counter()))
-from optqa.checkpoints.assemble import load_trained
+from optqa.build import load_trained
 from optqa.config import RunConfig
 from optqa.quantize import prepare_for_answering, quantize_int8, resolve_quantize
 from optqa.hardware import configure_threads
@@ -245,7 +245,7 @@ def agreement() -> dict:
     answers noise whose top tokens are near ties."""
     import torch
 
-    from optqa.checkpoints.assemble import build_model
+    from optqa.build import build_model
     from optqa.config import REPO_ROOT, RunConfig
     from optqa.data import collate_for_training, read_qa_jsonl
     from optqa.quantize import quantize_int8

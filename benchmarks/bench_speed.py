@@ -116,7 +116,7 @@ def worker_train(args) -> dict:
     set_seed(0)
     settings = delta_settings(args.delta)
     if args.impl.startswith("optqa"):
-        from optqa.checkpoints.assemble import build_model
+        from optqa.build import build_model
         from optqa.config import RunConfig
 
         config = RunConfig(plm_path=args.plm, data_path=args.data, template=str(common.TEMPLATE), lr=LR,
@@ -217,7 +217,7 @@ def worker_answer(args) -> dict:
         precision = str(model.autocast_dtype or torch.float32).replace("torch.", "")
         batch_size = saved.eval_batch_size
     else:
-        from optqa.checkpoints.assemble import load_trained
+        from optqa.build import load_trained
         from optqa.hardware import configure_threads
 
         configure_threads(None)

@@ -76,7 +76,7 @@ class Work:
     def __init__(self, plm: Path, args):
         import torch
 
-        from optqa.checkpoints.assemble import build_model
+        from optqa.build import build_model
         from optqa.config import RunConfig
         from optqa.data import collate_for_training, read_qa_jsonl
         from optqa.hardware import autocast_dtype

@@ -227,7 +227,7 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
     How to answer on this machine (--quantize, --merge_lora) is never taken from the checkpoint; the
     --quantize actually applied is written back into ``config`` (and so into the run folder's config.json).
     """
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.hardware import configure_threads
     from optqa.quantize import prepare_for_answering
 
@@ -416,7 +416,7 @@ def inspect_mode(config: RunConfig, explicit: set[str]) -> int:
 
 
 def export_mode(config: RunConfig, explicit: set[str]) -> int:
-    from optqa.checkpoints.export import export_checkpoint
+    from optqa.sharing.export import export_checkpoint
 
     no_delta_yet(config, explicit)
     for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
@@ -428,7 +428,7 @@ def export_mode(config: RunConfig, explicit: set[str]) -> int:
 
 
 def push_mode(config: RunConfig, explicit: set[str]) -> int:
-    from optqa.checkpoints.push import push as push_to_hub
+    from optqa.sharing.push import push as push_to_hub
 
     no_delta_yet(config, explicit)
     for line in push_to_hub(config, explicit):
@@ -437,7 +437,7 @@ def push_mode(config: RunConfig, explicit: set[str]) -> int:
 
 
 def import_opendelta_mode(config: RunConfig, explicit: set[str]) -> int:
-    from optqa.checkpoints.opendelta import import_opendelta as convert
+    from optqa.sharing.opendelta import import_opendelta as convert
 
     print(convert(config, explicit))
     return 0

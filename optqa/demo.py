@@ -30,7 +30,7 @@ def find_sample(config: RunConfig, explicit: set[str]) -> Path:
 
 
 def run_demo(config: RunConfig, explicit: set[str]) -> None:
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.data import load_split
     from optqa.run.training import train
     from optqa.tiny import build_opt

@@ -209,7 +209,7 @@ def load_served(deltas: dict[str, str], plm_path: str | None = None, ignore_back
         OptqaError: a delta is refused (its one-line reason), or the checkpoints recorded different
             precisions and none was given.
     """
-    from optqa.checkpoints.assemble import load_shared
+    from optqa.build import load_shared
     from optqa.quantize import prepare_shared_for_answering
 
     loaded = load_shared(deltas, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch,

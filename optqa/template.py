@@ -340,7 +340,7 @@ def piece_text(piece: Piece, example, what: str = "template") -> str:
 def piece_texts(pieces: list[Piece], example):
     """``(piece, text)`` for each piece before the mask; text is None for soft and special pieces. The one
     rendering of a prompt's text: the tokenised prompt (``ManualTemplate.render``), its format string
-    (``prompt_format``) and the Hub card's preview (``optqa.checkpoints.push.prompt_preview``) all read it.
+    (``prompt_format``) and the model card's preview (``optqa.sharing.card.prompt_preview``) all read it.
 
     Whitespace that ends one piece is moved to the start of the next, which is how byte-level BPE expects
     word boundaries; white space before a piece that is not text has no word to attach to (carrying both it

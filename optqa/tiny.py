@@ -141,7 +141,7 @@ def build_random_checkpoint(plm_path: str | Path, folder: str | Path, delta_type
     """
     import torch
 
-    from optqa.checkpoints.assemble import build_model, template_text
+    from optqa.build import build_model, template_text
     from optqa.checkpoints.format import build_manifest, save_checkpoint
     from optqa.config import RunConfig
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optqa.checkpoints.assemble import build_model
+from optqa.build import build_model
 from optqa.config import RunConfig
 from optqa.data import InputExample, collate_for_generation
 

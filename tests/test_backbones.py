@@ -9,8 +9,8 @@ import pytest
 from conftest import MEMORY_SET, sample_texts, train_in_process
 from safetensors.torch import load_file
 
+from optqa.build import load_trained
 from optqa.checkpoints import format as ckpt
-from optqa.checkpoints.assemble import load_trained
 from optqa.config import DELTA_TYPES
 
 HIDDEN, EMBED, LAYERS = 64, 32, 2

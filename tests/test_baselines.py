@@ -228,7 +228,7 @@ def test_a_baseline_is_scored_and_recorded_like_a_delta(capsys, chat_opt, data, 
 
 
 def test_a_delta_trained_with_the_chat_template_records_it_and_answers_with_it(chat_opt, data, tmp_path, capsys):
-    from optqa.checkpoints.assemble import load_shared, load_trained
+    from optqa.build import load_shared, load_trained
 
     summary = train_in_process(chat_opt, data, tmp_path, "--delta_type", "lora", "--chat_template",
                                "--train_epochs", "1", "--max_steps", "1", "--max_new_tokens", "2")
@@ -248,7 +248,7 @@ def test_a_delta_trained_with_the_chat_template_records_it_and_answers_with_it(c
 
 
 def test_a_saved_delta_can_be_scored_with_shots(capsys, tiny_opt, data, tmp_path):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.tiny import build_random_checkpoint
 
     ckpt = build_random_checkpoint(tiny_opt, tmp_path / "delta", "lora", max_new_tokens=2)

@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 from conftest import MEMORY_SET, train_args, train_in_process, write_split
 
-from optqa.checkpoints.assemble import build_model, load_trained
+from optqa.build import build_model, load_trained
 from optqa.cli import answer_with_notes, main, parse_args
 from optqa.data import InputExample, LMTokenizerWrapper, collate_for_generation
 from optqa.interactive import one_line, repl

@@ -174,7 +174,7 @@ def _damaged_copy(trained: Path, where: Path, damage) -> Path:
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_damaged_checkpoint_is_refused(trained, tmp_path, case):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     damage, message = DAMAGE[case]
     with pytest.raises(OptqaError, match=message):
@@ -183,14 +183,14 @@ def test_damaged_checkpoint_is_refused(trained, tmp_path, case):
 
 @pytest.mark.parametrize("case", sorted(WRONG_BACKBONE))
 def test_delta_for_another_backbone_is_refused(trained, backbones, case):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     with pytest.raises(OptqaError, match=WRONG_BACKBONE[case]):
         load_trained(trained, plm_path=str(backbones[case]))
 
 
 def test_override_covers_the_weights_only(trained, backbones, caplog):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     with caplog.at_level(logging.WARNING, logger="optqa.checkpoints.format"):
         model, _, _ = load_trained(trained, plm_path=str(backbones["weights"]), ignore_backbone_mismatch=True)
@@ -208,7 +208,7 @@ def _cli_load(path: Path, *extra: str):
 
 
 def _library_refusal(path: Path, plm_path: str | None = None) -> str:
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     with pytest.raises(OptqaError) as refused:
         load_trained(path, plm_path=plm_path)
@@ -326,7 +326,7 @@ def test_every_flipped_byte_of_the_weights_is_refused(small, tmp_path):
 def test_a_format_version_1_checkpoint_loads_with_one_warning_and_its_answers(caplog):
     """A checkpoint written by optqa before manifests carried their own hash (tests/fixtures/optqa-format-v1):
     it loads with one warning line and answers exactly as that optqa did; inspect says what it could not verify."""
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.checkpoints.inspect import inspect_checkpoint
 
     folder = FIXTURES / "optqa-format-v1" / "adapter"
@@ -362,7 +362,7 @@ def test_inspect_says_what_it_verified_and_refuses_a_bad_value_in_one_line(train
 # ------------------------------------------------------------------------------------------------ loading
 
 def test_loading_logs_the_integrity_check_and_needs_no_other_flag(trained, caplog):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     with caplog.at_level(logging.INFO, logger="optqa.checkpoints.format"):
         model, manifest, _ = load_trained(trained)
@@ -375,7 +375,7 @@ def test_loading_logs_the_integrity_check_and_needs_no_other_flag(trained, caplo
 
 
 def test_relocated_checkpoint_gives_the_same_answers(trained, tmp_path):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     before = load_trained(trained)[0].answer(QUESTIONS)
     moved = Path(shutil.copytree(trained, tmp_path / "elsewhere" / "my delta"))

@@ -173,7 +173,7 @@ def test_reloaded_delta_answers_the_same(course_run, tiny_opt, caplog):
 
 
 def test_saved_delta_is_an_optqa_checkpoint(course_run, tiny_opt):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.checkpoints.inspect import inspect_checkpoint
 
     manifest = json.loads((course_run["out"] / "delta_ckpts" / "optqa_manifest.json").read_bytes())

@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import set_seed
 from conftest import MEMORY_SET
 
-from optqa.checkpoints.assemble import build_model, load_trained
+from optqa.build import build_model, load_trained
 from optqa.checkpoints.format import MANIFEST_NAME
 from optqa.config import RunConfig
 from optqa.data import InputExample, collate_for_training

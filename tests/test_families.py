@@ -96,7 +96,7 @@ def batched_answers(model) -> list[str]:
 @pytest.mark.parametrize("model_type,delta", CASES)
 def test_every_delta_type_trains_reloads_and_answers_as_the_reference(backbones, memory_data, tmp_path, model_type,
                                                                       delta):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     backbone = backbones(model_type)
     summary = train_in_process(backbone, memory_data, tmp_path, "--delta_type", delta, "--precision", "fp32",
@@ -158,8 +158,8 @@ def assert_peft_round_trip(checkpoint: Path, backbone: Path, model, reference, e
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from optqa.checkpoints.assemble import load_trained
-    from optqa.checkpoints.export import export_checkpoint
+    from optqa.build import load_trained
+    from optqa.sharing.export import export_checkpoint
 
     export_checkpoint(checkpoint, tmp_path / "shared.optqa")
     folder = tmp_path / "shared-peft"
@@ -263,7 +263,7 @@ def test_every_delta_type_is_served_on_a_grouped_query_backbone(backbones, tmp_p
     import openai
     from test_serve import start_cli_server
 
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.tiny import build_random_checkpoint
 
     backbone = backbones("llama")

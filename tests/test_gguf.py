@@ -231,7 +231,7 @@ def test_an_architecture_transformers_cannot_read_is_refused_in_one_line(memory_
 
 def test_trains_and_answers_from_the_cli_and_refuses_another_gguf_file(ggufs, memory_data, tmp_path, cache, capsys,
                                                                        caplog, monkeypatch):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     # python -m optqa's main, in this process (no interpreter start-up)
     assert main(train_args(ggufs.path, memory_data, tmp_path, "--delta_type", "lora", "--modified_modules",

@@ -29,7 +29,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 def _random_lora(tiny_opt: Path, out: Path, seed: int) -> Path:
     """A LoRA checkpoint with large random weights (answers long and question-dependent), saved as training does."""
-    from optqa.checkpoints.assemble import build_model
+    from optqa.build import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
     from optqa.config import RunConfig
 
@@ -168,7 +168,7 @@ def test_pushed_peft_files_alone_load_as_the_checkpoint(dry_run, ckpts, tiny_opt
     checkpoint does."""
     import shutil
 
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     folder = tmp_path / "peft-only"
     folder.mkdir()
@@ -186,10 +186,10 @@ def test_pushed_peft_files_alone_load_as_the_checkpoint(dry_run, ckpts, tiny_opt
 def test_card_of_a_delta_peft_cannot_hold(tiny_opt, tmp_path):
     """An adapter delta on a backbone from a local folder: no base_model (a folder names nothing on the Hub),
     library optqa, and the card says why there is no PEFT adapter."""
-    from optqa.checkpoints.assemble import build_model
+    from optqa.build import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
-    from optqa.checkpoints.push import build_upload_folder
     from optqa.cli import parse_args
+    from optqa.sharing.push import build_upload_folder
 
     config, explicit = parse_args(["--mode", "push", "--plm_path", str(tiny_opt), "--delta_type", "adapter",
                                    "--delta_save_path", str(tmp_path / "adapter"), "--hub_repo", "alice/tiny-adapter"])
@@ -392,7 +392,7 @@ def test_pulled_delta_answers_as_the_local_one(hub_cache, ckpts, memory_data, tm
     --mode evaluate (whose metrics name the commit, not the movable tag)."""
     from huggingface_hub import constants
 
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -422,7 +422,7 @@ def test_export_of_a_hub_name_writes_to_the_working_folder(hub_cache, ckpts, tmp
     from huggingface_hub import constants
 
     from optqa.checkpoints.bundle import unpack_bundle
-    from optqa.checkpoints.export import export_checkpoint
+    from optqa.sharing.export import export_checkpoint
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -490,7 +490,7 @@ def test_an_edited_manifest_in_the_cache_is_refused(hub_cache, tmp_path, monkeyp
 
     from huggingface_hub import constants
 
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -507,8 +507,8 @@ def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optqa.checkpoints.assemble import load_trained
-    from optqa.checkpoints.push import prompt_preview
+    from optqa.build import load_trained
+    from optqa.sharing.card import prompt_preview
 
     base = AutoModelForCausalLM.from_pretrained(tiny_opt)
     made = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
@@ -539,8 +539,8 @@ def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):
         assert model.answer([question])[0] == tokenizer.decode(generated, skip_special_tokens=True).strip()
 
     # inspect describes it without a backbone; export converts it into an optqa bundle that says where it came from
-    from optqa.checkpoints.export import export_checkpoint
     from optqa.checkpoints.inspect import inspect_checkpoint
+    from optqa.sharing.export import export_checkpoint
 
     shown = "\n".join(inspect_checkpoint(folder))
     assert f"checkpoint  {folder} [plain PEFT adapter, no optqa manifest]" in shown
@@ -562,7 +562,7 @@ def test_plain_peft_lora_loads_and_answers_as_peft(tiny_opt, tmp_path):
 
 
 def test_versions_recorded_and_old_checkpoints_still_load(ckpts, tmp_path):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.checkpoints.bundle import read_bundle_comment, write_bundle
     from optqa.checkpoints.format import library_versions, read_checkpoint, save_checkpoint
 
@@ -584,8 +584,8 @@ def test_plain_peft_prompt_learning_loads_as_peft(tiny_opt, tmp_path, method):
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optqa.checkpoints.assemble import load_trained
-    from optqa.checkpoints.push import prompt_preview
+    from optqa.build import load_trained
+    from optqa.sharing.card import prompt_preview
 
     config, expected = {
         "prefix": (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),

@@ -45,15 +45,15 @@ def test_the_table_names_every_module_once():
                      if p.name != "__init__.py" or p.parent.name == "optqa")
     assert sorted(listed) == on_disk
     assert len(listed) == len(set(listed))
-    assert [layer for layer, _ in layout_table()] == ["foundation", "core library", "checkpoints", "compatibility",
-                                                      "runs", "entry points"]
+    assert [layer for layer, _ in layout_table()] == ["foundation", "core library", "checkpoints", "building",
+                                                      "compatibility", "sharing", "runs", "entry points"]
 
 
 def test_every_import_goes_down():
     order = [module_name(path) for _, paths in layout_table() for path in paths]
     rank = {name: i for i, name in enumerate(order)}
     # a subpackage's __init__ holds only its docstring: importing the package is importing nothing above
-    packages = {"optqa.checkpoints", "optqa.compat", "optqa.run"}
+    packages = {"optqa.checkpoints", "optqa.compat", "optqa.sharing", "optqa.run"}
     upward = []
     for name in order:
         path = REPO / (name.replace(".", "/") + ("/__init__.py" if name == "optqa" else ".py"))
@@ -70,7 +70,7 @@ def test_every_import_goes_down():
 
 
 def test_subpackages_hold_no_code():
-    for package in ("checkpoints", "compat", "run"):
+    for package in ("checkpoints", "compat", "sharing", "run"):
         tree = ast.parse((REPO / "optqa" / package / "__init__.py").read_text(encoding="utf-8"))
         assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr)  # the docstring alone
 

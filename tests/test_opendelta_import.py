@@ -33,7 +33,7 @@ def imported(tmp_path_factory) -> dict[str, Path]:
 
 def last_logits(path) -> torch.Tensor:
     """The logits at the last prompt position, computed the way expected.json's were (no template)."""
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     model, _, _ = load_trained(path)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_bare_backbone_differs_from_every_import():
 
 
 def test_imported_adapter_exports_to_a_bundle_only(imported, tmp_path):
-    from optqa.checkpoints.export import export_checkpoint
+    from optqa.sharing.export import export_checkpoint
 
     lines = export_checkpoint(imported["adapter"], tmp_path / "adapter.optqa")
     assert any("PEFT has no adapter method" in line and "only the bundle was written" in line for line in lines)

@@ -194,7 +194,7 @@ def test_benchmark_emulation_reruns_the_script_with_every_library_capped(tmp_pat
 
 def _trained_checkpoint(tiny_opt, folder: Path, delta: str) -> Path:
     """A delta that memorised MEMORY_SET, saved as a checkpoint by optqa's own writer."""
-    from optqa.checkpoints.assemble import build_model
+    from optqa.build import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
     from optqa.config import DELTA_CONFIGS, RunConfig
 
@@ -288,7 +288,7 @@ def test_question_loop_answers_on_int8_without_peft(delta, checkpoints):
     # is installed (transformers.integrations.accelerate), so it is part of the import-and-load floor. A LoRA
     # checkpoint is merged into the backbone without PEFT (deltas.fold_lora), a soft prompt or prefix is read
     # into a plain table (deltas.attach_prompt_table): each answers as the model built through PEFT does.
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     checkpoint = checkpoints(delta)
     with_peft = load_trained(checkpoint)[0]
@@ -327,7 +327,7 @@ def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path
 
 
 def test_background_quantisation_answers_as_the_synchronous_one(adapter_checkpoint):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.config import RunConfig
 
     answers = {}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import MEMORY_SET
 
-from optqa.checkpoints.assemble import build_model
+from optqa.build import build_model
 from optqa.config import DELTA_CONFIGS, RunConfig
 from optqa.data import InputExample, collate_for_generation, collate_for_training
 

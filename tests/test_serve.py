@@ -486,7 +486,7 @@ def in_process_server(app, header_timeout_s: float = 30.0):
 
 
 def test_deltas_share_the_backbone_and_answer_as_alone(ckpts, one_torch_thread):
-    from optqa.checkpoints.assemble import load_shared, load_trained
+    from optqa.build import load_shared, load_trained
 
     shared = load_shared({"a": ckpts["adapter"], "l": ckpts["lora"]})
     from optqa.deltas import is_delta_parameter
@@ -504,7 +504,7 @@ def test_deltas_share_the_backbone_and_answer_as_alone(ckpts, one_torch_thread):
 
 
 def test_soft_prompts_and_prefixes_are_served_without_peft_as_alone(lively_opt, tmp_path, one_torch_thread):
-    from optqa.checkpoints.assemble import load_shared, load_trained
+    from optqa.build import load_shared, load_trained
     from optqa.deltas import PromptTable
     from optqa.tiny import build_random_checkpoint
 

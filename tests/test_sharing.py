@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import MEMORY_SET, REPO, run_cli, train_args
 
 from optqa.checkpoints.bundle import open_checkpoint, unpack_bundle, write_bundle
@@ -73,7 +74,7 @@ def exported(lora_ckpt) -> Path:
 
 def answers(path) -> list[str]:
     """One question at a time, as the REPL asks them (batching pads, and padding may move the last digit)."""
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
 
     model, _, _ = load_trained(path)
     return [model.answer([question])[0] for question in QUESTIONS]
@@ -147,9 +148,9 @@ def test_peft_export_gives_the_same_answers(delta, request, tiny_opt, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from optqa.checkpoints.assemble import load_trained
-    from optqa.checkpoints.export import export_checkpoint
+    from optqa.build import load_trained
     from optqa.model import PromptForGeneration
+    from optqa.sharing.export import export_checkpoint
 
     source = request.getfixturevalue(f"{delta}_ckpt")
     export_checkpoint(source, tmp_path / "shared.optqa")
@@ -187,7 +188,7 @@ def test_the_peft_folder_has_a_model_card_whose_recipe_gives_optqas_answers(lora
     peft_folder = lora_ckpt.with_name(lora_ckpt.name + "-peft")
     card = (peft_folder / "README.md").read_text(encoding="utf-8")
     assert "[More Information Needed]" not in card  # not PEFT's blank template
-    assert f'base_model: "{tiny_opt}"' in card and "LoRA adapter for" in card
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == str(tiny_opt) and "LoRA adapter for" in card
     # the exact prompt string of the default template, in the card's text and in its code
     assert "\n```\n{text_a} Answer:\n```\n" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
@@ -612,7 +613,7 @@ def malformed(lora_ckpt, tmp_path_factory) -> dict[str, Path]:
 
 def test_malformed_safetensors_are_refused_in_one_line_by_load_and_inspect(lora_ckpt, malformed, monkeypatch,
                                                                            capsys):
-    from optqa.checkpoints.assemble import load_trained
+    from optqa.build import load_trained
     from optqa.cli import main
 
     reasons = {name: reason for name, (_, reason) in

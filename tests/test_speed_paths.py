@@ -7,7 +7,7 @@ import torch
 from conftest import MEMORY_SET, train_in_process
 from torch import nn
 
-from optqa.checkpoints.assemble import assemble, build_model
+from optqa.build import assemble, build_model
 from optqa.checkpoints.format import backbone_fingerprint
 from optqa.config import DELTA_CONFIGS, RunConfig
 from optqa.data import (

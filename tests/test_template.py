@@ -221,30 +221,28 @@ CARD_TEMPLATE = '{"text": "{0.__class__} \\"quoted\\" C:\\\\dir 🌱"} {"placeho
 def test_both_model_cards_give_the_prompt_optqa_renders(tokenizer):
     import re
 
-    from optqa.checkpoints.export import model_card
-    from optqa.checkpoints.push import model_card as hub_card
-    from optqa.checkpoints.push import prompt_preview
     from optqa.data import LMTokenizerWrapper
+    from optqa.sharing.card import model_card, prompt_preview
 
     template = ManualTemplate(tokenizer, text=CARD_TEMPLATE)
     assert template.pieces[0].value == '{0.__class__} "quoted" C:\\dir 🌱'
-    question = "Which gas do plants take in from the air?"  # the one the Hub card shows
+    question = "Which gas do plants take in from the air?"  # the one the card's preview shows
     optqa_ids = LMTokenizerWrapper(tokenizer, template).encode(InputExample(text_a=question)).prompt_ids
     expected = '{0.__class__} "quoted" C:\\dir 🌱 ' + question + " Answer:"
     assert tokenizer(expected)["input_ids"] == optqa_ids
     manifest = {"delta": {"delta_type": "lora", "lora_r": 8}, "trainable_parameters": 1234, "template": CARD_TEMPLATE,
                 "backbone": {"name_or_path": "tiny/opt", "architecture": "OPTForCausalLM", "fingerprint": "sha256:0"}}
-    # the exported PEFT folder's card: its code's PROMPT, formatted with the question
-    code = re.search(r"```python\n(.*?)```", model_card(manifest, template.prompt_format(), 4, "adapter"), re.S)
-    scope: dict = {}
-    exec(next(line for line in code.group(1).splitlines() if line.startswith("PROMPT = ")), scope)
-    assert scope["PROMPT"].format(text_a=question) == expected
-    # the Hub card: the preview it shows, and the string its PEFT snippet runs
     assert prompt_preview(CARD_TEMPLATE, question) == expected
-    card = hub_card(manifest, "me/card", "tiny/opt", ["adapter_model.safetensors", "optqa_template.txt"], None,
-                    {"optqa": "test"})
-    exec(next(line for line in card.splitlines() if line.startswith("prompt = ")), scope)
-    assert scope["prompt"] == expected
+    # the one writer, for the exported PEFT folder and for the pushed repository: the preview it shows, and its
+    # code's PROMPT formatted with the question
+    for card in (model_card(manifest, base_model="tiny/opt", adapter="adapter", prompt=template.prompt_format()),
+                 model_card(manifest, base_model="tiny/opt", adapter="me/card", prompt=template.prompt_format(),
+                            repo_id="me/card")):
+        assert f"```text\n{expected}\n```" in card
+        code = re.search(r"```python\n(.*?)```", card, re.S)
+        scope: dict = {}
+        exec(next(line for line in code.group(1).splitlines() if line.startswith("PROMPT = ")), scope)
+        assert scope["PROMPT"].format(text_a=question) == expected
 
 
 def test_a_meta_field_shows_as_its_name_in_the_prompt_format(tokenizer):

@@ -1,2 +1,2 @@
-"""Delta checkpoints on disk: the format and its checks, bundles, the Hub, PEFT and OpenDelta files, and
-building a model from a config or a checkpoint (see ARCHITECTURE.md)."""
+"""The delta checkpoint format: the files and their checks (the one backbone check among them), bundles, ``hf://``
+pulls, PEFT and OpenDelta files, ``--mode inspect`` (see ARCHITECTURE.md)."""

@@ -41,8 +41,18 @@ WEIGHTS_NAME = "delta_model.safetensors"
 RESUME_DIR_NAME = "resume"
 RESUME_STATE_NAME = "training_state.pt"
 BEST_DIR_NAME = "best"
+# a model card (an exported PEFT folder's, a pushed repository's); the default save folders hold a README too
+MODEL_CARD_NAME = "README.md"
 # files a save carries over from the folder it replaces, unlisted: a loader never reads them
-KEPT_NAMES = ("README.md",)
+KEPT_NAMES = (MODEL_CARD_NAME,)
+# a PEFT adapter folder (PEFT's own names), and the prompt format optqa's PEFT export writes beside it
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_PICKLE_NAME = "adapter_model.bin"
+PEFT_TEMPLATE_NAME = "optqa_template.txt"
+# an OpenDelta checkpoint (OpenDelta's own names)
+OPENDELTA_CONFIG_NAME = "config.json"
+OPENDELTA_WEIGHTS_NAME = "pytorch_model.bin"
 PARTIAL_SUFFIX = ".partial"
 PREVIOUS_SUFFIX = ".previous"
 FORMAT_NAME = "optqa-delta"
@@ -633,41 +643,88 @@ def load_pickled_tensors(path: Path) -> Any:
                          + (f": {reason[:200]}" if reason else "") + "); nothing in it was executed") from None
 
 
-def check_backbone(manifest: dict[str, Any], identity: dict[str, Any], fingerprint: str,
-                   ignore_mismatch: bool = False) -> None:
-    """Refuse a delta made for another backbone: architecture, shape-defining config, then weights."""
+def backbone_record(plm: torch.nn.Module, model_path: str) -> dict[str, Any]:
+    """What a checkpoint records of the backbone ``plm`` loaded from ``model_path``, and what
+    :func:`check_backbone` compares: its identity (``optqa.plm.backbone_identity``: name, architecture, config,
+    GGUF file) and its weight fingerprint (:func:`backbone_fingerprint`)."""
+    from optqa.plm import backbone_identity
+
+    return {**backbone_identity(plm, model_path), "fingerprint": backbone_fingerprint(plm)}
+
+
+def check_backbone(manifest: dict[str, Any], identity: dict[str, Any], fingerprint: str | None = None,
+                   ignore_mismatch: bool = False, *, source: str | None = None, name_is_a_hint: bool = False) -> bool:
+    """Refuse a delta made for another backbone: the one comparison of a loaded backbone with what a checkpoint
+    records of its own (architecture, shape-defining config, GGUF file, weights; a name where nothing else is
+    recorded).
+
+    Args:
+        manifest: the checkpoint's manifest; its ``backbone`` is the record: optqa's (``backbone_record``), or
+            what a foreign format keeps (PEFT: ``{"name_or_path"}``; OpenDelta: ``{"architecture",
+            "name_or_path"}``).
+        identity: the loaded backbone's ``backbone_record`` (or ``backbone_identity``); before a foreign delta's
+            backbone is loaded, ``{"name_or_path": PATH}`` alone.
+        fingerprint: the loaded backbone's ``backbone_fingerprint``; None: ``identity``'s own.
+        ignore_mismatch: other weights (or another name) are loaded anyway, with a warning; another
+            architecture or shape is refused regardless.
+        source: names a foreign delta in the messages (``<source> was made for ...``).
+        name_is_a_hint: another recorded name is only a warning (OpenDelta's: its weight hash cannot be
+            recomputed, so the name is all there is, and it is often the Hub name of a local copy).
+    Returns:
+        True when the loaded weights are the recorded ones (the fingerprint matched).
+    Raises:
+        OptqaError: another architecture or shape, or (without ``ignore_mismatch``) other weights or name.
+    """
     saved = manifest.get("backbone") or {}
-    if saved.get("architecture") != identity["architecture"]:
-        raise OptqaError(f"this delta was made for a {saved.get('architecture')} backbone, the loaded one is "
-                         f"{identity['architecture']}")
-    differing = sorted(k for k in set(saved.get("config", {})) | set(identity["config"])
-                       if k in SHAPE_KEYS and saved.get("config", {}).get(k) != identity["config"].get(k))
+    if "architecture" in saved and saved["architecture"] != identity.get("architecture"):
+        raise OptqaError(f"{source} was made for a {saved['architecture']} backbone, {identity['name_or_path']} is "
+                         f"a {identity.get('architecture')}" if source else
+                         f"this delta was made for a {saved['architecture']} backbone, the loaded one is "
+                         f"{identity.get('architecture')}")
+    if "config" in saved:
+        _check_shapes(saved, identity)
+    fingerprint = fingerprint if fingerprint is not None else identity.get("fingerprint")
+    message = _other_weights(saved, identity, fingerprint, source)
+    if message and name_is_a_hint:
+        log.warning("%s; importing it anyway (the name is all it records of its backbone)", message)
+    elif message and not ignore_mismatch:
+        raise OptqaError(message + "; pass --ignore_backbone_mismatch to load it anyway")
+    elif message:
+        log.warning("%s; loading anyway (--ignore_backbone_mismatch)", message)
+    elif "fingerprint" in saved:
+        log.info("backbone check passed: %s matches the checkpoint's fingerprint", identity["name_or_path"])
+    return message is None and "fingerprint" in saved
+
+
+def _check_shapes(saved: dict[str, Any], identity: dict[str, Any]) -> None:
+    differing = sorted(k for k in set(saved["config"]) | set(identity["config"])
+                       if k in SHAPE_KEYS and saved["config"].get(k) != identity["config"].get(k))
     if differing:
         key = differing[0]
         raise OptqaError(f"this delta was made for a backbone with {key}={saved['config'].get(key)}, the loaded "
                          f"one has {key}={identity['config'].get(key)} ({saved.get('name_or_path')} vs "
                          f"{identity['name_or_path']})")
-    message = _other_weights(saved, identity, fingerprint)
-    if message:
-        if not ignore_mismatch:
-            raise OptqaError(message + "; pass --ignore_backbone_mismatch to load it anyway")
-        log.warning("%s; loading anyway (--ignore_backbone_mismatch)", message)
-    else:
-        log.info("backbone check passed: %s matches the checkpoint's fingerprint", identity["name_or_path"])
 
 
-def _other_weights(saved: dict[str, Any], identity: dict[str, Any], fingerprint: str) -> str | None:
+def _other_weights(saved: dict[str, Any], identity: dict[str, Any], fingerprint: str | None,
+                   source: str | None) -> str | None:
     """Why the loaded backbone's weights are not the checkpoint's, or None: another GGUF file (the one a
-    ``--ignore_backbone_mismatch`` overrides, as it does a differing fingerprint), then other weights."""
+    ``--ignore_backbone_mismatch`` overrides, as it does a differing fingerprint), then other weights; a record
+    without a fingerprint (a foreign format's) by the backbone's name (a local copy counts by its folder name)."""
     made_for, loaded = saved.get("gguf"), identity.get("gguf")
     if isinstance(made_for, dict) and loaded and made_for.get("sha256") != loaded["sha256"]:
         return (f"this delta was made for GGUF file {made_for.get('file')} (SHA-256 "
                 f"{str(made_for.get('sha256'))[:12]}), the loaded backbone is another GGUF file, {loaded['file']} "
                 f"(SHA-256 {loaded['sha256'][:12]})")
+    if "fingerprint" not in saved:
+        recorded = saved.get("name_or_path")
+        if not recorded or Path(str(recorded)).name == Path(str(identity["name_or_path"])).name:
+            return None
+        return f"{source} was trained on backbone {recorded!r}, not {identity['name_or_path']!r}"
     if saved.get("fingerprint") != fingerprint:
         return (f"this delta was made for backbone {saved.get('name_or_path')} whose weights differ from the "
                 f"loaded {identity['name_or_path']} (fingerprint {str(saved.get('fingerprint'))[:12]} vs "
-                f"{fingerprint[:12]})")
+                f"{fingerprint[:12] if fingerprint else None})")
     return None
 
 

@@ -76,7 +76,8 @@ def manifest_text(manifest: dict[str, Any]) -> str:
 
 
 def _peft_adapter_lines(path: str | Path, folder: Path, pulled) -> list[str]:
-    from optqa.checkpoints.peft import ADAPTER_WEIGHTS_NAME, delta_config_from_peft, read_adapter_config
+    from optqa.checkpoints.format import ADAPTER_WEIGHTS_NAME
+    from optqa.checkpoints.peft import delta_config_from_peft, read_adapter_config
 
     config = read_adapter_config(folder)
     delta = delta_config_from_peft(config, str(path))

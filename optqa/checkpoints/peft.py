@@ -10,20 +10,18 @@ unpickled.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-from optqa.checkpoints.format import MANIFEST_NAME, read_config_json
+from optqa.checkpoints.format import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_PICKLE_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    MANIFEST_NAME,
+    read_config_json,
+)
 from optqa.config import DELTA_CONFIGS, PEFT_TYPES
 from optqa.errors import OptqaError
-
-log = logging.getLogger(__name__)
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-# optqa's PEFT export writes the prompt format beside the adapter (see sharing.PEFT_TEMPLATE_NAME)
-TEMPLATE_FILE_NAME = "optqa_template.txt"
 
 
 def is_peft_adapter(folder: Path) -> bool:
@@ -45,8 +43,8 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise OptqaError(f"{path}: a {config['task_type']} adapter; optqa answers with causal LMs (CAUSAL_LM)")
     if not (folder / ADAPTER_WEIGHTS_NAME).is_file():
-        detail = (" (only a pickled adapter_model.bin, which optqa does not unpickle; re-save it with "
-                  "save_pretrained(..., safe_serialization=True))" if (folder / "adapter_model.bin").exists() else "")
+        detail = (f" (only a pickled {ADAPTER_PICKLE_NAME}, which optqa does not unpickle; re-save it with "
+                  "save_pretrained(..., safe_serialization=True))" if (folder / ADAPTER_PICKLE_NAME).exists() else "")
         raise OptqaError(f"{folder}: no {ADAPTER_WEIGHTS_NAME}{detail}")
     return config
 
@@ -60,15 +58,7 @@ def delta_config_from_peft(config: dict[str, Any], source: str) -> dict[str, Any
     return DELTA_CONFIGS[PEFT_TYPES[config["peft_type"]]].from_peft(config, source)
 
 
-def check_base_model(config: dict[str, Any], plm_path: str, source: str, ignore_mismatch: bool) -> None:
-    """The adapter's ``base_model_name_or_path`` against the backbone about to be loaded (by name: a PEFT
-    adapter records no weight fingerprint; a local copy counts by its folder name, ``opt-125m``)."""
-    recorded = config.get("base_model_name_or_path")
-    if not recorded or Path(str(recorded)).name == Path(str(plm_path)).name:
-        return
-    message = f"{source} was trained on backbone {recorded!r}, not {plm_path!r}"
-    if not ignore_mismatch:
-        raise OptqaError(message + "; pass --ignore_backbone_mismatch to load it anyway")
-    log.warning("%s; loading anyway (--ignore_backbone_mismatch)", message)
-
-
+def base_model_record(config: dict[str, Any]) -> dict[str, Any]:
+    """What an adapter config records of its backbone, as ``check_backbone`` reads a manifest: the name alone
+    (``base_model_name_or_path``; a PEFT adapter records no architecture or weight fingerprint)."""
+    return {"backbone": {"name_or_path": config.get("base_model_name_or_path")}}

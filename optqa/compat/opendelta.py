@@ -31,7 +31,7 @@ TEMPLATE_PREFIX = "template."
 def _state_and_settings(delta: DeltaModel) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """What a checkpoint of ``delta`` holds: the bound PromptForGeneration's delta (with its template's soft
     tokens), template text and lengths; without one, the delta alone and the default template."""
-    from optqa.checkpoints.assemble import template_text
+    from optqa.build import template_text
     from optqa.config import RunConfig
 
     prompt = delta.__dict__.get("_prompt_model")

@@ -56,7 +56,7 @@ def bare_model(config):
         OptqaError: the backbone or template cannot be read, the prompts and answers would not fit the
             backbone's positions, or ``--chat_template`` where the tokenizer has none.
     """
-    from optqa.checkpoints.assemble import template_text
+    from optqa.build import template_text
     from optqa.model import PromptForGeneration
     from optqa.options import check_length_budget
     from optqa.plm import load_plm, max_positions_of

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from optqa.checkpoints import format as ckpt
-from optqa.checkpoints.assemble import build_model, template_text
+from optqa.build import build_model, template_text
 from optqa.config import RunConfig
 from optqa.data import IGNORE_INDEX, LengthGroupedBatchSampler, collate_for_training, load_split, split_files
 from optqa.errors import OptqaError
@@ -609,7 +609,7 @@ def _load_resume(resume_dir: Path, config: RunConfig, text: str, model, optimize
     if manifest["template"] != text:
         raise OptqaError(f"--resume: the text of template {config.template} changed since the interrupted run; "
                          "resume with the same template")
-    ckpt.check_backbone(manifest, backbone, backbone["fingerprint"], config.ignore_backbone_mismatch)
+    ckpt.check_backbone(manifest, backbone, ignore_mismatch=config.ignore_backbone_mismatch)
     blob = _read_training_state(folder / ckpt.RESUME_STATE_NAME)
     model.load_delta_state_dict(delta, str(folder))
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

@@ -11,16 +11,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from optqa.checkpoints.export import python_string
-from optqa.checkpoints.format import library_versions
+from optqa.checkpoints.format import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    MANIFEST_NAME,
+    MODEL_CARD_NAME,
+    PEFT_TEMPLATE_NAME,
+)
 from optqa.checkpoints.hub import LOGIN_HINT, validate_repo_id
-from optqa.config import REGISTRY
 from optqa.errors import OptqaError
+from optqa.sharing.card import model_card
+from optqa.sharing.export import peft_export_problem, write_peft_adapter
 
 log = logging.getLogger(__name__)
-
-
-CARD_NAME = "README.md"
 
 
 def push(config, explicit: set[str]) -> list[str]:
@@ -106,7 +109,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _default_message(folder: Path) -> str:
-    from optqa.checkpoints.format import MANIFEST_NAME, WEIGHTS_NAME, read_json
+    from optqa.checkpoints.format import WEIGHTS_NAME, read_json
 
     manifest = read_json(folder / MANIFEST_NAME, "damaged manifest")
     return (f"optqa {manifest['delta']['delta_type']} delta for {manifest['backbone']['name_or_path']} "
@@ -128,13 +131,11 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
         The written folder.
     """
     from optqa.checkpoints.bundle import open_checkpoint, shareable_files
-    from optqa.checkpoints.export import PEFT_TEMPLATE_NAME, peft_export_problem, write_peft_adapter
-    from optqa.checkpoints.format import MANIFEST_NAME, read_manifest, verify_files, write_folder_atomically
+    from optqa.checkpoints.format import read_manifest, verify_files, write_folder_atomically
+    from optqa.checkpoints.peft import is_peft_adapter
 
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise OptqaError(f"{target} already exists and is not empty; choose a new --export_path for the dry run")
-    from optqa.checkpoints.peft import is_peft_adapter
-
     source = config.delta_save_path
     with open_checkpoint(source) as folder:
         if is_peft_adapter(folder):
@@ -150,22 +151,30 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
             (out / MANIFEST_NAME).write_bytes(manifest_bytes)
             for name in names:
                 shutil.copyfile(folder / name, out / name)
-            peft_files = []
             if problem is None:
-                with tempfile.TemporaryDirectory(prefix="optqa-peft-") as temp:
-                    adapter = write_peft_adapter(folder, Path(temp) / "adapter", manifest,
-                                                 config.plm_path if "plm_path" in explicit else None,
-                                                 config.ignore_backbone_mismatch)
-                    for name in ("adapter_config.json", "adapter_model.safetensors", PEFT_TEMPLATE_NAME):
-                        shutil.copyfile(adapter / name, out / name)
-                        peft_files.append(name)
-                    _finish_adapter_config(out / "adapter_config.json", base_model)
+                _add_peft_adapter(config, explicit, folder, manifest, base_model, out)
             else:
                 log.info("no PEFT adapter in the upload: %s", problem)
-            card = model_card(manifest, config.hub_repo, base_model, peft_files, problem, library_versions())
-            (out / CARD_NAME).write_text(card, encoding="utf-8", newline="\n")
+                card = model_card(manifest, base_model=base_model, repo_id=config.hub_repo, peft_problem=problem)
+                (out / MODEL_CARD_NAME).write_text(card, encoding="utf-8", newline="\n")
 
         return write_folder_atomically(target, write)
+
+
+def _add_peft_adapter(config, explicit: set[str], folder: Path, manifest: dict[str, Any], base_model: str | None,
+                      out: Path) -> None:
+    """The PEFT adapter (``write_peft_adapter``) and its card, naming the Hub repository, into ``out``."""
+    def card(prompt: str) -> str:
+        return model_card(manifest, base_model=base_model, adapter=config.hub_repo, prompt=prompt,
+                          repo_id=config.hub_repo)
+
+    with tempfile.TemporaryDirectory(prefix="optqa-peft-") as temp:
+        adapter = write_peft_adapter(folder, Path(temp) / "adapter", manifest,
+                                     config.plm_path if "plm_path" in explicit else None,
+                                     config.ignore_backbone_mismatch, card=card)
+        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TEMPLATE_NAME, MODEL_CARD_NAME):
+            shutil.copyfile(adapter / name, out / name)
+    _finish_adapter_config(out / ADAPTER_CONFIG_NAME, base_model)
 
 
 def _finish_adapter_config(path: Path, base_model: str | None) -> None:
@@ -196,143 +205,3 @@ def _base_model(config, explicit: set[str], manifest: dict[str, Any]) -> str | N
                     "OWNER/NAME, e.g. facebook/opt-125m, if it is a copy of a Hub model)", name)
         return None
     return name
-
-
-METHOD_TAGS = {name: entry.hub_tag for name, entry in REGISTRY.items()}
-
-
-def prompt_preview(template: str, question: str) -> str:
-    """The text a template puts before the answer for ``question``, as the model sees it after its bos token:
-    optqa's own rendering (``optqa.template.piece_texts``: the same white space rules, and no ``str.format`` of
-    any text), soft tokens shown as ``<soft:N>``, special tokens by name, meta fields as ``{name}``."""
-    from optqa.template import FieldNames, parse_template, piece_texts
-
-    example = FieldNames(text_a=question.strip(), text_b="", meta=FieldNames(), guid="card")
-    out = []
-    for piece, text in piece_texts(parse_template(template, "checkpoint template"), example):
-        if piece.kind == "soft":
-            out.append(f"<soft:{piece.value or ''}>")
-        elif piece.kind == "special":
-            out.append(piece.value)
-        else:
-            out.append(text)
-    return "".join(out)
-
-
-def _dataset_name(hyper: dict[str, Any]) -> str:
-    train = hyper.get("train_file")
-    return Path(str(train)).parent.name if train else Path(str(hyper.get("data_path") or "data")).name
-
-
-def model_card(manifest: dict[str, Any], repo_id: str, base_model: str | None, peft_files: list[str],
-               peft_problem: str | None, versions: dict[str, str]) -> str:
-    """The README.md of a pushed delta: YAML front matter the Hub reads (base_model, library_name, tags,
-    datasets, model-index with dev/test F1 and EM) and a text with the template, delta config, exact prompt,
-    versions, and how to load it with optqa and with PEFT.
-
-    Returns:
-        The card's text.
-    """
-
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    delta = manifest["delta"]
-    delta_type = delta["delta_type"]
-    hyper = manifest.get("hyperparameters") or {}
-    metrics = manifest.get("metrics") or {}
-    dataset = _dataset_name(hyper)
-    name = repo_id.split("/")[1]
-    results = []
-    for split in ("dev", "test"):
-        scores = metrics.get(split)
-        if isinstance(scores, dict) and "f1" in scores:
-            for metric, label in (("f1", "F1"), ("em", "exact_match")):
-                results.append(EvalResult(task_type="question-answering", dataset_type=dataset, dataset_name=dataset,
-                                          dataset_split=split, metric_type=label.lower(), metric_name=label,
-                                          metric_value=round(float(scores[metric]), 2)))
-    tags = ["optqa", "delta-tuning", METHOD_TAGS.get(delta_type, delta_type), "question-answering", "opt"]
-    data = ModelCardData(base_model=base_model, library_name="peft" if peft_files else "optqa",
-                         tags=tags + (["peft"] if peft_files else []), datasets=[dataset],
-                         eval_results=results or None, model_name=name if results else None,
-                         pipeline_tag="text-generation")
-    backbone = manifest["backbone"]
-    question = "Which gas do plants take in from the air?"
-    template = manifest["template"].strip("\n")
-    rows = [f"| {split} | {metrics[split]['f1']:.2f} | {metrics[split].get('em', 0):.2f} | "
-            f"{metrics[split].get('count', '?')} |" for split in ("dev", "test")
-            if isinstance(metrics.get(split), dict) and "f1" in metrics[split]]
-    hub_name = base_model or "OWNER/BACKBONE"
-    lines = [
-        f"# {name}",
-        "",
-        f"A {delta_type} delta (parameter-efficient tuning) of the OPT backbone "
-        f"`{base_model or backbone['name_or_path']}` for direct-answer question answering, trained with optqa on "
-        f"`{dataset}`. {manifest.get('trainable_parameters', '?'):,} trainable parameters; the backbone itself "
-        "is not in this repository.",
-        "",
-        "## Scores",
-        "",
-        *(["| split | F1 | EM | questions |", "| --- | --- | --- | --- |", *rows] if rows
-          else ["No scores were recorded with this delta."]),
-        "",
-        "Token F1 and exact match in percent, SQuAD-style normalisation, best match over all gold answers.",
-        "",
-        "## Prompt",
-        "",
-        "Template (OpenPrompt `ManualTemplate` syntax):",
-        "",
-        "```text", template, "```",
-        "",
-        f"For the question `{question}` the model sees its bos token followed by exactly this text, and the "
-        "answer is generated after it (greedy, up to "
-        f"{hyper.get('max_new_tokens', '?')} new tokens, ending at eos):",
-        "",
-        "```text", prompt_preview(template, question), "```",
-        "",
-        "## Delta",
-        "",
-        "```json", json.dumps(delta, indent=2), "```",
-        "",
-        f"Backbone: `{backbone['name_or_path']}` ({backbone['architecture']}); weight fingerprint "
-        f"`{backbone['fingerprint']}` (optqa refuses to load this delta onto a backbone with other weights).",
-        "",
-        "## Use it with optqa",
-        "",
-        "```bash",
-        f"python -m optqa --mode interactive_inference --delta_save_path hf://{repo_id}"
-        + ("" if base_model == backbone["name_or_path"] else f" --plm_path {base_model or '/path/to/backbone'}"),
-        f"python -m optqa --mode inspect --delta_save_path hf://{repo_id}@<commit>   # pin a revision",
-        "```",
-        "",
-        "optqa downloads into the Hugging Face cache, checks every file's SHA-256 against `optqa_manifest.json` "
-        "and the backbone's fingerprint before using a weight; `HF_HUB_OFFLINE=1` uses the cache alone.",
-        "",
-    ]
-    if peft_files:
-        lines += [
-            "## Use it with PEFT",
-            "",
-            "```python",
-            "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'base = AutoModelForCausalLM.from_pretrained("{hub_name}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{hub_name}")',
-            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
-            f"prompt = {python_string(prompt_preview(template, question))}  # the template above, in "
-            f"{peft_files[-1]}",
-            'ids = tokenizer(prompt, return_tensors="pt")  # adds the bos token, as optqa does',
-            "answer = model.generate(**ids, max_new_tokens=32)[0, ids['input_ids'].shape[1]:]",
-            "print(tokenizer.decode(answer, skip_special_tokens=True).strip())",
-            "```",
-            "",
-        ]
-    else:
-        lines += [f"PEFT cannot load this delta: {peft_problem}.", ""]
-    lines += ["## Made with", "", "| package | version |", "| --- | --- |",
-              *(f"| {k} | {v} |" for k, v in versions.items())]
-    if manifest.get("versions"):
-        lines += ["", "The checkpoint itself was saved with: "
-                  + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()) + "."]
-    body = "\n".join(lines) + "\n"
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))

@@ -1,23 +1,20 @@
-"""``--mode inspect`` and ``--mode export``: describe, verify and share checkpoints.
-
-Inspecting reads only the manifest and the safetensors header (a JSON block at the start of the file), so it
-never loads the backbone and never imports transformers or PEFT. Exporting writes a ``.optqa`` bundle and,
-where PEFT has the method, a PEFT adapter folder for people who use PEFT directly.
+"""``--mode export``: a checkpoint as a ``.optqa`` bundle and, where PEFT has the method, as a PEFT adapter
+folder (with its model card, ``optqa.sharing.card``) for people who use PEFT directly; a plain PEFT adapter
+converted into an optqa bundle.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from optqa.build import load_trained
 from optqa.checkpoints.bundle import BUNDLE_SUFFIX, default_bundle_path, open_checkpoint, open_source, write_bundle
-from optqa.checkpoints.format import read_manifest, write_folder_atomically
+from optqa.checkpoints.format import MODEL_CARD_NAME, PEFT_TEMPLATE_NAME, read_manifest, write_folder_atomically
 from optqa.checkpoints.hub import default_export_name, pin_source
-from optqa.checkpoints.inspect import metrics_text, training_text
 from optqa.config import REGISTRY
+from optqa.sharing.card import model_card
 
 PEFT_SUFFIX = "-peft"
-PEFT_TEMPLATE_NAME = "optqa_template.txt"
 # Delta types PEFT implements, by the name cards give them (the registry's); optqa implements the others itself.
 PEFT_METHODS = {name: entry.title for name, entry in REGISTRY.items() if entry.peft_type}
 
@@ -81,7 +78,6 @@ def _export_peft_adapter(source: str | Path, bundle: Path, plm_path: str | None,
     a checkpoint in a temporary folder, bundled."""
     import tempfile
 
-    from optqa.checkpoints.assemble import load_trained
     from optqa.checkpoints.format import save_checkpoint
 
     model, manifest, _ = load_trained(source, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch,
@@ -111,102 +107,26 @@ def _soft_template_pieces(text: str) -> int:
 
 
 def write_peft_adapter(source: Path, target: Path, manifest: dict[str, Any], plm_path: str | None,
-                       ignore_backbone_mismatch: bool) -> Path:
+                       ignore_backbone_mismatch: bool, card: Callable[[str], str] | None = None) -> Path:
     """Rebuild the delta on its backbone (checked against the fingerprint) and save it with PEFT's own writer,
-    with a model card (README.md) that gives the exact prompt string, in place of PEFT's blank template."""
-    from optqa.checkpoints.assemble import load_trained
+    with the prompt template (``optqa_template.txt``) and a model card (README.md) that gives the exact prompt
+    string, in place of PEFT's blank template.
 
-    model, _, saved = load_trained(source, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch)
-    card = model_card(manifest, model.template.prompt_format(), saved.max_new_tokens, target.name)
+    Args:
+        card: the card's text, given the prompt format string (``ManualTemplate.prompt_format``); None: the
+            exported folder's own card (``model_card`` naming ``target`` and the recorded backbone).
+    Returns:
+        The written folder.
+    """
+    model, _, _ = load_trained(source, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch)
+    prompt = model.template.prompt_format()
+    text = card(prompt) if card else model_card(manifest, base_model=manifest["backbone"]["name_or_path"],
+                                                adapter=target.name, prompt=prompt)
 
     def write(folder: Path) -> None:
         model.delta.model.save_pretrained(str(folder))
         # PEFT stores no prompt format; answers match optqa's only with the same rendering
         (folder / PEFT_TEMPLATE_NAME).write_bytes(manifest["template"].encode("utf-8"))
-        (folder / MODEL_CARD_NAME).write_bytes(card.encode("utf-8"))
+        (folder / MODEL_CARD_NAME).write_text(text, encoding="utf-8", newline="\n")
 
     return write_folder_atomically(target, write)
-
-
-MODEL_CARD_NAME = "README.md"
-
-
-def python_string(text: str) -> str:
-    """``text`` as a Python string literal for a card's code: JSON's escapes are Python's (quotes, backslashes,
-    control characters), and with non-ASCII characters kept as they are, none beyond U+FFFF turns into the pair
-    of surrogate escapes JSON would write (which Python reads as two lone surrogates)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def model_card(manifest: dict[str, Any], prompt: str, max_new_tokens: int, folder_name: str) -> str:
-    """The exported PEFT folder's README.md: what the adapter is, the exact prompt, how to load and run it with
-    plain transformers + PEFT, how it was trained and how it scored.
-
-    Args:
-        manifest: the checkpoint's manifest.
-        prompt: the template as a format string with ``{text_a}`` (``ManualTemplate.prompt_format``).
-        max_new_tokens: the answer length the delta was used with.
-        folder_name: the PEFT folder's name, for the snippet.
-    Returns:
-        Markdown text with a Hugging Face metadata header.
-    """
-    from optqa import __version__
-
-    delta = dict(manifest["delta"])
-    method = PEFT_METHODS[delta.pop("delta_type")]
-    backbone = manifest["backbone"]
-    hyper = manifest.get("hyperparameters") or {}
-    training = training_text(hyper) or "not recorded"
-    base = backbone["name_or_path"]
-    return f"""---
-base_model: {json.dumps(base)}
-library_name: peft
-tags:
-- optqa
-- {method.replace(" ", "-").lower()}
-- question-answering
----
-
-# {method} adapter for {base}, direct-answer question answering
-
-Exported by optqa {__version__} from a delta checkpoint (`python -m optqa --mode export`). It answers a question
-with a short phrase, greedily decoded after the prompt below.
-
-- **Method**: PEFT {method}, {json.dumps(delta)}
-- **Backbone**: `{base}` ({backbone.get("architecture")}); optqa's weight fingerprint
-  `{backbone.get("fingerprint")}` (SHA-256 over sampled weights, see optqa's docs/checkpoints.md): any other
-  weights give other answers.
-- **Training**: {training}; data {hyper.get("train_file") or hyper.get("data_path")}
-- **Scores** (SQuAD-style token F1 and exact match, percent): {metrics_text(manifest.get("metrics") or {})}
-
-## Prompt
-
-The exact prompt string, with the question in place of `{{text_a}}` (the question stripped of surrounding
-white space):
-
-```
-{prompt}
-```
-
-Tokenise it with the backbone's tokenizer as it is (`add_special_tokens=True`: OPT's tokenizer puts its bos
-`</s>` first, as optqa does), decode greedily for at most {max_new_tokens} new tokens, and cut the answer at the
-first `</s>`. optqa's template for the same prompt is in `{PEFT_TEMPLATE_NAME}`: `{manifest["template"].strip()}`
-
-## Use with transformers + PEFT
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-PROMPT = {python_string(prompt)}
-tokenizer = AutoTokenizer.from_pretrained({json.dumps(base)})
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({json.dumps(base)}), {json.dumps(folder_name)}).eval()
-
-question = "What is frozen water called?"
-inputs = tokenizer(PROMPT.format(text_a=question.strip()), return_tensors="pt")
-out = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False, eos_token_id=tokenizer.eos_token_id)
-answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-print(answer)
-```
-"""
-

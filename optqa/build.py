@@ -1,4 +1,6 @@
-"""Assemble backbone + delta + template + PromptForGeneration, from a run config or from a checkpoint."""
+"""Building a model: backbone + delta + template + ``PromptForGeneration``, from a run config (training, the
+OpenDelta import) or from a verified checkpoint (answering, evaluate, serve, export): the one load path, whose
+backbone check is ``optqa.checkpoints.format.check_backbone``."""
 from __future__ import annotations
 
 import logging
@@ -8,22 +10,23 @@ from typing import Any
 
 from torch import nn
 
-from optqa.checkpoints.format import backbone_fingerprint, check_backbone, read_checkpoint, recorded_config, sha256_file
-from optqa.checkpoints.peft import (
+from optqa.checkpoints.format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    TEMPLATE_FILE_NAME,
-    check_base_model,
-    delta_config_from_peft,
-    is_peft_adapter,
-    read_adapter_config,
+    PEFT_TEMPLATE_NAME,
+    backbone_record,
+    check_backbone,
+    read_checkpoint,
+    recorded_config,
+    sha256_file,
 )
+from optqa.checkpoints.peft import base_model_record, delta_config_from_peft, is_peft_adapter, read_adapter_config
 from optqa.config import REGISTRY, REPO_ROOT, RunConfig, find_repo_file
 from optqa.deltas import AutoDeltaConfig, AutoDeltaModel, attached_delta
 from optqa.errors import OptqaError
 from optqa.model import PromptForGeneration
 from optqa.options import check_length_budget
-from optqa.plm import backbone_identity, load_plm, max_positions_of
+from optqa.plm import load_plm, max_positions_of
 from optqa.template import ManualTemplate, read_template_file
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ def build_model(config: RunConfig, delta_config: dict | None = None, template: s
         records.
     """
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
-    backbone = {**backbone_identity(plm, config.plm_path), "fingerprint": backbone_fingerprint(plm)}
+    backbone = backbone_record(plm, config.plm_path)
     text = template if template is not None else template_text(config)
     model, delta = assemble(plm, tokenizer, delta_config or config.delta_config(), text,
                             source or (config.template if template is None else "template"), config)
@@ -205,8 +208,7 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
     config.plm_path = plm_path or manifest["backbone"]["name_or_path"]
     check_checkpoint_budget(config, manifest, config.plm_path)
     plm, tokenizer, _, _ = load_plm(config.plm_name, config.plm_path)
-    identity = backbone_identity(plm, config.plm_path)
-    check_backbone(manifest, identity, backbone_fingerprint(plm), ignore_backbone_mismatch)
+    check_backbone(manifest, backbone_record(plm, config.plm_path), ignore_mismatch=ignore_backbone_mismatch)
     model = attach_checkpoint(plm, tokenizer, folder, manifest, state, config, merge_lora, answer_only)
     return model, manifest, config
 
@@ -260,12 +262,11 @@ def load_shared(paths: dict[str, str | Path], plm_path: str | None = None, ignor
         except OptqaError as exc:
             raise OptqaError(f"delta {name!r} refused: {exc}") from exc
     plm, tokenizer, _, _ = load_plm(base.plm_name, backbone_path)
-    identity = backbone_identity(plm, backbone_path)
-    fingerprint = backbone_fingerprint(plm)
+    backbone = backbone_record(plm, backbone_path)
     models = {}
     for name, (folder, manifest, state) in read.items():
         try:
-            check_backbone(manifest, identity, fingerprint, ignore_backbone_mismatch)
+            check_backbone(manifest, backbone, ignore_mismatch=ignore_backbone_mismatch)
         except OptqaError as exc:
             raise OptqaError(f"delta {name!r} refused: {exc}") from exc
         config = checkpoint_config(manifest, overrides)
@@ -295,32 +296,61 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
     Raises:
         OptqaError: no template, another backbone, unsupported options, or weights that do not fit.
     """
-    import torch
-    from peft import set_peft_model_state_dict
-
-    from optqa.checkpoints.format import build_manifest, load_safetensors
-    from optqa.deltas import is_delta_parameter
+    from optqa.checkpoints.format import build_manifest
 
     adapter_config = read_adapter_config(folder)
     delta = delta_config_from_peft(adapter_config, source)
     if template is None:
-        if not (folder / TEMPLATE_FILE_NAME).is_file():
+        if not (folder / PEFT_TEMPLATE_NAME).is_file():
             raise OptqaError(f"{source} is a plain PEFT adapter, which records no prompt format: pass --template "
                              "with the template it was trained with (e.g. templates/answer_template.txt)")
-        template = read_template_file(folder / TEMPLATE_FILE_NAME)
+        template = read_template_file(folder / PEFT_TEMPLATE_NAME)
     config.template = template
     text = template_text(config)
     config.plm_path = plm_path or adapter_config.get("base_model_name_or_path") or ""
     if not config.plm_path:
         raise OptqaError(f"{source}: the adapter names no base model; pass --plm_path")
-    check_base_model(adapter_config, config.plm_path, source, ignore_mismatch)
+    # by name, before the backbone loads: a PEFT adapter records no fingerprint
+    check_backbone(base_model_record(adapter_config), {"name_or_path": config.plm_path},
+                   ignore_mismatch=ignore_mismatch, source=source)
     config.delta_type = delta["delta_type"]
     model, backbone = build_model(config, delta_config=delta, template=text)
+    count = _load_adapter_weights(model, folder, source, delta, config.plm_path)
+    model.eval()
+    log.info("loaded PEFT %s adapter %s onto %s (%d tensors); no optqa manifest, so no file hashes to verify",
+             adapter_config["peft_type"], source, config.plm_path, count)
+    manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=text, backbone=backbone,
+                              hyperparameters={**config.to_dict(), **delta, "mode": "import_peft"}, metrics={},
+                              trainable_parameters=model.num_trainable_parameters())
+    manifest["imported_from"] = {
+        "format": "PEFT", "path": source, "peft_type": adapter_config["peft_type"],
+        "peft_version": adapter_config.get("peft_version"),
+        "base_model_name_or_path": adapter_config.get("base_model_name_or_path"),
+        **({"hub": pulled} if pulled else {}),
+        f"{ADAPTER_CONFIG_NAME}_sha256": sha256_file(folder / ADAPTER_CONFIG_NAME),
+        f"{ADAPTER_WEIGHTS_NAME}_sha256": sha256_file(folder / ADAPTER_WEIGHTS_NAME),
+    }
+    return model, manifest
+
+
+def _load_adapter_weights(model: PromptForGeneration, folder: Path, source: str, delta: dict, plm_path: str) -> int:
+    """The adapter's safetensors weights into ``model``'s delta with PEFT's own ``set_peft_model_state_dict``;
+    returns how many tensors it held.
+
+    Raises:
+        OptqaError: weights that do not fit the backbone, or a tensor unexpected or missing.
+    """
+    import torch
+    from peft import set_peft_model_state_dict
+
+    from optqa.checkpoints.format import load_safetensors
+    from optqa.deltas import is_delta_parameter
+
     weights = load_safetensors(folder / ADAPTER_WEIGHTS_NAME)
     try:
         result = set_peft_model_state_dict(model.delta.model, weights)
     except RuntimeError as exc:  # shapes that do not fit this backbone
-        raise OptqaError(f"{source}: the adapter's weights do not fit {config.plm_path} "
+        raise OptqaError(f"{source}: the adapter's weights do not fit {plm_path} "
                          f"({str(exc).strip().splitlines()[-1].strip()})") from None
     unexpected = list(result.unexpected_keys)
     missing = sorted(k for k in result.missing_keys if is_delta_parameter(k))
@@ -337,19 +367,5 @@ def load_peft_adapter(folder: Path, source: str, config, template: str | None, p
     if unexpected or missing:
         name = (unexpected or missing)[0]
         raise OptqaError(f"{source}: {'unexpected' if unexpected else 'missing'} adapter tensor {name} "
-                         f"for {delta['delta_type']} on {config.plm_path}")
-    model.eval()
-    manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=text, backbone=backbone,
-                              hyperparameters={**config.to_dict(), **delta, "mode": "import_peft"}, metrics={},
-                              trainable_parameters=model.num_trainable_parameters())
-    manifest["imported_from"] = {
-        "format": "PEFT", "path": source, "peft_type": adapter_config["peft_type"],
-        "peft_version": adapter_config.get("peft_version"),
-        "base_model_name_or_path": adapter_config.get("base_model_name_or_path"),
-        **({"hub": pulled} if pulled else {}),
-        f"{ADAPTER_CONFIG_NAME}_sha256": sha256_file(folder / ADAPTER_CONFIG_NAME),
-        f"{ADAPTER_WEIGHTS_NAME}_sha256": sha256_file(folder / ADAPTER_WEIGHTS_NAME),
-    }
-    log.info("loaded PEFT %s adapter %s onto %s (%d tensors); no optqa manifest, so no file hashes to verify",
-             adapter_config["peft_type"], source, config.plm_path, len(weights))
-    return model, manifest
+                         f"for {delta['delta_type']} on {plm_path}")
+    return len(weights)
