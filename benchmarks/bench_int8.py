@@ -92,11 +92,11 @@ def answering(checkpoint: str, data: str, args) -> dict:
     weights to bf16 in place. Batched, each setting answers the dev questions in turn."""
     import torch
 
+    from optqa.answering import prepare_for_answering
     from optqa.checkpoints.assemble import load_trained
     from optqa.config import RunConfig
     from optqa.data import read_qa_jsonl
     from optqa.hardware import configure_threads, cpu_has_native_bf16
-    from optqa.answering import prepare_for_answering
     from optqa.quantize import dequantize, quantize_int8
     from optqa.run.evaluation import predict
 
