@@ -13,7 +13,7 @@ import torch
 from conftest import MEMORY_SET, REPO
 from test_speed_paths import first_step_logits, make_model, train_a_little
 
-from optqa import quantize
+from optqa import quantize, wrappers
 from optqa.errors import OptqaError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -115,6 +115,29 @@ def test_the_output_head_is_quantised_through_its_tie(tiny_opt):
         model.autocast_dtype = torch.bfloat16
     quantize.dequantize(model.plm)
     assert model.plm.get_output_embeddings() is head and model.quantization == "none"
+
+
+@pytest.mark.parametrize("delta", ["bitfit", "lora"])
+def test_answering_sets_no_state_on_the_backbones_objects(tiny_opt, delta):
+    """bf16 and int8 answering change how the frozen backbone computes only through optqa's wrapper modules in
+    the Linear layers' places (optqa.wrappers): no transformers or PEFT module, and no tensor, gains an attribute
+    or an assigned forward, and afterwards the module tree is the one it was, object for object."""
+    model = make_model(tiny_opt, delta)
+    modules, tensors = dict(model.plm.named_modules()), list(model.plm.parameters())
+    attributes = {name: set(vars(module)) for name, module in modules.items()}
+    marks = [set(vars(tensor)) for tensor in tensors]  # transformers' own (_is_hf_initialized)
+    fp32 = model.answer(QUESTIONS[:4])
+    model.autocast_dtype = torch.bfloat16
+    model.answer(QUESTIONS[:4])
+    assert isinstance(model.plm.get_output_embeddings(), wrappers.CastLinear)
+    model.autocast_dtype = None
+    model.answer(QUESTIONS[:4])  # the frozen weights back in fp32, the head back in its place
+    quantize.quantize_int8(model.plm)
+    assert model.answer(QUESTIONS[:4]) == fp32 and model.quantization == "int8"
+    assert {name: set(vars(module)) for name, module in modules.items()} == attributes
+    assert [set(vars(tensor)) for tensor in tensors] == marks
+    quantize.dequantize(model.plm)
+    assert dict(model.plm.named_modules()) == modules and model.quantization == "none"
 
 
 # ------------------------------------------------------------------------------------------- resolution
