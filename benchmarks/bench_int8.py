@@ -94,11 +94,12 @@ def answering(checkpoint: str, data: str, args) -> dict:
     weights to bf16 in place. Batched, each setting answers the dev questions in turn."""
     import torch
 
+    from optqa.answering import prepare_for_answering
     from optqa.build import load_trained
     from optqa.config import RunConfig
     from optqa.data import read_qa_jsonl
     from optqa.hardware import configure_threads, cpu_has_native_bf16
-    from optqa.quantize import dequantize, prepare_for_answering, quantize_int8
+    from optqa.quantize import dequantize, quantize_int8
     from optqa.run.evaluation import predict
 
     configure_threads(args.threads)
@@ -117,10 +118,9 @@ def answering(checkpoint: str, data: str, args) -> dict:
 
     def use(name: str) -> None:
         dequantize(model.plm)
-        model.quantization, model.autocast_dtype = "none", None
+        model.autocast_dtype = None
         if name.startswith("int8"):
-            quantize_int8(model.plm, head=name == "int8", shared=packed)
-            model.quantization = "int8"
+            quantize_int8(model.plm, head=name == "int8", shared=packed)  # model.quantization follows: "int8"
         elif name == "bf16":
             model.autocast_dtype = torch.bfloat16
 
@@ -206,9 +206,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 marks.append(("import transformers", time.perf_counter()))
 from optqa.build import load_trained
 from optqa.config import RunConfig
-from optqa.quantize import prepare_for_answering, quantize_int8, resolve_quantize
+from optqa.answering import prepare_for_answering
+from optqa.quantize import quantize_int8, resolve_quantize
 from optqa.hardware import configure_threads
-marks.append(("import optqa (assemble, quantize)", time.perf_counter()))
+marks.append(("import optqa (assemble, answering, quantize)", time.perf_counter()))
 configure_threads(threads or None)
 model, _, _ = load_trained(checkpoint, overrides={"max_new_tokens": max_new_tokens}, merge_lora=True)
 marks.append(("load_trained: read + verify the checkpoint, load the backbone, fingerprint it, merge LoRA (no PEFT)",
@@ -217,7 +218,6 @@ resolved = resolve_quantize(choice, "auto", model.device)
 prepare_for_answering(model, RunConfig(quantize="none", precision="fp32" if resolved == "int8" else "auto"))
 if resolved == "int8":
     stats = quantize_int8(model.plm)
-    model.quantization = "int8"
     marks.append((f"pack int8 ({stats['layers']} layers, {torch.get_num_threads()} torch threads)", time.perf_counter()))
 model.answer(["Which gas do plants take in?"], max_new_tokens=1)
 marks.append(("first forward, 1 token (kernel warm-up)", time.perf_counter()))

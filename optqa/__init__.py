@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_plm": "plm", "ManualTemplate": "template", "AutoDeltaConfig": "deltas",
-    "AutoDeltaModel": "compat.opendelta", "PromptForGeneration": "model", "InputExample": "data",
+    "AutoDeltaModel": "compat.opendelta", "PromptForGeneration": "compat.openprompt", "InputExample": "data",
     "LMTokenizerWrapper": "data", "RunConfig": "config", "OptqaError": "errors", "load_trained": "build",
     # the rest of what an OpenPrompt/OpenDelta course script calls (a script ports by changing its imports)
     "PromptDataLoader": "compat.openprompt", "GenerationVerbalizer": "compat.openprompt",

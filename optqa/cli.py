@@ -227,9 +227,9 @@ def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default:
     How to answer on this machine (--quantize, --merge_lora) is never taken from the checkpoint; the
     --quantize actually applied is written back into ``config`` (and so into the run folder's config.json).
     """
+    from optqa.answering import prepare_for_answering
     from optqa.build import load_trained
     from optqa.hardware import configure_threads
-    from optqa.quantize import prepare_for_answering
 
     no_delta_yet(config, explicit)
     configure_threads(config.num_threads)
@@ -339,8 +339,8 @@ def _model_to_score(config: RunConfig, explicit: set[str]):
         # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
         source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
         return model, source, saved.eval_batch_size
+    from optqa.answering import prepare_for_answering
     from optqa.hardware import configure_threads
-    from optqa.quantize import prepare_for_answering
     from optqa.run.evaluation import bare_model
 
     configure_threads(config.num_threads)
@@ -350,8 +350,8 @@ def _model_to_score(config: RunConfig, explicit: set[str]):
 
 
 def interactive_inference_mode(config: RunConfig, explicit: set[str]) -> int:
+    from optqa.answering import wait_until_ready
     from optqa.interactive import repl
-    from optqa.quantize import wait_until_ready
 
     # int8 packing runs while the first prompt waits for a person to type (0.6 s for OPT-125m on 2 cores)
     model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto", background=True)

@@ -9,16 +9,15 @@ Int8DynamicActivationInt8WeightConfig ran slower than fp32 in eager mode (it is 
 GPUs) and its wheel carries native parts, while these kernels ship inside every x86 torch wheel, Windows
 included, so int8 needs no extra package.
 
-The module objects stay where they are: each quantised Linear keeps its fp32 weight (state dict, backbone
-fingerprint, the head's tie to the input embedding) and only its ``forward`` is routed through the packed
-int8 copy. Hooks and children that a delta put on it (the adapter, BitFit's bias) keep working, delta
-parameters stay fp32, and ``dequantize`` restores plain fp32 answering exactly.
+Each quantised Linear is replaced in its parent by an ``Int8Linear`` that holds the same fp32 parameters under the
+same names (state dict, backbone fingerprint, the head's tie to the input embedding) and computes with the
+packed int8 copy. Hooks and children that a delta put on the Linear (the adapter, BitFit's bias) keep working,
+delta parameters stay fp32, and ``dequantize`` puts the Linear back: plain fp32 answering, exactly.
+Which model answers on int8, and when, is ``optqa.answering.AnsweringRuntime``'s to decide.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from torch import nn
 from optqa.config import QUANTIZE_CHOICES
 from optqa.errors import OptqaError
 from optqa.hardware import cpu_flags, cpu_has_native_bf16, describe_kernels
+from optqa.wrappers import FrozenLinearWrapper, replace, restore
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ INT8_ENGINES = ("x86", "fbgemm", "onednn")
 # The tied output head (50272 x 768 on OPT-125m, a third of its weights) is the largest single matmul of a
 # decoding step; benchmarks/bench_int8.py measures what quantising it adds (docs/performance.md, "int8 answering").
 QUANTIZE_HEAD = True
-_INT8 = "_optqa_int8"  # where a quantised Linear keeps its packed int8 weight (not a tensor: no state dict)
-_PENDING = "_optqa_int8_pending"  # a background quantisation still running on a PromptForGeneration
 _EPS = torch.finfo(torch.float32).eps  # the smallest scale torch's observers give a row (an all-zero row gets it)
 _BLOCK_WEIGHTS = 128 * 1024  # weights quantised at a time: 512 kB of fp32, well inside a 1-2 MB L2 (fastest measured)
 
@@ -105,14 +103,6 @@ def resolve_quantize(choice: str, precision: str, device: torch.device, sharded:
     if precision in ("bf16", "fp16"):
         raise OptqaError(QUANTIZE_WITH_PRECISION)
     return "int8"
-
-
-def _int8_forward(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    # reduce_range=True: what torch's dynamic int8 Linear (version 4) passes, so answers are the ones it gives.
-    # Positional, and no .to() when the dtype already matches: this runs 73 times per token, and the keyword and the
-    # no-op .to() cost ~5 us each time (measured: 0.4 ms of a 22 ms int8 token on an AVX2 core)
-    out = torch.ops.quantized.linear_dynamic(hidden, module.__dict__[_INT8], True)
-    return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
 
 def _quantize_rows(weight: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,11 +188,34 @@ def frozen_linears(model: nn.Module, head: bool = QUANTIZE_HEAD) -> list[tuple[s
     return chosen
 
 
+class Int8Linear(FrozenLinearWrapper):
+    """A frozen Linear computing with int8 weights (one scale per output row) and int8 activations quantised
+    per call, through torch's dynamic int8 kernel; in its parent under the Linear's name, with its fp32
+    parameters (see ``optqa.wrappers``).
+
+    Args:
+        base_layer: the Linear.
+        packed: its weight and bias as ``pack_int8`` packs them (shared by every model on the same weights).
+    """
+
+    def __init__(self, base_layer: nn.Linear, packed: torch.ScriptObject):
+        super().__init__(base_layer)
+        self.packed = packed  # a plain attribute, not a tensor: never in the state dict
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., in_features)`` -> ``(..., out_features)`` in ``hidden``'s dtype."""
+        # reduce_range=True: what torch's dynamic int8 Linear (version 4) passes, so answers are the ones it
+        # gives. Positional, and no .to() when the dtype already matches: this runs 73 times per token, and the
+        # keyword and the no-op .to() cost ~5 us each time (measured: 0.4 ms of a 22 ms int8 token on an AVX2 core)
+        out = torch.ops.quantized.linear_dynamic(hidden, self.packed, True)
+        return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
+
+
 def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | None = None,
                   workers: int | None = None) -> dict:
-    """Route every frozen Linear of ``model`` through an int8 copy of its weight (see the module docstring).
+    """Put an ``Int8Linear`` in place of every frozen Linear of ``model`` (see the module docstring).
 
-    Every copy is packed before any Linear switches to int8, so a forward pass never mixes fp32 and int8 layers
+    Every copy is packed before any Linear is replaced, so a forward pass never mixes fp32 and int8 layers
     and the answers do not depend on ``workers`` (tested).
 
     Args:
@@ -226,152 +239,23 @@ def quantize_int8(model: nn.Module, head: bool = QUANTIZE_HEAD, shared: dict | N
         torch.backends.quantized.engine = engine  # packed weights are laid out for the engine that runs them
     started = time.perf_counter()
     shared = {} if shared is None else shared
-    modules = [module for _, module in frozen_linears(model, head) if _INT8 not in module.__dict__]
+    layers = frozen_linears(model, head)  # an Int8Linear is not an nn.Linear: quantising twice changes nothing
     keys = [(module.weight.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
-             tuple(module.weight.shape)) for module in modules]
-    todo = {key: (module.weight, module.bias) for key, module in zip(keys, modules) if key not in shared}
+             tuple(module.weight.shape)) for _, module in layers]
+    todo = {key: (module.weight, module.bias) for key, (_, module) in zip(keys, layers) if key not in shared}
     with torch.no_grad():
         shared.update(zip(todo, _pack_all(list(todo.values()), workers or torch.get_num_threads())))
-    for key, module in zip(keys, modules):
-        module.__dict__[_INT8] = shared[key]
-        module.forward = _int8_forward.__get__(module)
-    return {"layers": len(modules), "parameters": sum(module.weight.numel() for module in modules),
+    for key, (name, module) in zip(keys, layers):
+        replace(model, name, Int8Linear(module, shared[key]))
+    return {"layers": len(layers), "parameters": sum(module.weight.numel() for _, module in layers),
             "seconds": time.perf_counter() - started, "engine": torch.backends.quantized.engine}
 
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model``'s frozen Linear layers run on int8 now."""
-    return any(_INT8 in module.__dict__ for module in model.modules())
+    return any(isinstance(module, Int8Linear) for module in model.modules())
 
 
 def dequantize(model: nn.Module) -> None:
-    """Undo ``quantize_int8``: every Linear computes with its fp32 weight again."""
-    for module in model.modules():
-        if module.__dict__.pop(_INT8, None) is not None:
-            del module.forward
-
-
-def _to_int8(model, shared: dict | None = None) -> dict:
-    """A PromptForGeneration's frozen Linear layers to int8, its compute around them to fp32."""
-    model.autocast_dtype = None
-    if model._weights_dtype != torch.float32:
-        model._store_frozen_weights_as(torch.float32)  # int8 is packed from the weights as they are held now
-    stats = quantize_int8(model.plm, shared=shared)
-    model.quantization = "int8"
-    return stats
-
-
-@contextlib.contextmanager
-def int8_while_scoring(model, quantize: str):
-    """``model`` (a PromptForGeneration) answers on an int8 backbone inside the block when ``quantize`` is
-    ``int8``, and trains on its own precision after it (LoRA stays unmerged: its update is added in fp32)."""
-    if quantize != "int8":
-        yield
-        return
-    autocast = model.autocast_dtype
-    _to_int8(model)
-    try:
-        yield
-    finally:
-        dequantize(model.plm)
-        model.quantization = "none"
-        model.autocast_dtype = autocast
-
-
-def prepare_for_answering(model, config, default: str = "auto", background: bool = False) -> str:
-    """Make a loaded model ready to answer: precision, LoRA merged, and ``--quantize`` applied.
-
-    The one entry point for everything that only answers (the question loop, ``--mode evaluate``, a server).
-
-    Args:
-        model: a ``PromptForGeneration`` (e.g. from ``optqa.checkpoints.assemble.load_trained``), in eval mode.
-        config: a ``RunConfig``; reads ``quantize`` (None: ``default``), ``precision`` and ``merge_lora``.
-        default: what ``quantize=None`` means for this caller: ``auto`` for the question loop and serving,
-            ``none`` where scores are reported (they must not move with the CPU they were computed on).
-        background: quantise in a thread and return at once (the question loop shows its prompt while a
-            person types); call ``wait_until_ready(model)`` before answering.
-    Returns:
-        ``"none"`` or ``"int8"``, what is applied (also logged in one line with the CPU's flags).
-    Raises:
-        OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
-    """
-    from optqa.hardware import autocast_dtype, is_sharded
-
-    choice = config.quantize or default
-    resolved = resolve_quantize(choice, config.precision, model.device, sharded=is_sharded(model))
-    model.autocast_dtype = None if resolved == "int8" else autocast_dtype(config.precision, model.device)
-    if config.merge_lora and model.delta is not None and model.delta.merge_lora():
-        log.info("LoRA merged into the backbone weights for answering")
-    if resolved == "none":
-        dtype = model.autocast_dtype
-        log.info("quantize %s: none (%s answering); CPU: %s", choice,
-                 str(dtype).replace("torch.", "") if dtype else "fp32", describe_cpu() if model.device.type == "cpu"
-                 else model.device.type)
-        return resolved
-
-    def to_int8() -> None:
-        stats = _to_int8(model)
-        log.info("quantize %s: int8 backbone (%d Linear layers, %.1fM weights, %s kernels, %.2f s); CPU: %s",
-                 choice, stats["layers"], stats["parameters"] / 1e6, stats["engine"], stats["seconds"],
-                 describe_cpu())
-
-    if not background:
-        to_int8()
-        return resolved
-    outcome: dict[str, BaseException] = {}
-
-    def run() -> None:
-        try:
-            to_int8()
-        except BaseException as exc:  # handed to the thread that waits for it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="optqa-int8", daemon=True)
-    model.__dict__[_PENDING] = (thread, outcome)
-    thread.start()
-    return resolved
-
-
-def wait_until_ready(model) -> None:
-    """Wait for ``prepare_for_answering(..., background=True)`` to finish; re-raise what it raised, if anything."""
-    pending = model.__dict__.pop(_PENDING, None)
-    if pending is None:
-        return
-    thread, outcome = pending
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-
-
-def prepare_shared_for_answering(models: list, quantize: str | None, precision: str) -> str:
-    """``prepare_for_answering`` for several deltas on one shared backbone (``--mode serve``).
-
-    LoRA stays unmerged (merging would change the weights every delta shares; its update is added in fp32),
-    and the shared Linear layers are packed to int8 once for all of them.
-
-    Args:
-        models: ``PromptForGeneration`` objects whose backbones share their weight tensors.
-        quantize: ``--quantize`` (None: ``auto``, as for the question loop).
-        precision: the one ``--precision`` they all compute in.
-    Returns:
-        ``"none"`` or ``"int8"``.
-    Raises:
-        OptqaError: ``--quantize int8`` where it cannot run (see ``resolve_quantize``).
-    """
-    from optqa.hardware import autocast_dtype
-
-    choice = quantize or "auto"
-    resolved = resolve_quantize(choice, precision, models[0].device)
-    shared: dict = {}
-    started = time.perf_counter()
-    for model in models:
-        if resolved == "int8":
-            _to_int8(model, shared)
-        else:
-            model.autocast_dtype = autocast_dtype(precision, model.device)
-    if resolved == "int8":
-        log.info("quantize %s: int8 backbone shared by %d delta(s) (%d packed Linear layers, %.2f s); CPU: %s",
-                 choice, len(models), len(shared), time.perf_counter() - started, describe_cpu())
-    else:
-        log.info("quantize %s: none", choice)
-    return resolved
+    """Undo ``quantize_int8``: every Linear is back in its place, computing with its fp32 weight."""
+    restore(model, Int8Linear)

@@ -203,14 +203,14 @@ def load_served(deltas: dict[str, str], plm_path: str | None = None, ignore_back
     The frozen weights are shared, and PromptForGeneration keeps them in its autocast dtype, so every delta
     must compute in the same precision: ``precision`` (a typed ``--precision``) or, if None, the one every
     checkpoint recorded. ``quantize`` is ``--quantize`` (None: auto, int8 where the CPU lacks native bf16), applied
-    once to the shared backbone (``quantize.prepare_shared_for_answering``).
+    once to the shared backbone (``answering.prepare_shared_for_answering``).
 
     Raises:
         OptqaError: a delta is refused (its one-line reason), or the checkpoints recorded different
             precisions and none was given.
     """
+    from optqa.answering import prepare_shared_for_answering
     from optqa.build import load_shared
-    from optqa.quantize import prepare_shared_for_answering
 
     loaded = load_shared(deltas, plm_path=plm_path, ignore_backbone_mismatch=ignore_backbone_mismatch,
                          overrides=overrides)

@@ -11,6 +11,7 @@ from conftest import MEMORY_SET, train_args, train_in_process, write_split
 
 from optqa.build import build_model, load_trained
 from optqa.cli import answer_with_notes, main, parse_args
+from optqa.compat.openprompt import generate
 from optqa.data import InputExample, LMTokenizerWrapper, collate_for_generation
 from optqa.interactive import one_line, repl
 
@@ -70,7 +71,7 @@ def test_at_the_budget_a_prefix_prompt_and_the_longest_answer_fit(tiny_opt):
     # optqa's own decoder, which answers (PEFT's generate passes the cache under both of its names on transformers
     # 5.24, one of them deprecated)
     batch = collate_for_generation([encoded], model.tokenizer.pad_token_id)
-    output_ids, _ = model.generate(batch, max_new_tokens=32, min_new_tokens=32)
+    output_ids, _ = generate(model, batch, max_new_tokens=32, min_new_tokens=32)  # OpenPrompt's generate
     assert len(output_ids[0]) == 218 + 32
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import MEMORY_SET, REPO
 from test_speed_paths import first_step_logits, make_model, train_a_little
 
-from optqa import quantize
+from optqa import quantize, wrappers
 from optqa.errors import OptqaError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,7 +53,7 @@ def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
     # the delta itself is untouched and stays fp32 and trainable; no delta module was quantised
     assert all(torch.equal(delta_before[k], v) and v.dtype == torch.float32
                for k, v in model.delta_state_dict().items())
-    assert not any("_optqa_int8" in m.__dict__ for n, m in model.plm.named_modules()
+    assert not any(isinstance(m, quantize.Int8Linear) for n, m in model.plm.named_modules()
                    if any(marker in n + "." for marker in ("lora_", ".adapter.", "prompt_encoder.")))
 
     # packing on one thread or several gives the same int8 model: the same logits, bit for bit
@@ -81,6 +81,7 @@ def test_packing_is_bit_for_bit_torchs_dynamic_int8_linear(tiny_opt):
         steps = torch.arange(layers[1][1].in_features) % 255 - 127  # -127 ... 127
         layers[1][1].weight[0] = (steps + 0.5) / 127.5  # scale 1/127.5: every value lands near k + 0.5
     quantize.quantize_int8(model.plm, workers=2)
+    int8_layers = dict(model.plm.named_modules())
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,13 +89,15 @@ def test_packing_is_bit_for_bit_torchs_dynamic_int8_linear(tiny_opt):
             module.qconfig = per_channel_dynamic_qconfig
             reference = DynamicInt8Linear.from_float(module)
             del module.qconfig
-            ours = torch.ops.quantized.linear_unpack(module.__dict__["_optqa_int8"])
+            int8 = int8_layers[name]  # in the Linear's place, holding its parameters
+            assert isinstance(int8, quantize.Int8Linear) and int8.weight is module.weight, name
+            ours = torch.ops.quantized.linear_unpack(int8.packed)
             theirs = torch.ops.quantized.linear_unpack(reference._packed_params._packed_params)
             assert torch.equal(ours[0].int_repr(), theirs[0].int_repr()), name
             assert torch.equal(ours[0].q_per_channel_scales(), theirs[0].q_per_channel_scales()), name
             assert (ours[1] is None and theirs[1] is None) or torch.equal(ours[1], theirs[1]), name
             hidden = torch.randn(2, 5, module.in_features)
-            assert torch.equal(module(hidden), reference(hidden)), name
+            assert torch.equal(int8(hidden), reference(hidden)), name
     assert len(layers) == TINY_LINEARS
 
 
@@ -102,11 +105,39 @@ def test_the_output_head_is_quantised_through_its_tie(tiny_opt):
     model = make_model(tiny_opt, "adapter")
     head, embedding = model.plm.get_output_embeddings(), model.plm.get_input_embeddings()
     assert len(quantize.frozen_linears(model.plm, head=False)) == TINY_LINEARS - 1
+    state_keys = set(model.backbone.state_dict())
     quantize.quantize_int8(model.plm)
-    assert "_optqa_int8" in head.__dict__ and head.weight is embedding.weight  # the tie is kept
+    int8_head = model.plm.get_output_embeddings()
+    assert isinstance(int8_head, quantize.Int8Linear) and int8_head.base_layer is head
+    assert int8_head.weight is embedding.weight  # the tie is kept
+    assert set(model.backbone.state_dict()) == state_keys and model.quantization == "int8"
     with pytest.raises(OptqaError, match="bfloat16 autocast does not apply"):
-        model.quantization = "int8"
         model.autocast_dtype = torch.bfloat16
+    quantize.dequantize(model.plm)
+    assert model.plm.get_output_embeddings() is head and model.quantization == "none"
+
+
+@pytest.mark.parametrize("delta", ["bitfit", "lora"])
+def test_answering_sets_no_state_on_the_backbones_objects(tiny_opt, delta):
+    """bf16 and int8 answering change how the frozen backbone computes only through optqa's wrapper modules in
+    the Linear layers' places (optqa.wrappers): no transformers or PEFT module, and no tensor, gains an attribute
+    or an assigned forward, and afterwards the module tree is the one it was, object for object."""
+    model = make_model(tiny_opt, delta)
+    modules, tensors = dict(model.plm.named_modules()), list(model.plm.parameters())
+    attributes = {name: set(vars(module)) for name, module in modules.items()}
+    marks = [set(vars(tensor)) for tensor in tensors]  # transformers' own (_is_hf_initialized)
+    fp32 = model.answer(QUESTIONS[:4])
+    model.autocast_dtype = torch.bfloat16
+    model.answer(QUESTIONS[:4])
+    assert isinstance(model.plm.get_output_embeddings(), wrappers.CastLinear)
+    model.autocast_dtype = None
+    model.answer(QUESTIONS[:4])  # the frozen weights back in fp32, the head back in its place
+    quantize.quantize_int8(model.plm)
+    assert model.answer(QUESTIONS[:4]) == fp32 and model.quantization == "int8"
+    assert {name: set(vars(module)) for name, module in modules.items()} == attributes
+    assert [set(vars(tensor)) for tensor in tensors] == marks
+    quantize.dequantize(model.plm)
+    assert dict(model.plm.named_modules()) == modules and model.quantization == "none"
 
 
 # ------------------------------------------------------------------------------------------- resolution
@@ -327,14 +358,15 @@ def test_training_scores_on_int8_only_when_asked(tiny_opt, memory_data, tmp_path
 
 
 def test_background_quantisation_answers_as_the_synchronous_one(adapter_checkpoint):
+    from optqa.answering import prepare_for_answering, wait_until_ready
     from optqa.build import load_trained
     from optqa.config import RunConfig
 
     answers = {}
     for background in (False, True):
         model, _, _ = load_trained(adapter_checkpoint)
-        assert quantize.prepare_for_answering(model, RunConfig(quantize="int8"), background=background) == "int8"
-        quantize.wait_until_ready(model)
+        assert prepare_for_answering(model, RunConfig(quantize="int8"), background=background) == "int8"
+        wait_until_ready(model)
         assert model.quantization == "int8" and quantize.is_quantized(model.plm)
         answers[background] = model.answer(QUESTIONS)
     assert answers[True] == answers[False] == [golds[0] for _, golds in MEMORY_SET]
@@ -357,6 +389,6 @@ def test_served_deltas_share_one_int8_backbone(adapter_checkpoint):
     served = load_served({"a": str(adapter_checkpoint), "b": str(adapter_checkpoint)}, quantize="int8")
     first, second = (s.model for s in served.values())
     assert first.quantization == second.quantization == "int8"
-    packed = [[m.__dict__["_optqa_int8"] for _, m in quantize.frozen_linears(s.model.plm)] for s in served.values()]
+    packed = [[m.packed for m in s.model.plm.modules() if isinstance(m, quantize.Int8Linear)] for s in served.values()]
     assert len(packed[0]) == TINY_LINEARS and all(a is b for a, b in zip(*packed))  # packed once, used by both
     assert first.answer(QUESTIONS) == second.answer(QUESTIONS) == [golds[0] for _, golds in MEMORY_SET]

@@ -4,8 +4,8 @@ batch of 32 questions of mixed lengths equal a loop that runs the full forward p
 question at a time; the first step's logits agree.
 
 The reference runs the model the way training always has, through PEFT's own forward for PEFT's deltas: it
-shares no code with optqa's decoder (``_greedy``, ``_backbone_inputs``, the prefix cache), so a soft prompt
-prepended twice or a prefix that never reaches the cache (transformers 5.24 with PEFT's generation glue) fails
+shares no code with optqa's decoder (``optqa.generate.greedy``, ``_backbone_inputs``, the prefix cache), so a soft
+prompt prepended twice or a prefix that never reaches the cache (transformers 5.24 with PEFT's generation glue) fails
 here.
 """
 from __future__ import annotations

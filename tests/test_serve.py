@@ -531,8 +531,8 @@ def test_bf16_deltas_share_one_cast_of_the_tied_head(ckpts, one_torch_thread):
         s.model.answer(QUESTIONS[:1])
     heads = [s.model.backbone.get_output_embeddings() for s in served.values()]
     assert heads[0] is not heads[1]
-    assert heads[0].__dict__["_optqa_weight"] is heads[1].__dict__["_optqa_weight"]
-    assert heads[0].__dict__["_optqa_weight"].dtype == torch.bfloat16
+    assert heads[0].cast_weight is heads[1].cast_weight  # CastLinear (optqa.wrappers) in each head's place
+    assert heads[0].cast_weight.dtype == torch.bfloat16
     fc2 = [dict(s.model.plm.named_modules()) for s in served.values()]
     weight = fc2[0]["model.decoder.layers.0.fc2"].weight
     assert weight.dtype == torch.bfloat16 and weight.data_ptr() == fc2[1][

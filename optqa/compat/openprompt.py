@@ -1,12 +1,14 @@
-"""OpenPrompt's ``GenerationVerbalizer`` and ``PromptDataLoader`` on optqa's tokeniser wrapper and collate functions.
+"""OpenPrompt's ``GenerationVerbalizer``, ``PromptDataLoader`` and ``PromptForGeneration.generate`` on optqa.
 
 A course script builds its batches with these: examples are rendered through the template and tokenised
 once (with a progress bar); ``teacher_forcing=True`` gives training batches (prompt + target + eos, loss on
 the target), otherwise prompts to answer. optqa pads each batch to its longest row and groups rows of similar
 length when shuffling; ``pad_to_max_length=True`` gives OpenPrompt's padding of every row to ``max_seq_length``.
+OpenPrompt's ``generate(batch, **generation_arguments)`` runs on optqa's greedy decoder (``optqa.generate``).
 """
 from __future__ import annotations
 
+import logging
 import random
 from typing import Iterator
 
@@ -21,6 +23,7 @@ from optqa.data import (
     collate_for_training,
 )
 from optqa.errors import OptqaError
+from optqa.model import PromptForGeneration as _PromptModule
 from optqa.template import ManualTemplate, parse_template, piece_text
 
 
@@ -271,3 +274,127 @@ SoftManualTemplate = _refused_template("SoftManualTemplate", 'MixedTemplate with
 
 
 PTRTemplate = _refused_template("PTRTemplate", "ManualTemplate (PTR's sub-prompts are for classification)")
+
+
+log = logging.getLogger(__name__)
+
+# OpenPrompt generation arguments that change nothing in greedy decoding (sampling and beam settings, and
+# output plumbing); the ones here with the greedy value are accepted, any other value is refused
+IGNORED_IN_GREEDY = {"temperature", "top_k", "top_p", "length_penalty", "early_stopping", "pad_token_id",
+                     "use_cache", "output_scores", "typical_p"}
+GREEDY_EQUIVALENT = {"num_beams": 1, "do_sample": False, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                     "no_repeat_ngram_size": 0, "num_beam_groups": 1}
+_TAKEN = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "eos_token_id", "bad_words_ids")
+
+
+def _greedy_settings(generation_arguments: dict) -> dict:
+    """The arguments greedy decoding acts on (``_TAKEN``, None where not given), the others checked.
+
+    Raises:
+        OptqaError: an unknown argument, or one asking for more than greedy decoding (beams, sampling, several
+            sequences, repetition penalties, multi-token ``bad_words_ids``).
+    """
+    args = {k: v for k, v in generation_arguments.items() if k not in IGNORED_IN_GREEDY}
+    taken = {k: args.pop(k, None) for k in _TAKEN}
+    unknown = sorted(set(args) - set(GREEDY_EQUIVALENT))
+    if unknown:
+        raise OptqaError(f"generate does not take {', '.join(unknown)} (it takes max_length, max_new_tokens, "
+                         "min_length, min_new_tokens, eos_token_id, bad_words_ids, "
+                         f"{', '.join(sorted(IGNORED_IN_GREEDY | set(GREEDY_EQUIVALENT)))})")
+    unsupported = [f"{k}={v!r}" for k, v in args.items() if GREEDY_EQUIVALENT[k] != v]
+    if unsupported or any(len(words) != 1 for words in taken["bad_words_ids"] or []):
+        what = ", ".join(unsupported) or "bad_words_ids with sequences longer than one token"
+        raise OptqaError(f"generate: optqa answers greedily; {what} is not supported (use num_beams=1, "
+                         "do_sample=False, repetition_penalty=1.0, single-token bad_words_ids)")
+    return taken
+
+
+def _budgets(lengths: torch.Tensor, settings: dict, default: int) -> list[int]:
+    """Answer tokens each row may have: ``max_new_tokens`` (taking precedence, as in transformers), else what
+    ``max_length`` leaves after the row's own prompt of ``lengths`` tokens, else ``default``."""
+    if settings["max_new_tokens"] is not None:
+        return [settings["max_new_tokens"]] * len(lengths)
+    if settings["max_length"] is not None:
+        return (settings["max_length"] - lengths).clamp(min=0).tolist()
+    return [default] * len(lengths)
+
+
+def _logits_processor(lengths: torch.Tensor, settings: dict, held: list[int], banned: list[int]):
+    """``f(logits, step) -> logits`` that never picks a ``banned`` token and holds back the ``held`` ones (eos)
+    before ``min_length``/``min_new_tokens``; None where neither applies."""
+    min_length, min_new_tokens = settings["min_length"] or 0, settings["min_new_tokens"] or 0
+    if not (banned or min_length or min_new_tokens):
+        return None
+
+    def process(logits: torch.Tensor, step: int) -> torch.Tensor:
+        if banned:
+            logits[:, banned] = float("-inf")
+        # OpenPrompt's min_length counts each example's own prompt (one example at a time)
+        hold = (lengths.to(logits.device) + step < min_length) | (step < min_new_tokens)
+        logits[:, held] = torch.where(hold[:, None], float("-inf"), logits[:, held])
+        return logits
+
+    return process
+
+
+def generate(model: _PromptModule, batch, verbose: bool = False,
+             **generation_arguments) -> tuple[list[list[int]], list[str]]:
+    """OpenPrompt's ``output_ids, output_sentences = prompt_model.generate(batch, verbose=False, **args)``.
+
+    The whole batch is answered at once by optqa's greedy decoder (OpenPrompt answered decoder-only
+    batches one example at a time); every row gets the answer it would get alone.
+
+    Args:
+        model: an optqa ``PromptForGeneration``.
+        batch: from ``PromptDataLoader(..., teacher_forcing=False)`` (left-padded prompts).
+        verbose: log each generated sentence.
+        generation_arguments: OpenPrompt's. ``max_length`` counts prompt plus answer tokens of each row, as
+            OpenPrompt counts them; ``max_new_tokens`` (taking precedence, as in transformers) the answer
+            alone; neither: the model's ``max_new_tokens``. ``min_length`` (counted like ``max_length``) and
+            ``min_new_tokens`` hold back eos; ``eos_token_id`` (int or list) also ends an answer (the text
+            keeps that token, as OpenPrompt's does); single-token ``bad_words_ids`` are never generated.
+            Settings that only act in sampling or beam search (``temperature``, ``top_k``, ``top_p``,
+            ``length_penalty``, ``early_stopping``) change nothing in greedy decoding and are accepted.
+
+    Returns:
+        ``(output_ids, output_sentences)``: per row, the prompt's ids without padding followed by the
+        generated ids up to and including the token it stopped at (``list[list[int]]``), and the answer
+        text (cut at eos, stripped).
+
+    Raises:
+        OptqaError: a teacher-forced batch; beam search, sampling, several sequences, repetition
+            penalties, multi-token ``bad_words_ids`` or an unknown argument (optqa answers greedily).
+    """
+    if "labels" in batch:
+        raise OptqaError("generate answers prompts: use a PromptDataLoader with teacher_forcing=False (this batch "
+                         "holds the answers)")
+    settings = _greedy_settings(generation_arguments)
+    lengths = batch["attention_mask"].sum(dim=1)
+    budgets = _budgets(lengths, settings, model.max_new_tokens)
+    eos_ids = settings["eos_token_id"]
+    stops = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    banned = sorted({words[0] for words in settings["bad_words_ids"] or []})
+    process = _logits_processor(lengths, settings, sorted({model.tokenizer.eos_token_id, *stops}), banned)
+    generated: list[list[int]] = [[] for _ in budgets]
+    if max(budgets) > 0:
+        _, generated = model.generate_answers(batch, max(budgets), logits_processor=process, return_ids=True)
+    output_ids, sentences = [], []
+    for i, (budget, new) in enumerate(zip(budgets, generated)):
+        new = new[:budget]  # a row with a longer prompt has less of max_length left
+        new = new[:next((j + 1 for j, token in enumerate(new) if token in stops), len(new))]
+        output_ids.append(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist() + new)
+        sentences.append(model.decode_answer(new))
+    if verbose:
+        for sentence in sentences:
+            log.info("generated: %s", sentence)
+    return output_ids, sentences
+
+
+class PromptForGeneration(_PromptModule):
+    """OpenPrompt's ``PromptForGeneration(plm, template, freeze_plm=True, plm_eval_mode=False, tokenizer=None)``:
+    optqa's ``optqa.model.PromptForGeneration`` (the module, its loss and ``answer``) with OpenPrompt's
+    ``generate(batch, verbose=False, **generation_arguments)``. ``from optqa import PromptForGeneration`` is this."""
+
+    def generate(self, batch, verbose: bool = False, **generation_arguments) -> tuple[list[list[int]], list[str]]:
+        """OpenPrompt's generate: ``optqa.compat.openprompt.generate(self, batch, verbose, **arguments)``."""
+        return generate(self, batch, verbose, **generation_arguments)
