@@ -79,7 +79,7 @@ def map_state(delta_type: str, state: dict[str, Any], own_names: list[str], back
     return mapped
 
 
-def import_opendelta(config: RunConfig, explicit: set[str]) -> str:
+def import_opendelta(config: RunConfig) -> str:
     """Convert ``config.import_path`` into the optqa checkpoint ``config.delta_save_path``; returns a summary line."""
     from optqa.checkpoints.assemble import build_model, template_text
     from optqa.checkpoints.format import build_manifest, save_checkpoint, sha256_file

@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 
 
-def push(config, explicit: set[str]) -> list[str]:
+def push(config) -> list[str]:
     """``--mode push``: upload ``--delta_save_path`` to ``--hub_repo`` (or, with ``--dry_run``, write the folder
-    that would be uploaded to ``--export_path``). Returns the lines to print.
+    that would be uploaded to ``--export_path``). Returns the lines to print. ``config.plm_path`` None: the
+    backbone the checkpoint records.
 
     Raises:
         OptqaError: no --hub_repo, an invalid repository id, no token, offline mode, or the Hub refusing.
@@ -36,14 +37,14 @@ def push(config, explicit: set[str]) -> list[str]:
     if config.dry_run:
         if not config.export_path:
             raise OptqaError("--dry_run writes the folder it would upload to --export_path; pass --export_path DIR")
-        target = build_upload_folder(config, explicit, Path(config.export_path))
+        target = build_upload_folder(config, Path(config.export_path))
         return [f"dry run: nothing uploaded; the folder that would go to {config.hub_repo} is {target}:",
                 *_listing(target)]
     api, user = _hub_session()
     from huggingface_hub.errors import HfHubHTTPError
 
     with tempfile.TemporaryDirectory(prefix="optqa-push-") as temp:
-        folder = build_upload_folder(config, explicit, Path(temp) / "upload")
+        folder = build_upload_folder(config, Path(temp) / "upload")
         try:
             api.create_repo(config.hub_repo, private=config.private, exist_ok=True, repo_type="model")
             info = api.upload_folder(repo_id=config.hub_repo, folder_path=str(folder), repo_type="model",
@@ -120,7 +121,7 @@ def _listing(folder: Path) -> list[str]:
             for path in sorted(folder.iterdir()) if path.is_file()]
 
 
-def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
+def build_upload_folder(config, target: Path) -> Path:
     """Write the folder a push uploads into ``target`` (a new or empty folder): the checkpoint's manifest and
     files byte for byte, the PEFT adapter files where PEFT has the method, and the model card README.md.
 
@@ -144,7 +145,7 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
         verify_files(folder, manifest)
         manifest_bytes, names = shareable_files(folder, manifest)
         problem = peft_export_problem(manifest) if config.export_peft else "--no-export_peft was given"
-        base_model = _base_model(config, explicit, manifest)
+        base_model = _base_model(config, manifest)
 
         def write(out: Path) -> None:
             (out / MANIFEST_NAME).write_bytes(manifest_bytes)
@@ -154,7 +155,7 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
             if problem is None:
                 with tempfile.TemporaryDirectory(prefix="optqa-peft-") as temp:
                     adapter = write_peft_adapter(folder, Path(temp) / "adapter", manifest,
-                                                 config.plm_path if "plm_path" in explicit else None,
+                                                 config.plm_path,
                                                  config.ignore_backbone_mismatch)
                     for name in ("adapter_config.json", "adapter_model.safetensors", PEFT_TEMPLATE_NAME):
                         shutil.copyfile(adapter / name, out / name)
@@ -181,7 +182,7 @@ def _finish_adapter_config(path: Path, base_model: str | None) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8", newline="\n")
 
 
-def _base_model(config, explicit: set[str], manifest: dict[str, Any]) -> str | None:
+def _base_model(config, manifest: dict[str, Any]) -> str | None:
     """The backbone's Hub id for the card: --base_model, else the manifest's name if it is a Hub id (a local
     folder names nothing on the Hub)."""
     if config.base_model:
