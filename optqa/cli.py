@@ -270,14 +270,14 @@ def evaluate_mode(config: Settings) -> int:
 
     settings = config.resolved()
     split = settings.split
-    gold = str(split_files(config)[split])
+    gold = str(split_files(settings)[split])
     if not Path(gold).is_file():
         what = "--predictions_file" if settings.predictions_file else "the model's answers"
         raise OptqaError(f"--mode evaluate scores {what} against the gold answers of --split {split}, and {gold} "
                          f"does not exist; name them with --{split}_file FILE (any jsonl with {settings.id_field!r}, "
                          f"{settings.question_field!r} and {settings.answers_field!r}) or --data_path FOLDER holding "
                          f"{split}.jsonl")
-    examples = load_split(config, split)
+    examples = load_split(settings, split)
     # every file is read and matched to the gold ids before a model is loaded, so a bad file fails in seconds
     compared = (score_predictions(examples, read_predictions(settings.compare_file, settings.id_field),
                                   settings.compare_file, gold) if settings.compare_file else None)
