@@ -1,7 +1,9 @@
 """The one typed configuration: defaults for the CLI, the saved checkpoint and the docs' flag table.
 
-Every field carries its help text in ``metadata["help"]``; ``optqa.cli`` builds argparse from these fields
-and ``markdown_table()`` renders the flag table of docs/flags.md, so a default is written in exactly one place.
+The typed delta configs and their registry (``REGISTRY``), then a run's settings in sections (``SECTIONS``), one
+config per mode made of the sections it reads (``MODE_CONFIGS``) and ``RunConfig``, every section. Every field
+carries its help text in ``metadata["help"]``; ``optqa.cli`` builds argparse from these fields and
+``markdown_table()`` renders the flag table of docs/flags.md, so a default is written in exactly one place.
 """
 from __future__ import annotations
 
@@ -823,10 +825,9 @@ assert set(MODE_SECTIONS) == set(MODES)
 def _mode_config(mode: str) -> type:
     """The dataclass ``<Mode>Config``: ``mode`` (defaulting to this mode) and the fields ``MODE_SECTIONS`` names,
     in the order of ``SECTIONS``."""
-    parts = dict(only(part, *(f.name for f in dataclasses.fields(part))) if isinstance(part, type) else part
-                 for part in MODE_SECTIONS[mode])
-    specs: list[tuple[str, Any, Any]] = [("mode", str, field(default=mode, metadata=_field(ModeSettings, "mode")
-                                                              .metadata))]
+    parts = dict(without(part) if isinstance(part, type) else part for part in MODE_SECTIONS[mode])
+    mode_field = field(default=mode, metadata=_field(ModeSettings, "mode").metadata)
+    specs: list[tuple[str, Any, Any]] = [("mode", str, mode_field)]
     for section in SECTIONS:
         hints = typing.get_type_hints(section)
         for name in parts.get(section, ()):
@@ -890,6 +891,10 @@ class RunConfig(ServingSettings, SharingSettings, EvaluationSettings, OutputSett
         own = {"modified_modules", *flags_of(self.delta_type)}
         delta_flags = {flag for t in DELTA_TYPES for flag in flags_of(t)} | {"modified_modules"}
         return tuple(n for n in self.names_where("resume") if n not in delta_flags or n in own)
+
+
+# RunConfig's bases are SECTIONS reversed: its fields, --help and the flag table then follow SECTIONS
+assert [f.name for f in dataclasses.fields(RunConfig)] == [f.name for s in SECTIONS for f in dataclasses.fields(s)]
 
 
 def setting_default(name: str) -> Any:
