@@ -156,7 +156,8 @@ def test_help_lists_modes_and_flags_with_defaults():
     for flag, default in ISSUE_DEFAULTS.items():
         assert entries[f"--{flag}"].endswith(f"(default: {default})"), entries[f"--{flag}"]
     for flag, default in RECIPE_DEFAULTS.items():
-        assert f"(default: the delta type's recipe: adapter {default}, lora " in entries[f"--{flag}"], entries[f"--{flag}"]
+        entry = entries[f"--{flag}"]
+        assert f"(default: the delta type's recipe: adapter {default}, lora " in entry, entry
     assert re.search(r"\(default: templates/\w+\.txt\)$", entries["--template"])
     assert "the default is, per family: OPT: self_attn fc2; GPT-2: attn mlp.c_proj; " in entries["--modified_modules"]
 
