@@ -193,18 +193,17 @@ def worker_answer(args) -> dict:
     """Dev questions/s: optqa's batched path (``--mode evaluate``'s) or plain one-at-a-time greedy generation."""
     import torch
 
-    from optqa.config import RunConfig
+    from optqa.config import MODE_CONFIGS
     from optqa.data import collate_for_generation, generation_batches, read_qa_jsonl
 
     dev = read_qa_jsonl(Path(args.data) / "dev.jsonl")
     if args.impl == "optqa":
-        from optqa.cli import _load_for_inference
+        from optqa.run.answering import load_for_answering
         from optqa.run.evaluation import predict
 
-        config = RunConfig(mode="evaluate", delta_save_path=args.checkpoint, max_new_tokens=args.max_new_tokens)
-        # evaluate's path on an fp32 / bf16 backbone; benchmarks/bench_int8.py measures int8
-        model, _, saved = _load_for_inference(config, {"mode", "delta_save_path", "max_new_tokens"},
-                                              quantize_default="none")
+        # --mode evaluate's config and path on an fp32 / bf16 backbone; benchmarks/bench_int8.py measures int8
+        config = MODE_CONFIGS["evaluate"](delta_save_path=args.checkpoint, max_new_tokens=args.max_new_tokens)
+        model, _, saved = load_for_answering(config, quantize_default="none")
         encoded = model.wrapper.encode_all(dev[:args.questions])
         model.answer([dev[-1].text_a])  # warm-up, untimed, as for the peer
         common.reset_peak_rss()

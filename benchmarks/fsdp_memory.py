@@ -58,6 +58,7 @@ def worker(args: list[str], out_prefix: str) -> None:
     from common import peak_rss_mb, reset_peak_rss
 
     from optqa.cli import parse_args
+    from optqa.config import RunConfig
     from optqa.hardware import parameter_counts
     from optqa.run import training as trainer
 
@@ -72,7 +73,7 @@ def worker(args: list[str], out_prefix: str) -> None:
         return value
 
     trainer._optimiser_step = measured_step
-    config, _ = parse_args(args)
+    config = RunConfig.of(parse_args(args))
     trainer.train(config)
     rank = os.environ.get("RANK", "0")
     Path(f"{out_prefix}-{rank}.json").write_text(json.dumps({"rank": int(rank), "after_steps": after_step,

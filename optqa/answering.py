@@ -166,7 +166,7 @@ def prepare_for_answering(model, config, default: str = "auto", background: bool
     The one entry point for everything that only answers (the question loop, ``--mode evaluate``, a server).
 
     Args:
-        model: a ``PromptForGeneration`` (e.g. from ``optqa.checkpoints.assemble.load_trained``), in eval mode.
+        model: a ``PromptForGeneration`` (e.g. from ``optqa.build.load_trained``), in eval mode.
         config: a ``RunConfig``; reads ``quantize`` (None: ``default``), ``precision`` and ``merge_lora``.
         default: what ``quantize=None`` means for this caller: ``auto`` for the question loop and serving,
             ``none`` where scores are reported (they must not move with the CPU they were computed on).

@@ -1,6 +1,7 @@
-"""The command line, the top of the package: flags generated from RunConfig, one gate for option pairs
-(``optqa.options.check_run``), then one ``<mode>_mode`` function per ``--mode`` that turns the config into calls
-to the library below and prints the outcome. Exit status: 0, 2 for an ``error:`` line, 130 after Ctrl-C, 141
+"""The command line, the top of the package: flags generated from RunConfig's sections, each mode's config built
+from the flags typed (``optqa.options.config_for``), one gate for option pairs (``optqa.options.check_run``), then
+one ``<mode>_mode`` function per ``--mode`` (``MODE_RUNNERS``) that turns the config into calls to the library below
+and prints the outcome. Exit status: 0, 2 for an ``error:`` line, 130 after Ctrl-C, 141
 when the reader of stdout went away."""
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import shlex
 import sys
 import typing
 from pathlib import Path
+from typing import Any, Callable
 
-from optqa.config import RunConfig, shown_default
+from optqa.config import MODES, RunConfig, Settings, shown_default
 from optqa.errors import OptqaError
 
 log = logging.getLogger("optqa")
@@ -61,10 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> tuple[RunConfig, set[str]]:
-    """The config, and which flags the user actually typed (a checkpoint's values win over defaults)."""
-    given = vars(build_parser().parse_args(argv))
-    return RunConfig(**given), set(given)
+def parse_flags(argv=None) -> dict[str, Any]:
+    """The flags typed, by name (argparse's usage errors and --help end the program with SystemExit)."""
+    return vars(build_parser().parse_args(argv))
+
+
+def parse_args(argv=None) -> Settings:
+    """The config of the mode ``argv`` asks for (``optqa.config.MODE_CONFIGS``): a flag not typed is None, so a
+    checkpoint's recorded value wins over a default nobody typed.
+
+    Raises:
+        OptqaError: a flag the mode does not read.
+    """
+    from optqa.options import config_for
+
+    return config_for(parse_flags(argv))
 
 
 # the exit status of a program killed by SIGPIPE (128 + 13), what `... | head` gets from C tools
@@ -112,15 +125,15 @@ def _drop_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _parse(argv: list[str]) -> tuple[RunConfig, set[str]] | int:
-    """``parse_args``, or the exit status where argparse ends the run: 0 after --help, 2 after a usage error.
+def _parse(argv: list[str]) -> dict[str, Any] | int:
+    """``parse_flags``, or the exit status where argparse ends the run: 0 after --help, 2 after a usage error.
 
     Also when the help meets a closed pipe (``optqa --help | head``): Python 3.11.7's argparse drops what the pipe
     refuses, 3.11.2's raises BrokenPipeError, and a help shorter than stdout's buffer meets it only in a later
     flush; each ends the same way here (tests/test_exits.py).
     """
     try:
-        return parse_args(argv)
+        return parse_flags(argv)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except BrokenPipeError:
@@ -133,16 +146,16 @@ def _parse(argv: list[str]) -> tuple[RunConfig, set[str]] | int:
 
 
 def _run(argv: list[str]) -> int:
-    parsed = _parse(argv)
-    if isinstance(parsed, int):
-        return parsed
-    config, explicit = parsed
+    given = _parse(argv)
+    if isinstance(given, int):
+        return given
     try:
         configure_logging()
-        from optqa.options import check_run
+        from optqa.options import check_run, config_for
 
-        check_run(config, explicit)
-        return globals()[f"{config.mode}_mode"](config, explicit) or 0  # every mode in MODES has one (test_layout)
+        config = config_for(given)
+        check_run(config)
+        return MODE_RUNNERS[config.mode](config) or 0
     except OptqaError as exc:
         # a training run stopped by a failed write (optqa.run.training.RunNotSaved) says how to continue it
         hint = f"; {continue_hint(argv)}" if getattr(exc, "resumable", False) else ""
@@ -156,11 +169,12 @@ def _run(argv: list[str]) -> int:
 def interrupted_message(argv: list[str]) -> str:
     """What Ctrl-C prints: for training, the exact command that continues the run from its last saved state."""
     try:
-        config, _ = parse_args(argv)
-    except SystemExit:
+        config = parse_args(argv)
+    except (SystemExit, OptqaError):
         return "interrupted"
     if config.mode != "train":
         return "interrupted"
+    config = config.resolved()
     from optqa.checkpoints.format import MANIFEST_NAME, RESUME_DIR_NAME
 
     state = Path(config.raw_delta_save_path) / RESUME_DIR_NAME
@@ -172,7 +186,7 @@ def interrupted_message(argv: list[str]) -> str:
 
 def continue_hint(argv: list[str]) -> str:
     """How a training run given ``argv`` continues: the exact ``--resume`` command once a resume state exists."""
-    config, _ = parse_args(argv)
+    config = parse_args(argv).resolved()
     from optqa.checkpoints.format import MANIFEST_NAME, RESUME_DIR_NAME, resolve_folder
 
     if not (resolve_folder(Path(config.raw_delta_save_path) / RESUME_DIR_NAME) / MANIFEST_NAME).is_file():
@@ -200,18 +214,20 @@ def configure_logging() -> None:
 PLACEHOLDERS = frozenset({"README.md", ".gitkeep"})
 
 
-def no_delta_yet(config: RunConfig, explicit: set[str]) -> None:
+def no_delta_yet(config: Settings) -> None:
     """Refuse, saying what to do first, a mode that reads the default --delta_save_path before any delta was saved
     there: on a fresh clone ./delta_ckpts/ holds only its README, and "optqa_manifest.json is missing" would be
     true but tell a newcomer nothing.
 
     Raises:
-        OptqaError: --delta_save_path was not typed and its folder is missing or holds only ``PLACEHOLDERS``.
+        OptqaError: --delta_save_path was not typed (None) and its folder is missing or holds only
+            ``PLACEHOLDERS``.
     """
     from optqa.checkpoints.format import MANIFEST_NAME, resolve_folder
 
-    if "delta_save_path" in explicit:
+    if config.delta_save_path is not None:
         return
+    config = config.resolved()
     folder = resolve_folder(config.delta_save_path)
     if (folder / MANIFEST_NAME).is_file() or (folder.is_dir() and {p.name for p in folder.iterdir()} - PLACEHOLDERS):
         return  # a checkpoint, or files the loader names in its own refusal
@@ -221,36 +237,10 @@ def no_delta_yet(config: RunConfig, explicit: set[str]) -> None:
                      "with --delta_save_path (a folder, a .optqa bundle or hf://OWNER/NAME)")
 
 
-def _load_for_inference(config: RunConfig, explicit: set[str], quantize_default: str, background: bool = False):
-    """A checkpoint rebuilds everything; only flags the user typed override what it recorded.
-
-    How to answer on this machine (--quantize, --merge_lora) is never taken from the checkpoint; the
-    --quantize actually applied is written back into ``config`` (and so into the run folder's config.json).
-    """
-    from optqa.answering import prepare_for_answering
-    from optqa.build import load_trained
-    from optqa.hardware import configure_threads
-
-    no_delta_yet(config, explicit)
-    configure_threads(config.num_threads)
-    overrides = {k: getattr(config, k) for k in ("max_new_tokens", "eval_batch_size", "precision", "max_seq_l",
-                                                 "chat_template") if k in explicit}
-    model, manifest, saved = load_trained(config.delta_save_path,
-                                          plm_path=config.plm_path if "plm_path" in explicit else None,
-                                          ignore_backbone_mismatch=config.ignore_backbone_mismatch,
-                                          overrides=overrides,
-                                          template=config.template if "template" in explicit else None,
-                                          merge_lora=config.merge_lora, answer_only=True)
-    configure_threads(config.num_threads, hidden_size=model.backbone.config.hidden_size)
-    saved.quantize, saved.merge_lora = config.quantize, config.merge_lora
-    config.quantize = prepare_for_answering(model, saved, default=quantize_default, background=background)
-    return model, manifest, saved
-
-
-def train_mode(config: RunConfig, explicit: set[str]) -> int:
+def train_mode(config: Settings) -> int:
     from optqa.run.training import train
 
-    summary = train(config)
+    summary = train(RunConfig.of(config))
     if summary.main_process:  # one summary per run, however many processes trained
         print_summary(summary)
     return 0
@@ -271,45 +261,46 @@ def print_summary(summary) -> None:
         print(f"learning curve: {summary.plot}")
 
 
-def evaluate_mode(config: RunConfig, explicit: set[str]) -> int:
+def evaluate_mode(config: Settings) -> int:
     """Score a saved delta, the bare backbone (--no_delta), or a --predictions_file, on --split; --num_shots and
     --chat_template change how the model is prompted; --compare_file adds a question-by-question diff."""
     from optqa.data import load_split, split_files
     from optqa.run.folder import METRICS_NAME, RunFolder, compare_name
     from optqa.run.predictions import compare_rows, read_predictions, score_predictions
 
-    split = config.split
-    gold = str(split_files(config)[split])
+    settings = config.resolved()
+    split = settings.split
+    gold = str(split_files(settings)[split])
     if not Path(gold).is_file():
-        what = "--predictions_file" if config.predictions_file else "the model's answers"
+        what = "--predictions_file" if settings.predictions_file else "the model's answers"
         raise OptqaError(f"--mode evaluate scores {what} against the gold answers of --split {split}, and {gold} "
-                         f"does not exist; name them with --{split}_file FILE (any jsonl with {config.id_field!r}, "
-                         f"{config.question_field!r} and {config.answers_field!r}) or --data_path FOLDER holding "
+                         f"does not exist; name them with --{split}_file FILE (any jsonl with {settings.id_field!r}, "
+                         f"{settings.question_field!r} and {settings.answers_field!r}) or --data_path FOLDER holding "
                          f"{split}.jsonl")
-    examples = load_split(config, split)
+    examples = load_split(settings, split)
     # every file is read and matched to the gold ids before a model is loaded, so a bad file fails in seconds
-    compared = (score_predictions(examples, read_predictions(config.compare_file, config.id_field),
-                                  config.compare_file, gold) if config.compare_file else None)
-    if config.predictions_file:
-        source = config.predictions_file
-        metrics, rows = score_predictions(examples, read_predictions(source, config.id_field), source, gold)
+    compared = (score_predictions(examples, read_predictions(settings.compare_file, settings.id_field),
+                                  settings.compare_file, gold) if settings.compare_file else None)
+    if settings.predictions_file:
+        source = settings.predictions_file
+        metrics, rows = score_predictions(examples, read_predictions(source, settings.id_field), source, gold)
     else:
         from optqa.run.evaluation import evaluate as score_model
         from optqa.run.evaluation import use_shots
 
-        model, source, batch_size = _model_to_score(config, explicit)
-        use_shots(model, config)
+        model, source, batch_size = _model_to_score(config)
+        use_shots(model, settings)
         encoded = model.wrapper.encode_all(examples, desc=f"tokenising {split}")
         metrics, rows = score_model(model, encoded, batch_size, split)
         # which baseline (or delta) answered, and how it was prompted
-        prompting = {"quantize": config.quantize, "no_delta": config.no_delta, "num_shots": config.num_shots,
+        prompting = {"quantize": config.quantize, "no_delta": settings.no_delta, "num_shots": settings.num_shots,
                      "chat_template": model.wrapper.chat_template}
-    run = RunFolder.create(config.output_dir, "evaluate")
-    run.write_config(config)
+    run = RunFolder.create(settings.output_dir, "evaluate")
+    run.write_config(RunConfig.of(config))  # with the --quantize applied
     path = run.write_predictions(split, rows)
     run.append(METRICS_NAME, [{"split": split, f"{split}_f1": metrics["f1"], f"{split}_em": metrics["em"],
                                "count": metrics["count"], "source": source,
-                               **({} if config.predictions_file else prompting)}])
+                               **({} if settings.predictions_file else prompting)}])
     print(f"{split}: F1 {metrics['f1']:.2f} EM {metrics['em']:.2f} on {metrics['count']} questions from {source}; "
           f"predictions in {path}")
     if compared is not None:
@@ -320,41 +311,48 @@ def evaluate_mode(config: RunConfig, explicit: set[str]) -> int:
         counts, changed = compare_rows(rows, rows_b)
         agreed = agreement(rows, rows_b)
         diff = run.write_rows(compare_name(split), changed)
-        chart = plot_agreement(run.path / agreement_name(split), agreed, source, config.compare_file, RIGHT_F1)
-        run.append(METRICS_NAME, [{"split": split, "compare_file": config.compare_file, "compare_f1": metrics_b["f1"],
+        chart = plot_agreement(run.path / agreement_name(split), agreed, source, settings.compare_file, RIGHT_F1)
+        run.append(METRICS_NAME, [{"split": split, "compare_file": settings.compare_file, "compare_f1": metrics_b["f1"],
                                    "compare_em": metrics_b["em"], **counts, **agreed}])
-        print(comparison_table(source, config.compare_file, metrics, metrics_b, counts, changed))
+        print(comparison_table(source, settings.compare_file, metrics, metrics_b, counts, changed))
         print(f"questions with different predictions in {diff}")
         print(f"right (F1 > {RIGHT_F1:g}%): " + ", ".join(f"{AGREEMENT[k]} {v}" for k, v in agreed.items())
               + f"; chart in {chart}")
     return 0
 
 
-def _model_to_score(config: RunConfig, explicit: set[str]):
-    """What ``--mode evaluate`` answers with: a checkpoint (``_load_for_inference``), or with ``--no_delta`` the bare
-    backbone through --template. Returns ``(model, source recorded with the scores, answering batch size)``."""
+def _model_to_score(config: Settings):
+    """What ``--mode evaluate`` answers with: a checkpoint (``load_for_answering``), or with ``--no_delta`` the bare
+    backbone through --template. Returns ``(model, source recorded with the scores, answering batch size)``; the
+    --quantize applied is written into ``config.quantize``."""
     if not config.no_delta:
-        model, manifest, saved = _load_for_inference(config, explicit, quantize_default="none")
+        from optqa.run.answering import load_for_answering
+
+        no_delta_yet(config)
+        model, manifest, saved = load_for_answering(config, quantize_default="none")
         pulled = manifest.get("pulled_from")
         # a Hub name's branch or tag can move: the scores are recorded against the commit that was answered
-        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.delta_save_path
+        source = f"hf://{pulled['repo_id']}@{pulled['commit']}" if pulled else config.resolved().delta_save_path
         return model, source, saved.eval_batch_size
     from optqa.answering import prepare_for_answering
     from optqa.hardware import configure_threads
     from optqa.run.evaluation import bare_model
 
-    configure_threads(config.num_threads)
-    model = bare_model(config)
-    config.quantize = prepare_for_answering(model, config, default="none")
-    return model, f"{config.plm_path} (no delta)", config.eval_batch_size
+    settings = RunConfig.of(config)  # the bare backbone: every setting typed or default, none from a checkpoint
+    configure_threads(settings.num_threads)
+    model = bare_model(settings)
+    config.quantize = prepare_for_answering(model, settings, default="none")
+    return model, f"{settings.plm_path} (no delta)", settings.eval_batch_size
 
 
-def interactive_inference_mode(config: RunConfig, explicit: set[str]) -> int:
-    from optqa.answering import wait_until_ready
+def interactive_inference_mode(config: Settings) -> int:
     from optqa.interactive import repl
+    from optqa.answering import wait_until_ready
+    from optqa.run.answering import load_for_answering
 
+    no_delta_yet(config)
     # int8 packing runs while the first prompt waits for a person to type (0.6 s for OPT-125m on 2 cores)
-    model, manifest, saved = _load_for_inference(config, explicit, quantize_default="auto", background=True)
+    model, manifest, saved = load_for_answering(config, quantize_default="auto", background=True)
     # the backbone actually loaded: --plm_path when given, else the checkpoint's
     log.info("delta %s on %s ready; type quit() to stop", manifest["delta"]["delta_type"], saved.plm_path)
 
@@ -388,16 +386,17 @@ def answer_with_notes(model, question: str) -> str:
     return answer
 
 
-def demo_mode(config: RunConfig, explicit: set[str]) -> int:
+def demo_mode(config: Settings) -> int:
     from optqa.demo import run_demo
 
-    run_demo(config, explicit)
+    run_demo(config)
     return 0
 
 
-def download_mode(config: RunConfig, explicit: set[str]) -> int:
+def download_mode(config: Settings) -> int:
     from optqa.download import download_arc_da, has_data
 
+    config = config.resolved()
     target = Path(config.data_path)
     if has_data(target):
         print(f"ARC-DA already in {target}")
@@ -407,43 +406,45 @@ def download_mode(config: RunConfig, explicit: set[str]) -> int:
     return 0
 
 
-def inspect_mode(config: RunConfig, explicit: set[str]) -> int:
+def inspect_mode(config: Settings) -> int:
     from optqa.checkpoints.inspect import inspect_checkpoint
 
-    no_delta_yet(config, explicit)
-    print("\n".join(inspect_checkpoint(config.delta_save_path)))
+    no_delta_yet(config)
+    print("\n".join(inspect_checkpoint(config.resolved().delta_save_path)))
     return 0
 
 
-def export_mode(config: RunConfig, explicit: set[str]) -> int:
+def export_mode(config: Settings) -> int:
     from optqa.sharing.export import export_checkpoint
 
-    no_delta_yet(config, explicit)
-    for line in export_checkpoint(config.delta_save_path, config.export_path, peft=config.export_peft,
-                                  plm_path=config.plm_path if "plm_path" in explicit else None,
-                                  ignore_backbone_mismatch=config.ignore_backbone_mismatch,
-                                  template=config.template if "template" in explicit else None):
+    no_delta_yet(config)
+    settings = config.resolved()
+    # --plm_path and --template not given (None): the checkpoint's
+    for line in export_checkpoint(settings.delta_save_path, settings.export_path, peft=settings.export_peft,
+                                  plm_path=config.plm_path, ignore_backbone_mismatch=settings.ignore_backbone_mismatch,
+                                  template=config.template):
         print(line)
     return 0
 
 
-def push_mode(config: RunConfig, explicit: set[str]) -> int:
+def push_mode(config: Settings) -> int:
     from optqa.sharing.push import push as push_to_hub
 
-    no_delta_yet(config, explicit)
-    for line in push_to_hub(config, explicit):
+    no_delta_yet(config)
+    # --plm_path not given (None): the checkpoint's backbone
+    for line in push_to_hub(dataclasses.replace(config.resolved(), plm_path=config.plm_path)):
         print(line)
     return 0
 
 
-def import_opendelta_mode(config: RunConfig, explicit: set[str]) -> int:
+def import_opendelta_mode(config: Settings) -> int:
     from optqa.sharing.opendelta import import_opendelta as convert
 
-    print(convert(config, explicit))
+    print(convert(RunConfig.of(config)))
     return 0
 
 
-def serve_mode(config: RunConfig, explicit: set[str]) -> int:
+def serve_mode(config: Settings) -> int:
     """Verify every delta, load the backbone once, and answer over HTTP until Ctrl-C."""
     import os
 
@@ -462,7 +463,9 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
     )
 
     if not config.deltas:  # --delta_save_path is served as "default"
-        no_delta_yet(config, explicit)
+        no_delta_yet(config)
+    # --plm_path, --max_new_tokens and --precision not given (None): each checkpoint's
+    given, config = config, config.resolved()
     deltas = parse_delta_specs(config.deltas, config.delta_save_path)
     api_key = api_key_from(config.api_key, os.environ)
     hosts = allowed_hosts_for(config.host, config.allowed_hosts)
@@ -470,11 +473,9 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
     sock = bind(config.host, config.port)
     try:
         configure_threads(config.num_threads)
-        overrides = {k: getattr(config, k) for k in ("max_new_tokens",) if k in explicit}
-        served = load_served(deltas, plm_path=config.plm_path if "plm_path" in explicit else None,
-                             ignore_backbone_mismatch=config.ignore_backbone_mismatch, overrides=overrides,
-                             precision=config.precision if "precision" in explicit else None,
-                             quantize=config.quantize)
+        overrides = {"max_new_tokens": given.max_new_tokens} if given.max_new_tokens is not None else {}
+        served = load_served(deltas, plm_path=given.plm_path, ignore_backbone_mismatch=config.ignore_backbone_mismatch,
+                             overrides=overrides, precision=given.precision, quantize=config.quantize)
         backbone = next(iter(served.values())).model.backbone  # one backbone, shared by every delta
         configure_threads(config.num_threads, hidden_size=backbone.config.hidden_size)
         app = create_app(served, api_key=api_key, batch_size=config.eval_batch_size, allowed_hosts=hosts)
@@ -489,3 +490,11 @@ def serve_mode(config: RunConfig, explicit: set[str]) -> int:
     finally:
         sock.close()
     return 0
+
+
+# --mode's value -> the function that runs it
+MODE_RUNNERS: dict[str, Callable[[Settings], int]] = {
+    "train": train_mode, "evaluate": evaluate_mode, "interactive_inference": interactive_inference_mode,
+    "demo": demo_mode, "inspect": inspect_mode, "export": export_mode, "push": push_mode,
+    "download": download_mode, "import_opendelta": import_opendelta_mode, "serve": serve_mode}
+assert set(MODE_RUNNERS) == set(MODES)

@@ -1,10 +1,13 @@
 """The one typed configuration: defaults for the CLI, the saved checkpoint and the docs' flag table.
 
-Every field carries its help text in ``metadata["help"]``; ``optqa.cli`` builds argparse from these fields
-and ``markdown_table()`` renders the flag table of docs/flags.md, so a default is written in exactly one place.
+The typed delta configs and their registry (``REGISTRY``), then a run's settings in sections (``SECTIONS``), one
+config per mode made of the sections it reads (``MODE_CONFIGS``) and ``RunConfig``, every section. Every field
+carries its help text in ``metadata["help"]``; ``optqa.cli`` builds argparse from these fields and
+``markdown_table()`` renders the flag table of docs/flags.md, so a default is written in exactly one place.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -313,6 +316,9 @@ def _decoder_only_prompt(peft_config: dict[str, Any], source: str) -> None:
 
 # ------------------------------------------------------------------------------------ the delta-type registry
 
+# the settings a delta type's recipe may give defaults for (the ones that depend most on the method)
+RECIPE_KEYS = ("lr", "train_epochs", "warmup_steps", "max_new_tokens")
+
 @dataclass(frozen=True)
 class DeltaType:
     """Everything optqa knows about one delta method, in one entry of ``REGISTRY``: the CLI's ``--delta_type``
@@ -338,6 +344,8 @@ class DeltaType:
         parameters: substrings that only the names of its parameters contain (``lora_``): the names it declares
             as its own, so ``optqa.deltas.is_delta_parameter`` (what trains, what is saved, what a checkpoint
             file may hold) knows them without a model at hand.
+        recipe: its training defaults (keys among ``RECIPE_KEYS``): a setting the user does not give takes the
+            recipe's value, else the setting's own default (``default_of``); the manifest records the value used.
     """
 
     config: type[DeltaConfig]
@@ -350,6 +358,11 @@ class DeltaType:
     virtual_place: str | None = None
     gradient_checkpointing: bool = True
     opendelta: bool = False
+    recipe: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.recipe) - set(RECIPE_KEYS)
+        assert not unknown, f"{self.name}: a recipe sets only {', '.join(RECIPE_KEYS)}, not {sorted(unknown)}"
 
     @property
     def name(self) -> str:
@@ -366,14 +379,17 @@ class DeltaType:
 
 REGISTRY: dict[str, DeltaType] = {entry.name: entry for entry in (
     DeltaType(AdapterConfig, "optqa.deltas:BottleneckAdapter", "bottleneck adapter", "adapter", (".adapter.",),
-              opendelta=True),
-    DeltaType(LoraConfig, "optqa.deltas:LoRA", "LoRA", "lora", ("lora_",), peft_type="LORA", opendelta=True),
-    DeltaType(BitFitConfig, "optqa.deltas:BitFit", "BitFit", "bitfit", ("bitfit_delta_bias",), opendelta=True),
+              opendelta=True, recipe={"lr": 1e-3, "train_epochs": 3}),
+    DeltaType(LoraConfig, "optqa.deltas:LoRA", "LoRA", "lora", ("lora_",), peft_type="LORA", opendelta=True,
+              recipe={"lr": 1e-3, "train_epochs": 3}),
+    DeltaType(BitFitConfig, "optqa.deltas:BitFit", "BitFit", "bitfit", ("bitfit_delta_bias",), opendelta=True,
+              recipe={"lr": 1e-3, "train_epochs": 3}),
     DeltaType(SoftPromptConfig, "optqa.deltas:SoftPrompt", "prompt tuning", "prompt-tuning", ("prompt_encoder.",),
-              peft_type="PROMPT_TUNING", virtual_tokens="soft_token_num", virtual_place="inputs"),
+              peft_type="PROMPT_TUNING", virtual_tokens="soft_token_num", virtual_place="inputs",
+              recipe={"lr": 1e-3, "train_epochs": 3}),
     DeltaType(PrefixConfig, "optqa.deltas:Prefix", "prefix tuning", "prefix-tuning", ("prompt_encoder.",),
               peft_type="PREFIX_TUNING", virtual_tokens="prefix_token_num", virtual_place="cache",
-              gradient_checkpointing=False),
+              gradient_checkpointing=False, recipe={"lr": 1e-3, "train_epochs": 3}),
 )}
 DELTA_TYPES = tuple(REGISTRY)
 DELTA_CONFIGS: dict[str, type[DeltaConfig]] = {name: entry.config for name, entry in REGISTRY.items()}
@@ -438,17 +454,34 @@ CLI_MODIFIED_MODULES = tuple(delta_default("lora", "modified_modules", cli=True)
 MODULE_DELTA_TYPES = tuple(t for t in DELTA_TYPES if "modified_modules" in flags_of(t))
 
 
+# ------------------------------------------------------------------------------------ the run's settings
+# A run's settings come in sections (the dataclasses below). Each mode's config holds the sections, or the parts
+# of them, that the mode reads (MODE_SECTIONS): its fields are its command-line flags. RunConfig holds every
+# section: the library's config and what a checkpoint records. A setting's dataclass default is None, "not
+# given", so a mode sees what was typed (a checkpoint's recorded value wins over a default nobody typed);
+# ``resolved()`` puts in what None stands for (``default_of``), and RunConfig does so when it is built.
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    """A settings field: None until given; ``default`` (metadata) is what None stands for.
+
+    Metadata: ``help``; ``choices``/``nargs``/``shown`` for argparse; ``resume=True``, a setting a ``--resume``
+    must keep (it shapes the delta, the data order or the optimisation); ``training=True``, a training setting
+    that ``--mode inspect`` and model cards show.
+    """
+    return field(default=None, metadata={"help": help, "default": default, **extra})
+
+
 def _delta_flag(delta_type: str, flag: str) -> Any:
-    """A RunConfig field for one delta option: its default and help are the typed delta config's; a resumed
+    """A settings field for one delta option: its default and help are the typed delta config's; a resumed
     run must keep it (it shapes the delta)."""
     f = delta_field(delta_type, flag)
-    return _opt(delta_default(delta_type, flag), f"{delta_type}: {f.metadata['help']}", resume=True)
+    return _setting(delta_default(delta_type, flag), f"{delta_type}: {f.metadata['help']}", resume=True)
 
 
 def _with_delta_flags(cls: type) -> type:
-    """One RunConfig field per option of every registered delta type, placed right after ``modified_modules``
-    (which several types share), so ``--help`` and the flag table list them together. Their default and help
-    are the typed config's: an option is declared once, on its delta type's config class."""
+    """One field per option of every registered delta type, placed right after ``modified_modules`` (which
+    several types share), so ``--help`` and the flag table list them together. Their default and help are the
+    typed config's: an option is declared once, on its delta type's config class."""
     annotations: dict[str, Any] = {}
     for name, hint in inspect.get_annotations(cls).items():  # the class's own, however the interpreter keeps them
         annotations[name] = hint
@@ -466,173 +499,368 @@ def _with_delta_flags(cls: type) -> type:
 
 
 @dataclass
-@_with_delta_flags
-class RunConfig:
-    """Every setting of a run: the CLI's flags, a run folder's config.json and a checkpoint's hyperparameters.
+class ModeSettings:
+    """What to do: train a delta, score one, chat with one, or manage checkpoints."""
 
-    Field metadata: ``help``; ``choices``/``nargs``/``shown`` for argparse; ``resume=True``, a setting a
-    ``--resume`` must keep (it shapes the delta, the data order or the optimisation); ``training=True``, a
-    training setting that ``--mode inspect`` and model cards show.
-    """
-    # what to do: train a delta, score one, chat with one, or manage checkpoints
-    mode: str = _opt("train", "what to run", choices=MODES, recorded=MODES + CHECKPOINT_ORIGINS)
+    mode: str = _setting("train", "what to run", choices=MODES, recorded=MODES + CHECKPOINT_ORIGINS)
+
+
+@dataclass
+class DataSettings:
+    """Where the questions come from."""
+
     # ARC-DA folder with train/dev/test.jsonl (downloaded automatically by --mode train when missing)
-    data_path: str = _opt("./data/ARC-DA-v1.1", "folder holding train.jsonl, dev.jsonl and test.jsonl", resume=True)
+    data_path: str = _setting("./data/ARC-DA-v1.1", "folder holding train.jsonl, dev.jsonl and test.jsonl",
+                              resume=True)
     # per-split overrides so any QA jsonl can be used
-    train_file: str | None = _opt(None, "training jsonl (default: <data_path>/train.jsonl)", resume=True)
-    dev_file: str | None = _opt(None, "dev jsonl (default: <data_path>/dev.jsonl)")
-    test_file: str | None = _opt(None, "test jsonl (default: <data_path>/test.jsonl)")
+    train_file: str | None = _setting(None, "training jsonl (default: <data_path>/train.jsonl)", resume=True)
+    dev_file: str | None = _setting(None, "dev jsonl (default: <data_path>/dev.jsonl)")
+    test_file: str | None = _setting(None, "test jsonl (default: <data_path>/test.jsonl)")
     # field names inside each jsonl row, for QA sets that are not ARC-DA
-    question_field: str = _opt("question", "jsonl field holding the question")
-    answers_field: str = _opt("answers", "jsonl field holding the list of gold answers (or one string)")
-    id_field: str = _opt("question_id", "jsonl field holding the question id (line number if absent)")
+    question_field: str = _setting("question", "jsonl field holding the question")
+    answers_field: str = _setting("answers", "jsonl field holding the list of gold answers (or one string)")
+    id_field: str = _setting("question_id", "jsonl field holding the question id (line number if absent)")
+
+
+@dataclass
+class DownloadSettings:
+    """Fetching ARC-DA."""
+
     # ARC-DA's official download location; --mode download fetches it
-    data_url: str = _opt("https://aristo-data-public.s3-us-west-2.amazonaws.com/arc-da/ARC-DA-v1.1.zip",
-                         "where --mode download fetches ARC-DA v1.1 from")
+    data_url: str = _setting("https://aristo-data-public.s3-us-west-2.amazonaws.com/arc-da/ARC-DA-v1.1.zip",
+                             "where --mode download fetches ARC-DA v1.1 from")
     # keep downloaded files whose sha256 differs from the pinned v1.1 values
-    allow_checksum_mismatch: bool = _opt(False, "accept ARC-DA files whose sha256 differs from the pinned values")
+    allow_checksum_mismatch: bool = _setting(False, "accept ARC-DA files whose sha256 differs from the pinned "
+                                                    "values")
+
+
+@dataclass
+class BackboneSettings:
+    """The frozen language model."""
 
     # model family name for load_plm (OpenPrompt's model_name)
-    plm_name: str = _opt("opt", "model family, as in OpenPrompt's load_plm(model_name, ...)")
+    plm_name: str = _setting("opt", "model family, as in OpenPrompt's load_plm(model_name, ...)")
     # a hub name or a local Hugging Face folder; offline machines must pass a local folder
-    plm_path: str = _opt("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder", resume=True)
+    plm_path: str = _setting("facebook/opt-125m", "backbone: a hub name or a local Hugging Face folder", resume=True)
+    # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)
+    ignore_backbone_mismatch: bool = _setting(False, "load a delta onto a backbone with different weights")
+
+
+@dataclass
+@_with_delta_flags
+class DeltaSettings:
+    """The delta to train: its type and options."""
+
     # which delta to inject into the frozen backbone
-    delta_type: str = _opt("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES, resume=True)
+    delta_type: str = _setting("adapter", "delta (parameter-efficient) method", choices=DELTA_TYPES, resume=True)
     # OpenDelta-style short module names the delta attaches to (adapter, lora, bitfit); None: the delta type's
-    # default, resolved in __post_init__ so that a manifest records what was actually modified
-    modified_modules: list[str] | None = _opt(None, "modules the delta attaches to (OpenDelta short names or the "
-                                                    "family-neutral attn, mlp_out, attn_qv; adapter, lora, and "
-                                                    "bitfit, which without it takes every Linear and norm of the "
-                                                    "decoder layers); the default is, per family: "
-                                                    + defaults_text(list(CLI_MODIFIED_MODULES)), nargs="+",
-                                              shown=" ".join(CLI_MODIFIED_MODULES), resume=True)
+    # default, resolved with the rest so that a manifest records what was actually modified
+    modified_modules: list[str] | None = _setting(None, "modules the delta attaches to (OpenDelta short names or "
+                                                        "the family-neutral attn, mlp_out, attn_qv; adapter, lora, "
+                                                        "and bitfit, which without it takes every Linear and norm "
+                                                        "of the decoder layers); the default is, per family: "
+                                                        + defaults_text(list(CLI_MODIFIED_MODULES)), nargs="+",
+                                                  shown=" ".join(CLI_MODIFIED_MODULES), resume=True)
     # here _with_delta_flags puts each registered delta type's own options (--bottleneck_dim, --lora_r, ...)
 
+
+@dataclass
+class PromptSettings:
+    """How a question is put to the model."""
+
     # OpenPrompt ManualTemplate file (or inline template text)
-    template: str = _opt(DEFAULT_TEMPLATE, "template file in templates/ (or inline template text)", resume=True)
-    # questions per optimisation step
-    batch_size: int = _opt(8, "training batch size", resume=True, training=True)
-    # questions answered at once when scoring
-    eval_batch_size: int = _opt(32, "answering batch size")
+    template: str = _setting(DEFAULT_TEMPLATE, "template file in templates/ (or inline template text)", resume=True)
     # prompt + answer + eos tokens; longer questions are cut, never the answer or the template text
-    max_seq_l: int = _opt(128, "maximum tokens per example (the question is cut to fit)", resume=True, training=True)
-    # greedy answers stop at eos or after this many tokens
-    max_new_tokens: int = _opt(32, "maximum generated answer tokens")
-    lr: float = _opt(1e-3, "learning rate (AdamW)", resume=True, training=True)
-    weight_decay: float = _opt(0.0, "AdamW weight decay", resume=True, training=True)
-    train_epochs: int = _opt(3, "training epochs", resume=True, training=True)
-    warmup_steps: int = _opt(0, "linear warm-up steps", resume=True, training=True)
-    # gradients are clipped to this norm (0 turns clipping off)
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", resume=True, training=True)
-    gradient_accumulation_steps: int = _opt(1, "batches per optimiser step", resume=True, training=True)
-    # one target per question is the homework's setup and keeps an epoch 3.4x cheaper than 'all'
-    train_targets: str = _opt("first", "train on the first gold answer or on every gold answer",
-                              choices=("first", "all"), resume=True, training=True)
-    # batching examples of similar length cuts padding; order across batches stays random
-    group_by_length: bool = _opt(True, "bucket training examples by length", resume=True)
-    seed: int = _opt(42, "random seed (data order, delta init, dropout)", resume=True, training=True)
-
-    # the final (best-dev) delta, as a self-describing checkpoint folder
-    delta_save_path: str = _opt("./delta_ckpts/", "final delta checkpoint folder (to load: also a .optqa bundle, "
-                                                 "hf://OWNER/NAME[@REVISION] or a PEFT adapter folder)")
-    # best-epoch delta plus the state needed by --resume
-    raw_delta_save_path: str = _opt("./raw_delta_ckpts/", "best-epoch delta and resume state")
-    # every run writes its config, metrics, predictions and plot into a new folder below this
-    output_dir: str = _opt("./runs", "parent folder of per-run result folders")
-    # resume state is written every this many optimiser steps (and at each epoch end)
-    save_steps: int = _opt(50, "write resume state every N optimiser steps")
-    resume: bool = _opt(False, "continue the interrupted run found in --raw_delta_save_path")
-
-    # split to score with --mode evaluate
-    split: str = _opt("test", "split scored by --mode evaluate", choices=("train", "dev", "test"))
-    # --mode evaluate without a model: score this predictions jsonl against the gold answers
-    predictions_file: str | None = _opt(None, "evaluate: score this predictions jsonl instead of a model")
-    # --mode evaluate: compare against a second predictions jsonl, question by question
-    compare_file: str | None = _opt(None, "evaluate: second predictions jsonl to compare with")
-    # --mode evaluate baselines: the backbone as it is, prompted through the template (no checkpoint is read)
-    no_delta: bool = _opt(False, "evaluate: score the bare backbone (--plm_path) through --template, without a delta")
-    # in-context examples before every question; drawn once with --seed from the train split, never the question
-    num_shots: int = _opt(0, "evaluate: put N training questions, each with its first gold answer, before every "
-                             "question (drawn once with --seed; 0: zero-shot)")
+    max_seq_l: int = _setting(128, "maximum tokens per example (the question is cut to fit)", resume=True,
+                              training=True)
     # instruct models expect their chat format; a checkpoint trained with it records it and always answers with it
-    chat_template: bool = _opt(False, "render the prompt as the user message of the tokenizer's chat template "
-                                      "(instruct models); a delta trained with it answers with it everywhere",
-                               resume=True, training=True)
-    # --mode export: single-file bundle to write; --mode push --dry_run: the folder that would be uploaded
-    export_path: str | None = _opt(None, "export: bundle file to write (default: <delta_save_path>.optqa); "
-                                         "push --dry_run: folder to write")
-    # --mode export: PEFT users get an adapter folder; off, export needs no backbone at all
-    export_peft: bool = _opt(True, "export: also write a PEFT adapter folder <bundle name>-peft/ (lora, soft_prompt, "
-                                   "prefix)")
-    # --mode import_opendelta: OpenDelta folder (config.json + pytorch_model.bin) to convert
-    import_path: str | None = _opt(None, "import_opendelta: OpenDelta checkpoint folder to convert")
-    # --mode push: the Hub repository (created if missing) that receives the checkpoint, PEFT adapter and card
-    hub_repo: str | None = _opt(None, "push: Hugging Face Hub repository OWNER/NAME to upload to")
-    # --mode push: a new repository is public unless this is given (an existing one keeps its visibility)
-    private: bool = _opt(False, "push: create the repository as private")
-    commit_message: str | None = _opt(None, "push: commit message (default: delta type, backbone and weights hash)")
-    # --mode push: build the exact folder, write it to --export_path, contact nobody
-    dry_run: bool = _opt(False, "push: write the folder that would be uploaded to --export_path, upload nothing")
-    # the card's base_model: a backbone loaded from a local folder names no Hub model unless the user does
-    base_model: str | None = _opt(None, "push: the backbone's Hub id for the model card (default: --plm_path "
-                                        "recorded in the checkpoint, if it is a Hub id)")
-    # --mode serve: the deltas put behind the HTTP API, each verified at start as the question loop verifies one
-    deltas: list[str] | None = _opt(None, "serve: deltas to serve as NAME=CHECKPOINT (folder or .optqa bundle); "
-                                          "default: --delta_save_path as 'default'", nargs="+")
-    # loopback only unless asked: the API has no rate limits and answering costs CPU
-    host: str = _opt("127.0.0.1", "serve: address to listen on (0.0.0.0: every interface)")
-    # DNS rebinding: a page whose name was rebound to this machine sends its own name as Host; only these are served
-    allowed_hosts: list[str] | None = _opt(None, "serve: Host header names answered besides --host (a loopback "
-                                                 "--host also answers localhost, 127.0.0.1 and ::1; '*': any name; "
-                                                 "with --host 0.0.0.0 or :: the default is any name)", nargs="+")
-    # 0 picks a free port; the log line 'serving ... at http://HOST:PORT/' names it
-    port: int = _opt(8000, "serve: TCP port (0: any free port)")
-    # the environment variable keeps the key out of shell history and process listings
-    api_key: str | None = _opt(None, "serve: require 'Authorization: Bearer KEY' on every API endpoint "
-                                     "(default: the OPTQA_API_KEY environment variable, else no key)")
-    # load a delta onto a backbone whose fingerprint differs (architecture and shapes are still checked)
-    ignore_backbone_mismatch: bool = _opt(False, "load a delta onto a backbone with different weights")
+    chat_template: bool = _setting(False, "render the prompt as the user message of the tokenizer's chat template "
+                                          "(instruct models); a delta trained with it answers with it everywhere",
+                                   resume=True, training=True)
+
+
+@dataclass
+class TrainingSettings:
+    """The optimisation, its resume state and its logs."""
+
+    # questions per optimisation step
+    batch_size: int = _setting(8, "training batch size", resume=True, training=True)
+    lr: float = _setting(1e-3, "learning rate (AdamW)", resume=True, training=True)
+    weight_decay: float = _setting(0.0, "AdamW weight decay", resume=True, training=True)
+    train_epochs: int = _setting(3, "training epochs", resume=True, training=True)
+    warmup_steps: int = _setting(0, "linear warm-up steps", resume=True, training=True)
+    # gradients are clipped to this norm (0 turns clipping off)
+    max_grad_norm: float = _setting(1.0, "gradient clipping norm (0: off)", resume=True, training=True)
+    gradient_accumulation_steps: int = _setting(1, "batches per optimiser step", resume=True, training=True)
+    # one target per question is the homework's setup and keeps an epoch 3.4x cheaper than 'all'
+    train_targets: str = _setting("first", "train on the first gold answer or on every gold answer",
+                                  choices=("first", "all"), resume=True, training=True)
+    # batching examples of similar length cuts padding; order across batches stays random
+    group_by_length: bool = _setting(True, "bucket training examples by length", resume=True)
+    seed: int = _setting(42, "random seed (data order, delta init, dropout)", resume=True, training=True)
+    # best-epoch delta plus the state needed by --resume
+    raw_delta_save_path: str = _setting("./raw_delta_ckpts/", "best-epoch delta and resume state")
+    # resume state is written every this many optimiser steps (and at each epoch end)
+    save_steps: int = _setting(50, "write resume state every N optimiser steps")
+    resume: bool = _setting(False, "continue the interrupted run found in --raw_delta_save_path")
+    # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
+    max_steps: int = _setting(0, "stop after N optimiser steps (0: no limit)")
+    gradient_checkpointing: bool = _setting(False, "recompute activations to save memory (large backbones)")
+    # FSDP2 through accelerate: each of N processes keeps 1/N of the frozen backbone; only with several processes
+    fsdp: bool = _setting(False, "shard the backbone across processes (FSDP2) for backbones that do not fit one "
+                                 "device")
+    # accelerate's trackers, beside the run folder's own logs (which are always written)
+    report_to: list[str] | None = _setting(None, "also log the losses, dev/test F1 and EM and the settings to these "
+                                                 "experiment trackers (accelerate's): tensorboard (events in the "
+                                                 "run folder), wandb, mlflow; each must be installed", nargs="+",
+                                           choices=TRACKERS)
+
+
+@dataclass
+class AnsweringSettings:
+    """Generating answers."""
+
+    # greedy answers stop at eos or after this many tokens
+    max_new_tokens: int = _setting(32, "maximum generated answer tokens")
+    # questions answered at once when scoring
+    eval_batch_size: int = _setting(32, "answering batch size")
+    # merge LoRA into the weights when only answering (exact up to float rounding)
+    merge_lora: bool = _setting(True, "merge LoRA weights for inference-only modes")
+
+
+@dataclass
+class ComputeSettings:
+    """Where and in which precision the numbers are computed."""
 
     # auto: bf16 autocast where the CPU/GPU has native bf16, else fp32
-    precision: str = _opt("auto", "compute precision", choices=("auto", "fp32", "bf16", "fp16"), training=True)
+    precision: str = _setting("auto", "compute precision", choices=("auto", "fp32", "bf16", "fp16"), training=True)
     # int8 frozen backbone when answering (optqa/quantize.py); unset, it depends on the mode: auto where a person
     # waits for the answer (the question loop, serving), none for the scores train and evaluate report, so a
     # research number does not move with the CPU it was computed on
-    quantize: str | None = _opt(None, "answer on an int8 frozen backbone: none, int8, or auto (int8 where the CPU "
-                                      "lacks native bf16 and has int8 kernels) (default: auto for "
-                                      "interactive_inference and serve, none for the scores of train and "
-                                      "evaluate)",
-                                choices=QUANTIZE_CHOICES)
-    cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
-    gradient_checkpointing: bool = _opt(False, "recompute activations to save memory (large backbones)")
-    # FSDP2 through accelerate: each of N processes keeps 1/N of the frozen backbone; only with several processes
-    fsdp: bool = _opt(False, "shard the backbone across processes (FSDP2) for backbones that do not fit one device")
+    quantize: str | None = _setting(None, "answer on an int8 frozen backbone: none, int8, or auto (int8 where the "
+                                          "CPU lacks native bf16 and has int8 kernels) (default: auto for "
+                                          "interactive_inference and serve, none for the scores of train and "
+                                          "evaluate)",
+                                    choices=QUANTIZE_CHOICES)
+    cpu: bool = _setting(False, "run on the CPU even when a GPU is present")
     # None: torch's default (one thread per physical core)
-    num_threads: int | None = _opt(None, "CPU threads for torch (default: 1 for a backbone narrower than 768, else "
-                                         "one per free physical core; see docs/performance.md)")
-    # merge LoRA into the weights when only answering (exact up to float rounding)
-    merge_lora: bool = _opt(True, "merge LoRA weights for inference-only modes")
-    # stop after this many optimiser steps in total (for smoke runs); 0 means no limit
-    max_steps: int = _opt(0, "stop after N optimiser steps (0: no limit)")
-    # accelerate's trackers, beside the run folder's own logs (which are always written)
-    report_to: list[str] | None = _opt(None, "also log the losses, dev/test F1 and EM and the settings to these "
-                                             "experiment trackers (accelerate's): tensorboard (events in the run "
-                                             "folder), wandb, mlflow; each must be installed", nargs="+",
-                                       choices=TRACKERS)
+    num_threads: int | None = _setting(None, "CPU threads for torch (default: 1 for a backbone narrower than 768, "
+                                             "else one per free physical core; see docs/performance.md)")
 
-    def __post_init__(self) -> None:
-        # one resolved value for --modified_modules, whatever the delta type: the manifest's hyperparameters and
-        # its delta config then say the same thing (a delta type without modules records None)
-        if self.delta_type not in MODULE_DELTA_TYPES:
-            self.modified_modules = None
-        elif self.modified_modules is None:
-            self.modified_modules = delta_default(self.delta_type, "modified_modules", cli=True)
-        else:
-            self.modified_modules = list(self.modified_modules)
+
+@dataclass
+class CheckpointSettings:
+    """The delta checkpoint a mode writes or reads."""
+
+    # the final (best-dev) delta, as a self-describing checkpoint folder
+    delta_save_path: str = _setting("./delta_ckpts/", "final delta checkpoint folder (to load: also a .optqa "
+                                                      "bundle, hf://OWNER/NAME[@REVISION] or a PEFT adapter folder)")
+
+
+@dataclass
+class OutputSettings:
+    """The run folders."""
+
+    # every run writes its config, metrics, predictions and plot into a new folder below this
+    output_dir: str = _setting("./runs", "parent folder of per-run result folders")
+
+
+@dataclass
+class EvaluationSettings:
+    """What --mode evaluate scores, and how it prompts."""
+
+    # split to score with --mode evaluate
+    split: str = _setting("test", "split scored by --mode evaluate", choices=("train", "dev", "test"))
+    # --mode evaluate without a model: score this predictions jsonl against the gold answers
+    predictions_file: str | None = _setting(None, "evaluate: score this predictions jsonl instead of a model")
+    # --mode evaluate: compare against a second predictions jsonl, question by question
+    compare_file: str | None = _setting(None, "evaluate: second predictions jsonl to compare with")
+    # --mode evaluate baselines: the backbone as it is, prompted through the template (no checkpoint is read)
+    no_delta: bool = _setting(False, "evaluate: score the bare backbone (--plm_path) through --template, without a "
+                                     "delta")
+    # in-context examples before every question; drawn once with --seed from the train split, never the question
+    num_shots: int = _setting(0, "evaluate: put N training questions, each with its first gold answer, before every "
+                                 "question (drawn once with --seed; 0: zero-shot)")
+
+
+@dataclass
+class SharingSettings:
+    """Bundles, the Hub and OpenDelta imports."""
+
+    # --mode export: single-file bundle to write; --mode push --dry_run: the folder that would be uploaded
+    export_path: str | None = _setting(None, "export: bundle file to write (default: <delta_save_path>.optqa); "
+                                             "push --dry_run: folder to write")
+    # --mode export: PEFT users get an adapter folder; off, export needs no backbone at all
+    export_peft: bool = _setting(True, "export: also write a PEFT adapter folder <bundle name>-peft/ (lora, "
+                                       "soft_prompt, prefix)")
+    # --mode import_opendelta: OpenDelta folder (config.json + pytorch_model.bin) to convert
+    import_path: str | None = _setting(None, "import_opendelta: OpenDelta checkpoint folder to convert")
+    # --mode push: the Hub repository (created if missing) that receives the checkpoint, PEFT adapter and card
+    hub_repo: str | None = _setting(None, "push: Hugging Face Hub repository OWNER/NAME to upload to")
+    # --mode push: a new repository is public unless this is given (an existing one keeps its visibility)
+    private: bool = _setting(False, "push: create the repository as private")
+    commit_message: str | None = _setting(None, "push: commit message (default: delta type, backbone and weights "
+                                                "hash)")
+    # --mode push: build the exact folder, write it to --export_path, contact nobody
+    dry_run: bool = _setting(False, "push: write the folder that would be uploaded to --export_path, upload "
+                                    "nothing")
+    # the card's base_model: a backbone loaded from a local folder names no Hub model unless the user does
+    base_model: str | None = _setting(None, "push: the backbone's Hub id for the model card (default: --plm_path "
+                                            "recorded in the checkpoint, if it is a Hub id)")
+
+
+@dataclass
+class ServingSettings:
+    """The HTTP server."""
+
+    # --mode serve: the deltas put behind the HTTP API, each verified at start as the question loop verifies one
+    deltas: list[str] | None = _setting(None, "serve: deltas to serve as NAME=CHECKPOINT (folder or .optqa bundle); "
+                                              "default: --delta_save_path as 'default'", nargs="+")
+    # loopback only unless asked: the API has no rate limits and answering costs CPU
+    host: str = _setting("127.0.0.1", "serve: address to listen on (0.0.0.0: every interface)")
+    # DNS rebinding: a page whose name was rebound to this machine sends its own name as Host; only these are served
+    allowed_hosts: list[str] | None = _setting(None, "serve: Host header names answered besides --host (a loopback "
+                                                     "--host also answers localhost, 127.0.0.1 and ::1; '*': any "
+                                                     "name; with --host 0.0.0.0 or :: the default is any name)",
+                                               nargs="+")
+    # 0 picks a free port; the log line 'serving ... at http://HOST:PORT/' names it
+    port: int = _setting(8000, "serve: TCP port (0: any free port)")
+    # the environment variable keeps the key out of shell history and process listings
+    api_key: str | None = _setting(None, "serve: require 'Authorization: Bearer KEY' on every API endpoint "
+                                         "(default: the OPTQA_API_KEY environment variable, else no key)")
+
+
+# in the order --help and docs/flags.md list them
+SECTIONS: tuple[type, ...] = (ModeSettings, DataSettings, DownloadSettings, BackboneSettings, DeltaSettings,
+                              PromptSettings, TrainingSettings, AnsweringSettings, ComputeSettings,
+                              CheckpointSettings, OutputSettings, EvaluationSettings, SharingSettings,
+                              ServingSettings)
+
+
+def _field(section: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(section) if f.name == name)
+
+
+def default_of(config: Any, name: str) -> Any:
+    """What a setting that was not given (None) stands for in ``config`` (a mode's config or a RunConfig).
+
+    The delta type's recipe (``DeltaType.recipe``) where ``config`` trains a delta and the recipe has the setting,
+    else the field's default; ``modified_modules`` is the delta type's own modules (None for a type without).
+    """
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    if not hasattr(config, "delta_type"):  # the delta comes from a checkpoint: no recipe applies
+        return copy.deepcopy(f.metadata["default"])
+    delta_type = config.delta_type or _field(DeltaSettings, "delta_type").metadata["default"]
+    if name == "modified_modules":
+        return delta_default(delta_type, name, cli=True) if delta_type in MODULE_DELTA_TYPES else None
+    entry = REGISTRY.get(delta_type)
+    recipe = entry.recipe if entry is not None else {}
+    return copy.deepcopy(recipe.get(name, f.metadata["default"]))
+
+
+def _filled(config: Any) -> dict[str, Any]:
+    """``config``'s fields that are None, with what they stand for; and a given ``modified_modules`` as a list, or
+    None for a delta type without modules: the manifest's hyperparameters and its delta config then say the same."""
+    filled = {f.name: default_of(config, f.name) for f in dataclasses.fields(config)
+              if getattr(config, f.name) is None}
+    if getattr(config, "modified_modules", None) is not None:
+        delta_type = filled.get("delta_type", config.delta_type)
+        filled["modified_modules"] = list(config.modified_modules) if delta_type in MODULE_DELTA_TYPES else None
+    return filled
+
+
+class Settings:
+    """What every combination of sections can do (a mode's config, RunConfig)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Every field by name: what ``config.json`` and a checkpoint's ``hyperparameters`` record."""
         return dataclasses.asdict(self)
+
+    def given(self) -> dict[str, Any]:
+        """The settings that were given (not None), by name."""
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
+    def resolved(self) -> Any:
+        """A copy with each setting that was not given replaced by what it stands for (``default_of``)."""
+        return dataclasses.replace(self, **_filled(self))
+
+
+def only(section: type, *names: str) -> tuple[type, tuple[str, ...]]:
+    """The part of ``section`` a mode reads: the fields ``names``."""
+    known = [f.name for f in dataclasses.fields(section)]
+    assert set(names) <= set(known), f"{section.__name__} has no {sorted(set(names) - set(known))}"
+    return section, tuple(n for n in known if n in names)
+
+
+def without(section: type, *names: str) -> tuple[type, tuple[str, ...]]:
+    """The part of ``section`` a mode reads: all but the fields ``names``."""
+    return only(section, *(f.name for f in dataclasses.fields(section) if f.name not in names))
+
+
+# The settings each mode reads: whole sections, or parts of them (only/without). A mode's config holds exactly
+# these fields, and they are the flags it takes (optqa.options refuses the others).
+_LOADING = (only(BackboneSettings, "plm_path", "ignore_backbone_mismatch"), CheckpointSettings)
+MODE_SECTIONS: dict[str, tuple[Any, ...]] = {
+    "train": (DataSettings, DownloadSettings, BackboneSettings, DeltaSettings, PromptSettings, TrainingSettings,
+              only(AnsweringSettings, "max_new_tokens", "eval_batch_size"), ComputeSettings, CheckpointSettings,
+              OutputSettings),
+    # a checkpoint brings the prompt, the backbone and the delta; --template only for a plain PEFT adapter
+    "evaluate": (DataSettings, *_LOADING, PromptSettings, only(TrainingSettings, "seed"), AnsweringSettings,
+                 ComputeSettings, OutputSettings, EvaluationSettings),
+    "interactive_inference": (*_LOADING, only(PromptSettings, "template"),
+                              only(AnsweringSettings, "max_new_tokens", "merge_lora"), ComputeSettings),
+    # the demo builds its own backbone, dev file, save folders and trackers
+    "demo": (without(DataSettings, "dev_file"), DeltaSettings, only(PromptSettings, "template", "max_seq_l"),
+             without(TrainingSettings, "raw_delta_save_path", "report_to"),
+             only(AnsweringSettings, "max_new_tokens", "eval_batch_size"), ComputeSettings, OutputSettings),
+    "inspect": (CheckpointSettings,),
+    "export": (*_LOADING, only(PromptSettings, "template"), only(SharingSettings, "export_path", "export_peft")),
+    "push": (*_LOADING, without(SharingSettings, "import_path")),
+    "download": (only(DataSettings, "data_path"), DownloadSettings),
+    "import_opendelta": (only(BackboneSettings, "plm_name", "plm_path"), CheckpointSettings,
+                         only(PromptSettings, "template", "max_seq_l"), only(AnsweringSettings, "max_new_tokens"),
+                         only(SharingSettings, "import_path")),
+    "serve": (ServingSettings, *_LOADING, only(AnsweringSettings, "max_new_tokens", "eval_batch_size"),
+              ComputeSettings),
+}
+assert set(MODE_SECTIONS) == set(MODES)
+
+
+def _mode_config(mode: str) -> type:
+    """The dataclass ``<Mode>Config``: ``mode`` (defaulting to this mode) and the fields ``MODE_SECTIONS`` names,
+    in the order of ``SECTIONS``."""
+    parts = dict(without(part) if isinstance(part, type) else part for part in MODE_SECTIONS[mode])
+    mode_field = field(default=mode, metadata=_field(ModeSettings, "mode").metadata)
+    specs: list[tuple[str, Any, Any]] = [("mode", str, mode_field)]
+    for section in SECTIONS:
+        hints = typing.get_type_hints(section)
+        for name in parts.get(section, ()):
+            specs.append((name, hints[name], field(default=None, metadata=_field(section, name).metadata)))
+    name = "".join(word.title() for word in mode.split("_")) + "Config"
+    cls = dataclasses.make_dataclass(name, specs, bases=(Settings,))
+    cls.__module__, cls.__doc__ = __name__, f"The settings --mode {mode} reads (None: not given)."
+    return cls
+
+
+MODE_CONFIGS: dict[str, type] = {mode: _mode_config(mode) for mode in MODES}
+
+
+@dataclass
+class RunConfig(ServingSettings, SharingSettings, EvaluationSettings, OutputSettings, CheckpointSettings,
+                ComputeSettings, AnsweringSettings, TrainingSettings, PromptSettings, DeltaSettings,
+                BackboneSettings, DownloadSettings, DataSettings, ModeSettings, Settings):
+    """Every setting of a run (every section; dataclasses lists the fields of the last base first): the library's
+    config, a run folder's config.json and a checkpoint's hyperparameters. A setting not given takes what it
+    stands for when the config is built (``default_of``: the delta type's recipe, else the field's default)."""
+
+    def __post_init__(self) -> None:
+        for name, value in _filled(self).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def of(cls, config: Settings) -> "RunConfig":
+        """The RunConfig of a mode's config: what it gives, and every other setting's default."""
+        return cls(**config.given())
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
@@ -669,6 +897,15 @@ class RunConfig:
         return tuple(n for n in self.names_where("resume") if n not in delta_flags or n in own)
 
 
+# RunConfig's bases are SECTIONS reversed: its fields, --help and the flag table then follow SECTIONS
+assert [f.name for f in dataclasses.fields(RunConfig)] == [f.name for s in SECTIONS for f in dataclasses.fields(s)]
+
+
+def setting_default(name: str) -> Any:
+    """The default of the setting ``name`` (not a recipe's)."""
+    return copy.deepcopy(next(f for f in dataclasses.fields(RunConfig) if f.name == name).metadata["default"])
+
+
 def find_repo_file(path: str | Path) -> Path | None:
     """``path`` as given (relative to the working folder), else relative to the checkout, else None.
 
@@ -682,12 +919,21 @@ def find_repo_file(path: str | Path) -> Path | None:
 
 
 def shown_default(f: dataclasses.Field) -> Any:
-    """A field's default as --help and docs/flags.md show it (``metadata["shown"]`` where the default is resolved
-    later, per delta type)."""
+    """A setting's default as --help and docs/flags.md show it: ``metadata["shown"]`` where the default depends
+    on the delta type, the delta types' recipes where they give one (``recipe_text``), else the default."""
     if "shown" in f.metadata:
         return f.metadata["shown"]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = f.metadata["default"]
+    if any(f.name in entry.recipe for entry in REGISTRY.values()):
+        return recipe_text(f.name, default)
     return " ".join(default) if isinstance(default, list) else default
+
+
+def recipe_text(name: str, default: Any) -> str:
+    """``the delta type's recipe: adapter 0.001, lora 0.001, ...`` for the setting ``name`` (``default`` for the
+    types whose recipe leaves it out)."""
+    values = ", ".join(f"{t} {entry.recipe.get(name, default)}" for t, entry in REGISTRY.items())
+    return f"the delta type's recipe: {values}"
 
 
 def markdown_table() -> str:

@@ -2,12 +2,11 @@
 bundled sample, saves it, reloads it from the checkpoint alone and answers a few questions."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shlex
 from pathlib import Path
 
-from optqa.config import RunConfig, find_repo_file
+from optqa.config import RunConfig, Settings, find_repo_file
 from optqa.errors import OptqaError
 
 log = logging.getLogger("optqa")
@@ -20,8 +19,13 @@ DEMO_SETTINGS = dict(delta_type="adapter", modified_modules=["self_attn", "fc1",
 DEMO_SHOWN = 6
 
 
-def find_sample(config: RunConfig, explicit: set[str]) -> Path:
-    if "data_path" in explicit:
+def find_sample(config: Settings) -> Path:
+    """The demo's data: --data_path if given, else the bundled sample.
+
+    Raises:
+        OptqaError: no --data_path and no bundled sample (not run from a checkout).
+    """
+    if config.data_path is not None:
         return Path(config.data_path)
     found = find_repo_file(SAMPLE)
     if found is not None and (found / "train.jsonl").is_file():
@@ -29,22 +33,21 @@ def find_sample(config: RunConfig, explicit: set[str]) -> Path:
     raise OptqaError("the bundled sample data/sample/ was not found; run from the optqa checkout or pass --data_path")
 
 
-def run_demo(config: RunConfig, explicit: set[str]) -> None:
+def run_demo(config: Settings) -> None:
+    """``--mode demo`` with its config (``MODE_CONFIGS["demo"]``: a flag not typed is None)."""
     from optqa.build import load_trained
     from optqa.data import load_split
     from optqa.run.training import train
     from optqa.tiny import build_opt
 
-    sample = find_sample(config, explicit)
-    root = Path(config.output_dir) / "demo"
-    # typed flags override the demo's settings; the paths below are the demo's own (options.MODE_FLAGS refuses
-    # the others, and --data_path was read by find_sample)
-    settings = {**DEMO_SETTINGS, **{k: getattr(config, k) for k in explicit
-                                    if k not in ("mode", "output_dir", "data_path")}}
-    demo_config = dataclasses.replace(config, **settings, data_path=str(sample), mode="train",
-                                      plm_path=str(root / "tiny-opt"), delta_save_path=str(root / "delta_ckpts"),
-                                      raw_delta_save_path=str(root / "raw_delta_ckpts"), output_dir=str(root / "runs"),
-                                      dev_file=str(root / "shown.jsonl"))
+    sample = find_sample(config)
+    root = Path(config.resolved().output_dir) / "demo"
+    # typed flags override the demo's settings; the paths below are the demo's own (the demo's config has no
+    # others, and --data_path was read by find_sample)
+    demo_config = RunConfig(**{**DEMO_SETTINGS, **config.given(), "data_path": str(sample), "mode": "train",
+                               "plm_path": str(root / "tiny-opt"), "delta_save_path": str(root / "delta_ckpts"),
+                               "raw_delta_save_path": str(root / "raw_delta_ckpts"), "output_dir": str(root / "runs"),
+                               "dev_file": str(root / "shown.jsonl")})
     root.mkdir(parents=True, exist_ok=True)
     lines = (sample / "train.jsonl").read_bytes().splitlines(keepends=True)
     (root / "shown.jsonl").write_bytes(b"".join(lines[:DEMO_SHOWN]))
@@ -52,7 +55,7 @@ def run_demo(config: RunConfig, explicit: set[str]) -> None:
     texts = [e.text_a for e in train_examples] + [a for e in train_examples for a in e.tgt_text]
     texts += [e.text_a for e in load_split(demo_config, "test")]
     print(f"1/4 building a tiny random OPT (2 layers, hidden 64) and a BPE tokenizer in {root / 'tiny-opt'}")
-    build_opt(root / "tiny-opt", texts, seed=config.seed)
+    build_opt(root / "tiny-opt", texts, seed=demo_config.seed)
     print(f"2/4 training the {demo_config.delta_type} delta on {sample} ({len(train_examples)} questions, "
           f"{demo_config.train_epochs} epochs)")
     summary = train(demo_config)

@@ -1,18 +1,20 @@
-"""Which flags a run reads and which options go together: one table each, checked before any backbone loads.
+"""Which flags a run reads and which options go together, checked before any backbone loads.
 
-``check_run(config, typed)`` is the one gate: the command line calls it on every run (with the flags the user
-typed), the training loop calls it again for library callers. A flag that a mode or a delta type does not read
-is refused, never silently ignored, and a pair of options that cannot work together is refused in one line
+A mode reads the settings its config holds (``optqa.config.MODE_SECTIONS``): ``config_for`` builds that config from
+the flags typed and refuses any other flag; ``check_run(config)`` is the one gate for the rest: the command line
+calls it on every run, the training loop calls it again for library callers. A flag that a mode or a delta type does
+not read is refused, never silently ignored, and a pair of options that cannot work together is refused in one line
 instead of failing in the first training step. ``combinations_table()`` renders ``COMBINATIONS`` for
 docs/flags.md, so the documented outcomes are the enforced ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from optqa.config import DELTA_TYPES, MODES, REGISTRY, RunConfig, flags_of
+from optqa.config import DELTA_TYPES, MODE_CONFIGS, MODES, REGISTRY, RunConfig, Settings, flags_of, setting_default
 from optqa.errors import OptqaError
 
 # Delta-specific flags and the delta types that read them (--delta_type itself chooses), from the registry.
@@ -20,41 +22,9 @@ DELTA_FLAGS: dict[str, tuple[str, ...]] = {
     flag: tuple(t for t in DELTA_TYPES if flag in flags_of(t))
     for flag in dict.fromkeys(flag for t in DELTA_TYPES for flag in flags_of(t))}
 
-_DATA = {"data_path", "train_file", "dev_file", "test_file", "question_field", "answers_field", "id_field"}
-_DOWNLOAD = {"data_url", "allow_checksum_mismatch"}
-_DELTA = {"delta_type", *DELTA_FLAGS}
-_TRAINING = {"template", "batch_size", "eval_batch_size", "max_seq_l", "max_new_tokens", "lr", "weight_decay",
-             "train_epochs", "warmup_steps", "max_grad_norm", "gradient_accumulation_steps", "train_targets",
-             "group_by_length", "seed", "save_steps", "resume", "max_steps", "gradient_checkpointing", "fsdp",
-             "precision", "quantize", "cpu", "num_threads", "output_dir"}
-# what answering from a checkpoint reads: everything else comes from the checkpoint's manifest
-# (--template only for a plain PEFT adapter, which has no template of its own)
-_LOADING = {"delta_save_path", "plm_path", "ignore_backbone_mismatch", "max_new_tokens", "precision", "quantize",
-            "merge_lora", "num_threads", "cpu", "template"}
-# how --mode evaluate prompts a model (optqa.run.evaluation); --max_seq_l and --seed: room for shots, their draw
-_BASELINES = ("no_delta", "num_shots", "chat_template", "max_seq_l", "seed")
-# The flags each mode reads (besides --mode). The demo builds its own backbone, save folders and dev file.
+# The flags each mode reads (besides --mode): its config's fields.
 MODE_FLAGS: dict[str, frozenset[str]] = {
-    "train": frozenset(_DATA | _DOWNLOAD | _DELTA | _TRAINING | {"plm_name", "plm_path", "delta_save_path",
-                                                                   "raw_delta_save_path", "ignore_backbone_mismatch",
-                                                                   "report_to", "chat_template"}),
-    "evaluate": frozenset(_DATA | _LOADING | {"eval_batch_size", "split", "predictions_file", "compare_file",
-                                              "output_dir", *_BASELINES}),
-    "interactive_inference": frozenset(_LOADING),
-    "demo": frozenset((_DATA - {"dev_file"}) | _DELTA | _TRAINING),
-    "inspect": frozenset({"delta_save_path"}),
-    "export": frozenset({"delta_save_path", "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch",
-                         "template"}),
-    "serve": frozenset({"deltas", "host", "allowed_hosts", "port", "api_key", "delta_save_path", "plm_path",
-                        "ignore_backbone_mismatch", "max_new_tokens", "precision", "quantize", "eval_batch_size",
-                        "num_threads", "cpu"}),
-    "push": frozenset({"delta_save_path", "hub_repo", "private", "commit_message", "dry_run", "base_model",
-                       "export_path", "export_peft", "plm_path", "ignore_backbone_mismatch"}),
-    "download": frozenset({"data_path", *_DOWNLOAD}),
-    "import_opendelta": frozenset({"import_path", "plm_name", "plm_path", "delta_save_path", "template", "max_seq_l",
-                                   "max_new_tokens"}),
-}
-assert set(MODE_FLAGS) == set(MODES)
+    mode: frozenset(f.name for f in dataclasses.fields(cls) if f.name != "mode") for mode, cls in MODE_CONFIGS.items()}
 
 SOFT_PIECE = '"soft"'
 
@@ -140,7 +110,8 @@ COMBINATIONS: tuple[Combination, ...] = (
       for flag in ("no_delta", "num_shots", "chat_template")),
     Combination("--no_delta", "--delta_save_path",
                 "--no_delta scores the bare backbone and reads no checkpoint; drop --delta_save_path (or --no_delta)",
-                lambda c: c.no_delta and c.mode == "evaluate" and c.delta_save_path != RunConfig.delta_save_path),
+                lambda c: c.no_delta and c.mode == "evaluate"
+                and c.delta_save_path != setting_default("delta_save_path")),
     Combination("--chat_template", "--mode train, evaluate",
                 "works, same prompt everywhere: tests/test_baselines.py::test_a_delta_trained_with_the_chat_template_"
                 "records_it_and_answers_with_it"),
@@ -163,26 +134,37 @@ def check_combinations(config: RunConfig) -> None:
             raise OptqaError(combination.outcome.format(mode=config.mode))
 
 
-def check_typed_flags(config: RunConfig, typed: set[str]) -> None:
-    """Refuse a typed flag that the mode, or the chosen delta type, does not read.
+def config_for(given: dict[str, Any]) -> Settings:
+    """The config of the mode ``given["mode"]`` (default train) from the flags given.
 
     Args:
-        config: the run's configuration.
-        typed: the flags the user typed (``cli.parse_args``'s second value), without dashes.
+        given: flag -> value for each flag typed (no dashes), as ``cli.parse_flags`` returns them.
+    Returns:
+        The mode's config (``optqa.config.MODE_CONFIGS``); a flag not typed is None.
     Raises:
-        OptqaError: naming the first such flag and what it applies to.
+        OptqaError: naming the first flag the mode does not read, and the modes that read it.
     """
-    read = MODE_FLAGS[config.mode]
-    for name in sorted(typed - {"mode"}):
-        if name not in read:
-            users = [mode for mode in MODES if name in MODE_FLAGS[mode]]
-            raise OptqaError(f"--{name} does not apply to --mode {config.mode} (it is read by "
+    mode = given.get("mode") or setting_default("mode")
+    for name in sorted(set(given) - {"mode"}):
+        if name not in MODE_FLAGS[mode]:
+            users = [m for m in MODES if name in MODE_FLAGS[m]]
+            raise OptqaError(f"--{name} does not apply to --mode {mode} (it is read by "
                              f"{', '.join('--mode ' + m for m in users) or 'no mode'}); drop it")
-    if "delta_type" not in read:
+    return MODE_CONFIGS[mode](**given)
+
+
+def check_delta_flags(config: Settings) -> None:
+    """Refuse a delta flag given (not None) in a mode's config that the chosen delta type does not read.
+
+    Raises:
+        OptqaError: naming the first such flag and the delta types it applies to.
+    """
+    if not hasattr(config, "delta_type"):
         return  # the delta comes from a checkpoint
-    for name in sorted(typed & set(DELTA_FLAGS)):
-        if config.delta_type not in DELTA_FLAGS[name]:
-            raise OptqaError(f"--{name} does not apply to --delta_type {config.delta_type} (only to "
+    delta_type = config.delta_type or setting_default("delta_type")
+    for name in sorted(DELTA_FLAGS):
+        if getattr(config, name) is not None and delta_type not in DELTA_FLAGS[name]:
+            raise OptqaError(f"--{name} does not apply to --delta_type {delta_type} (only to "
                              f"{', '.join(DELTA_FLAGS[name])}); drop it")
 
 
@@ -217,19 +199,19 @@ def check_values(config: RunConfig, spell: str = "--{}") -> None:
         refuse("lora_dropout", "at least 0 and less than 1")
 
 
-def check_run(config: RunConfig, typed: set[str] | None = None) -> None:
+def check_run(config: Settings) -> None:
     """Every check a run's options must pass before data or a backbone is read.
 
     Args:
-        config: the run's configuration.
-        typed: the flags the user typed; None (a library caller) skips the typed-flag check.
+        config: a mode's config (``config_for``: None is a flag not typed) or a library caller's ``RunConfig``.
     Raises:
         OptqaError: the first problem, in one line.
     """
-    if typed is not None:
-        check_typed_flags(config, typed)
-    check_values(config)
-    check_combinations(config)
+    if not isinstance(config, RunConfig):  # a RunConfig has every delta flag set: no flag to refuse
+        check_delta_flags(config)
+    settings = RunConfig.of(config) if not isinstance(config, RunConfig) else config
+    check_values(settings)
+    check_combinations(settings)
 
 
 def combinations_table() -> str:

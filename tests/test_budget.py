@@ -12,6 +12,7 @@ from conftest import MEMORY_SET, train_args, train_in_process, write_split
 from optqa.build import build_model, load_trained
 from optqa.cli import answer_with_notes, main, parse_args
 from optqa.compat.openprompt import generate
+from optqa.config import RunConfig
 from optqa.data import InputExample, LMTokenizerWrapper, collate_for_generation
 from optqa.interactive import one_line, repl
 
@@ -63,8 +64,8 @@ def test_at_the_budget_the_long_question_is_cut_and_the_run_completes(tiny_opt, 
 
 def test_at_the_budget_a_prefix_prompt_and_the_longest_answer_fit(tiny_opt):
     # 218 prompt tokens + 32 answer tokens + 6 prefix positions = 256: generated in full, with no IndexError
-    config, _ = parse_args(["--plm_path", str(tiny_opt), "--delta_type", "prefix", "--max_seq_l", "218",
-                            "--precision", "fp32"])
+    config = RunConfig.of(parse_args(["--plm_path", str(tiny_opt), "--delta_type", "prefix", "--max_seq_l", "218",
+                                      "--precision", "fp32"]))
     model, _ = build_model(config)
     encoded = model.wrapper.encode(InputExample(text_a=LONG))
     assert len(encoded.prompt_ids) == 218 and encoded.tokens_cut > 0

@@ -29,11 +29,12 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
 def trained(tiny_opt, memory_data, tmp_path_factory) -> Path:
     """A checkpoint written by the real trainer (in-process: one short epoch)."""
     from optqa.cli import parse_args
+    from optqa.config import RunConfig
     from optqa.run.training import train
 
     out = tmp_path_factory.mktemp("trained")
-    config, _ = parse_args(train_args(tiny_opt, memory_data, out, "--train_epochs", "1", "--lr", "3e-2",
-                                      "--template", str(REPO / "templates" / "answer_template.txt")))
+    config = RunConfig.of(parse_args(train_args(tiny_opt, memory_data, out, "--train_epochs", "1", "--lr", "3e-2",
+                                      "--template", str(REPO / "templates" / "answer_template.txt"))))
     train(config)
     return out / "delta_ckpts"
 

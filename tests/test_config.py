@@ -67,15 +67,14 @@ def test_from_dict_gives_the_typed_config_and_ignores_opendelta_run_keys():
 def test_what_a_resume_must_keep_comes_from_the_fields():
     assert RunConfig(delta_type="lora").resume_settings() == (
         "data_path", "train_file", "plm_path", "delta_type", "modified_modules", "lora_r", "lora_alpha",
-        "lora_dropout", "template", "batch_size", "max_seq_l", "lr", "weight_decay", "train_epochs", "warmup_steps",
-        "max_grad_norm", "gradient_accumulation_steps", "train_targets", "group_by_length", "seed",
-        "chat_template")
+        "lora_dropout", "template", "max_seq_l", "chat_template", "batch_size", "lr", "weight_decay", "train_epochs",
+        "warmup_steps", "max_grad_norm", "gradient_accumulation_steps", "train_targets", "group_by_length", "seed")
     # another delta type's options do not shape this delta, so they are not compared
     assert "lora_r" not in RunConfig(delta_type="prefix").resume_settings()
     assert "prefix_token_num" in RunConfig(delta_type="prefix").resume_settings()
-    assert RunConfig.names_where("training") == ("batch_size", "max_seq_l", "lr", "weight_decay", "train_epochs",
-                                                 "warmup_steps", "max_grad_norm", "gradient_accumulation_steps",
-                                                 "train_targets", "seed", "chat_template", "precision")
+    assert RunConfig.names_where("training") == ("max_seq_l", "chat_template", "batch_size", "lr", "weight_decay",
+                                                 "train_epochs", "warmup_steps", "max_grad_norm",
+                                                 "gradient_accumulation_steps", "train_targets", "seed", "precision")
 
 
 def test_a_dropped_backbone_with_its_delta_is_freed(tiny_opt):

@@ -133,11 +133,12 @@ def test_evaluate_reproduces_the_saved_test_scores(trained):
 
 
 # The defaults issue 3 asks for (the course homework's flags); the homework's modules are written
-# family-neutrally (issue 27), and --help says they are self_attn fc2 on OPT.
+# family-neutrally (issue 27), and --help says they are self_attn fc2 on OPT; lr and train_epochs come from the
+# delta type's recipe (issue 30), the adapter's (the default delta type) being the homework's.
 ISSUE_DEFAULTS = {"data_path": "./data/ARC-DA-v1.1", "plm_path": "facebook/opt-125m", "delta_type": "adapter",
-                  "modified_modules": "attn mlp_out", "batch_size": "8", "max_seq_l": "128", "lr": "0.001",
-                  "train_epochs": "3", "warmup_steps": "0", "delta_save_path": "./delta_ckpts/",
-                  "raw_delta_save_path": "./raw_delta_ckpts/"}
+                  "modified_modules": "attn mlp_out", "batch_size": "8", "max_seq_l": "128",
+                  "warmup_steps": "0", "delta_save_path": "./delta_ckpts/", "raw_delta_save_path": "./raw_delta_ckpts/"}
+RECIPE_DEFAULTS = {"lr": "0.001", "train_epochs": "3"}
 
 
 def test_help_lists_modes_and_flags_with_defaults():
@@ -154,6 +155,9 @@ def test_help_lists_modes_and_flags_with_defaults():
     assert set(entries) == {"-h"} | {f"--{f.name}" for f in dataclasses.fields(RunConfig)}
     for flag, default in ISSUE_DEFAULTS.items():
         assert entries[f"--{flag}"].endswith(f"(default: {default})"), entries[f"--{flag}"]
+    for flag, default in RECIPE_DEFAULTS.items():
+        entry = entries[f"--{flag}"]
+        assert f"(default: the delta type's recipe: adapter {default}, lora " in entry, entry
     assert re.search(r"\(default: templates/\w+\.txt\)$", entries["--template"])
     assert "the default is, per family: OPT: self_attn fc2; GPT-2: attn mlp.c_proj; " in entries["--modified_modules"]
 

@@ -122,10 +122,10 @@ def test_ctrl_c_before_any_saved_state_says_to_start_again(tiny_opt, memory_data
 def test_ctrl_c_in_other_modes_says_interrupted(monkeypatch, capsys):
     from optqa import cli
 
-    def press_ctrl_c(config, explicit):
+    def press_ctrl_c(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "download_mode", press_ctrl_c)
+    monkeypatch.setitem(cli.MODE_RUNNERS, "download", press_ctrl_c)
     assert main(["--mode", "download"]) == 130
     assert capsys.readouterr().err.splitlines() == ["interrupted"]
 

@@ -188,16 +188,16 @@ def test_card_of_a_delta_peft_cannot_hold(tiny_opt, tmp_path):
     library optqa, and the card says why there is no PEFT adapter."""
     from optqa.build import build_model
     from optqa.checkpoints.format import build_manifest, save_checkpoint
-    from optqa.cli import parse_args
+    from optqa.config import RunConfig
     from optqa.sharing.push import build_upload_folder
 
-    config, explicit = parse_args(["--mode", "push", "--plm_path", str(tiny_opt), "--delta_type", "adapter",
-                                   "--delta_save_path", str(tmp_path / "adapter"), "--hub_repo", "alice/tiny-adapter"])
+    config = RunConfig(mode="push", plm_path=str(tiny_opt), delta_type="adapter",
+                       delta_save_path=str(tmp_path / "adapter"), hub_repo="alice/tiny-adapter")
     model, backbone = build_model(config)
     save_checkpoint(tmp_path / "adapter", model.delta_state_dict(), build_manifest(
         delta_config=model.delta.config.to_dict(), template_text=TEMPLATE, backbone=backbone,
         hyperparameters=config.to_dict(), metrics={}, trainable_parameters=model.num_trainable_parameters()))
-    folder = build_upload_folder(config, explicit, tmp_path / "upload")
+    folder = build_upload_folder(config, tmp_path / "upload")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", WEIGHTS_NAME, MANIFEST_NAME]
     card = (folder / "README.md").read_text(encoding="utf-8")
     front = yaml.safe_load(card.split("---\n")[1])
@@ -589,7 +589,7 @@ def test_plain_peft_prompt_learning_loads_as_peft(tiny_opt, tmp_path, method):
 
     config, expected = {
         "prefix": (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-                   {"delta_type": "prefix", "prefix_token_num": 3}),
+                   {"delta_type": "prefix", "prefix_token_num": 3, "init_text": ""}),
         "prompt_tuning": (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
                           {"delta_type": "soft_prompt", "soft_token_num": 3, "init_text": ""}),
     }[method]

@@ -110,8 +110,8 @@ def test_a_real_terminal_edits_recalls_and_ends_on_a_fresh_line(tmp_path, ending
     # the command line's question loop (its exits and status) with a stand-in for the model
     program = tmp_path / "loop.py"
     program.write_text("import sys\nfrom optqa import cli\nfrom optqa.interactive import repl\n\n"
-                       "def loop(config, explicit):\n    repl(lambda q: 'line one\\nline two: ' + q)\n\n"
-                       "cli.interactive_inference_mode = loop\n"
+                       "def loop(config):\n    repl(lambda q: 'line one\\nline two: ' + q)\n\n"
+                       "cli.MODE_RUNNERS['interactive_inference'] = loop\n"
                        "sys.exit(cli.main(['--mode', 'interactive_inference']))\n")
     script = tmp_path / "run.sh"
     script.write_text(f"{shlex.quote(sys.executable)} {shlex.quote(str(program))}\necho STATUS $?\n"

@@ -107,9 +107,9 @@ def test_inspect_prints_and_verifies_without_the_backbone(lora_ckpt, exported):
         assert f"fingerprint  {manifest['backbone']['fingerprint']}" in text
         assert 'template     {"placeholder":"text_a"} Answer: {"mask"}' in text
         # RunConfig's training fields, in their order
-        assert ("training     batch_size 8, max_seq_l 128, lr 0.03, weight_decay 0.0, train_epochs 2, warmup_steps 0, "
-                "max_grad_norm 1.0, gradient_accumulation_steps 1, train_targets first, seed 42, chat_template False, "
-                "precision auto") in text
+        assert ("training     max_seq_l 128, chat_template False, batch_size 8, lr 0.03, weight_decay 0.0, "
+                "train_epochs 2, warmup_steps 0, max_grad_norm 1.0, gradient_accumulation_steps 1, "
+                "train_targets first, seed 42, precision auto") in text
         assert f"metrics      best epoch {manifest['metrics']['best_epoch']}; dev F1 " in text
     assert "[folder]" in folder_part and f"[bundle ({exported.stat().st_size:,} bytes)]" in bundle_part
 

@@ -17,7 +17,7 @@ from optqa.config import RunConfig
 from optqa.errors import OptqaError
 
 
-def import_opendelta(config: RunConfig, explicit: set[str]) -> str:
+def import_opendelta(config: RunConfig) -> str:
     """Convert ``config.import_path`` into the optqa checkpoint ``config.delta_save_path``.
 
     The OpenDelta files are read (and refused) before the backbone loads; the backbone's class is then checked

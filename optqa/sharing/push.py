@@ -26,9 +26,10 @@ from optqa.sharing.export import peft_export_problem, write_peft_adapter
 log = logging.getLogger(__name__)
 
 
-def push(config, explicit: set[str]) -> list[str]:
+def push(config) -> list[str]:
     """``--mode push``: upload ``--delta_save_path`` to ``--hub_repo`` (or, with ``--dry_run``, write the folder
-    that would be uploaded to ``--export_path``). Returns the lines to print.
+    that would be uploaded to ``--export_path``). Returns the lines to print. ``config.plm_path`` None: the
+    backbone the checkpoint records.
 
     Raises:
         OptqaError: no --hub_repo, an invalid repository id, no token, offline mode, or the Hub refusing.
@@ -39,14 +40,14 @@ def push(config, explicit: set[str]) -> list[str]:
     if config.dry_run:
         if not config.export_path:
             raise OptqaError("--dry_run writes the folder it would upload to --export_path; pass --export_path DIR")
-        target = build_upload_folder(config, explicit, Path(config.export_path))
+        target = build_upload_folder(config, Path(config.export_path))
         return [f"dry run: nothing uploaded; the folder that would go to {config.hub_repo} is {target}:",
                 *_listing(target)]
     api, user = _hub_session()
     from huggingface_hub.errors import HfHubHTTPError
 
     with tempfile.TemporaryDirectory(prefix="optqa-push-") as temp:
-        folder = build_upload_folder(config, explicit, Path(temp) / "upload")
+        folder = build_upload_folder(config, Path(temp) / "upload")
         try:
             api.create_repo(config.hub_repo, private=config.private, exist_ok=True, repo_type="model")
             info = api.upload_folder(repo_id=config.hub_repo, folder_path=str(folder), repo_type="model",
@@ -123,7 +124,7 @@ def _listing(folder: Path) -> list[str]:
             for path in sorted(folder.iterdir()) if path.is_file()]
 
 
-def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
+def build_upload_folder(config, target: Path) -> Path:
     """Write the folder a push uploads into ``target`` (a new or empty folder): the checkpoint's manifest and
     files byte for byte, the PEFT adapter files where PEFT has the method, and the model card README.md.
 
@@ -145,14 +146,14 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
         verify_files(folder, manifest)
         manifest_bytes, names = shareable_files(folder, manifest)
         problem = peft_export_problem(manifest) if config.export_peft else "--no-export_peft was given"
-        base_model = _base_model(config, explicit, manifest)
+        base_model = _base_model(config, manifest)
 
         def write(out: Path) -> None:
             (out / MANIFEST_NAME).write_bytes(manifest_bytes)
             for name in names:
                 shutil.copyfile(folder / name, out / name)
             if problem is None:
-                _add_peft_adapter(config, explicit, folder, manifest, base_model, out)
+                _add_peft_adapter(config, folder, manifest, base_model, out)
             else:
                 log.info("no PEFT adapter in the upload: %s", problem)
                 card = model_card(manifest, base_model=base_model, repo_id=config.hub_repo, peft_problem=problem)
@@ -161,7 +162,7 @@ def build_upload_folder(config, explicit: set[str], target: Path) -> Path:
         return write_folder_atomically(target, write)
 
 
-def _add_peft_adapter(config, explicit: set[str], folder: Path, manifest: dict[str, Any], base_model: str | None,
+def _add_peft_adapter(config, folder: Path, manifest: dict[str, Any], base_model: str | None,
                       out: Path) -> None:
     """The PEFT adapter (``write_peft_adapter``) and its card, naming the Hub repository, into ``out``."""
     def card(prompt: str) -> str:
@@ -170,7 +171,7 @@ def _add_peft_adapter(config, explicit: set[str], folder: Path, manifest: dict[s
 
     with tempfile.TemporaryDirectory(prefix="optqa-peft-") as temp:
         adapter = write_peft_adapter(folder, Path(temp) / "adapter", manifest,
-                                     config.plm_path if "plm_path" in explicit else None,
+                                     config.plm_path,
                                      config.ignore_backbone_mismatch, card=card)
         for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TEMPLATE_NAME, MODEL_CARD_NAME):
             shutil.copyfile(adapter / name, out / name)
@@ -190,7 +191,7 @@ def _finish_adapter_config(path: Path, base_model: str | None) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8", newline="\n")
 
 
-def _base_model(config, explicit: set[str], manifest: dict[str, Any]) -> str | None:
+def _base_model(config, manifest: dict[str, Any]) -> str | None:
     """The backbone's Hub id for the card: --base_model, else the manifest's name if it is a Hub id (a local
     folder names nothing on the Hub)."""
     if config.base_model:
