@@ -211,6 +211,7 @@ class OpenDeltaModel(DeltaModel):
     """A delta model with OpenDelta's saving calls: ``save_finetuned``, ``save_checkpoint``, ``load_checkpoint``."""
 
     def __init__(self, *args, **kwargs):
+        """``DeltaModel``'s arguments; ``manifest`` is None until ``from_finetuned`` sets it."""
         super().__init__(*args, **kwargs)
         self.manifest: dict[str, Any] | None = None  # the checkpoint's manifest, when from_finetuned built it
 
