@@ -216,7 +216,7 @@ def load_trained(path: str | Path, plm_path: str | None = None, ignore_backbone_
 def shared_copy(plm: nn.Module) -> nn.Module:
     """A structural copy of ``plm`` whose every parameter and buffer *is* the original's tensor.
 
-    Deltas attach in place (forward hooks, PEFT wrapping, new submodules), so each delta served next to others
+    Deltas attach in place (optqa's and PEFT's wrapper modules, new submodules), so each delta served next to others
     gets its own module tree; the trees share the weights, so N deltas cost one backbone plus N deltas.
     ``plm`` must not carry a delta or hooks yet (they would be copied too).
 

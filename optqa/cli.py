@@ -346,8 +346,8 @@ def _model_to_score(config: Settings):
 
 
 def interactive_inference_mode(config: Settings) -> int:
-    from optqa.interactive import repl
     from optqa.answering import wait_until_ready
+    from optqa.interactive import repl
     from optqa.run.answering import load_for_answering
 
     no_delta_yet(config)

@@ -11,6 +11,10 @@ semantics and parameter names (which also makes importing OpenDelta checkpoints 
   family's RMSNorm) in the decoder layers (the backbone's own biases stay frozen, so the delta stays separate
   from the backbone).
 
+Both are wrapper modules as PEFT's layers are (``DeltaWrapper``: the backbone's module as ``base_layer``, the
+delta's parameters beside it, in that module's place), and every delta is found from the backbone through one
+module of its own (``DeltaAnchor``): optqa writes no attribute, method or hook into a module it does not own.
+
 Module names are OpenDelta's short names or family-neutral ones (``attn``, ``mlp_out``, ``attn_qv``), which
 ``optqa.families`` resolves on each backbone family.
 
@@ -19,7 +23,6 @@ use it, so what trains and what is saved cannot drift apart.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import warnings
@@ -43,10 +46,12 @@ DELTA_MARKERS = tuple(dict.fromkeys([m for entry in REGISTRY.values() for m in e
 # Keys OpenDelta writes into its config.json that describe the run rather than the delta.
 OPENDELTA_METADATA_KEYS = {"backbone_checkpoint_name", "backbone_class", "backbone_hash", "opendelta_version",
                            "transformers_version", "exclude_modules", "common_structure", "unfrozen_modules"}
-# Where a backbone names the delta attached to it: PromptForGeneration(plm, ...) finds the delta of the plm it is
-# given, as OpenPrompt's does after OpenDelta modified plm in place (PEFT's deltas run through a wrapper around
-# plm). An entry in the backbone's own __dict__, not a submodule (no cycle in named_modules()) and not a
-# module-level registry: the backbone <-> delta cycle is then garbage like any other once both are dropped.
+# The name of the DeltaAnchor submodule by which a backbone carries its delta: PromptForGeneration(plm, ...) finds
+# the delta of the plm it is given, as OpenPrompt's does after OpenDelta modified plm in place (PEFT's deltas run
+# through a wrapper around plm, which the backbone alone would not keep alive:
+# ``AutoDeltaModel.from_finetuned(path, plm)`` may drop what it returns). A module of optqa's in the backbone's
+# tree, not an attribute in its __dict__ nor a registry keyed by it (whose values, each referring to its backbone,
+# would keep every backbone alive for good): the backbone <-> delta cycle is garbage once both are dropped.
 DELTA_ATTRIBUTE = "optqa_delta"
 
 
@@ -62,8 +67,9 @@ def is_delta_parameter(name: str) -> bool:
 
 
 def attached_delta(plm: nn.Module) -> "DeltaModel | None":
-    """The delta ``AutoDeltaModel.from_config`` attached to backbone ``plm``, or None."""
-    return plm.__dict__.get(DELTA_ATTRIBUTE)
+    """The delta ``AutoDeltaModel.from_config`` attached to backbone ``plm`` (its ``DeltaAnchor``), or None."""
+    anchor = dict(plm.named_children()).get(DELTA_ATTRIBUTE)
+    return anchor.delta if isinstance(anchor, DeltaAnchor) else None
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -159,14 +165,150 @@ class AdapterLayer(nn.Module):
         return hidden + self.modulelist(hidden).to(hidden.dtype)
 
 
-def _adapter_hook(module: nn.Module, inputs, output):
-    if isinstance(output, tuple):  # attention modules return (hidden, weights, ...)
-        return (module.adapter(output[0]),) + tuple(output[1:])
-    return module.adapter(output)
+# ------------------------------------------------------------------------------------------ wrapper modules
+# Adapter and BitFit change a backbone module's output. Like PEFT's layers (``BaseTunerLayer`` with
+# ``base_layer``) and litgpt's ``LoRALinear``, they do it as a module of their own that takes the wrapped
+# module's place in its parent, not with a hook or an attribute put on a module optqa does not own.
+
+BASE_LAYER = "base_layer"
 
 
-def _bitfit_hook(module: nn.Module, inputs, output):
-    return output + module.bitfit_delta_bias.to(output.dtype)
+class DeltaWrapper(nn.Module):
+    """A backbone module (``base_layer``) whose output a delta changes, in that module's place in its parent.
+
+    Names stay those of the unwrapped backbone: the delta's parameters are named after the module
+    (``fc2.adapter.modulelist.up_proj.weight``, ``fc2.bitfit_delta_bias``, OpenDelta's names), and the state dict
+    keeps the base layer's tensors under the module's own names (``fc2.weight``, not ``fc2.base_layer.weight``;
+    loading maps them back), so ``plm.state_dict()`` reads and loads as before the delta came. Attributes
+    the backbone reads on the module it calls (``weight``, ``nf``, ``layer_idx``) come from the base layer.
+    Subclasses define ``delta_output``.
+
+    Args:
+        base_layer: the module wrapped.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.register_state_dict_post_hook(_unwrapped_keys)
+        self.register_load_state_dict_pre_hook(_wrapped_keys)
+
+    def forward(self, *args, **kwargs):
+        """The base layer's output with ``delta_output`` applied; of a tuple (an attention block's ``(hidden,
+        weights, ...)``) the first element."""
+        output = self.base_layer(*args, **kwargs)
+        if isinstance(output, tuple):
+            return (self.delta_output(output[0]),) + tuple(output[1:])
+        return self.delta_output(output)
+
+    def delta_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The changed output: ``hidden`` is ``(..., width)``; returned in its shape and dtype."""
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == BASE_LAYER:  # not set yet (inside __init__, copying, unpickling)
+                raise
+            return getattr(self.base_layer, name)
+
+
+def _unwrapped_keys(module: DeltaWrapper, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: ``<prefix>base_layer.<name>`` saved as ``<prefix><name>``, ahead of the delta's own
+    tensors, which is where they stood before wrapping (all keys under ``prefix`` are the last ones written)."""
+    base = f"{prefix}{BASE_LAYER}."
+    keys = [key for key in state_dict if key.startswith(prefix)]
+    tensors = {key: state_dict.pop(key) for key in keys}
+    for key in sorted(keys, key=lambda key: not key.startswith(base)):  # stable: base layer first
+        state_dict[prefix + key[len(base):] if key.startswith(base) else key] = tensors[key]
+
+
+def _wrapped_keys(module: DeltaWrapper, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a key under ``prefix`` that names none of the wrapper's own parameters or
+    submodules is the base layer's (the inverse of ``_unwrapped_keys``)."""
+    own = {name for name, _ in module.named_children()} | {name for name, _ in module.named_parameters(recurse=False)}
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        if key[len(prefix):].split(".", 1)[0] not in own:
+            state_dict[f"{prefix}{BASE_LAYER}.{key[len(prefix):]}"] = state_dict.pop(key)
+
+
+class AdapterWrapper(DeltaWrapper):
+    """A module with a bottleneck adapter on its output (``adapter``: an ``AdapterLayer``)."""
+
+    def __init__(self, base_layer: nn.Module, adapter: AdapterLayer):
+        super().__init__(base_layer)
+        self.adapter = adapter
+
+    def delta_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.adapter(hidden)
+
+
+class BitFitWrapper(DeltaWrapper):
+    """A module with a trainable bias added to its output (``bitfit_delta_bias``, fp32, starting at zero).
+
+    Args:
+        base_layer: a Linear, Conv1D or norm.
+        width: its output width.
+    """
+
+    def __init__(self, base_layer: nn.Module, width: int):
+        super().__init__(base_layer)
+        reference = next(base_layer.parameters())
+        self.bitfit_delta_bias = nn.Parameter(torch.zeros(width, device=reference.device, dtype=torch.float32))
+
+    def delta_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.bitfit_delta_bias.to(hidden.dtype)
+
+
+def wrap_modules(plm: nn.Module, names: list[str], wrap) -> None:
+    """Put ``wrap(module)`` in the place of each named module of ``plm`` (in its parent).
+
+    Args:
+        names: full module names (``resolve_modules``).
+        wrap: builds the wrapper (a ``DeltaWrapper``) around a module.
+    Raises:
+        OptqaError: one named module inside another: wrapping the outer one would rename the inner one's delta
+            (``attn.base_layer.out_proj...``), so only one of them can carry it.
+    """
+    for outer in names:
+        inner = next((name for name in names if name.startswith(outer + ".")), None)
+        if inner is not None:
+            raise OptqaError(f"modified_modules: {inner!r} lies inside {outer!r}; name one of them, not both")
+    modules = dict(plm.named_modules())
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, wrap(modules[name]))
+
+
+class DeltaAnchor(nn.Module):
+    """The submodule (``DELTA_ATTRIBUTE``) by which a backbone carries its delta: ``attached_delta`` finds it.
+
+    It holds no tensor. With ``delta_only_state_dict`` (OpenDelta's ``freeze_module(set_state_dict=True)``) its
+    state-dict hook leaves only delta tensors in the backbone's ``state_dict()``: registered after every other
+    child, the anchor is saved last, when the rest of the backbone is already in the dict.
+
+    Args:
+        delta: the attached ``DeltaModel`` (a plain attribute: not a module of the backbone's tree).
+    """
+
+    def __init__(self, delta: "DeltaModel"):
+        super().__init__()
+        self.delta = delta
+        self.delta_only_state_dict = False
+        self.register_state_dict_post_hook(_delta_tensors_only)
+
+    def extra_repr(self) -> str:
+        return f"delta_type={self.delta.config.delta_type!r}"
+
+
+def _delta_tensors_only(anchor: DeltaAnchor, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook of a ``DeltaAnchor``: the backbone's (``prefix`` less the anchor's name) tensors
+    other than the delta's are dropped when ``delta_only_state_dict`` is set."""
+    if anchor.delta_only_state_dict:
+        backbone = prefix[:-len(DELTA_ATTRIBUTE) - 1]
+        for key in [key for key in state_dict if key.startswith(backbone) and not is_delta_parameter(key)]:
+            del state_dict[key]
 
 
 def _conv1d() -> type:
@@ -294,8 +436,14 @@ class DeltaModel:
         self.config = config
         self.backbone_model = backbone_model
         self.model = model
-        backbone_model.__dict__[DELTA_ATTRIBUTE] = self
         self._merged = False  # LoRA folded into the frozen weights (merge_lora, fold_lora): answering only
+        # the PromptForGeneration built on the backbone (bind): its template's soft tokens and text are saved too
+        self.prompt_model: nn.Module | None = None
+        # template soft tokens read with the delta (from_finetuned) and their source, loaded when bound
+        self.pending_template_state: tuple[dict[str, torch.Tensor], str] | None = None
+        # registered last, after the delta's own modules: the backbone now carries this delta (attached_delta)
+        self._anchor = DeltaAnchor(self)
+        backbone_model.add_module(DELTA_ATTRIBUTE, self._anchor)
         self._freeze()
 
     def _freeze(self) -> None:
@@ -322,16 +470,13 @@ class DeltaModel:
             raise OptqaError(f"freeze_module: optqa trains only the delta, never backbone modules "
                              f"({', '.join(others) or type(module).__name__}); use exclude=['deltas']")
         self._freeze()
-        if set_state_dict:
-            self.backbone_model.state_dict = functools.partial(_delta_only_state_dict, self.backbone_model)
-        elif "state_dict" in self.backbone_model.__dict__:
-            del self.backbone_model.state_dict
+        self._anchor.delta_only_state_dict = set_state_dict
 
     def bind(self, prompt_model: nn.Module) -> None:
         """Called by ``PromptForGeneration``: its template's soft tokens and text are saved with the delta, and
-        soft tokens that ``from_finetuned`` read are loaded into that template now."""
-        self.__dict__["_prompt_model"] = prompt_model
-        pending = self.__dict__.pop("_pending_template_state", None)
+        soft tokens that ``from_finetuned`` read (``pending_template_state``) are loaded into that template now."""
+        self.prompt_model = prompt_model
+        pending, self.pending_template_state = self.pending_template_state, None
         if pending:
             state, source = pending
             load_delta_state(prompt_model.template, state, f"{source} (template soft tokens; build the template "
@@ -393,16 +538,6 @@ class DeltaModel:
         return True
 
 
-def _delta_only_state_dict(module: nn.Module, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-    """``module.state_dict()`` restricted to delta tensors (OpenDelta's ``set_state_dict=True``)."""
-    full = nn.Module.state_dict(module, prefix=prefix, keep_vars=keep_vars)
-    kept = OrderedDict((k, v) for k, v in full.items() if is_delta_parameter(k))
-    if destination is None:
-        return kept
-    destination.update(kept)
-    return destination
-
-
 class AutoDeltaModel:
     """OpenDelta's ``AutoDeltaModel.from_config``; ``optqa.AutoDeltaModel`` (optqa/compat/opendelta.py) adds
     ``from_finetuned`` and the saving calls."""
@@ -432,17 +567,12 @@ class AutoDeltaModel:
 
 
 def _attach_adapter(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
-    modules = dict(plm.named_modules())
-    for name in resolve_modules(plm, config.modified_modules):
-        module = modules[name]
-        if hasattr(module, "adapter"):
-            continue
-        reference = next(module.parameters(), None)
+    def wrap(module: nn.Module) -> AdapterWrapper:
         adapter = AdapterLayer(_output_width(module, plm), config.bottleneck_dim, config.non_linearity)
-        if reference is not None:
-            adapter.to(reference.device)
-        module.add_module("adapter", adapter)
-        module.register_forward_hook(_adapter_hook)
+        reference = next(module.parameters(), None)
+        return AdapterWrapper(module, adapter.to(reference.device) if reference is not None else adapter)
+
+    wrap_modules(plm, resolve_modules(plm, config.modified_modules), wrap)
     return plm
 
 
@@ -480,13 +610,8 @@ def bitfit_module_names(plm: nn.Module, modified_modules: list[str] | None) -> l
 
 
 def _attach_bitfit(config: DeltaConfig, plm: nn.Module, tokenizer) -> nn.Module:
-    modules = dict(plm.named_modules())
-    for name in bitfit_module_names(plm, config.modified_modules):
-        module = modules[name]
-        reference = next(module.parameters())
-        module.register_parameter("bitfit_delta_bias", nn.Parameter(
-            torch.zeros(_output_width(module, plm), device=reference.device, dtype=torch.float32)))
-        module.register_forward_hook(_bitfit_hook)
+    wrap_modules(plm, bitfit_module_names(plm, config.modified_modules),
+                 lambda module: BitFitWrapper(module, _output_width(module, plm)))
     return plm
 
 
@@ -734,10 +859,12 @@ class BitFit(DeltaMethod):
 
     @staticmethod
     def from_opendelta(key, value, backbone):
-        # OpenDelta trained the backbone's own biases; optqa's delta is what they moved by
+        # OpenDelta trained the backbone's own biases; optqa's delta is what they moved by. The module that
+        # carries the delta is a BitFitWrapper around the backbone's, so its own bias is the base layer's
         if not key.endswith(".bias"):
             return key, value
-        frozen = backbone.get(key)
+        module = key[:-len(".bias")]
+        frozen = backbone.get(f"{module}.{BASE_LAYER}.bias", backbone.get(key))
         return key[:-len("bias")] + "bitfit_delta_bias", value.float() - (
             frozen.detach().float() if frozen is not None else 0)
 

@@ -271,3 +271,83 @@ def test_a_backbone_takes_one_delta(fresh_plm):
     AutoDeltaModel.from_config({"delta_type": "bitfit"}, backbone_model=plm, tokenizer=tokenizer)
     with pytest.raises(OptqaError, match="already carries a delta"):
         AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=plm, tokenizer=tokenizer)
+
+
+def _foreign_state(module: torch.nn.Module) -> dict:
+    """What a module holds besides its submodules: attribute names and hooks by kind."""
+    return {key: (len(value) if "hooks" in key else None) for key, value in vars(module).items() if key != "_modules"}
+
+
+@pytest.mark.parametrize("delta", [{"delta_type": "adapter"}, {"delta_type": "bitfit"},
+                                   {"delta_type": "adapter", "modified_modules": ["layers.0"]}])
+def test_adapter_and_bitfit_are_wrapper_modules_that_keep_every_name(fresh_plm, delta):
+    """No attribute, method or hook goes onto a backbone module: each modified module sits, unchanged, as the
+    ``base_layer`` of an optqa wrapper in its place; the state dict's keys and order are those before wrapping
+    plus the delta's, and it loads back."""
+    from optqa.deltas import DELTA_ATTRIBUTE, DeltaAnchor, DeltaWrapper, attached_delta
+
+    plm, tokenizer = fresh_plm()
+    bare, _ = fresh_plm()
+    before = list(plm.state_dict())
+    originals = dict(plm.named_modules())
+    model = AutoDeltaModel.from_config(delta, backbone_model=plm, tokenizer=tokenizer)
+    wrappers = {n: m for n, m in plm.named_modules() if isinstance(m, DeltaWrapper)}
+    assert wrappers and all(m.base_layer is originals[n] for n, m in wrappers.items())
+    assert attached_delta(plm) is model and isinstance(getattr(plm, DELTA_ATTRIBUTE), DeltaAnchor)
+    expected = {n: _foreign_state(m) for n, m in bare.named_modules()}
+    for name, module in plm.named_modules():
+        if not isinstance(module, (DeltaWrapper, DeltaAnchor)) and ".adapter." not in name + ".":
+            assert _foreign_state(module) == expected[name.replace(".base_layer", "")], name
+    assert list(dict(plm.named_children())) == [*dict(bare.named_children()), DELTA_ATTRIBUTE]
+    state = plm.state_dict()
+    assert [k for k in state if not is_delta_parameter(k)] == before
+    assert sorted("backbone." + k for k in state if is_delta_parameter(k)) == sorted(
+        n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        for param in plm.parameters():
+            param.add_(1.0)
+    plm.load_state_dict(state)  # strict: every key finds its tensor again
+    assert all(torch.equal(plm.state_dict()[k], v) for k, v in state.items())
+    for wrapper in wrappers.values():  # what the backbone reads on the module it calls (fc2.weight) is the base's
+        assert all(getattr(wrapper, n) is p for n, p in wrapper.base_layer.named_parameters(recurse=False))
+
+
+def test_a_module_inside_another_cannot_both_carry_an_adapter(fresh_plm):
+    plm, tokenizer = fresh_plm()
+    with pytest.raises(OptqaError, match="modified_modules: 'model.decoder.layers.0.self_attn' lies inside "
+                                         "'model.decoder.layers.0'; name one of them, not both"):
+        AutoDeltaModel.from_config({"delta_type": "adapter", "modified_modules": ["layers.0", "self_attn"]},
+                                   backbone_model=plm, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("delta_type", DELTA_TYPES)
+def test_a_dropped_backbone_and_delta_are_freed(fresh_plm, delta_type):
+    """The backbone keeps its delta alive (an optqa submodule), and nothing else keeps either."""
+    import gc
+    import weakref
+
+    plm, tokenizer = fresh_plm()
+    AutoDeltaModel.from_config({"delta_type": delta_type}, backbone_model=plm, tokenizer=tokenizer)
+    from optqa.deltas import attached_delta
+
+    delta = weakref.ref(attached_delta(plm))
+    backbone = weakref.ref(plm)
+    gc.collect()
+    assert delta() is not None  # nobody holds the delta but its backbone
+    del plm
+    gc.collect()
+    assert backbone() is None and delta() is None
+
+
+def test_bitfit_from_opendelta_subtracts_the_wrapped_modules_own_bias(fresh_plm):
+    from optqa.config import REGISTRY
+
+    plm, tokenizer = fresh_plm()
+    AutoDeltaModel.from_config({"delta_type": "bitfit"}, backbone_model=plm, tokenizer=tokenizer)
+    own = plm.model.decoder.layers[0].fc1.base_layer.bias
+    with torch.no_grad():
+        own.fill_(0.25)
+    trained = torch.full_like(own, 1.0)
+    key, value = REGISTRY["bitfit"].implementation().from_opendelta(
+        "model.decoder.layers.0.fc1.bias", trained, dict(plm.named_parameters()))
+    assert key == "model.decoder.layers.0.fc1.bitfit_delta_bias" and torch.equal(value, torch.full_like(own, 0.75))

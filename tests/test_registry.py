@@ -42,20 +42,22 @@ class IA3Scale(nn.Module):
         self.ia3_scale = nn.Parameter(torch.full((width,), float(init)))
 
 
-def _ia3_hook(module, inputs, output):
-    if isinstance(output, tuple):
-        return (output[0] * module.ia3.ia3_scale.to(output[0].dtype),) + tuple(output[1:])
-    return output * module.ia3.ia3_scale.to(output.dtype)
+class IA3Wrapper(DeltaWrapper):
+    """A module whose output ``ia3`` rescales, in that module's place (as adapter and BitFit wrap theirs)."""
+
+    def __init__(self, base_layer: nn.Module, scale: IA3Scale):
+        super().__init__(base_layer)
+        self.ia3 = scale
+
+    def delta_output(self, hidden):
+        return hidden * self.ia3.ia3_scale.to(hidden.dtype)
 
 
 class IA3(DeltaMethod):
     @staticmethod
     def attach(config, plm, tokenizer):
-        modules = dict(plm.named_modules())
-        for name in resolve_modules(plm, config.modified_modules):
-            module = modules[name]
-            module.add_module("ia3", IA3Scale(_output_width(module, plm), config.ia3_init))
-            module.register_forward_hook(_ia3_hook)
+        wrap_modules(plm, resolve_modules(plm, config.modified_modules),
+                     lambda module: IA3Wrapper(module, IA3Scale(_output_width(module, plm), config.ia3_init)))
         return plm
 '''
 

@@ -7,8 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from optqa.checkpoints.bundle import open_source, read_bundle_comment
-from optqa.checkpoints.format import (MANIFEST_HASH_KEY, SHAPE_KEYS, WEIGHTS_NAME, read_manifest, safetensors_header,
-                                     verify_files)
+from optqa.checkpoints.format import (
+    MANIFEST_HASH_KEY,
+    SHAPE_KEYS,
+    WEIGHTS_NAME,
+    read_manifest,
+    safetensors_header,
+    verify_files,
+)
 from optqa.config import RunConfig
 
 

@@ -34,7 +34,7 @@ def _state_and_settings(delta: DeltaModel) -> tuple[dict[str, torch.Tensor], str
     from optqa.build import template_text
     from optqa.config import RunConfig
 
-    prompt = delta.__dict__.get("_prompt_model")
+    prompt = delta.prompt_model
     if prompt is not None:
         return (prompt.delta_state_dict(), prompt.template.text,
                 {"max_seq_l": prompt.wrapper.max_seq_length, "max_new_tokens": prompt.max_new_tokens})
@@ -151,10 +151,10 @@ def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, 
     delta = AutoDeltaModel.from_config(manifest["delta"], backbone_model=backbone_model)
     own = {k: v for k, v in state.items() if not k.startswith(TEMPLATE_PREFIX)}
     load_delta_state(_layout(delta), own, str(folder))
-    delta.__dict__["manifest"] = manifest
+    delta.manifest = manifest
     template_state = {k[len(TEMPLATE_PREFIX):]: v for k, v in state.items() if k.startswith(TEMPLATE_PREFIX)}
     if template_state:
-        delta.__dict__["_pending_template_state"] = (template_state, str(folder))
+        delta.pending_template_state = (template_state, str(folder))
     if manifest["backbone"]["fingerprint"] == fingerprint:
         log.info(HASH_CHECK_PASSED)
     return delta
@@ -203,12 +203,17 @@ def load_raw(delta: DeltaModel, path: str | Path) -> None:
     if not source.is_file():
         raise OptqaError(f"load_checkpoint: no raw delta at {source}")
     state = load_safetensors(source)
-    prompt = delta.__dict__.get("_prompt_model")
+    prompt = delta.prompt_model
     load_delta_state(prompt if prompt is not None else _layout(delta), state, str(source))
 
 
 class OpenDeltaModel(DeltaModel):
     """A delta model with OpenDelta's saving calls: ``save_finetuned``, ``save_checkpoint``, ``load_checkpoint``."""
+
+    def __init__(self, *args, **kwargs):
+        """``DeltaModel``'s arguments; ``manifest`` is None until ``from_finetuned`` sets it."""
+        super().__init__(*args, **kwargs)
+        self.manifest: dict[str, Any] | None = None  # the checkpoint's manifest, when from_finetuned built it
 
     def save_finetuned(self, finetuned_delta_path: str | Path = "./delta_checkpoints/", *args, **kwargs) -> Path:
         """OpenDelta's ``save_finetuned``: an optqa checkpoint folder; see :func:`save_finetuned`."""

@@ -29,9 +29,9 @@ def load_for_answering(config: Any, quantize_default: str = "auto", background: 
     Raises:
         OptqaError: a missing, tampered or mismatched checkpoint, or settings that cannot work together.
     """
+    from optqa.answering import prepare_for_answering
     from optqa.build import load_trained
     from optqa.hardware import configure_threads
-    from optqa.answering import prepare_for_answering
 
     settings = config.resolved()
     configure_threads(settings.num_threads)

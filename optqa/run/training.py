@@ -30,16 +30,16 @@ import torch
 from tqdm.auto import tqdm
 
 from optqa.answering import int8_while_scoring
-from optqa.checkpoints import format as ckpt
 from optqa.build import build_model, template_text
+from optqa.checkpoints import format as ckpt
 from optqa.config import RunConfig
 from optqa.data import IGNORE_INDEX, LengthGroupedBatchSampler, collate_for_training, load_split, split_files
 from optqa.errors import OptqaError
 from optqa.hardware import autocast_dtype, configure_threads, is_sharded, parameter_counts
 from optqa.quantize import resolve_quantize
+from optqa.run import trackers
 from optqa.run.evaluation import evaluate
 from optqa.run.folder import METRICS_NAME, STEPS_NAME, RunFolder, plot_learning_curve
-from optqa.run import trackers
 from optqa.run.runtime import make_accelerator, quiet_fsdp_views
 
 log = logging.getLogger(__name__)
