@@ -66,8 +66,11 @@ def reference_answer(model, question: str) -> tuple[list[int], torch.Tensor]:
 
 
 def decode(model, ids: list[int]) -> str:
+    """The reference's answer text: up to eos, stripped, its first line (an answer is one line; the reference runs
+    on past a line break, which changes nothing before it)."""
     eos = model.tokenizer.eos_token_id
-    return model.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True).strip()
+    text = model.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True).strip()
+    return text.split("\n", 1)[0].rstrip()
 
 
 @pytest.mark.parametrize("delta,template", CASES, ids=[f"{d}-{'soft' if t == SOFT_TEMPLATE else 'plain'}"
