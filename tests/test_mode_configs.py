@@ -67,14 +67,14 @@ def lora_recipe(monkeypatch):
 
 def test_a_setting_not_given_takes_the_delta_types_recipe(lora_recipe):
     assert (RunConfig(delta_type="lora").lr, RunConfig(delta_type="lora").train_epochs) == (2e-2, 1)
-    assert (RunConfig(delta_type="adapter").lr, RunConfig(delta_type="adapter").train_epochs) == (1e-3, 3)
+    assert (RunConfig(delta_type="adapter").lr, RunConfig(delta_type="adapter").train_epochs) == (1e-3, 1)
     assert RunConfig(delta_type="lora", lr=5e-3).lr == 5e-3  # typed wins
     assert RunConfig(delta_type="lora").warmup_steps == 0  # not in the recipe: the setting's own default
     assert MODE_CONFIGS["train"](delta_type="lora").resolved().lr == 2e-2
     assert MODE_CONFIGS["train"]().lr is None
     lr = next(f for f in dataclasses.fields(RunConfig) if f.name == "lr")
     assert shown_default(lr) == ("the delta type's recipe: adapter 0.001, lora 0.02, bitfit 0.001, "
-                                 "soft_prompt 0.001, prefix 0.001")
+                                 "soft_prompt 0.03, prefix 0.01")
 
 
 def test_the_manifest_records_the_recipes_value(lora_recipe, tiny_opt, memory_data, tmp_path):
