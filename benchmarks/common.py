@@ -208,6 +208,26 @@ def write_run(args, name: str, title: str, body: str, info: dict | None = None,
                          quick=getattr(args, "quick", False), argv=argv)
 
 
+def log_results(path: Path, key: dict, rows: list[dict]) -> None:
+    """Append ``rows`` to a results log (JSON lines), each with ``key``: what makes results comparable (the
+    backbone, the data, ``--quick``...). quality.py and sweep.py keep their rows so, to be resumed or split over
+    processes."""
+    with Path(path).open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({"key": key, **row}) + "\n")
+
+
+def logged_results(path: Path, key: dict, name: str) -> list[dict]:
+    """The newest row per ``row[name]`` in a results log among the rows logged with ``key``, in first-logged order
+    (rows of another backbone, data or ``--quick`` setting are left out)."""
+    path, newest = Path(path), {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.pop("key", None) == key:
+            newest[row[name]] = row
+    return list(newest.values())
+
+
 # --- ARC-DA-like data ---------------------------------------------------------------------------------------
 
 def _lognormal_int(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:

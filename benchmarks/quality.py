@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, machine, machine_markdown, write_run  # noqa: E402
+from common import REPO, RESULTS, log_results, logged_results, machine, machine_markdown, write_run  # noqa: E402
 
 TITLE = "Answer quality on dev (`benchmarks/quality.py`)"
 # --quick: a smoke run of every row in minutes on a real backbone, seconds on a tiny one
@@ -323,27 +323,16 @@ def _run_key(args) -> dict:
     return {"plm_path": args.plm_path, "data_path": args.data_path, "quick": args.quick, "num_shots": args.num_shots}
 
 
-def keep(path: Path, rows: list[Row], args) -> None:
-    """Append ``rows`` to the rows file (one line each, with the run's key); later lines replace earlier ones."""
-    with path.open("a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps({"key": _run_key(args), **dataclasses.asdict(row)}) + "\n")
-
-
 def kept(path: Path, args) -> list[Row]:
     """The newest row of every system in the rows file run with ``args``' key, in the table's order: baselines,
     delta types, PEFT."""
     from optqa.config import DELTA_TYPES
 
-    newest = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        fields = json.loads(line)
-        if fields.pop("key") == _run_key(args):
-            newest[fields["system"]] = Row(**fields)
+    newest = [Row(**fields) for fields in logged_results(path, _run_key(args), "system")]
     shots = args.num_shots
     order = ["zero-shot", f"{shots}-shot", "zero-shot, chat template", f"{shots}-shot, chat template",
              *(f"optqa {t}" for t in DELTA_TYPES), "PEFT LoRA loop"]
-    return sorted(newest.values(), key=lambda r: order.index(r.system) if r.system in order else len(order))
+    return sorted(newest, key=lambda r: order.index(r.system) if r.system in order else len(order))
 
 
 def _cell(value, spec: str) -> str:
@@ -420,7 +409,7 @@ def main(argv=None) -> int:
                [peft_row(args, data, settings)] if system == "peft" else [delta_row(args, data, system, settings)])
         for row in new:
             print(f"{row.system}: dev F1 {_cell(row.f1, '.1f')} {row.note}", flush=True)
-        keep(Path(args.workdir) / "rows.jsonl", new, args)
+        log_results(Path(args.workdir) / "rows.jsonl", _run_key(args), [dataclasses.asdict(row) for row in new])
     rows = kept(Path(args.workdir) / "rows.jsonl", args)
     section = write_run(args, "quality", TITLE, markdown(rows, args, settings), info, argv=argv)
     chart(rows, Path(args.chart), f"dev F1/EM, {Path(args.plm_path).name}{' (--quick)' if args.quick else ''}")

@@ -12,7 +12,8 @@ string) or a bare ``name`` for a true switch (``chat_template``);
 what it leaves out takes optqa's default. Each runs ``python -m optqa --mode train`` as a user does (in this
 process, one after the other), with dev as the split it keeps the best epoch by; the final "test" scores, which a
 sweep must not look at, are taken on a stand-in of 8 dev questions. Results are appended to
-``<workdir>/sweep.jsonl`` as each setting ends, so a sweep can be stopped and run again (finished settings are
+``<workdir>/sweep.jsonl`` as each setting ends (with the backbone, data, ``--quick`` and seed they ran with:
+only results of the same ones count), so a sweep can be stopped and run again (finished settings are
 skipped) or split over several processes sharing the work folder; the table is rewritten from that file after
 the sweep (section ``<!-- sweep:start -->`` of RESULTS.md; finished settings count, so a second run of the
 same settings only writes the table). When a backbone changes, run it again and move the
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, machine, machine_markdown, write_run  # noqa: E402
+from common import REPO, RESULTS, log_results, logged_results, machine, machine_markdown, write_run  # noqa: E402
 from quality import QUICK, optqa, prepare_data  # noqa: E402
 
 SECTION = "sweep"
@@ -117,9 +118,9 @@ def markdown(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def _finished(log: Path) -> list[dict]:
-    """The settings finished so far (by this process or another sharing the work folder)."""
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+def _key(args) -> dict:
+    """What makes settings' results comparable: the same backbone, data, subset and seed."""
+    return {"plm_path": args.plm_path, "data_path": args.data_path, "quick": args.quick, "seed": args.seed}
 
 
 def main(argv=None) -> int:
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         info["threads"] = args.num_threads
     print(machine_markdown(info), flush=True)
     for setting in args.runs:
-        if any(r["setting"] == setting for r in _finished(log)):
+        if any(r["setting"] == setting for r in logged_results(log, _key(args), "setting")):
             continue
         started = time.strftime("%H:%M:%S")
         try:
@@ -143,11 +144,10 @@ def main(argv=None) -> int:
         except RuntimeError as exc:
             print(f"{setting}: {exc}", flush=True)
             continue
-        with log.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(result) + "\n")
+        log_results(log, _key(args), [result])
         print(f"[{started}] {setting}: best dev F1 {result['best_f1']:.1f} (epoch {result['best_epoch']}), "
               f"{result['train_s']:.0f} s", flush=True)
-    rows = [r for r in _finished(log) if r["setting"] in args.runs]
+    rows = [r for r in logged_results(log, _key(args), "setting") if r["setting"] in args.runs]
     print(write_run(args, SECTION, "Default recipes: the sweep (`benchmarks/sweep.py`)", markdown(rows, args), info,
                     argv=argv))
     return 0

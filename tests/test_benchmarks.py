@@ -88,6 +88,10 @@ def test_sweep_quick_writes_its_table_and_skips_finished_settings(tiny_opt, memo
     again = subprocess.run(command, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
     assert again.returncode == 0 and len((tmp_path / "work" / "sweep.jsonl").read_text().splitlines()) == 2
+    # results of another seed (or backbone, data, --quick) are not this sweep's: the settings run again
+    other = subprocess.run([*command, "--seed", "1"], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert other.returncode == 0 and len((tmp_path / "work" / "sweep.jsonl").read_text().splitlines()) == 4
 
 
 def _benchmarks_common():
