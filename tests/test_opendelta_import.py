@@ -10,6 +10,7 @@ import torch
 from conftest import FIXTURES, run_cli
 
 from optqa.cli import main
+from optqa.config import REGISTRY
 
 OPENDELTA = FIXTURES / "opendelta-0.3.2"
 EXPECTED = json.loads((OPENDELTA / "expected.json").read_text(encoding="utf-8"))
@@ -56,6 +57,9 @@ def test_import_reproduces_opendelta(imported, delta):
     # the manifest says the same thing twice (issue 13)
     assert manifest["hyperparameters"]["modified_modules"] == config.get("modified_modules")
     assert manifest["hyperparameters"]["delta_type"] == delta
+    # the training settings recorded are the imported type's recipe (lora's lr is not the adapter's)
+    recipe = REGISTRY[delta].recipe
+    assert {k: manifest["hyperparameters"][k] for k in recipe} == recipe
     assert manifest["imported_from"]["format"] == "OpenDelta"
     assert manifest["imported_from"]["backbone_class"] == "OPTForCausalLM"
 

@@ -13,7 +13,7 @@ from optqa.checkpoints.format import (
     sha256_file,
 )
 from optqa.checkpoints.opendelta import backbone_of, delta_config_from_opendelta, map_state, read_opendelta
-from optqa.config import RunConfig
+from optqa.config import RECIPE_KEYS, RunConfig
 from optqa.errors import OptqaError
 
 
@@ -58,7 +58,10 @@ def _manifest(model, config: RunConfig, delta: dict, text: str, backbone: dict, 
               source: Path, weights_path: Path) -> dict:
     """The imported checkpoint's manifest: the delta's own settings (so that hyperparameters and delta agree;
     bitfit: every layer, None) and ``imported_from``: OpenDelta's record of the run and the weights' SHA-256."""
-    settings = {**config.to_dict(), "modified_modules": None, **delta, "mode": "import_opendelta"}
+    # the imported type's recipe, not the one of the type the config started from (OpenDelta trained the delta)
+    recipe = RunConfig(delta_type=delta["delta_type"])
+    settings = {**config.to_dict(), **{k: getattr(recipe, k) for k in RECIPE_KEYS}, "modified_modules": None, **delta,
+                "mode": "import_opendelta"}
     manifest = build_manifest(delta_config=model.delta.config.to_dict(), template_text=text, backbone=backbone,
                               hyperparameters=settings, metrics={},
                               trainable_parameters=model.num_trainable_parameters())
