@@ -122,19 +122,24 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         synced: sharded (FSDP): every process runs each step until every process's rows have ended.
         logits_processor: ``f(logits, step) -> logits`` on each step's ``(batch, vocab)`` logits, or None.
     Returns:
-        ``(batch, steps)`` new token ids, ``steps <= max_new_tokens``; a row that ended holds eos then pad.
+        ``(ids, lengths)``: ``(batch, steps)`` new token ids, ``steps <= max_new_tokens`` (a row that ended
+        early holds pad after its last token), and ``(batch,)`` each row's own length: up to and including the
+        token that ended it (eos, or with ``stop_at_newline`` the line break), else ``steps``.
     """
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
     inputs = model._backbone_inputs(input_ids, attention_mask, use_cache=True)
     cache, mask = inputs[model._cache_arg], inputs["attention_mask"]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     started = torch.zeros_like(done)  # the row has generated more than white space
+    # each row's length so far: it stops growing once the row ends (kept on the device: no sync per step)
+    lengths = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     steps = []
     for step in range(max_new_tokens):
         chosen = next_token(model, inputs, step, logits_processor)
         model._soft_index = None  # {"soft"} positions exist only in the pass over the whole prompt
         next_ids = torch.where(done, pad, chosen)
         steps.append(next_ids)
+        lengths += ~done
         done |= next_ids == eos
         if model.stop_at_newline:
             ends, started = model.line_ends(next_ids, started)
@@ -144,7 +149,8 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "position_ids": positions(mask)[:, -1:],
                   "use_cache": True, model._cache_arg: cache}
-    return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+    ids = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+    return ids, lengths
 
 
 def decode_answer(model, ids: list[int]) -> str:
@@ -169,20 +175,22 @@ def generate_answers(model, batch, max_new_tokens: int | None = None, verbose: b
         verbose: log each answer.
         logits_processor: ``f(logits, step) -> logits`` applied to each step's ``(batch, vocab)`` logits
             before the argmax (OpenPrompt's ``generate`` uses it for ``min_length`` and ``bad_words_ids``).
-        return_ids: also return each row's generated ids, up to and including its eos.
+        return_ids: also return each row's generated ids, up to and including the token that ended it (eos,
+            or with ``stop_at_newline`` the line break).
     Returns:
         One answer string per row, special tokens removed and whitespace stripped; with ``return_ids``,
         ``(answers, ids)``.
     """
-    eos = model.tokenizer.eos_token_id
     sharded = is_sharded(model)
     # no_grad, not inference_mode, under FSDP2: the buffers it gathers layers into outlive this call and
     # training reuses them, which it cannot do with tensors made in inference mode
     no_grad = torch.no_grad() if sharded else torch.inference_mode()
     with no_grad, model._running(batch), _gathered_root(model) if sharded else contextlib.nullcontext():
-        new_ids = greedy(model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
-                         max_new_tokens or model.max_new_tokens, synced=sharded, logits_processor=logits_processor)
-    rows = [row[:row.index(eos) + 1] if eos in row else row for row in new_ids.tolist()]
+        new_ids, lengths = greedy(model, batch["input_ids"].to(model.device),
+                                  batch["attention_mask"].to(model.device), max_new_tokens or model.max_new_tokens,
+                                  synced=sharded, logits_processor=logits_processor)
+    # each row up to the token that ended it (eos or a line break), never the pad after it
+    rows = [row[:n] for row, n in zip(new_ids.tolist(), lengths.tolist())]
     answers = [decode_answer(model, row) for row in rows]
     if verbose:
         for answer in answers:

@@ -39,3 +39,32 @@ def test_an_answer_ends_at_its_first_line_break_after_text(lively_opt, stop, tex
                                                                                       "\n"]), return_ids=True)
     assert answers == [text]
     assert len(rows[0]) == steps
+
+
+def forced_rows(tokenizer, plans: list[list[str]]):
+    """A logits processor that makes row r emit ``plans[r][k]`` (one token each) at step k, then eos."""
+    rows = [tokenizer.convert_tokens_to_ids([tokenizer.tokenize(p)[0] for p in plan]) + [tokenizer.eos_token_id] * 20
+            for plan in plans]
+
+    def processor(logits, step):
+        out = torch.full_like(logits, -1e4)
+        for row, plan in enumerate(rows):
+            out[row, plan[step]] = 0.0
+        return out
+    return processor
+
+
+def test_a_row_that_ends_at_a_line_break_returns_no_padding_while_another_goes_on(lively_opt):
+    """Row 0 ends at its line break on step 2 while row 1 runs to max_new_tokens: row 0's ids end at the line
+    break (the steps after it were padding, not its answer)."""
+    model, _ = build_model(RunConfig(plm_path=str(lively_opt), delta_type="lora", max_new_tokens=5))
+    model.eval()
+    tokenizer = model.tokenizer
+    encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(["What gas?", "Why?"])]
+    batch = collate_for_generation(encoded, tokenizer.pad_token_id)
+    plans = [[" water", "\n"], [" the", " sun", " is", " hot", " and"]]
+    answers, rows = model.generate_answers(batch, logits_processor=forced_rows(tokenizer, plans), return_ids=True)
+    ids = [tokenizer.convert_tokens_to_ids([tokenizer.tokenize(p)[0] for p in plan]) for plan in plans]
+    assert answers == ["water", "the sun is hot and"]
+    assert rows == ids  # row 0: " water", "\n" and nothing after it
+    assert tokenizer.pad_token_id not in rows[0]
