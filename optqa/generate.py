@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import torch
 
@@ -33,7 +34,8 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class LineEnds:
     """Which generated tokens end a one-line answer: a token holding a line break after some text (leading
-    blank lines do not end an answer). The per-token tables are built once, from the vocabulary.
+    blank lines do not end an answer). The per-token tables are built once, from the vocabulary; get one through
+    ``line_ends(tokenizer)``, which every model on that tokenizer shares.
 
     Args:
         tokenizer: the model's tokenizer.
@@ -65,6 +67,18 @@ class LineEnds:
         ids = next_ids.clamp(max=newline.shape[0] - 1)  # ids past the tokenizer (padded embedding rows): no line
         known = next_ids < newline.shape[0]
         return known & newline[ids] & (started | text_then_newline[ids]), started | ~(known & blank[ids])
+
+
+# one LineEnds per tokenizer: serving N deltas on one backbone decodes the vocabulary once, not N times; weak
+# keys, so a tokenizer (and its tables) go when its last model does
+_LINE_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def line_ends(tokenizer) -> LineEnds:
+    """The ``LineEnds`` of ``tokenizer``, shared by every model built on it (its tables built on first use)."""
+    if tokenizer not in _LINE_ENDS:
+        _LINE_ENDS[tokenizer] = LineEnds(tokenizer)
+    return _LINE_ENDS[tokenizer]
 
 
 def _all_done(done: torch.Tensor, synced: bool) -> bool:

@@ -76,7 +76,7 @@ class PromptForGeneration(nn.Module):
         self.max_new_tokens = max_new_tokens
         # an answer is one line: a prompt with worked examples (few-shot) otherwise runs on into the next question
         self.stop_at_newline = stop_at_newline
-        self.line_ends = generate.LineEnds(self.tokenizer)
+        self.line_ends = generate.line_ends(self.tokenizer)  # shared by the models on this tokenizer
         # the blocks FSDP shards one by one (accelerate reads this name), e.g. OPTDecoderLayer
         self._no_split_modules = list(getattr(plm, "_no_split_modules", None) or [])
         self.runtime = AnsweringRuntime(self)  # not a module: no parameters, no state dict

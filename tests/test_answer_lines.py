@@ -68,3 +68,23 @@ def test_a_row_that_ends_at_a_line_break_returns_no_padding_while_another_goes_o
     assert answers == ["water", "the sun is hot and"]
     assert rows == ids  # row 0: " water", "\n" and nothing after it
     assert tokenizer.pad_token_id not in rows[0]
+
+
+def test_models_on_one_tokenizer_share_one_line_end_table(lively_opt, monkeypatch):
+    """The line-end tables come from decoding the whole vocabulary: models on one tokenizer (serve's deltas on
+    one backbone) share one table, decoded once."""
+    from optqa.model import PromptForGeneration
+    from optqa.plm import load_plm
+    from optqa.template import ManualTemplate
+
+    plm, tokenizer, _, _ = load_plm("opt", str(lively_opt))
+    decoded = []
+    batch_decode = tokenizer.batch_decode
+    monkeypatch.setattr(tokenizer, "batch_decode",
+                        lambda ids, **kw: decoded.append(len(ids)) or batch_decode(ids, **kw))
+    models = [PromptForGeneration(plm, ManualTemplate(tokenizer, '{"placeholder":"text_a"} Answer: {"mask"}'),
+                                  max_new_tokens=3).eval() for _ in range(2)]
+    assert models[0].line_ends is models[1].line_ends
+    for model in models:
+        model.answer(["What gas?"])
+    assert decoded == [len(tokenizer)]  # the vocabulary, decoded once for both
