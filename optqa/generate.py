@@ -1,8 +1,8 @@
 """Greedy decoding over a ``PromptForGeneration``, as functions (litgpt's ``generate``/``next_token`` shape).
 
 optqa owns its loop over the KV cache so no transformers generation internals are involved: the model gives
-the backbone's inputs for whole prompts (soft prompt and prefix applied, ``model._backbone_inputs``) and runs
-each forward pass under its precision (``model._running``); these functions pick tokens, stop rows (eos, and
+the backbone's inputs for whole prompts (soft prompt and prefix applied, ``model.backbone_inputs``) and runs
+each forward pass under its precision (``model.running``); these functions pick tokens, stop rows (eos, and
 with ``stop_at_newline`` a line break after some text), keep FSDP processes in step and decode the answers.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def next_token(model, inputs: dict, step: int, logits_processor=None) -> torch.T
 
 def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            synced: bool = False, logits_processor=None) -> torch.Tensor:
-    """Greedy decoding with a KV cache; call inside ``model._running(batch)``.
+    """Greedy decoding with a KV cache; call inside ``model.running(batch)``.
 
     Args:
         model: a ``PromptForGeneration``.
@@ -141,8 +141,8 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         token that ended it (eos, or with ``stop_at_newline`` the line break), else ``steps``.
     """
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    inputs = model._backbone_inputs(input_ids, attention_mask, use_cache=True)
-    cache, mask = inputs[model._cache_arg], inputs["attention_mask"]
+    inputs = model.backbone_inputs(input_ids, attention_mask, use_cache=True)
+    cache, mask = inputs[model.cache_arg], inputs["attention_mask"]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     started = torch.zeros_like(done)  # the row has generated more than white space
     # each row's length so far: it stops growing once the row ends (kept on the device: no sync per step)
@@ -162,7 +162,7 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "position_ids": positions(mask)[:, -1:],
-                  "use_cache": True, model._cache_arg: cache}
+                  "use_cache": True, model.cache_arg: cache}
     ids = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
     return ids, lengths
 
@@ -199,7 +199,7 @@ def generate_answers(model, batch, max_new_tokens: int | None = None, verbose: b
     # no_grad, not inference_mode, under FSDP2: the buffers it gathers layers into outlive this call and
     # training reuses them, which it cannot do with tensors made in inference mode
     no_grad = torch.no_grad() if sharded else torch.inference_mode()
-    with no_grad, model._running(batch), _gathered_root(model) if sharded else contextlib.nullcontext():
+    with no_grad, model.running(batch), _gathered_root(model) if sharded else contextlib.nullcontext():
         new_ids, lengths = greedy(model, batch["input_ids"].to(model.device),
                                   batch["attention_mask"].to(model.device), max_new_tokens or model.max_new_tokens,
                                   synced=sharded, logits_processor=logits_processor)

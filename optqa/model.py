@@ -92,7 +92,8 @@ class PromptForGeneration(nn.Module):
         # where its virtual tokens go: "inputs" (embeddings before the prompt's) or "cache" (every layer's keys and
         # values), as its registry entry says
         self._virtual_place = REGISTRY[self._virtual].virtual_place if self._virtual else None
-        self._cache_arg = _cache_argument(self.backbone)
+        # the keyword this transformers' backbone takes its KV cache under (greedy decoding passes it each step)
+        self.cache_arg = _cache_argument(self.backbone)
         if self.delta is not None:  # save_finetuned then saves this template's soft tokens and text too
             self.delta.bind(self)
 
@@ -147,7 +148,7 @@ class PromptForGeneration(nn.Module):
         return self.runtime.quantization
 
     @contextlib.contextmanager
-    def _running(self, batch):
+    def running(self, batch):
         """Inside: this batch's ``{"soft"}`` positions are set, the frozen weights are held in the autocast dtype
         and every forward pass runs under that autocast."""
         self.runtime.follow_autocast()
@@ -178,8 +179,8 @@ class PromptForGeneration(nn.Module):
         first_target = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
         # the vocabulary projection is only needed where an answer token is predicted
         keep = width - first_target + 1
-        with self._running(batch):
-            out = self.backbone(**self._backbone_inputs(input_ids, batch["attention_mask"], use_cache=False),
+        with self.running(batch):
+            out = self.backbone(**self.backbone_inputs(input_ids, batch["attention_mask"], use_cache=False),
                                 logits_to_keep=keep)
         logits = out.logits[:, -keep:-1].float()
         targets = labels[:, first_target:]
@@ -221,7 +222,7 @@ class PromptForGeneration(nn.Module):
                          values.unsqueeze(0).expand(batch_size, -1, -1, -1), layer)
         return cache
 
-    def _backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> dict:
+    def backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> dict:
         """Keyword arguments for the backbone's forward pass over whole prompts.
 
         A soft prompt (Lester et al., 2021, https://arxiv.org/abs/2104.08691) is prepended to the token
@@ -256,7 +257,7 @@ class PromptForGeneration(nn.Module):
         width = inputs["inputs_embeds" if "inputs_embeds" in inputs else "input_ids"].shape[1]
         inputs["position_ids"] = positions(attention_mask)[:, -width:]
         if inputs["use_cache"]:
-            inputs[self._cache_arg] = (self._prefix_cache(batch) if self._virtual_place == "cache"
+            inputs[self.cache_arg] = (self._prefix_cache(batch) if self._virtual_place == "cache"
                                        else _new_cache(self.backbone.config))
         return inputs
 

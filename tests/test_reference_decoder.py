@@ -4,7 +4,7 @@ batch of 32 questions of mixed lengths equal a loop that runs the full forward p
 question at a time; the first step's logits agree.
 
 The reference runs the model the way training always has, through PEFT's own forward for PEFT's deltas: it
-shares no code with optqa's decoder (``optqa.generate.greedy``, ``_backbone_inputs``, the prefix cache), so a soft
+shares no code with optqa's decoder (``optqa.generate.greedy``, ``backbone_inputs``, the prefix cache), so a soft
 prompt prepended twice or a prefix that never reaches the cache (transformers 5.24 with PEFT's generation glue) fails
 here.
 """
@@ -51,7 +51,7 @@ def reference_answer(model, question: str) -> tuple[list[int], torch.Tensor]:
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
             batch = {"soft_index": torch.tensor([soft])}
-            with model._running(batch):  # the template's {"soft"} positions, as every forward pass sees them
+            with model.running(batch):  # the template's {"soft"} positions, as every forward pass sees them
                 out = model.plm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 use_cache=False)
             logits = out.logits[0, -1].float()
@@ -88,8 +88,8 @@ def test_batched_cached_answers_equal_the_uncached_reference(lively_opt, delta, 
     assert len({ids[0] for ids, _ in reference}) > 3  # answers depend on the question: the comparison bites
 
     # step 1's logits of the batched, cached pass (every row, left padded) against the reference's
-    with torch.no_grad(), model._running(batch):
-        inputs = model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
+    with torch.no_grad(), model.running(batch):
+        inputs = model.backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
         first = model.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()
     for row, index in enumerate(batch["index"]):
         torch.testing.assert_close(first[row], reference[index][1], rtol=1e-3, atol=1e-3)  # fp32 rounding of a large-weight model
