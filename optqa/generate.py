@@ -126,8 +126,9 @@ def next_token(model, inputs: dict, step: int, logits_processor=None) -> torch.T
 
 
 def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-           synced: bool = False, logits_processor=None) -> torch.Tensor:
-    """Greedy decoding with a KV cache; call inside ``model.running(batch)``.
+           synced: bool = False, logits_processor=None,
+           soft_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with a KV cache; call inside ``model.running()``.
 
     Args:
         model: a ``PromptForGeneration``.
@@ -135,13 +136,15 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         max_new_tokens: the most tokens generated per row.
         synced: sharded (FSDP): every process runs each step until every process's rows have ended.
         logits_processor: ``f(logits, step) -> logits`` on each step's ``(batch, vocab)`` logits, or None.
+        soft_index: ``(batch, seq_len)``, where the template's ``{"soft"}`` tokens go (needed for a template with
+            them): only the first pass, over the whole prompts, has such positions.
     Returns:
         ``(ids, lengths)``: ``(batch, steps)`` new token ids, ``steps <= max_new_tokens`` (a row that ended
         early holds pad after its last token), and ``(batch,)`` each row's own length: up to and including the
         token that ended it (eos, or with ``stop_at_newline`` the line break), else ``steps``.
     """
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    inputs = model.backbone_inputs(input_ids, attention_mask, use_cache=True)
+    inputs = model.backbone_inputs(input_ids, attention_mask, use_cache=True, soft_index=soft_index)
     cache, mask = inputs[model.cache_arg], inputs["attention_mask"]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     started = torch.zeros_like(done)  # the row has generated more than white space
@@ -150,7 +153,6 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     steps = []
     for step in range(max_new_tokens):
         chosen = next_token(model, inputs, step, logits_processor)
-        model._soft_index = None  # {"soft"} positions exist only in the pass over the whole prompt
         next_ids = torch.where(done, pad, chosen)
         steps.append(next_ids)
         lengths += ~done
@@ -199,10 +201,11 @@ def generate_answers(model, batch, max_new_tokens: int | None = None, verbose: b
     # no_grad, not inference_mode, under FSDP2: the buffers it gathers layers into outlive this call and
     # training reuses them, which it cannot do with tensors made in inference mode
     no_grad = torch.no_grad() if sharded else torch.inference_mode()
-    with no_grad, model.running(batch), _gathered_root(model) if sharded else contextlib.nullcontext():
+    with no_grad, model.running(), _gathered_root(model) if sharded else contextlib.nullcontext():
         new_ids, lengths = greedy(model, batch["input_ids"].to(model.device),
                                   batch["attention_mask"].to(model.device), max_new_tokens or model.max_new_tokens,
-                                  synced=sharded, logits_processor=logits_processor)
+                                  synced=sharded, logits_processor=logits_processor,
+                                  soft_index=batch.get("soft_index"))
     # each row up to the token that ended it (eos or a line break), never the pad after it
     rows = [row[:n] for row, n in zip(new_ids.tolist(), lengths.tolist())]
     answers = [decode_answer(model, row) for row in rows]

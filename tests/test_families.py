@@ -80,8 +80,9 @@ def noise_checkpoint(folder: Path, scale: float) -> None:
 
 def first_step_logits(model, batch) -> torch.Tensor:
     """``(batch, vocab)`` logits of the first answer token, from optqa's batched, cached pass over the prompts."""
-    with torch.no_grad(), model.running(batch):
-        inputs = model.backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
+    with torch.no_grad(), model.running():
+        inputs = model.backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True,
+                                       soft_index=batch["soft_index"])
         return model.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()
 
 
