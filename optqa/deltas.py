@@ -35,6 +35,7 @@ from torch import nn
 
 from optqa.config import REGISTRY, DeltaConfig, delta_config_from_dict
 from optqa.errors import OptqaError
+from optqa.wrappers import replace
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +276,8 @@ def wrap_modules(plm: nn.Module, names: list[str], wrap) -> None:
         inner = next((name for name in names if name.startswith(outer + ".")), None)
         if inner is not None:
             raise OptqaError(f"modified_modules: {inner!r} lies inside {outer!r}; name one of them, not both")
-    modules = dict(plm.named_modules())
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, wrap(modules[name]))
+        replace(plm, name, wrap(plm.get_submodule(name)))
 
 
 class DeltaAnchor(nn.Module):

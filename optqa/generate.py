@@ -1,14 +1,15 @@
 """Greedy decoding over a ``PromptForGeneration``, as functions (litgpt's ``generate``/``next_token`` shape).
 
 optqa owns its loop over the KV cache so no transformers generation internals are involved: the model gives
-the backbone's inputs for whole prompts (soft prompt and prefix applied, ``model._backbone_inputs``) and runs
-each forward pass under its precision (``model._running``); these functions pick tokens, stop rows (eos, and
+the backbone's inputs for whole prompts (soft prompt and prefix applied, ``model.backbone_inputs``) and runs
+each forward pass under its precision (``model.running``); these functions pick tokens, stop rows (eos, and
 with ``stop_at_newline`` a line break after some text), keep FSDP processes in step and decode the answers.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import torch
 
@@ -33,7 +34,8 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class LineEnds:
     """Which generated tokens end a one-line answer: a token holding a line break after some text (leading
-    blank lines do not end an answer). The per-token tables are built once, from the vocabulary.
+    blank lines do not end an answer). The per-token tables are built once, from the vocabulary; get one through
+    ``line_ends(tokenizer)``, which every model on that tokenizer shares.
 
     Args:
         tokenizer: the model's tokenizer.
@@ -65,6 +67,18 @@ class LineEnds:
         ids = next_ids.clamp(max=newline.shape[0] - 1)  # ids past the tokenizer (padded embedding rows): no line
         known = next_ids < newline.shape[0]
         return known & newline[ids] & (started | text_then_newline[ids]), started | ~(known & blank[ids])
+
+
+# one LineEnds per tokenizer: serving N deltas on one backbone decodes the vocabulary once, not N times; weak
+# keys, so a tokenizer (and its tables) go when its last model does
+_LINE_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def line_ends(tokenizer) -> LineEnds:
+    """The ``LineEnds`` of ``tokenizer``, shared by every model built on it (its tables built on first use)."""
+    if tokenizer not in _LINE_ENDS:
+        _LINE_ENDS[tokenizer] = LineEnds(tokenizer)
+    return _LINE_ENDS[tokenizer]
 
 
 def _all_done(done: torch.Tensor, synced: bool) -> bool:
@@ -112,8 +126,9 @@ def next_token(model, inputs: dict, step: int, logits_processor=None) -> torch.T
 
 
 def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-           synced: bool = False, logits_processor=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding with a KV cache; call inside ``model._running(batch)``.
+           synced: bool = False, logits_processor=None,
+           soft_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with a KV cache; call inside ``model.running()``.
 
     Args:
         model: a ``PromptForGeneration``.
@@ -121,20 +136,23 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         max_new_tokens: the most tokens generated per row.
         synced: sharded (FSDP): every process runs each step until every process's rows have ended.
         logits_processor: ``f(logits, step) -> logits`` on each step's ``(batch, vocab)`` logits, or None.
+        soft_index: ``(batch, seq_len)``, where the template's ``{"soft"}`` tokens go (needed for a template with
+            them): only the first pass, over the whole prompts, has such positions.
     Returns:
-        ``(ids, lengths)``: ``(batch, steps)`` new token ids, ``steps <= max_new_tokens`` (a row that ended holds
-        pad after its last token), and ``(batch,)`` each row's own length, up to and including the token that
-        ended it (eos, or the line break that ends a line).
+        ``(ids, lengths)``: ``(batch, steps)`` new token ids, ``steps <= max_new_tokens`` (a row that ended
+        early holds pad after its last token), and ``(batch,)`` each row's own length: up to and including the
+        token that ended it (eos, or with ``stop_at_newline`` the line break), else ``steps``.
     """
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    inputs = model._backbone_inputs(input_ids, attention_mask, use_cache=True)
-    cache, mask = inputs[model._cache_arg], inputs["attention_mask"]
+    inputs = model.backbone_inputs(input_ids, attention_mask, use_cache=True, soft_index=soft_index)
+    cache, mask = inputs[model.cache_arg], inputs["attention_mask"]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     started = torch.zeros_like(done)  # the row has generated more than white space
-    steps, lengths = [], torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    # each row's length so far: it stops growing once the row ends (kept on the device: no sync per step)
+    lengths = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    steps = []
     for step in range(max_new_tokens):
         chosen = next_token(model, inputs, step, logits_processor)
-        model._soft_index = None  # {"soft"} positions exist only in the pass over the whole prompt
         next_ids = torch.where(done, pad, chosen)
         steps.append(next_ids)
         lengths += ~done
@@ -146,8 +164,9 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         inputs = {"input_ids": next_ids[:, None], "attention_mask": mask, "position_ids": positions(mask)[:, -1:],
-                  "use_cache": True, model._cache_arg: cache}
-    return (torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)), lengths
+                  "use_cache": True, model.cache_arg: cache}
+    ids = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+    return ids, lengths
 
 
 def decode_answer(model, ids: list[int]) -> str:
@@ -172,8 +191,8 @@ def generate_answers(model, batch, max_new_tokens: int | None = None, verbose: b
         verbose: log each answer.
         logits_processor: ``f(logits, step) -> logits`` applied to each step's ``(batch, vocab)`` logits
             before the argmax (OpenPrompt's ``generate`` uses it for ``min_length`` and ``bad_words_ids``).
-        return_ids: also return each row's generated ids, up to and including the token that ended it (eos or
-            the line break that ends its line).
+        return_ids: also return each row's generated ids, up to and including the token that ended it (eos,
+            or with ``stop_at_newline`` the line break).
     Returns:
         One answer string per row, special tokens removed and whitespace stripped; with ``return_ids``,
         ``(answers, ids)``.
@@ -182,11 +201,13 @@ def generate_answers(model, batch, max_new_tokens: int | None = None, verbose: b
     # no_grad, not inference_mode, under FSDP2: the buffers it gathers layers into outlive this call and
     # training reuses them, which it cannot do with tensors made in inference mode
     no_grad = torch.no_grad() if sharded else torch.inference_mode()
-    with no_grad, model._running(batch), _gathered_root(model) if sharded else contextlib.nullcontext():
-        new_ids, lengths = greedy(model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
-                                  max_new_tokens or model.max_new_tokens, synced=sharded,
-                                  logits_processor=logits_processor)
-    rows = [row[:length] for row, length in zip(new_ids.tolist(), lengths.tolist())]
+    with no_grad, model.running(), _gathered_root(model) if sharded else contextlib.nullcontext():
+        new_ids, lengths = greedy(model, batch["input_ids"].to(model.device),
+                                  batch["attention_mask"].to(model.device), max_new_tokens or model.max_new_tokens,
+                                  synced=sharded, logits_processor=logits_processor,
+                                  soft_index=batch.get("soft_index"))
+    # each row up to the token that ended it (eos or a line break), never the pad after it
+    rows = [row[:n] for row, n in zip(new_ids.tolist(), lengths.tolist())]
     answers = [decode_answer(model, row) for row in rows]
     if verbose:
         for answer in answers:

@@ -76,23 +76,21 @@ class PromptForGeneration(nn.Module):
         self.max_new_tokens = max_new_tokens
         # an answer is one line: a prompt with worked examples (few-shot) otherwise runs on into the next question
         self.stop_at_newline = stop_at_newline
-        self.line_ends = generate.LineEnds(self.tokenizer)
+        self.line_ends = generate.line_ends(self.tokenizer)  # shared by the models on this tokenizer
         # the blocks FSDP shards one by one (accelerate reads this name), e.g. OPTDecoderLayer
         self._no_split_modules = list(getattr(plm, "_no_split_modules", None) or [])
         self.runtime = AnsweringRuntime(self)  # not a module: no parameters, no state dict
         if freeze_plm:
             for name, param in self.named_parameters():
                 param.requires_grad_(is_delta_parameter(name))
-        self._soft_index: torch.Tensor | None = None
-        if template.num_soft_tokens:
-            plm.get_input_embeddings().register_forward_hook(self._substitute_soft_embeddings)
         # soft prompts and prefixes are applied here, not by PEFT's generation glue, which broke when
         # transformers 5.24 renamed the cache argument; PEFT still holds their parameters (its layout and export)
         self._virtual = _virtual_kind(self.plm)
         # where its virtual tokens go: "inputs" (embeddings before the prompt's) or "cache" (every layer's keys and
         # values), as its registry entry says
         self._virtual_place = REGISTRY[self._virtual].virtual_place if self._virtual else None
-        self._cache_arg = _cache_argument(self.backbone)
+        # the keyword this transformers' backbone takes its KV cache under (greedy decoding passes it each step)
+        self.cache_arg = _cache_argument(self.backbone)
         if self.delta is not None:  # save_finetuned then saves this template's soft tokens and text too
             self.delta.bind(self)
 
@@ -123,15 +121,6 @@ class PromptForGeneration(nn.Module):
         """Copy delta weights in; a missing, unexpected or mis-shaped key is an error, never skipped."""
         load_delta_state(self, state, source)
 
-    def _substitute_soft_embeddings(self, module, inputs, output):
-        index = self._soft_index
-        # only the pass over the whole prompt carries soft positions; cached decoding steps are shorter
-        if index is None or output.shape[:2] != index.shape:
-            return output
-        mask = (index >= 0).unsqueeze(-1)
-        soft = self.template.soft_embeds[index.clamp(min=0)].to(output.dtype)
-        return torch.where(mask, soft, output)
-
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """bf16/fp16 autocast for every forward pass and generation; None: plain fp32 (``runtime``'s)."""
@@ -147,18 +136,14 @@ class PromptForGeneration(nn.Module):
         return self.runtime.quantization
 
     @contextlib.contextmanager
-    def _running(self, batch):
-        """Inside: this batch's ``{"soft"}`` positions are set, the frozen weights are held in the autocast dtype
-        and every forward pass runs under that autocast."""
+    def running(self):
+        """Inside: the frozen weights are held in the autocast dtype and every forward pass runs under that
+        autocast."""
         self.runtime.follow_autocast()
-        self._soft_index = batch.get("soft_index") if self.template.num_soft_tokens else None
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
-        try:
-            with autocast:
-                yield
-        finally:
-            self._soft_index = None
+        with autocast:
+            yield
 
     @property
     def device(self) -> torch.device:
@@ -178,9 +163,10 @@ class PromptForGeneration(nn.Module):
         first_target = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
         # the vocabulary projection is only needed where an answer token is predicted
         keep = width - first_target + 1
-        with self._running(batch):
-            out = self.backbone(**self._backbone_inputs(input_ids, batch["attention_mask"], use_cache=False),
-                                logits_to_keep=keep)
+        with self.running():
+            inputs = self.backbone_inputs(input_ids, batch["attention_mask"], use_cache=False,
+                                          soft_index=batch.get("soft_index"))
+            out = self.backbone(**inputs, logits_to_keep=keep)
         logits = out.logits[:, -keep:-1].float()
         targets = labels[:, first_target:]
         loss_sum = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -221,9 +207,36 @@ class PromptForGeneration(nn.Module):
                          values.unsqueeze(0).expand(batch_size, -1, -1, -1), layer)
         return cache
 
-    def _backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> dict:
+    def token_embeddings(self, input_ids: torch.Tensor, soft_index: torch.Tensor | None) -> torch.Tensor:
+        """The backbone's input embeddings of ``input_ids``, with the template's ``{"soft"}`` tokens in their places.
+
+        Args:
+            input_ids: ``(batch, seq_len)`` token ids.
+            soft_index: ``(batch, seq_len)`` long: at a ``{"soft"}`` position the row of ``template.soft_embeds``
+                that goes there, elsewhere ``SOFT_NONE`` (-1), as the collate functions build it; None for a
+                template without ``{"soft"}`` tokens.
+        Returns:
+            ``(batch, seq_len, width)`` embeddings.
+        Raises:
+            OptqaError: the template has ``{"soft"}`` tokens and ``soft_index`` is missing or of another shape.
+        """
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if not self.template.num_soft_tokens:
+            return embeds
+        if soft_index is None or soft_index.shape != input_ids.shape:
+            from optqa.errors import OptqaError
+
+            raise OptqaError("this template has {\"soft\"} tokens: pass the batch's soft_index (batch, seq_len), as "
+                             "collate_for_training / collate_for_generation build it")
+        index = soft_index.to(embeds.device)
+        soft = self.template.soft_embeds[index.clamp(min=0)].to(embeds.dtype)
+        return torch.where((index >= 0).unsqueeze(-1), soft, embeds)
+
+    def backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool,
+                        soft_index: torch.Tensor | None = None) -> dict:
         """Keyword arguments for the backbone's forward pass over whole prompts.
 
+        The template's ``{"soft"}`` tokens are put in their places in the token embeddings (``token_embeddings``).
         A soft prompt (Lester et al., 2021, https://arxiv.org/abs/2104.08691) is prepended to the token
         embeddings; a prefix goes into a fresh KV cache ahead of the prompt. Either way the attention mask
         gains ``num_virtual_tokens`` leading ones. Positions are passed, counted along that mask
@@ -236,6 +249,8 @@ class PromptForGeneration(nn.Module):
             input_ids: ``(batch, seq_len)`` token ids, left padded.
             attention_mask: ``(batch, seq_len)``, 0 on padding.
             use_cache: return a KV cache to decode with (always, for a prefix: it lives in the cache).
+            soft_index: ``(batch, seq_len)``, the batch's ``soft_index``: needed for a template with ``{"soft"}``
+                tokens, else unused.
         Returns:
             ``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``use_cache`` and, where a
             cache is used, the cache under this transformers' argument name.
@@ -243,9 +258,11 @@ class PromptForGeneration(nn.Module):
         batch = input_ids.shape[0]
         inputs: dict = {"use_cache": use_cache or self._virtual_place == "cache"}
         if self._virtual_place == "inputs":
-            embeds = self.backbone.get_input_embeddings()(input_ids)
+            embeds = self.token_embeddings(input_ids, soft_index)
             prompt = self._virtual_weight().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        elif self.template.num_soft_tokens:
+            inputs["inputs_embeds"] = self.token_embeddings(input_ids, soft_index)
         else:
             inputs["input_ids"] = input_ids
         if self._virtual:
@@ -256,7 +273,7 @@ class PromptForGeneration(nn.Module):
         width = inputs["inputs_embeds" if "inputs_embeds" in inputs else "input_ids"].shape[1]
         inputs["position_ids"] = positions(attention_mask)[:, -width:]
         if inputs["use_cache"]:
-            inputs[self._cache_arg] = (self._prefix_cache(batch) if self._virtual_place == "cache"
+            inputs[self.cache_arg] = (self._prefix_cache(batch) if self._virtual_place == "cache"
                                        else _new_cache(self.backbone.config))
         return inputs
 

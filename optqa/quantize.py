@@ -11,8 +11,9 @@ included, so int8 needs no extra package.
 
 Each quantised Linear is replaced in its parent by an ``Int8Linear`` that holds the same fp32 parameters under the
 same names (state dict, backbone fingerprint, the head's tie to the input embedding) and computes with the
-packed int8 copy. Hooks and children that a delta put on the Linear (the adapter, BitFit's bias) keep working,
-delta parameters stay fp32, and ``dequantize`` puts the Linear back: plain fp32 answering, exactly.
+packed int8 copy. A delta's adapter or BitFit bias wraps the Linear's parent or the Linear itself
+(``optqa.deltas.DeltaWrapper``, whose ``base_layer`` is then what gets quantised) and keeps working; delta
+parameters stay fp32, and ``dequantize`` puts the Linear back: plain fp32 answering, exactly.
 Which model answers on int8, and when, is ``optqa.answering.AnsweringRuntime``'s to decide.
 """
 from __future__ import annotations

@@ -1,23 +1,20 @@
 """Modules that stand in for a frozen ``nn.Linear`` while answering: a bf16 copy of a tied head, an int8 matmul.
 
 Each wrapper takes the Linear's place in its parent (as PEFT's ``base_layer`` wrappers do) and gives it back
-with ``restore``. Under that name it holds the very same parameters, buffers and children as the Linear (so
-state-dict keys, the backbone fingerprint, ``is_delta_parameter`` and the head's tie to the input embedding
-see nothing new) and runs the forward hooks a delta put on it; only the matmul differs. Nothing is written
-onto the Linear itself: it is returned untouched.
+with ``restore``. Under that name it holds the very same parameters and buffers as the Linear (so state-dict
+keys, the backbone fingerprint, ``is_delta_parameter`` and the head's tie to the input embedding see nothing
+new); only the matmul differs. Nothing is written onto the Linear itself: it is returned untouched. A delta
+never puts hooks or children on a frozen Linear (adapter and BitFit are wrapper modules around theirs,
+``optqa.deltas.DeltaWrapper``), so the wrapper has none of those to carry over.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# nn.Module's hook tables, by attribute: the wrapper runs the Linear's hooks (a delta's adapter or BitFit bias)
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
 
 class FrozenLinearWrapper(nn.Module):
-    """Base of the wrappers: ``base_layer``'s parameters, buffers, children and hooks under its name.
+    """Base of the wrappers: ``base_layer``'s parameters and buffers under its name.
 
     Args:
         base_layer: the frozen ``nn.Linear`` replaced (kept, not registered: its tensors are the wrapper's own).
@@ -33,10 +30,6 @@ class FrozenLinearWrapper(nn.Module):
             self.register_parameter("bias", None)
         for name, buffer in base_layer.named_buffers(recurse=False):
             self.register_buffer(name, buffer)
-        for name, child in base_layer.named_children():
-            self.add_module(name, child)
-        for table in _HOOK_TABLES:  # read, not moved: the Linear keeps its own
-            getattr(self, table).update(getattr(base_layer, table, {}))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -41,23 +41,50 @@ def test_an_answer_ends_at_its_first_line_break_after_text(lively_opt, stop, tex
     assert len(rows[0]) == steps
 
 
-def test_a_row_that_ends_its_line_returns_its_ids_without_the_batchs_padding(lively_opt):
-    """The ids returned for an answer (the server's completion_tokens and finish_reason read them) end with the
-    token that ended it, also when another row of the batch goes on."""
-    model, _ = build_model(RunConfig(plm_path=str(lively_opt), delta_type="lora", max_new_tokens=8))
-    model.eval()
-    tokenizer = model.tokenizer
-    ids = {p: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p))[0] for p in (" water", "\n", " the")}
-    plans = [[ids[" water"], ids["\n"]] + [ids[" the"]] * 8, [ids[" the"]] * 8]
+def forced_rows(tokenizer, plans: list[list[str]]):
+    """A logits processor that makes row r emit ``plans[r][k]`` (one token each) at step k, then eos."""
+    rows = [tokenizer.convert_tokens_to_ids([tokenizer.tokenize(p)[0] for p in plan]) + [tokenizer.eos_token_id] * 20
+            for plan in plans]
 
     def processor(logits, step):
         out = torch.full_like(logits, -1e4)
-        for row, plan in enumerate(plans):
+        for row, plan in enumerate(rows):
             out[row, plan[step]] = 0.0
         return out
+    return processor
+
+
+def test_a_row_that_ends_at_a_line_break_returns_no_padding_while_another_goes_on(lively_opt):
+    """Row 0 ends at its line break on step 2 while row 1 runs to max_new_tokens: row 0's ids end at the line
+    break (the steps after it were padding, not its answer)."""
+    model, _ = build_model(RunConfig(plm_path=str(lively_opt), delta_type="lora", max_new_tokens=5))
+    model.eval()
+    tokenizer = model.tokenizer
     encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(["What gas?", "Why?"])]
     batch = collate_for_generation(encoded, tokenizer.pad_token_id)
-    answers, rows = model.generate_answers(batch, logits_processor=processor, return_ids=True)
-    by_index = dict(zip(batch["index"], zip(answers, rows)))
-    assert by_index[0] == ("water", [ids[" water"], ids["\n"]])
-    assert by_index[1] == ("the the the the the the the the".strip(), [ids[" the"]] * 8)
+    plans = [[" water", "\n"], [" the", " sun", " is", " hot", " and"]]
+    answers, rows = model.generate_answers(batch, logits_processor=forced_rows(tokenizer, plans), return_ids=True)
+    ids = [tokenizer.convert_tokens_to_ids([tokenizer.tokenize(p)[0] for p in plan]) for plan in plans]
+    assert answers == ["water", "the sun is hot and"]
+    assert rows == ids  # row 0: " water", "\n" and nothing after it
+    assert tokenizer.pad_token_id not in rows[0]
+
+
+def test_models_on_one_tokenizer_share_one_line_end_table(lively_opt, monkeypatch):
+    """The line-end tables come from decoding the whole vocabulary: models on one tokenizer (serve's deltas on
+    one backbone) share one table, decoded once."""
+    from optqa.model import PromptForGeneration
+    from optqa.plm import load_plm
+    from optqa.template import ManualTemplate
+
+    plm, tokenizer, _, _ = load_plm("opt", str(lively_opt))
+    decoded = []
+    batch_decode = tokenizer.batch_decode
+    monkeypatch.setattr(tokenizer, "batch_decode",
+                        lambda ids, **kw: decoded.append(len(ids)) or batch_decode(ids, **kw))
+    models = [PromptForGeneration(plm, ManualTemplate(tokenizer, '{"placeholder":"text_a"} Answer: {"mask"}'),
+                                  max_new_tokens=3).eval() for _ in range(2)]
+    assert models[0].line_ends is models[1].line_ends
+    for model in models:
+        model.answer(["What gas?"])
+    assert decoded == [len(tokenizer)]  # the vocabulary, decoded once for both

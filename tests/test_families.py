@@ -80,8 +80,9 @@ def noise_checkpoint(folder: Path, scale: float) -> None:
 
 def first_step_logits(model, batch) -> torch.Tensor:
     """``(batch, vocab)`` logits of the first answer token, from optqa's batched, cached pass over the prompts."""
-    with torch.no_grad(), model._running(batch):
-        inputs = model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
+    with torch.no_grad(), model.running():
+        inputs = model.backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True,
+                                       soft_index=batch["soft_index"])
         return model.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()
 
 
@@ -321,7 +322,7 @@ def test_a_prefix_from_text_is_that_text_written_before_the_prompt(backbones, ti
     AutoDeltaModel.from_config(PrefixConfig(prefix_token_num=len(init), init_text=" the sun is hot"), plm, tokenizer)
     model = PromptForGeneration(plm, ManualTemplate(tokenizer, '{"placeholder":"text_a"}{"mask"}')).eval()
     with torch.no_grad():
-        inputs = model._backbone_inputs(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), True)
+        inputs = model.backbone_inputs(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), True)
         prefixed = model.backbone(**inputs).logits[0, -1]
     torch.testing.assert_close(prefixed, alone, atol=1e-4, rtol=1e-4)
 

@@ -42,6 +42,11 @@ def test_int8_answers_like_fp32_for_every_delta_type(tiny_opt, delta):
 
     stats = quantize.quantize_int8(model.plm)
     assert stats["layers"] == TINY_LINEARS
+    for wrapper in (m for m in model.plm.modules() if isinstance(m, quantize.Int8Linear)):
+        # the Linear's own parameters under their names and nothing more: no delta hooks or extends a Linear
+        assert {n: id(p) for n, p in wrapper.named_parameters()} == {
+            n: id(p) for n, p in wrapper.base_layer.named_parameters()}
+        assert not list(wrapper.children()) and not wrapper._forward_hooks and not wrapper.base_layer._forward_hooks
     int8_logits, int8_answers = first_step_logits(model, QUESTIONS), model.answer(QUESTIONS)
 
     error = (int8_logits - fp32_logits).abs().max() / fp32_logits.abs().max()

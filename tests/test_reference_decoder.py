@@ -4,9 +4,9 @@ batch of 32 questions of mixed lengths equal a loop that runs the full forward p
 question at a time; the first step's logits agree.
 
 The reference runs the model the way training always has, through PEFT's own forward for PEFT's deltas: it
-shares no code with optqa's decoder (``optqa.generate.greedy``, ``_backbone_inputs``, the prefix cache), so a soft
-prompt prepended twice or a prefix that never reaches the cache (transformers 5.24 with PEFT's generation glue) fails
-here.
+shares no code with optqa's decoder (``optqa.generate.greedy``, ``backbone_inputs``, the prefix cache; it puts a
+template's {"soft"} tokens into the embeddings itself), so a soft prompt prepended twice or a prefix that never
+reaches the cache (transformers 5.24 with PEFT's generation glue) fails here.
 """
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ def noised_model(plm, delta: str, template: str):
     return model.eval()
 
 
+def reference_inputs(model, ids: list[int], soft: list[int]) -> dict:
+    """The token ids of one prompt, or where the template has {"soft"} tokens its embeddings with those tokens' own
+    (``template.soft_embeds[soft[i]]`` at each position ``i`` with ``soft[i] >= 0``), computed here by hand."""
+    if all(i < 0 for i in soft):
+        return {"input_ids": torch.tensor([ids])}
+    embeds = model.backbone.get_input_embeddings()(torch.tensor([ids]))[0]
+    for position, row in enumerate(soft):
+        if row >= 0:
+            embeds[position] = model.template.soft_embeds[row]
+    return {"inputs_embeds": embeds[None]}
+
+
 def reference_answer(model, question: str) -> tuple[list[int], torch.Tensor]:
     """Greedy ids for one question by the full forward pass at every step (no cache), and step 1's logits."""
     encoded = model.wrapper.encode(InputExample(guid=0, text_a=question))
@@ -50,10 +62,8 @@ def reference_answer(model, question: str) -> tuple[list[int], torch.Tensor]:
     first_logits, new = None, []
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            batch = {"soft_index": torch.tensor([soft])}
-            with model._running(batch):  # the template's {"soft"} positions, as every forward pass sees them
-                out = model.plm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                use_cache=False)
+            out = model.plm(**reference_inputs(model, ids, soft), use_cache=False,
+                            attention_mask=torch.ones(1, len(ids), dtype=torch.long))
             logits = out.logits[0, -1].float()
             first_logits = logits if first_logits is None else first_logits
             token = int(logits.argmax())
@@ -88,8 +98,9 @@ def test_batched_cached_answers_equal_the_uncached_reference(lively_opt, delta, 
     assert len({ids[0] for ids, _ in reference}) > 3  # answers depend on the question: the comparison bites
 
     # step 1's logits of the batched, cached pass (every row, left padded) against the reference's
-    with torch.no_grad(), model._running(batch):
-        inputs = model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True)
+    with torch.no_grad(), model.running():
+        inputs = model.backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=True,
+                                       soft_index=batch["soft_index"])
         first = model.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()
     for row, index in enumerate(batch["index"]):
         torch.testing.assert_close(first[row], reference[index][1], rtol=1e-3, atol=1e-3)  # fp32 rounding of a large-weight model

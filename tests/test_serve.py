@@ -855,3 +855,36 @@ def test_the_page_answers_with_every_chosen_delta(server):
         assert browser.find_elements(By.CSS_SELECTOR, ".card") == []
     finally:
         browser.quit()
+
+
+def test_an_answer_ended_by_a_line_break_counts_its_tokens_and_stops(lively_opt, monkeypatch, one_torch_thread):
+    """In one batch, one answer ends at its line break on step 2 while the other runs to max_tokens: the first
+    counts 2 completion tokens (" water" and the line break; not the padding after it) and finishes "stop", the
+    other counts 5 and finishes "length"."""
+    import torch
+
+    from optqa import generate
+    from optqa.build import build_model
+    from optqa.config import RunConfig
+    from optqa.data import InputExample
+    from optqa.serve import Batcher, Job, Served, finish
+
+    model, _ = build_model(RunConfig(plm_path=str(lively_opt), delta_type="lora", max_new_tokens=5))
+    model.eval()
+    tokenizer = model.tokenizer
+    plans = [tokenizer.convert_tokens_to_ids([tokenizer.tokenize(p)[0] for p in plan])
+             for plan in ([" water", "\n"], [" the", " sun", " is", " hot", " and"])]
+
+    def forced(model, inputs, step, logits_processor=None):  # row r emits plans[r][step], then eos
+        return torch.tensor([plan[step] if step < len(plan) else tokenizer.eos_token_id for plan in plans])
+
+    monkeypatch.setattr(generate, "next_token", forced)
+    batcher = Batcher({"m": Served("m", model, {}, None, 0)})
+    job = Job("m", ["What gas?", "Why?"], 5, future=None)
+    job.encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(job.questions)]
+    try:
+        [answers] = batcher._generate("m", [(job, [len(e.prompt_ids) for e in job.encoded])], 5)
+    finally:
+        batcher._executor.shutdown(wait=True)
+    assert sorted((a.text, a.completion_tokens, finish(a, [])[1]) for a in answers) == [
+        ("the sun is hot and", 5, "length"), ("water", 2, "stop")]

@@ -227,8 +227,9 @@ def first_step_logits(model, questions: list[str] = QUESTIONS) -> torch.Tensor:
     ``past_key_values``, which transformers 5.24 deprecates (gone in 5.40)."""
     encoded = [model.wrapper.encode(InputExample(guid=i, text_a=q), i) for i, q in enumerate(questions)]
     batch = collate_for_generation(encoded, model.tokenizer.pad_token_id)
-    with torch.inference_mode(), model._running(batch):
-        out = model.backbone(**model._backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=False))
+    with torch.inference_mode(), model.running():
+        out = model.backbone(**model.backbone_inputs(batch["input_ids"], batch["attention_mask"], use_cache=False,
+                                                     soft_index=batch["soft_index"]))
     return out.logits[:, -1].float()
 
 

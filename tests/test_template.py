@@ -194,6 +194,34 @@ def test_soft_tokens_count_and_initialisation(tokenizer, embedding):
         ManualTemplate(tokenizer, text='{"soft"} {"placeholder":"text_a"} {"mask"}')
 
 
+def test_soft_tokens_go_into_the_embeddings_without_a_hook_on_the_backbone(tiny_opt):
+    """A {"soft"} template's embeddings replace the token embeddings at its positions in the inputs optqa builds
+    (no forward hook on the backbone's embedding: models built on one backbone leave it as it was); a batch
+    without its soft_index is refused."""
+    from optqa.data import collate_for_generation
+    from optqa.model import PromptForGeneration
+    from optqa.plm import load_plm
+
+    plm, tokenizer, _, _ = load_plm("opt", str(tiny_opt))
+    embedding = plm.get_input_embeddings()
+    text = '{"soft"} {"placeholder":"text_a"} {"soft":"science question"} {"mask"}'
+    models = [PromptForGeneration(plm, ManualTemplate(tokenizer, text, embedding=embedding)) for _ in range(2)]
+    assert not embedding._forward_hooks and not embedding._forward_pre_hooks
+    model = models[1].eval()
+    encoded = model.wrapper.encode(InputExample(guid=0, text_a=QUESTION), 0)
+    batch = collate_for_generation([encoded], tokenizer.pad_token_id)
+    with torch.no_grad():
+        inputs = model.backbone_inputs(batch["input_ids"], batch["attention_mask"], False, batch["soft_index"])
+        plain = embedding(batch["input_ids"])[0]
+    soft = batch["soft_index"][0]
+    embeds = inputs["inputs_embeds"][0]
+    assert "input_ids" not in inputs and soft.max() == model.template.num_soft_tokens - 1
+    assert torch.equal(embeds[soft >= 0], model.template.soft_embeds[soft[soft >= 0]].detach())
+    assert torch.equal(embeds[soft < 0], plain[soft < 0])
+    with pytest.raises(OptqaError, match=r"^this template has \{.soft.\} tokens: pass the batch's soft_index"):
+        model.backbone_inputs(batch["input_ids"], batch["attention_mask"], False)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "templates").glob("*.txt")), ids=lambda p: p.name)
 def test_bundled_templates_parse_and_render(path, tokenizer, embedding):
     template = ManualTemplate.from_file(tokenizer, path, embedding=embedding)
