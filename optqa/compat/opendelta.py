@@ -84,8 +84,7 @@ def save_finetuned(delta: DeltaModel, finetuned_delta_path: str | Path = "./delt
         OptqaError: ``save_config=False``, a ``state_dict`` or a ``save_function`` other than ``torch.save``,
             or a folder that holds something other than an optqa checkpoint.
     """
-    from optqa.checkpoints.format import WEIGHTS_NAME, backbone_fingerprint, build_manifest, save_checkpoint
-    from optqa.plm import backbone_identity
+    from optqa.checkpoints.format import WEIGHTS_NAME, backbone_record, build_manifest, save_checkpoint
 
     if not save_config or state_dict is not None or save_function not in (None, torch.save):
         raise OptqaError("save_finetuned: optqa always writes the manifest and the delta's own weights as "
@@ -95,7 +94,7 @@ def save_finetuned(delta: DeltaModel, finetuned_delta_path: str | Path = "./delt
     name = backbone_name(plm)
     manifest = build_manifest(
         delta_config=delta.config.to_dict(), template_text=text,
-        backbone={**backbone_identity(plm, name), "fingerprint": backbone_fingerprint(plm)},
+        backbone=backbone_record(plm, name),
         hyperparameters=_run_settings(delta, name, text, lengths),
         metrics={} if test_result is None else {"test_result": test_result},
         trainable_parameters=sum(v.numel() for v in state.values()))
@@ -134,8 +133,7 @@ def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, 
             backbone, or refused arguments.
     """
     from optqa.checkpoints.bundle import open_checkpoint
-    from optqa.checkpoints.format import backbone_fingerprint, check_backbone, read_checkpoint
-    from optqa.plm import backbone_identity
+    from optqa.checkpoints.format import backbone_record, check_backbone, read_checkpoint
 
     given = {"delta_config": delta_config is not None, "cache_dir": cache_dir is not None,
              "local_files_only=False": not local_files_only}
@@ -145,9 +143,8 @@ def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, 
                          + ", ".join(refused))
     with open_checkpoint(finetuned_delta_path) as folder:
         folder, manifest, state = read_checkpoint(folder)
-    fingerprint = backbone_fingerprint(backbone_model)
-    check_backbone(manifest, backbone_identity(backbone_model, backbone_name(backbone_model)), fingerprint,
-                   ignore_mismatch=not check_hash)
+    same_weights = check_backbone(manifest, backbone_record(backbone_model, backbone_name(backbone_model)),
+                                  ignore_mismatch=not check_hash)
     delta = AutoDeltaModel.from_config(manifest["delta"], backbone_model=backbone_model)
     own = {k: v for k, v in state.items() if not k.startswith(TEMPLATE_PREFIX)}
     load_delta_state(_layout(delta), own, str(folder))
@@ -155,7 +152,7 @@ def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module, 
     template_state = {k[len(TEMPLATE_PREFIX):]: v for k, v in state.items() if k.startswith(TEMPLATE_PREFIX)}
     if template_state:
         delta.pending_template_state = (template_state, str(folder))
-    if manifest["backbone"]["fingerprint"] == fingerprint:
+    if same_weights:
         log.info(HASH_CHECK_PASSED)
     return delta
 
