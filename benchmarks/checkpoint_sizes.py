@@ -48,13 +48,13 @@ def measure(backbone: Path, delta_type: str, out: Path) -> dict:
     from optqa.checkpoints import format as ckpt
     from optqa.config import DEFAULT_TEMPLATE, RunConfig
     from optqa.deltas import AutoDeltaConfig, AutoDeltaModel
-    from optqa.plm import backbone_identity, load_plm
+    from optqa.plm import load_plm
 
     config = RunConfig(delta_type=delta_type, plm_path=str(backbone))
     if delta_type == "lora":
         config.modified_modules = ["self_attn.q_proj", "self_attn.v_proj"]  # the CLI's default for lora
     plm, tokenizer, _, _ = load_plm("opt", str(backbone))
-    identity = {**backbone_identity(plm, str(backbone)), "fingerprint": ckpt.backbone_fingerprint(plm)}
+    identity = ckpt.backbone_record(plm, str(backbone))
     delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(config.delta_config()), backbone_model=plm,
                                        tokenizer=tokenizer)
     manifest = ckpt.build_manifest(delta_config=delta.config.to_dict(),

@@ -17,14 +17,10 @@ from optqa.answering import AnsweringRuntime
 from optqa.config import REGISTRY
 from optqa.data import IGNORE_INDEX, LMTokenizerWrapper
 from optqa.deltas import PEFT_PROMPT_LEARNING, DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
-from optqa.families import cache_argument as _cache_argument
-from optqa.families import kv_layout
-from optqa.families import new_cache as _new_cache
+from optqa.families import cache_argument, kv_layout, new_cache
 from optqa.generate import positions
 
 log = logging.getLogger(__name__)
-
-
 
 
 def _virtual_kind(model: nn.Module) -> str | None:
@@ -90,7 +86,7 @@ class PromptForGeneration(nn.Module):
         # values), as its registry entry says
         self._virtual_place = REGISTRY[self._virtual].virtual_place if self._virtual else None
         # the keyword this transformers' backbone takes its KV cache under (greedy decoding passes it each step)
-        self.cache_arg = _cache_argument(self.backbone)
+        self.cache_arg = cache_argument(self.backbone)
         if self.delta is not None:  # save_finetuned then saves this template's soft tokens and text too
             self.delta.bind(self)
 
@@ -200,7 +196,7 @@ class PromptForGeneration(nn.Module):
         layers, kv_heads, head_dim = kv_layout(config)
         n = weight.shape[0]
         table = weight.view(n, 2 * layers, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2 * layers, kv_heads, n, hd)
-        cache = _new_cache(config)
+        cache = new_cache(config)
         for layer in range(layers):
             keys, values = table[2 * layer], table[2 * layer + 1]
             cache.update(keys.unsqueeze(0).expand(batch_size, -1, -1, -1),
@@ -274,7 +270,7 @@ class PromptForGeneration(nn.Module):
         inputs["position_ids"] = positions(attention_mask)[:, -width:]
         if inputs["use_cache"]:
             inputs[self.cache_arg] = (self._prefix_cache(batch) if self._virtual_place == "cache"
-                                       else _new_cache(self.backbone.config))
+                                       else new_cache(self.backbone.config))
         return inputs
 
     def generate_answers(self, batch, max_new_tokens: int | None = None, verbose: bool = False,

@@ -363,6 +363,29 @@ def test_delta_model_calls(fresh, tmp_path, caplog):
         AutoDeltaModel.from_finetuned(tmp_path / "shared", fresh()[0], cache_dir="x")
 
 
+def test_from_finetuned_passes_the_hash_check_only_on_the_recorded_weights(fresh, tmp_path, caplog):
+    """save_finetuned records the backbone as every optqa checkpoint does (``backbone_record``); from_finetuned
+    says "Hash-check passed" on those weights, and with check_hash=False onto other weights warns instead."""
+    from optqa.checkpoints.format import backbone_record
+
+    plm, _, _, delta_model = fresh({"delta_type": "bitfit"})
+    delta_model.save_finetuned(tmp_path / "shared")
+    manifest = json.loads((tmp_path / "shared" / "optqa_manifest.json").read_bytes())
+    assert manifest["backbone"] == json.loads(json.dumps(backbone_record(plm, manifest["backbone"]["name_or_path"])))
+    passed = "Hash-check passed. You can safely use this checkpoint directly."
+    with caplog.at_level(logging.INFO, logger="optqa"):
+        AutoDeltaModel.from_finetuned(tmp_path / "shared", fresh()[0])
+    assert passed in caplog.messages
+    caplog.clear()
+    other = fresh()[0]
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with caplog.at_level(logging.INFO, logger="optqa"):
+        AutoDeltaModel.from_finetuned(tmp_path / "shared", other, check_hash=False)
+    assert passed not in caplog.messages
+    assert any(m.endswith("loading anyway (--ignore_backbone_mismatch)") for m in caplog.messages)
+
+
 def test_mixed_template_soft_tokens_train_save_and_reload(fresh, tmp_path):
     from optqa import MixedTemplate
 

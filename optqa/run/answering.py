@@ -22,7 +22,7 @@ def load_for_answering(config: Any, quantize_default: str = "auto", background: 
             None means "not given"); a ``RunConfig`` gives every setting, so every one replaces the recorded one.
         quantize_default: what ``quantize=None`` means: ``auto`` where a person waits for the answer, ``none``
             where scores are reported.
-        background: quantise in a thread (``optqa.quantize.wait_until_ready`` before answering).
+        background: quantise in a thread (``optqa.answering.wait_until_ready`` before answering).
     Returns:
         ``(model, manifest, saved)``: the ``PromptForGeneration`` in eval mode, the checkpoint's manifest, and the
         RunConfig it answers with (the recorded settings with the overrides on top).
