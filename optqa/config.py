@@ -803,15 +803,18 @@ def without(section: type, *names: str) -> tuple[type, tuple[str, ...]]:
 # The settings each mode reads: whole sections, or parts of them (only/without). A mode's config holds exactly
 # these fields, and they are the flags it takes (optqa.options refuses the others).
 _LOADING = (only(BackboneSettings, "plm_path", "ignore_backbone_mismatch"), CheckpointSettings)
+# evaluate, the question loop and the server load the model on the CPU (only training places it on a GPU,
+# through accelerate), so --cpu is not theirs
+_ANSWERING_COMPUTE = without(ComputeSettings, "cpu")
 MODE_SECTIONS: dict[str, tuple[Any, ...]] = {
     "train": (DataSettings, DownloadSettings, BackboneSettings, DeltaSettings, PromptSettings, TrainingSettings,
               only(AnsweringSettings, "max_new_tokens", "eval_batch_size"), ComputeSettings, CheckpointSettings,
               OutputSettings),
     # a checkpoint brings the prompt, the backbone and the delta; --template only for a plain PEFT adapter
     "evaluate": (DataSettings, *_LOADING, PromptSettings, only(TrainingSettings, "seed"), AnsweringSettings,
-                 ComputeSettings, OutputSettings, EvaluationSettings),
+                 _ANSWERING_COMPUTE, OutputSettings, EvaluationSettings),
     "interactive_inference": (*_LOADING, only(PromptSettings, "template"),
-                              only(AnsweringSettings, "max_new_tokens", "merge_lora"), ComputeSettings),
+                              only(AnsweringSettings, "max_new_tokens", "merge_lora"), _ANSWERING_COMPUTE),
     # the demo builds its own backbone, dev file, save folders and trackers
     "demo": (without(DataSettings, "dev_file"), DeltaSettings, only(PromptSettings, "template", "max_seq_l"),
              without(TrainingSettings, "raw_delta_save_path", "report_to"),
@@ -824,7 +827,7 @@ MODE_SECTIONS: dict[str, tuple[Any, ...]] = {
                          only(PromptSettings, "template", "max_seq_l"), only(AnsweringSettings, "max_new_tokens"),
                          only(SharingSettings, "import_path")),
     "serve": (ServingSettings, *_LOADING, only(AnsweringSettings, "max_new_tokens", "eval_batch_size"),
-              ComputeSettings),
+              _ANSWERING_COMPUTE),
 }
 assert set(MODE_SECTIONS) == set(MODES)
 

@@ -26,7 +26,7 @@ def test_a_modes_config_holds_only_what_it_reads():
     assert field_names(MODE_CONFIGS["download"]) == {"mode", "data_path", "data_url", "allow_checksum_mismatch"}
     assert field_names(MODE_CONFIGS["serve"]) == {
         "mode", "deltas", "host", "allowed_hosts", "port", "api_key", "delta_save_path", "plm_path",
-        "ignore_backbone_mismatch", "max_new_tokens", "eval_batch_size", "precision", "quantize", "cpu", "num_threads"}
+        "ignore_backbone_mismatch", "max_new_tokens", "eval_batch_size", "precision", "quantize", "num_threads"}
     # the demo writes its own dev file, backbone and save folders
     demo = field_names(MODE_CONFIGS["demo"])
     assert {"dev_file", "plm_path", "delta_save_path", "raw_delta_save_path"}.isdisjoint(demo)
@@ -47,6 +47,14 @@ def test_a_flag_not_typed_is_none_until_resolved():
     with pytest.raises(OptqaError, match=r"^--lr does not apply to --mode interactive_inference \(it is read by "
                                          r"--mode train, --mode demo\); drop it$"):
         parse_args(["--mode", "interactive_inference", "--lr", "0.1"])
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "interactive_inference", "serve"])
+def test_cpu_is_refused_where_the_model_is_always_on_the_cpu(mode):
+    # only training places the model on a GPU (through accelerate); the answering modes load it on the CPU
+    with pytest.raises(OptqaError, match=rf"^--cpu does not apply to --mode {mode} \(it is read by --mode train, "
+                                         r"--mode demo\); drop it$"):
+        parse_args(["--mode", mode, "--cpu"])
 
 
 def test_a_library_config_resolves_every_setting():
