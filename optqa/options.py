@@ -49,11 +49,14 @@ class Combination:
 
     ``refused`` decides for a run config whether this pair is asked for and refused (then ``outcome`` is the
     error line); rows without it work, and ``outcome`` says how that is known (a test or a check by hand).
+    ``typed``: a setting that counts only when it was given (a resolved config cannot tell a typed default
+    from an untyped one).
     """
     first: str
     second: str
     outcome: str
     refused: Callable[[RunConfig], bool] | None = None
+    typed: str | None = None
 
 
 BY_HAND = "works: checked by hand (2 CPU processes, trains, saves and answers)"
@@ -110,8 +113,7 @@ COMBINATIONS: tuple[Combination, ...] = (
       for flag in ("no_delta", "num_shots", "chat_template")),
     Combination("--no_delta", "--delta_save_path",
                 "--no_delta scores the bare backbone and reads no checkpoint; drop --delta_save_path (or --no_delta)",
-                lambda c: c.no_delta and c.mode == "evaluate"
-                and c.delta_save_path != setting_default("delta_save_path")),
+                lambda c: c.no_delta and c.mode == "evaluate", typed="delta_save_path"),
     Combination("--chat_template", "--mode train, evaluate",
                 "works, same prompt everywhere: tests/test_baselines.py::test_a_delta_trained_with_the_chat_template_"
                 "records_it_and_answers_with_it"),
@@ -123,15 +125,27 @@ COMBINATIONS: tuple[Combination, ...] = (
 )
 
 
-def check_combinations(config: RunConfig) -> None:
+def check_combinations(config: RunConfig, given: Callable[[str], bool]) -> None:
     """Refuse the first pair of options in ``COMBINATIONS`` that this run asks for and that is refused.
 
+    Args:
+        config: the run's settings, resolved.
+        given: whether a setting was given (typed, or set by a library caller).
     Raises:
         OptqaError: the pair's one-line reason.
     """
     for combination in COMBINATIONS:
-        if combination.refused is not None and combination.refused(config):
+        if (combination.refused is not None and combination.refused(config)
+                and (combination.typed is None or given(combination.typed))):
             raise OptqaError(combination.outcome.format(mode=config.mode))
+
+
+def _given(config: Settings, name: str) -> bool:
+    """Whether ``name`` was given: typed for a mode's config (None is not typed); different from the default for a
+    library ``RunConfig``, which holds every setting."""
+    if isinstance(config, RunConfig):
+        return getattr(config, name) != setting_default(name)
+    return getattr(config, name, None) is not None
 
 
 def config_for(given: dict[str, Any]) -> Settings:
@@ -211,7 +225,7 @@ def check_run(config: Settings) -> None:
         check_delta_flags(config)
     settings = RunConfig.of(config) if not isinstance(config, RunConfig) else config
     check_values(settings)
-    check_combinations(settings)
+    check_combinations(settings, lambda name: _given(config, name))
 
 
 def combinations_table() -> str:

@@ -171,6 +171,9 @@ def _error(capsys, *args: str) -> str:
      "--chat_template does not apply to --mode serve (it is read by --mode train, --mode evaluate); drop it"),
     (["--mode", "evaluate", "--no_delta", "--delta_save_path", "some/delta"],
      "--no_delta scores the bare backbone and reads no checkpoint; drop --delta_save_path (or --no_delta)"),
+    # the default folder, typed, is a checkpoint asked for all the same
+    (["--mode", "evaluate", "--no_delta", "--delta_save_path", "./delta_ckpts/"],
+     "--no_delta scores the bare backbone and reads no checkpoint; drop --delta_save_path (or --no_delta)"),
     (["--mode", "evaluate", "--num_shots", "2", "--predictions_file", "p.jsonl"],
      "--num_shots sets how a model is prompted, and --predictions_file scores answers already written; drop one "
      "of them"),
