@@ -15,8 +15,8 @@ Both are wrapper modules as PEFT's layers are (``DeltaWrapper``: the backbone's 
 delta's parameters beside it, in that module's place), and every delta is found from the backbone through one
 module of its own (``DeltaAnchor``): optqa writes no attribute, method or hook into a module it does not own.
 
-Module names are OpenDelta's short names or family-neutral ones (``attn``, ``mlp_out``, ``attn_qv``), which
-``optqa.families`` resolves on each backbone family.
+Module names are OpenDelta's short names or family-neutral ones (``attn``, ``mlp_out``, ``attn_qv``,
+``all_linear``), which ``optqa.families`` resolves on each backbone family.
 
 ``is_delta_parameter`` is the one predicate for "belongs to the delta": freezing, counting and saving all
 use it, so what trains and what is saved cannot drift apart.
@@ -329,7 +329,7 @@ def _inside_a_layer(names: list[str]) -> str:
 
 
 def _neutral_patterns(model: nn.Module, short: str, names: list[str]) -> list[str]:
-    """The full-name patterns a family-neutral name (``attn``, ``mlp_out``, ``attn_qv``) stands for on
+    """The full-name patterns a family-neutral name (``attn``, ``mlp_out``, ``attn_qv``, ...) stands for on
     ``model``'s family: ``<layers>.<i>.<name inside the layer>``."""
     from optqa.families import FAMILIES, family_of, model_type_of
 
@@ -343,7 +343,7 @@ def _neutral_patterns(model: nn.Module, short: str, names: list[str]) -> list[st
 
 def resolve_modules(model: nn.Module, short_names: list[str]) -> list[str]:
     """Full module names matching OpenDelta-style short names (``self_attn``, ``fc2``, ``self_attn.q_proj``) and
-    family-neutral names (``attn``, ``mlp_out``, ``attn_qv``: ``optqa.families``).
+    family-neutral names (``attn``, ``mlp_out``, ``attn_qv``, ``all_linear``: ``optqa.families``).
 
     A short name matches every module whose dotted name ends with it; a family-neutral name the modules its
     family's table entry names in every decoder layer; the output head is never modified.

@@ -8,9 +8,10 @@ modeling files (transformers 5.25: ``models/opt/modeling_opt.py``, ``gpt2/modeli
 projections, the MLP's output projection and the norms, all but the first named inside one layer.
 
 From it, family-neutral module names resolve on any family in the table (``FAMILY_NAMES``): ``attn`` (the
-attention block), ``mlp_out`` (the MLP output projection) and ``attn_qv`` (the query and value projections, or
+attention block), ``mlp_out`` (the MLP output projection), ``attn_qv`` (the query and value projections, or
 the one fused projection where a family computes q, k and v in one Linear / Conv1D, as PEFT's default LoRA
-targets do). ``kv_layout`` gives the shape of a layer's KV cache, which a prefix fills.
+targets do) and ``all_linear`` (every projection of the attention and the MLP: PEFT's ``"all-linear"`` targets,
+which also leave the output head alone). ``kv_layout`` gives the shape of a layer's KV cache, which a prefix fills.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any
 
 # the family-neutral names, and what each stands for
 FAMILY_NAMES = {"attn": "the attention block", "mlp_out": "the MLP output projection",
-                "attn_qv": "the query and value projections (the fused qkv projection where a family fuses them)"}
+                "attn_qv": "the query and value projections (the fused qkv projection where a family fuses them)",
+                "all_linear": "every Linear (or Conv1D) projection of the attention and the MLP (PEFT's all-linear)"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Family:
         attn: the attention block inside a layer.
         projections: the attention's projections (q, k, v, o; fused where the family fuses them).
         qv: the query and value projections (``attn_qv``): the fused qkv projection where there is one.
-        mlp_out: the MLP output projection.
+        mlp: the MLP's projections, input to output (its last is ``mlp_out``).
         norms: the norms of a layer (LayerNorm or the family's RMSNorm).
     """
 
@@ -41,12 +43,18 @@ class Family:
     attn: str
     projections: tuple[str, ...]
     qv: tuple[str, ...]
-    mlp_out: str
+    mlp: tuple[str, ...]
     norms: tuple[str, ...]
+
+    @property
+    def mlp_out(self) -> str:
+        """The MLP output projection (``mlp_out``)."""
+        return self.mlp[-1]
 
     def neutral(self, name: str) -> tuple[str, ...]:
         """The names inside a layer that the family-neutral ``name`` stands for."""
-        return {"attn": (self.attn,), "mlp_out": (self.mlp_out,), "attn_qv": self.qv}[name]
+        return {"attn": (self.attn,), "mlp_out": (self.mlp_out,), "attn_qv": self.qv,
+                "all_linear": self.projections + self.mlp}[name]
 
 
 def _llama_like(label: str, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
@@ -54,7 +62,7 @@ def _llama_like(label: str, norms: tuple[str, ...] = ("input_layernorm", "post_a
     """Llama's layout, shared by Mistral, Qwen2/3 and Gemma 2/3 (``LlamaDecoderLayer`` and its copies)."""
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     return Family(label, layers, "self_attn", attn, ("self_attn.q_proj", "self_attn.v_proj"),
-                  "mlp.down_proj", norms + (("self_attn.q_norm", "self_attn.k_norm") if qk_norms else ()))
+                  ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), norms + (("self_attn.q_norm", "self_attn.k_norm") if qk_norms else ()))
 
 
 _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -63,10 +71,10 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 FAMILIES: dict[str, Family] = {
     "opt": Family("OPT", "model.decoder.layers", "self_attn",
                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
-                  ("self_attn.q_proj", "self_attn.v_proj"), "fc2", ("self_attn_layer_norm", "final_layer_norm")),
+                  ("self_attn.q_proj", "self_attn.v_proj"), ("fc1", "fc2"), ("self_attn_layer_norm", "final_layer_norm")),
     # Conv1D projections (weight stored (in, out)): c_attn computes q, k and v at once
     "gpt2": Family("GPT-2", "transformer.h", "attn", ("attn.c_attn", "attn.c_proj"), ("attn.c_attn",),
-                   "mlp.c_proj", ("ln_1", "ln_2")),
+                   ("mlp.c_fc", "mlp.c_proj"), ("ln_1", "ln_2")),
     "llama": _llama_like("Llama"),
     "mistral": _llama_like("Mistral"),
     "qwen2": _llama_like("Qwen2"),
@@ -78,9 +86,10 @@ FAMILIES: dict[str, Family] = {
     "gemma3": _llama_like("Gemma 3 (multimodal)", norms=_GEMMA_NORMS, qk_norms=True,
                           layers="model.language_model.layers"),
     "phi3": Family("Phi-3", "model.layers", "self_attn", ("self_attn.qkv_proj", "self_attn.o_proj"),
-                   ("self_attn.qkv_proj",), "mlp.down_proj", ("input_layernorm", "post_attention_layernorm")),
+                   ("self_attn.qkv_proj",), ("mlp.gate_up_proj", "mlp.down_proj"),
+                   ("input_layernorm", "post_attention_layernorm")),
     "gpt_neox": Family("GPT-NeoX", "gpt_neox.layers", "attention", ("attention.query_key_value", "attention.dense"),
-                       ("attention.query_key_value",), "mlp.dense_4h_to_h",
+                       ("attention.query_key_value",), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
                        ("input_layernorm", "post_attention_layernorm")),
 }
 
@@ -119,11 +128,14 @@ def kv_layout(config: Any) -> tuple[int, int, int]:
 
 def markdown_table() -> str:
     """docs/deltas.md's family table: what the family-neutral names resolve to on each family."""
-    rows = ["| `model_type` | family | decoder layers | `attn` | `mlp_out` | `attn_qv` | norms |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    def names(inner: tuple[str, ...]) -> str:
+        return " ".join(f"`{n}`" for n in inner)
+
+    rows = ["| `model_type` | family | decoder layers | `attn` | `mlp_out` | `attn_qv` | `all_linear` | norms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model_type, f in FAMILIES.items():
-        rows.append(f"| `{model_type}` | {f.label} | `{f.layers}` | `{f.attn}` | `{f.mlp_out}` | "
-                    f"{' '.join(f'`{n}`' for n in f.qv)} | {' '.join(f'`{n}`' for n in f.norms)} |")
+        rows.append(f"| `{model_type}` | {f.label} | `{f.layers}` | `{f.attn}` | `{f.mlp_out}` | {names(f.qv)} | "
+                    f"{names(f.neutral('all_linear'))} | {names(f.norms)} |")
     return "\n".join(rows)
 
 
