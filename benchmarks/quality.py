@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import io
 import json
 import logging
@@ -45,7 +46,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, log_results, logged_results, machine, machine_markdown, write_run  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    command_line,
+    log_results,
+    logged_results,
+    machine,
+    machine_markdown,
+    write_run,
+)
 
 TITLE = "Answer quality on dev (`benchmarks/quality.py`)"
 # --quick: a smoke run of every row in minutes on a real backbone, seconds on a tiny one
@@ -64,6 +74,8 @@ class Row:
     train_net_s: float | None = None
     answer_s: float | None = None
     note: str = ""
+    # when and by which command the row was run: rows of several runs (--systems) fill one table
+    ran: str = ""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -360,6 +372,10 @@ def markdown(rows: list[Row], args, settings: dict) -> str:
                   "answer s: scoring dev once (optqa at its default --precision auto: bf16 where the CPU has it "
                   "natively; the PEFT loop in fp32). The few-shot rows run with --max_seq_l (K + 1) x "
                   f"{settings['max_seq_l']} (at most the backbone's positions less max_new_tokens)."]
+    by_run: dict[str, list[str]] = {}
+    for r in rows:
+        by_run.setdefault(r.ran or "an earlier run (not recorded)", []).append(r.system)
+    lines += ["", "Rows run:"] + [f"- {', '.join(systems)}: {ran}" for ran, systems in by_run.items()]
     return "\n".join(lines)
 
 
@@ -409,7 +425,9 @@ def main(argv=None) -> int:
                [peft_row(args, data, settings)] if system == "peft" else [delta_row(args, data, system, settings)])
         for row in new:
             print(f"{row.system}: dev F1 {_cell(row.f1, '.1f')} {row.note}", flush=True)
-        log_results(Path(args.workdir) / "rows.jsonl", _run_key(args), [dataclasses.asdict(row) for row in new])
+        ran = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command_line(argv)}`"
+        log_results(Path(args.workdir) / "rows.jsonl", _run_key(args),
+                    [dataclasses.asdict(dataclasses.replace(row, ran=ran)) for row in new])
     rows = kept(Path(args.workdir) / "rows.jsonl", args)
     section = write_run(args, "quality", TITLE, markdown(rows, args, settings), info, argv=argv)
     chart(rows, Path(args.chart), f"dev F1/EM, {Path(args.plm_path).name}{' (--quick)' if args.quick else ''}")

@@ -62,6 +62,10 @@ def test_quality_systems_run_apart_fill_one_table(tiny_opt, memory_data, tmp_pat
                                         "num_shots": 5}, "system": "optqa adapter", "f1": 99.0}) + "\n")
     assert run("bitfit") == ["optqa bitfit"]
     assert run("peft", "lora") == ["optqa lora", "optqa bitfit", "PEFT LoRA loop"]
+    # the section names the command of each row, not only the last run's
+    ran = (tmp_path / "RESULTS.md").read_text().split("Rows run:\n", 1)[1].split("\n<!--", 1)[0].splitlines()
+    assert [line.split(": ", 1)[0] for line in ran] == ["- optqa lora, PEFT LoRA loop", "- optqa bitfit"]
+    assert ran[0].endswith("--systems peft lora`") and ran[1].endswith("--systems bitfit`")
 
 
 def test_sweep_quick_writes_its_table_and_skips_finished_settings(tiny_opt, memory_data, tmp_path):
