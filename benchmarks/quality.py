@@ -46,16 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    REPO,
-    RESULTS,
-    command_line,
-    log_results,
-    logged_results,
-    machine,
-    machine_markdown,
-    write_run,
-)
+from common import REPO, RESULTS, command_line, log_results, logged_results, machine, machine_markdown, write_run  # noqa: E402
 
 TITLE = "Answer quality on dev (`benchmarks/quality.py`)"
 # --quick: a smoke run of every row in minutes on a real backbone, seconds on a tiny one

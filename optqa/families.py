@@ -62,7 +62,8 @@ def _llama_like(label: str, norms: tuple[str, ...] = ("input_layernorm", "post_a
     """Llama's layout, shared by Mistral, Qwen2/3 and Gemma 2/3 (``LlamaDecoderLayer`` and its copies)."""
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     return Family(label, layers, "self_attn", attn, ("self_attn.q_proj", "self_attn.v_proj"),
-                  ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), norms + (("self_attn.q_norm", "self_attn.k_norm") if qk_norms else ()))
+                  ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+                  norms + (("self_attn.q_norm", "self_attn.k_norm") if qk_norms else ()))
 
 
 _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -71,7 +72,8 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 FAMILIES: dict[str, Family] = {
     "opt": Family("OPT", "model.decoder.layers", "self_attn",
                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
-                  ("self_attn.q_proj", "self_attn.v_proj"), ("fc1", "fc2"), ("self_attn_layer_norm", "final_layer_norm")),
+                  ("self_attn.q_proj", "self_attn.v_proj"), ("fc1", "fc2"),
+                  ("self_attn_layer_norm", "final_layer_norm")),
     # Conv1D projections (weight stored (in, out)): c_attn computes q, k and v at once
     "gpt2": Family("GPT-2", "transformer.h", "attn", ("attn.c_attn", "attn.c_proj"), ("attn.c_attn",),
                    ("mlp.c_fc", "mlp.c_proj"), ("ln_1", "ln_2")),
