@@ -411,12 +411,13 @@ def main(argv=None) -> int:
     unknown = sorted(set(systems) - {"baselines", *DELTA_TYPES, "peft"})
     if unknown:
         raise SystemExit(f"error: unknown system {unknown[0]!r} (baselines, {', '.join(DELTA_TYPES)}, peft)")
+    # one label for every row of this run: the minute it started and its command
+    ran = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command_line(argv)}`"
     for system in systems:
         new = (baseline_rows(args, data, settings) if system == "baselines" else
                [peft_row(args, data, settings)] if system == "peft" else [delta_row(args, data, system, settings)])
         for row in new:
             print(f"{row.system}: dev F1 {_cell(row.f1, '.1f')} {row.note}", flush=True)
-        ran = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command_line(argv)}`"
         log_results(Path(args.workdir) / "rows.jsonl", _run_key(args),
                     [dataclasses.asdict(dataclasses.replace(row, ran=ran)) for row in new])
     rows = kept(Path(args.workdir) / "rows.jsonl", args)
