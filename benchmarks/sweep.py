@@ -33,8 +33,12 @@ from common import REPO, RESULTS, log_results, logged_results, machine, machine_
 from quality import QUICK, optqa, prepare_data  # noqa: E402
 
 SECTION = "sweep"
-# The grid run to choose the defaults (SmolLM2-135M-Instruct, ARC-DA): each delta type's learning rate around
-# its literature value, LoRA's training targets and prompt format, and the number of epochs.
+# all_linear on SmolLM2 (Llama), spelled out: those rows ran before the family-neutral name existed, and a
+# setting's text is its key in sweep.jsonl
+_ALL_LINEAR = ("modified_modules=self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj,"
+               "mlp.gate_proj,mlp.up_proj,mlp.down_proj")
+# The grid run to choose the defaults (SmolLM2-135M-Instruct, ARC-DA). First round: each delta type's learning
+# rate around its literature value, LoRA's training targets and prompt format, and the number of epochs.
 GRID = [
     "lora lr=1e-3 train_epochs=1",
     "lora lr=1e-3 train_epochs=1 chat_template",
@@ -45,6 +49,31 @@ GRID = [
     "bitfit lr=3e-3 train_epochs=1",
     "soft_prompt lr=3e-2 train_epochs=1",
     "prefix lr=1e-2 train_epochs=1",
+    # second round, each type's chosen lr as the centre: capacity (modules, rank, bottleneck, prompt and prefix
+    # lengths), a second epoch, the lr beside it, fp32 against bf16 autocast, and a second seed for the noise
+    f"lora lr=1e-3 train_epochs=1 {_ALL_LINEAR}",
+    f"lora lr=2e-3 train_epochs=1 {_ALL_LINEAR}",
+    f"lora lr=5e-4 train_epochs=1 {_ALL_LINEAR}",
+    f"lora lr=1e-3 train_epochs=2 {_ALL_LINEAR}",
+    f"lora lr=1e-3 train_epochs=1 train_targets=all {_ALL_LINEAR}",
+    "lora lr=2e-3 train_epochs=1 lora_r=16 lora_alpha=32",
+    "lora lr=2e-3 train_epochs=2",
+    "lora lr=2e-3 train_epochs=1 precision=fp32",
+    "lora lr=2e-3 train_epochs=1 seed=7",
+    "adapter lr=2e-3 train_epochs=1",
+    "adapter lr=1e-3 train_epochs=2",
+    "adapter lr=1e-3 train_epochs=1 bottleneck_dim=64",
+    "adapter lr=2e-3 train_epochs=1 bottleneck_dim=64",
+    "adapter lr=1e-3 train_epochs=1 bottleneck_dim=128",
+    "adapter lr=1e-3 train_epochs=1 seed=7",
+    "adapter lr=1e-3 train_epochs=1 bottleneck_dim=64 seed=7",
+    "bitfit lr=2e-3 train_epochs=2",
+    "bitfit lr=1e-3 train_epochs=2 batch_size=4",
+    "soft_prompt lr=3e-2 train_epochs=1 soft_token_num=50",
+    "soft_prompt lr=1e-1 train_epochs=1",
+    "prefix lr=1e-2 train_epochs=1 prefix_token_num=20",
+    "prefix lr=1e-2 train_epochs=2",
+    "prefix lr=1e-2 train_epochs=2 seed=7",
 ]
 
 
