@@ -561,8 +561,9 @@ class DeltaSettings:
     # default, resolved with the rest so that a manifest records what was actually modified
     modified_modules: list[str] | None = _setting(None, "modules the delta attaches to (OpenDelta short names or "
                                                         "the family-neutral attn, mlp_out, attn_qv, all_linear; "
-                                                        "adapter, lora, and bitfit, which without it takes every Linear and norm "
-                                                        "of the decoder layers); the default is, per family: "
+                                                        "adapter, lora, and bitfit, which without it takes every "
+                                                        "Linear and norm of the decoder layers); the default is, per "
+                                                        "family: "
                                                         + defaults_text(list(CLI_MODIFIED_MODULES)), nargs="+",
                                                   shown=" ".join(CLI_MODIFIED_MODULES), resume=True)
     # here _with_delta_flags puts each registered delta type's own options (--bottleneck_dim, --lora_r, ...)
