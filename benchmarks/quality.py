@@ -366,7 +366,8 @@ def markdown(rows: list[Row], args, settings: dict) -> str:
     by_run: dict[str, list[str]] = {}
     for r in rows:
         by_run.setdefault(r.ran or "an earlier run (not recorded)", []).append(r.system)
-    lines += ["", "Rows run:"] + [f"- {', '.join(systems)}: {ran}" for ran, systems in by_run.items()]
+    # "; " between systems: a system's own name may hold a comma ("zero-shot, chat template")
+    lines += ["", "Rows run:"] + [f"- {'; '.join(systems)}: {ran}" for ran, systems in by_run.items()]
     return "\n".join(lines)
 
 

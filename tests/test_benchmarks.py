@@ -64,7 +64,7 @@ def test_quality_systems_run_apart_fill_one_table(tiny_opt, memory_data, tmp_pat
     assert run("peft", "lora") == ["optqa lora", "optqa bitfit", "PEFT LoRA loop"]
     # the section names the command of each row, not only the last run's
     ran = (tmp_path / "RESULTS.md").read_text().split("Rows run:\n", 1)[1].split("\n<!--", 1)[0].splitlines()
-    assert [line.split(": ", 1)[0] for line in ran] == ["- optqa lora, PEFT LoRA loop", "- optqa bitfit"]
+    assert [line.split(": ", 1)[0] for line in ran] == ["- optqa lora; PEFT LoRA loop", "- optqa bitfit"]
     assert ran[0].endswith("--systems peft lora`") and ran[1].endswith("--systems bitfit`")
 
 
