@@ -196,10 +196,10 @@ def test_the_family_table_names_modules_the_model_has(backbones, model_type):
     # all_linear is every projection in the decoder layers (PEFT's all-linear), nothing left out
     from transformers.pytorch_utils import Conv1D
 
-    linear = {n for n, m in modules.items() if n.startswith(family.layers + ".") and isinstance(m, (torch.nn.Linear,
-                                                                                                      Conv1D))}
-    assert set(resolve_modules(plm, ["all_linear"])) == linear and len(linear) == layers * len(
-        family.neutral("all_linear"))
+    kinds = (torch.nn.Linear, Conv1D)
+    linear = {n for n, m in modules.items() if n.startswith(family.layers + ".") and isinstance(m, kinds)}
+    assert set(resolve_modules(plm, ["all_linear"])) == linear
+    assert len(linear) == layers * len(family.neutral("all_linear"))
     # the KV cache's layout is the one the prefix fills: run the model once and look
     with torch.no_grad():
         cache = plm(input_ids=torch.tensor([[2, 5, 6]]), use_cache=True).past_key_values
