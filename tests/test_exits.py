@@ -195,9 +195,12 @@ def test_a_typed_or_occupied_checkpoint_folder_gets_the_loaders_reason(tmp_path,
 def test_ctrl_c_at_the_question_prompt_is_status_130(checkpoint):
     """Issue 29: SIGINT (Ctrl-C) while the question loop waits for a question ends it as "Ways out" says: one
     `interrupted` line, status 130, the answers given so far kept."""
+    # SIGINT as a terminal leaves it: a job a shell started in the background (CI run with `&`) inherits it ignored,
+    # and Python then keeps ignoring it, as nohup means
     process = subprocess.Popen([sys.executable, "-m", "optqa", "--mode", "interactive_inference", "--delta_save_path",
                                 str(checkpoint)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         process.stdin.write("What is frozen water called?\n")
         process.stdin.flush()
