@@ -200,6 +200,17 @@ def test_the_family_table_names_modules_the_model_has(backbones, model_type):
     linear = {n for n, m in modules.items() if n.startswith(family.layers + ".") and isinstance(m, kinds)}
     assert set(resolve_modules(plm, ["all_linear"])) == linear
     assert len(linear) == layers * len(family.neutral("all_linear"))
+    # and LoRA takes them all (GPT-2's are all Conv1D, so PEFT's one fan_in_fan_out fits), then runs
+    from optqa import AutoDeltaConfig, AutoDeltaModel
+
+    before = plm(input_ids=torch.tensor([[2, 5, 6]])).logits
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({"delta_type": "lora", "modified_modules":
+                                                                  ["all_linear"]}), backbone_model=plm)
+    wrapped = {name.split(".lora_A.")[0].removeprefix("base_model.model.") for name in delta.delta_state_dict()
+               if ".lora_A." in name}
+    assert wrapped == linear
+    with torch.no_grad():  # B starts at zero: the same logits until it trains
+        torch.testing.assert_close(delta.backbone_model(input_ids=torch.tensor([[2, 5, 6]])).logits, before)
     # the KV cache's layout is the one the prefix fills: run the model once and look
     with torch.no_grad():
         cache = plm(input_ids=torch.tensor([[2, 5, 6]]), use_cache=True).past_key_values
