@@ -17,6 +17,7 @@ from optqa.answering import AnsweringRuntime
 from optqa.config import REGISTRY
 from optqa.data import IGNORE_INDEX, LMTokenizerWrapper
 from optqa.deltas import PEFT_PROMPT_LEARNING, DeltaModel, _whole, attached_delta, is_delta_parameter, load_delta_state
+from optqa.errors import OptqaError
 from optqa.families import cache_argument, kv_layout, new_cache
 from optqa.generate import positions
 
@@ -28,8 +29,6 @@ def _virtual_kind(model: nn.Module) -> str | None:
     or one loaded with ``PeftModel.from_pretrained``), else None."""
     if not hasattr(model, "prompt_encoder"):
         return None
-    from optqa.errors import OptqaError
-
     peft_type = str(model.peft_config[model.active_adapter].peft_type).rsplit(".", 1)[-1]
     kinds = {peft: kind for kind, peft in PEFT_PROMPT_LEARNING.items()}
     if peft_type not in kinds:
@@ -56,8 +55,6 @@ class PromptForGeneration(nn.Module):
                  stop_at_newline: bool = True):
         super().__init__()
         if gen_config is not None:
-            from optqa.errors import OptqaError
-
             raise OptqaError("PromptForGeneration: gen_config is not supported; pass generation arguments to "
                              "generate(batch, max_length=..., ...) or max_new_tokens= here")
         self.plm_eval_mode = plm_eval_mode
@@ -220,8 +217,6 @@ class PromptForGeneration(nn.Module):
         if not self.template.num_soft_tokens:
             return embeds
         if soft_index is None or soft_index.shape != input_ids.shape:
-            from optqa.errors import OptqaError
-
             raise OptqaError("this template has {\"soft\"} tokens: pass the batch's soft_index (batch, seq_len), as "
                              "collate_for_training / collate_for_generation build it")
         index = soft_index.to(embeds.device)
