@@ -109,10 +109,12 @@ def prepare_data(args) -> Path:
 
 
 def budget(args) -> dict:
-    """What both optqa and the PEFT loop get: optqa's defaults for LoRA (the quick settings on top)."""
-    from optqa.config import RunConfig
+    """What both optqa and the PEFT loop get: optqa's defaults for LoRA on the backbone's family (the quick
+    settings on top)."""
+    from optqa.config import MODE_CONFIGS, RunConfig
+    from optqa.plm import backbone_model_type
 
-    lora = RunConfig(delta_type="lora")
+    lora = RunConfig.of(MODE_CONFIGS["train"](delta_type="lora"), model_type=backbone_model_type(args.plm_path))
     settings = {name: getattr(lora, name) for name in ("train_epochs", "lr", "batch_size", "max_seq_l",
                                                        "max_new_tokens", "eval_batch_size", "lora_r", "lora_alpha",
                                                        "max_steps", "warmup_steps")}
@@ -164,26 +166,17 @@ def score_on_dev(args, data: Path, out: Path, source: list[str]) -> tuple[dict, 
     return _last_metrics(out), seconds
 
 
-def _max_positions(plm_path: str) -> int | None:
-    """The backbone's position limit where its folder says (None: unknown, e.g. a GGUF file)."""
-    if not Path(plm_path).is_dir():
-        return None
-    from transformers import AutoConfig
-
-    from optqa.plm import max_positions_of
-
-    return max_positions_of(AutoConfig.from_pretrained(plm_path).to_dict())
-
-
 def baseline_rows(args, data: Path, settings: dict) -> list[Row]:
     """Zero-shot, few-shot and chat-template baselines of the bare backbone."""
     from transformers import AutoTokenizer
+
+    from optqa.plm import backbone_max_positions
 
     chat = bool(getattr(AutoTokenizer.from_pretrained(args.plm_path), "chat_template", None)) \
         if Path(args.plm_path).is_dir() else True
     # K shots take about K questions' room more: --max_seq_l grows with them, up to the backbone's positions
     room = settings["max_seq_l"] * (args.num_shots + 1)
-    positions = _max_positions(args.plm_path)
+    positions = backbone_max_positions(args.plm_path)
     if positions:
         room = min(room, positions - settings["max_new_tokens"])
     shots = ["--num_shots", str(args.num_shots), "--max_seq_l", str(room)]

@@ -237,10 +237,18 @@ def no_delta_yet(config: Settings) -> None:
                      "with --delta_save_path (a folder, a .optqa bundle or hf://OWNER/NAME)")
 
 
+def training_config(config: Settings) -> RunConfig:
+    """A training run's settings: the flags given; for the others the delta type's recipe on the backbone's
+    family (its ``model_type``, read from the backbone's config before the weights load), else the defaults."""
+    from optqa.plm import backbone_model_type
+
+    return RunConfig.of(config, model_type=backbone_model_type(RunConfig.of(config).plm_path))
+
+
 def train_mode(config: Settings) -> int:
     from optqa.run.training import train
 
-    summary = train(RunConfig.of(config))
+    summary = train(training_config(config))
     if summary.main_process:  # one summary per run, however many processes trained
         print_summary(summary)
     return 0

@@ -346,6 +346,9 @@ class DeltaType:
             file may hold) knows them without a model at hand.
         recipe: its training defaults (keys among ``RECIPE_KEYS``): a setting the user does not give takes the
             recipe's value, else the setting's own default (``default_of``); the manifest records the value used.
+        family_recipes: ``model_type -> settings`` that replace the recipe's on a backbone of that family
+            (transformers' ``config.model_type``), where a family measured differently; a training run from the
+            command line reads the family from the backbone's config (``RunConfig.of``'s ``model_type``).
     """
 
     config: type[DeltaConfig]
@@ -359,10 +362,17 @@ class DeltaType:
     gradient_checkpointing: bool = True
     opendelta: bool = False
     recipe: dict[str, Any] = field(default_factory=dict, hash=False)
+    family_recipes: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        unknown = set(self.recipe) - set(RECIPE_KEYS)
-        assert not unknown, f"{self.name}: a recipe sets only {', '.join(RECIPE_KEYS)}, not {sorted(unknown)}"
+        for recipe in (self.recipe, *self.family_recipes.values()):
+            unknown = set(recipe) - set(RECIPE_KEYS)
+            assert not unknown, f"{self.name}: a recipe sets only {', '.join(RECIPE_KEYS)}, not {sorted(unknown)}"
+
+    def recipe_for(self, model_type: str | None) -> dict[str, Any]:
+        """Its recipe on a backbone whose ``config.model_type`` is ``model_type`` (None: not known): ``recipe``,
+        with the family's own settings (``family_recipes``) over it."""
+        return {**self.recipe, **self.family_recipes.get(model_type, {})}
 
     @property
     def name(self) -> str:
@@ -380,12 +390,13 @@ class DeltaType:
 # Recipes from benchmarks/sweep.py on SmolLM2-135M-Instruct and ARC-DA dev (benchmarks/RESULTS.md, "Default
 # recipes"; docs/recipes.md says which row chose which number): the best measured learning rate of each type; one
 # epoch where one was as good as more (LoRA at 1e-3 peaked at epoch 1 of 3); BitFit's best epoch was its second,
-# and the prefix gained 2 F1 from a second epoch (with two seeds). The adapter's recipe is the homework's.
+# and the prefix gained 2 F1 from a second epoch (with two seeds). The adapter's recipe is the homework's. On Gemma 3
+# 270M, LoRA's best rate was 1e-3 (40.2 dev F1, against 36.7 at 2e-3 and 39.2 at 5e-4).
 REGISTRY: dict[str, DeltaType] = {entry.name: entry for entry in (
     DeltaType(AdapterConfig, "optqa.deltas:BottleneckAdapter", "bottleneck adapter", "adapter", (".adapter.",),
               opendelta=True, recipe={"lr": 1e-3, "train_epochs": 1}),
     DeltaType(LoraConfig, "optqa.deltas:LoRA", "LoRA", "lora", ("lora_",), peft_type="LORA", opendelta=True,
-              recipe={"lr": 2e-3, "train_epochs": 1}),
+              recipe={"lr": 2e-3, "train_epochs": 1}, family_recipes={"gemma3_text": {"lr": 1e-3}}),
     DeltaType(BitFitConfig, "optqa.deltas:BitFit", "BitFit", "bitfit", ("bitfit_delta_bias",), opendelta=True,
               recipe={"lr": 1e-3, "train_epochs": 3}),
     DeltaType(SoftPromptConfig, "optqa.deltas:SoftPrompt", "prompt tuning", "prompt-tuning", ("prompt_encoder.",),
@@ -866,9 +877,20 @@ class RunConfig(ServingSettings, SharingSettings, EvaluationSettings, OutputSett
             setattr(self, name, value)
 
     @classmethod
-    def of(cls, config: Settings) -> "RunConfig":
-        """The RunConfig of a mode's config: what it gives, and every other setting's default."""
-        return cls(**config.given())
+    def of(cls, config: Settings, model_type: str | None = None) -> "RunConfig":
+        """The RunConfig of a mode's config: what it gives, and every other setting's default.
+
+        Args:
+            config: a mode's config (None: a setting not given).
+            model_type: the backbone's ``config.model_type``, where it is known (a training run reads it before
+                it loads the weights): a setting not given then takes the delta type's recipe for that family
+                (``DeltaType.recipe_for``) before the delta type's own.
+        """
+        given = config.given()
+        if model_type is not None and hasattr(config, "delta_type"):
+            entry = REGISTRY.get(given.get("delta_type", setting_default("delta_type")))
+            given = {**(entry.family_recipes.get(model_type, {}) if entry else {}), **given}
+        return cls(**given)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
@@ -938,9 +960,14 @@ def shown_default(f: dataclasses.Field) -> Any:
 
 
 def recipe_text(name: str, default: Any) -> str:
-    """``the delta type's recipe: adapter 0.001, lora 0.001, ...`` for the setting ``name`` (``default`` for the
-    types whose recipe leaves it out)."""
-    values = ", ".join(f"{t} {entry.recipe.get(name, default)}" for t, entry in REGISTRY.items())
+    """``the delta type's recipe: adapter 0.001, lora 0.002 (gemma3_text 0.001), ...`` for the setting ``name``
+    (``default`` for the types whose recipe leaves it out; a family's own value in brackets)."""
+    def value(entry: DeltaType) -> str:
+        families = "; ".join(f"{family} {settings[name]}" for family, settings in entry.family_recipes.items()
+                             if name in settings)
+        return f"{entry.recipe.get(name, default)}" + (f" ({families})" if families else "")
+
+    values = ", ".join(f"{t} {value(entry)}" for t, entry in REGISTRY.items())
     return f"the delta type's recipe: {values}"
 
 

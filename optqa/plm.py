@@ -148,25 +148,36 @@ def backbone_reference(model_path: str) -> str:
     return str(local.resolve()) if local.exists() else str(model_path)
 
 
-def backbone_max_positions(model_path: str) -> int | None:
-    """The backbone's position limit, read from its config alone (transformers' ``AutoConfig``), without loading
-    the weights.
+def backbone_config(model_path: str) -> dict | None:
+    """The backbone's config, read alone (transformers' ``AutoConfig``), without loading the weights.
 
     Args:
         model_path: a hub id, a local folder or a GGUF file (its header, or its dequantised copy once cached).
     Returns:
-        ``max_position_embeddings`` (``n_positions`` for GPT-2); None when the config cannot be read here (the
-        backbone load then reports why) or names no limit.
+        The config as a dict; None when it cannot be read here (the backbone load then reports why).
     """
     from transformers import AutoConfig
 
     local = Path(model_path).expanduser()
     try:
         source, extra = gguf_config_source(local) if is_gguf_path(local) else (_source(model_path)[0], {})
-        config = AutoConfig.from_pretrained(source, **extra)
+        return AutoConfig.from_pretrained(source, **extra).to_dict()
     except (OSError, ValueError, OptqaError):  # load_plm then reports why (a file that is not GGUF, no Hub, ...)
         return None
-    return max_positions_of(config.to_dict())
+
+
+def backbone_max_positions(model_path: str) -> int | None:
+    """The backbone's position limit from its config alone (``backbone_config``): ``max_position_embeddings``
+    (``n_positions`` for GPT-2); None when the config cannot be read here or names no limit."""
+    config = backbone_config(model_path)
+    return None if config is None else max_positions_of(config)
+
+
+def backbone_model_type(model_path: str) -> str | None:
+    """The backbone's family as transformers names it (``config.model_type``: ``llama``, ``gemma3_text``), from
+    its config alone (``backbone_config``); None when the config cannot be read here."""
+    config = backbone_config(model_path)
+    return None if config is None else config.get("model_type")
 
 
 def max_positions_of(config: dict) -> int | None:

@@ -119,11 +119,10 @@ def train_args(plm: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def train_in_process(plm: Path, data: Path, out: Path, *extra: str, on_step=None):
     """``python -m optqa`` train flags run by the library in this process (no interpreter start-up); the
     ``TrainSummary``. ``on_step`` is the recipe's hook, called with the global step after each optimiser step."""
-    from optqa.cli import parse_args
-    from optqa.config import RunConfig
+    from optqa.cli import parse_args, training_config
     from optqa.run.training import train
 
-    config = RunConfig.of(parse_args(train_args(plm, data, out, *extra)))
+    config = training_config(parse_args(train_args(plm, data, out, *extra)))
     return train(config, on_step=on_step)
 
 

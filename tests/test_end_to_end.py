@@ -139,7 +139,7 @@ ISSUE_DEFAULTS = {"data_path": "./data/ARC-DA-v1.1", "plm_path": "facebook/opt-1
                   "modified_modules": "attn mlp_out", "batch_size": "8", "max_seq_l": "128",
                   "warmup_steps": "0", "delta_save_path": "./delta_ckpts/", "raw_delta_save_path": "./raw_delta_ckpts/"}
 # the recipes chosen by benchmarks/sweep.py (docs/recipes.md)
-RECIPE_DEFAULTS = {"lr": "adapter 0.001, lora 0.002, bitfit 0.001, soft_prompt 0.03, prefix 0.01",
+RECIPE_DEFAULTS = {"lr": "adapter 0.001, lora 0.002 (gemma3_text 0.001), bitfit 0.001, soft_prompt 0.03, prefix 0.01",
                    "train_epochs": "adapter 1, lora 1, bitfit 3, soft_prompt 1, prefix 2"}
 
 
