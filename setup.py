@@ -44,5 +44,5 @@ setup(
                             "mkdocs-include-markdown-plugin>=7.3,<8"],
                     "plot": []},
     package_data={"optqa": ["static/*.html"]},
-    entry_points={"console_scripts": ["optqa=optqa.cli:main"]},
+    entry_points={"console_scripts": ["optqa=optqa.cli:entry"]},
 )

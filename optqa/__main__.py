@@ -1,5 +1,3 @@
-import sys
+from optqa.cli import entry
 
-from optqa.cli import main
-
-sys.exit(main())
+entry()

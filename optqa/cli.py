@@ -109,6 +109,32 @@ def main(argv=None) -> int:
         return 2
 
 
+def entry() -> typing.NoReturn:
+    """``python -m optqa`` and the ``optqa`` command: ``main`` with the command line, then ``end_process``."""
+    end_process(main())
+
+
+def end_process(status: int) -> typing.NoReturn:
+    """Exit with ``status`` (``python -m optqa``'s last step).
+
+    A process of a multi-process run (torchrun, accelerate launch: ``WORLD_SIZE`` over 1) ends without the
+    interpreter's finalisation (``os._exit``, once its log and streams are flushed). Under FSDP2 the sharded model
+    outlives the run, kept by hooks that torch's C++ side holds, and with it the gloo process group; torn down
+    while the interpreter was, a gloo worker releasing its last work's tensors aborted one rank now and then
+    under load ("terminate called without an active exception", exit -6; the race is pytorch/pytorch#179291's).
+    Every file a run writes is closed by then, and its process group ended.
+    """
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader gone away, a stream closed: nothing more can be shown
+                pass
+        os._exit(status)
+    sys.exit(status)
+
+
 def _from_stdout(exc: OSError) -> bool:
     """Whether ``exc`` is stdout's file refusing what was printed (a refused write as ``write_failure`` knows
     them). Writing to an open stream carries no file name, while optqa's own file work either names its file

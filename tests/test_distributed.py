@@ -153,6 +153,27 @@ def test_ddps_reducer_is_freed_before_the_process_group_ends(tiny_opt, memory_da
         f"rank {r}: DDP wrapper freed before the group ended: True" for r in (0, 1)]
 
 
+FINALISATION_PROBE = """
+import atexit, runpy
+atexit.register(lambda: print("interpreter finalised", flush=True))
+runpy.run_module("optqa", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("world_size,finalised", [("1", True), ("2", False)])
+def test_a_process_of_a_multi_process_run_ends_without_the_interpreters_finalisation(tmp_path, world_size,
+                                                                                    finalised):
+    # FSDP2's sharded model (and its gloo group) outlives the run; torn down with the interpreter, a gloo worker
+    # aborted one rank now and then under load: such a process ends with os._exit, its streams flushed
+    probe = tmp_path / "probe.py"
+    probe.write_text(FINALISATION_PROBE, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(probe), "--mode", "inspect", "--delta_save_path",
+                           str(tmp_path / "none")], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": world_size})
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert ("interpreter finalised" in done.stdout) is finalised
+
+
 def test_fsdp_shards_the_backbone_and_trains_like_one_process(tiny_opt, memory_data, tmp_path, one_process_run):
     # seven dev/test questions answered one per batch: one process has 4 batches, the other 3, and must run
     # an idle batch so that the sharded backbone computes with both

@@ -166,7 +166,7 @@ def test_help_lists_modes_and_flags_with_defaults():
 
 def test_console_script_is_installed():
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("optqa") == "optqa.cli:main"
+    assert scripts.get("optqa") == "optqa.cli:entry"
     executable = shutil.which("optqa")
     assert executable, "the optqa command is not on PATH"
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=60)
