@@ -889,7 +889,7 @@ class RunConfig(ServingSettings, SharingSettings, EvaluationSettings, OutputSett
         given = config.given()
         if model_type is not None and hasattr(config, "delta_type"):
             entry = REGISTRY.get(given.get("delta_type", setting_default("delta_type")))
-            given = {**(entry.family_recipes.get(model_type, {}) if entry else {}), **given}
+            given = {**(entry.recipe_for(model_type) if entry else {}), **given}
         return cls(**given)
 
     @classmethod
