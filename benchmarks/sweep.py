@@ -22,8 +22,10 @@ defaults in ``optqa/config.py`` (the registry's ``recipe``) to the best row per 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -110,9 +112,19 @@ def setting_flags(setting: str) -> list[str]:
     return flags
 
 
+def setting_folder(setting: str) -> str:
+    """The work folder's name for ``setting``: ``lora_lr-2e-3``; where a value holds characters a file name may
+    not (a template's path: ``/``; ``:`` on Windows), those become ``_`` and a digest of the setting keeps the
+    name its own.
+    """
+    plain = setting.replace(" ", "_").replace("=", "-")
+    safe = re.sub(r"[^\w.,+-]", "_", plain)
+    return safe if safe == plain else f"{safe}-{hashlib.sha256(setting.encode()).hexdigest()[:8]}"
+
+
 def run_setting(args, data: Path, setting: str) -> dict:
     """Train one setting; its dev F1/EM per epoch, the best epoch, and the train command's wall time."""
-    out = Path(args.workdir) / setting.replace(" ", "_").replace("=", "-")
+    out = Path(args.workdir) / setting_folder(setting)
     stand_in = out / "test-stand-in.jsonl"  # the final test scoring is not used here: keep it cheap
     out.mkdir(parents=True, exist_ok=True)
     dev_lines = (data / "dev.jsonl").read_text(encoding="utf-8").splitlines()

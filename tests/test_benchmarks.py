@@ -3,6 +3,7 @@ chart are written), the shared RESULTS.md section writer, and a cheap script's s
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -68,34 +69,44 @@ def test_quality_systems_run_apart_fill_one_table(tiny_opt, memory_data, tmp_pat
     assert ran[0].endswith("--systems peft lora`") and ran[1].endswith("--systems bitfit`")
 
 
+TEMPLATE_SETTING = "lora lr=1e-2 template=templates/question_answer_template.txt"
+
+
 def test_sweep_quick_writes_its_table_and_skips_finished_settings(tiny_opt, memory_data, tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--quick", "--plm_path", str(tiny_opt),
                "--data_path", str(memory_data), "--workdir", str(tmp_path / "work"), "--results",
                str(tmp_path / "RESULTS.md"), "--num_threads", "1", "--runs", "lora lr=1e-2 train_epochs=2",
-               "bitfit lr=3e-3 modified_modules=self_attn,fc2"]
+               "bitfit lr=3e-3 modified_modules=self_attn,fc2", TEMPLATE_SETTING]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in (tmp_path / "work" / "sweep.jsonl").read_text().splitlines()]
     # --quick: at most 2 optimiser steps, one per epoch on the 8 memory questions in one batch
     assert [(r["setting"], len(r["dev_f1"])) for r in results] == [("lora lr=1e-2 train_epochs=2", 2),
-                                                                   ("bitfit lr=3e-3 modified_modules=self_attn,fc2", 2)]
+                                                                   ("bitfit lr=3e-3 modified_modules=self_attn,fc2", 2),
+                                                                   (TEMPLATE_SETTING, 1)]
     text = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- sweep:start -->\n## Default recipes: the sweep (`benchmarks/sweep.py`)" in text
     table = [line for line in text.splitlines() if line.startswith("| `")]
     assert [line.split("`")[1] for line in table] == ["bitfit lr=3e-3 modified_modules=self_attn,fc2",
-                                                     "lora lr=1e-2 train_epochs=2"]
+                                                     "lora lr=1e-2 train_epochs=2", TEMPLATE_SETTING]
+    # one folder per setting, side by side: a template's path becomes part of a name, not a folder below it
+    digest = hashlib.sha256(TEMPLATE_SETTING.encode()).hexdigest()[:8]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
+        "bitfit_lr-3e-3_modified_modules-self_attn,fc2", "data",  # data: --quick's cut of the data
+        f"lora_lr-1e-2_template-templates_question_answer_template.txt-{digest}", "lora_lr-1e-2_train_epochs-2",
+        "sweep.jsonl"]
     manifest = json.loads((tmp_path / "work" / "bitfit_lr-3e-3_modified_modules-self_attn,fc2" / "delta_ckpts" /
                            "optqa_manifest.json").read_text())
     assert manifest["hyperparameters"]["lr"] == 3e-3
     assert manifest["hyperparameters"]["modified_modules"] == ["self_attn", "fc2"]
     again = subprocess.run(command, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert again.returncode == 0 and len((tmp_path / "work" / "sweep.jsonl").read_text().splitlines()) == 2
+    assert again.returncode == 0 and len((tmp_path / "work" / "sweep.jsonl").read_text().splitlines()) == 3
     # results of another seed (or backbone, data, --quick) are not this sweep's: the settings run again
     other = subprocess.run([*command, "--seed", "1"], capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert other.returncode == 0 and len((tmp_path / "work" / "sweep.jsonl").read_text().splitlines()) == 4
+    assert other.returncode == 0 and len((tmp_path / "work" / "sweep.jsonl").read_text().splitlines()) == 6
 
 
 def _benchmarks_common():
