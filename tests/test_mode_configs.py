@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -122,14 +123,16 @@ def test_a_family_recipe_replaces_the_delta_types_on_that_family_only():
     assert "lora 0.002 (gemma3_text 0.001), bitfit" in shown_default(lr)
 
 
-def test_a_training_run_reads_the_family_from_the_backbone_and_records_its_recipe(memory_data, tmp_path):
+def test_a_training_run_reads_the_family_from_the_backbone_and_records_its_recipe(memory_data, tmp_path, caplog):
     from conftest import sample_texts
 
     from optqa.tiny import build_family
 
     gemma = build_family("gemma3_text", tmp_path / "gemma", sample_texts())
-    train_in_process(gemma, memory_data, tmp_path, "--delta_type", "lora", "--precision", "fp32",
-                     "--max_new_tokens", "3", "--max_steps", "1")
+    with caplog.at_level(logging.INFO, logger="optqa"):
+        train_in_process(gemma, memory_data, tmp_path, "--delta_type", "lora", "--precision", "fp32",
+                         "--max_new_tokens", "3", "--max_steps", "1")
+    assert "lora's recipe on a gemma3_text backbone: --lr 0.001" in caplog.messages
     manifest = json.loads((tmp_path / "delta_ckpts" / "optqa_manifest.json").read_text())
     assert manifest["backbone"]["model_type"] == "gemma3_text"
     assert (manifest["hyperparameters"]["lr"], manifest["hyperparameters"]["train_epochs"]) == (1e-3, 1)
