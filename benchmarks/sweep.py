@@ -76,6 +76,16 @@ GRID = [
     "prefix lr=1e-2 train_epochs=1 prefix_token_num=20",
     "prefix lr=1e-2 train_epochs=2",
     "prefix lr=1e-2 train_epochs=2 seed=7",
+    # third round, towards dev F1 47 with LoRA: a third seed of its recipe and two more of all_linear (the noise),
+    # a warm-up, every gold answer at the chosen lr, 3 epochs with dropout and weight decay, the Question: template
+    "lora lr=2e-3 train_epochs=1 seed=1",
+    "lora lr=1e-3 train_epochs=1 modified_modules=all_linear seed=7",
+    "lora lr=1e-3 train_epochs=1 modified_modules=all_linear seed=1",
+    "lora lr=2e-3 train_epochs=1 warmup_steps=30",
+    "lora lr=2e-3 train_epochs=1 train_targets=all",
+    "lora lr=2e-3 train_epochs=3 lora_dropout=0.1 weight_decay=0.01",
+    "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt",
+    "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=7",
 ]
 
 
