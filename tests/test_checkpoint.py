@@ -556,3 +556,18 @@ def test_a_bundle_of_a_resume_folder_carries_a_resealed_manifest(tmp_path):
         _, manifest = ckpt.read_manifest(opened)
     assert manifest["format_version"] == 1 and ckpt.MANIFEST_HASH_KEY not in manifest
     assert set(manifest["files"]) == {ckpt.WEIGHTS_NAME}
+
+
+def test_weights_are_read_in_name_order_in_every_process(tmp_path):
+    # safetensors' own load gives a hash map's order, which changes from process to process: a test that noised
+    # a checkpoint by walking it drew a different model each run (and now and then one its tolerance failed)
+    from safetensors.torch import save_file
+
+    names = [f"layer.{i}.weight" for i in range(24)]
+    save_file({name: torch.full((2,), float(i)) for i, name in enumerate(reversed(names))}, str(tmp_path / "w.safetensors"))
+    code = ("import sys; from pathlib import Path; from optqa.checkpoints.format import load_safetensors; "
+            "print(' '.join(load_safetensors(Path(sys.argv[1]))))")
+    orders = {subprocess.run([sys.executable, "-c", code, str(tmp_path / "w.safetensors")], capture_output=True,
+                             text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120).stdout
+              for _ in range(3)}
+    assert orders == {" ".join(sorted(names)) + "\n"}

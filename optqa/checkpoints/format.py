@@ -591,9 +591,12 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 def load_safetensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors on the CPU; ``data``: its bytes, already read (and hash-checked) by the caller.
+    """A safetensors file's tensors on the CPU, by name in sorted order; ``data``: its bytes, already read (and
+    hash-checked) by the caller.
 
     The header is checked first (:func:`safetensors_header`), so a malformed file is one line, never torch's.
+    safetensors' own ``load`` returns them in an order that changes from process to process (a hash map's), so
+    anything that walks the dict (a seeded noise in the tests, an export) would differ from run to run.
 
     Raises:
         OptqaError: a malformed file, naming it and the reason.
@@ -603,7 +606,7 @@ def load_safetensors(path: Path, data: bytes | None = None) -> dict[str, torch.T
 
     safetensors_header(path)
     try:
-        return load(Path(path).read_bytes() if data is None else data)
+        return dict(sorted(load(Path(path).read_bytes() if data is None else data).items()))
     except (SafetensorError, KeyError) as exc:  # only if the file changed after its header was checked
         raise OptqaError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
 
