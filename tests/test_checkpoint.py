@@ -564,7 +564,8 @@ def test_weights_are_read_in_name_order_in_every_process(tmp_path):
     from safetensors.torch import save_file
 
     names = [f"layer.{i}.weight" for i in range(24)]
-    save_file({name: torch.full((2,), float(i)) for i, name in enumerate(reversed(names))}, str(tmp_path / "w.safetensors"))
+    save_file({name: torch.full((2,), float(i)) for i, name in enumerate(reversed(names))},
+              str(tmp_path / "w.safetensors"))
     code = ("import sys; from pathlib import Path; from optqa.checkpoints.format import load_safetensors; "
             "print(' '.join(load_safetensors(Path(sys.argv[1]))))")
     orders = {subprocess.run([sys.executable, "-c", code, str(tmp_path / "w.safetensors")], capture_output=True,
