@@ -579,7 +579,7 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     try:
         with safe_open(str(path), framework="numpy") as handle:  # numpy: reading the header needs no torch
             tensors = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape())
-                       for name in handle.keys()}
+                       for name in sorted(handle.keys())}
     except (SafetensorError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise OptqaError(f"{path}: not a valid safetensors file ({reason})") from None
