@@ -119,9 +119,10 @@ def end_process(status: int) -> typing.NoReturn:
 
     A process of a multi-process run (torchrun, accelerate launch: ``WORLD_SIZE`` over 1) ends without the
     interpreter's finalisation (``os._exit``, once its log and streams are flushed). Under FSDP2 the sharded model
-    outlives the run, kept by hooks that torch's C++ side holds, and with it the gloo process group; torn down
-    while the interpreter was, a gloo worker releasing its last work's tensors aborted one rank now and then
-    under load ("terminate called without an active exception", exit -6; the race is pytorch/pytorch#179291's).
+    outlives the run (dropping every Python reference to it does not free it: torch holds it outside Python's
+    view), and with it the gloo process group; torn down while the interpreter was, a gloo worker releasing its
+    last work's tensors aborted one rank now and then under load ("terminate called without an active
+    exception", exit -6; the race is pytorch/pytorch#179291's).
     Every file a run writes is closed by then, and its process group ended.
     """
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
