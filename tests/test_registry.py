@@ -15,6 +15,7 @@ from conftest import MEMORY_SET, REPO, run_cli, train_args
 
 from optqa.config import DELTA_CONFIGS, DELTA_TYPES, REGISTRY, RunConfig, flags_of
 from optqa.deltas import DELTA_MARKERS, DeltaMethod
+from optqa.families import FAMILIES
 from optqa.options import DELTA_FLAGS
 
 IA3_CONFIG = '''
@@ -74,6 +75,8 @@ def test_every_registered_type_is_complete():
         assert (entry.virtual_tokens is None) == (entry.virtual_place is None)
         if entry.virtual_tokens:
             assert entry.virtual_tokens in flags_of(name) and entry.peft_type
+        # a family recipe names a family optqa knows (a misspelt model_type would never apply)
+        assert set(entry.family_recipes) <= set(FAMILIES), sorted(set(entry.family_recipes) - set(FAMILIES))
 
 
 @pytest.fixture(scope="module")
