@@ -267,13 +267,13 @@ def no_delta_yet(config: Settings) -> None:
 def training_config(config: Settings) -> RunConfig:
     """A training run's settings: the flags given; for the others the delta type's recipe on the backbone's
     family (its ``model_type``, read from the backbone's config before the weights load), else the defaults."""
-    from optqa.config import REGISTRY
+    from optqa.config import RECIPE_KEYS
     from optqa.plm import backbone_model_type
 
-    model_type = backbone_model_type(RunConfig.of(config).plm_path)
+    plain = RunConfig.of(config)
+    model_type = backbone_model_type(plain.plm_path)
     run = RunConfig.of(config, model_type=model_type)
-    taken = {k: v for k, v in REGISTRY[run.delta_type].family_recipes.get(model_type, {}).items()
-             if k not in config.given()}
+    taken = {k: getattr(run, k) for k in RECIPE_KEYS if getattr(run, k) != getattr(plain, k)}
     if taken:  # a default that differs from what --help shows first: say where it came from
         log.info("%s's recipe on a %s backbone: %s", run.delta_type, model_type,
                  " ".join(f"--{k} {v}" for k, v in taken.items()))
