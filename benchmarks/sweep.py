@@ -16,7 +16,8 @@ sweep must not look at, are taken on a stand-in of 8 dev questions. Results are 
 only results of the same ones count), so a sweep can be stopped and run again (finished settings are
 skipped) or split over several processes sharing the work folder; the table is rewritten from that file after
 the sweep (section ``<!-- sweep:start -->`` of RESULTS.md; finished settings count, so a second run of the
-same settings only writes the table). When a backbone changes, run it again and move the
+same settings only writes the table); a setting run with several seeds (``seed=N`` added) gets a second table of
+its mean, since one seed's dev F1 moves by about 2. When a backbone changes, run it again and move the
 defaults in ``optqa/config.py`` (the registry's ``recipe``) to the best row per delta type.
 """
 from __future__ import annotations
@@ -86,6 +87,8 @@ GRID = [
     "lora lr=2e-3 train_epochs=3 lora_dropout=0.1 weight_decay=0.01",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=7",
+    # all_linear at seed 42 again under its short name, so its three seeds group into one mean (seed_groups)
+    "lora lr=1e-3 train_epochs=1 modified_modules=all_linear",
 ]
 
 
@@ -156,6 +159,28 @@ def run_setting(args, data: Path, setting: str) -> dict:
             "best_f1": best["dev_f1"], "best_em": best["dev_em"], "train_s": round(seconds, 1)}
 
 
+def seed_groups(results: list[dict], seed: int) -> list[dict]:
+    """The settings that ran with more than one seed, each with its best dev F1 per seed and their mean: on a dev
+    split of a few hundred questions one seed's F1 moves by about 2 (SmolLM2, ARC-DA dev), so two settings are
+    told apart by means, not by single rows.
+
+    Args:
+        results: the sweep's rows (``run_setting``'s dicts).
+        seed: the sweep's ``--seed``, the seed of a setting that names none.
+    Returns:
+        One dict per setting run with two seeds or more, in the order first seen: ``setting`` (without its
+        ``seed=``), ``seeds`` and ``best_f1`` (same order, ascending seed), ``mean`` (of ``best_f1``).
+    """
+    groups: dict[str, dict[int, float]] = {}
+    for r in results:
+        words = r["setting"].split()
+        seeds = [int(w.partition("=")[2]) for w in words if w.startswith("seed=")]
+        rest = " ".join(w for w in words if not w.startswith("seed="))
+        groups.setdefault(rest, {})[seeds[-1] if seeds else seed] = r["best_f1"]
+    return [{"setting": name, "seeds": sorted(by_seed), "best_f1": [by_seed[s] for s in sorted(by_seed)],
+             "mean": sum(by_seed.values()) / len(by_seed)} for name, by_seed in groups.items() if len(by_seed) > 1]
+
+
 def markdown(results: list[dict], args) -> str:
     lines = [f"Backbone `{Path(args.plm_path).name}`, data `{args.data_path}`.", "",
              "| setting | best dev F1 | dev EM | best epoch | dev F1 per epoch | train s |",
@@ -166,6 +191,14 @@ def markdown(results: list[dict], args) -> str:
                      f"{per_epoch} | {r['train_s']:.0f} |")
     lines += ["", "Settings not named take optqa's defaults of the time; train s: the train command's wall time "
                   "(loading and dev scoring after every epoch included), on cores other work may have shared."]
+    groups = seed_groups(results, args.seed)
+    if groups:
+        lines += ["", f"Settings run with several seeds (`seed=N`; none named: {args.seed}), best dev F1 per seed "
+                      "and the mean:", "", "| setting | seeds | best dev F1 per seed | mean |",
+                  "| --- | --- | --- | ---: |"]
+        for g in sorted(groups, key=lambda g: (g["setting"].split()[0], -g["mean"])):
+            lines.append(f"| `{g['setting']}` | {', '.join(map(str, g['seeds']))} | "
+                         f"{' / '.join(f'{f:.1f}' for f in g['best_f1'])} | {g['mean']:.1f} |")
     return "\n".join(lines)
 
 

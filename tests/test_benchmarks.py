@@ -2,8 +2,10 @@
 chart are written), the shared RESULTS.md section writer, and a cheap script's section."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -109,14 +111,38 @@ def test_sweep_quick_writes_its_table_and_skips_finished_settings(tiny_opt, memo
     assert other.returncode == 0 and len((tmp_path / "work" / "sweep.jsonl").read_text().splitlines()) == 6
 
 
-def _benchmarks_common():
-    """benchmarks/common.py, imported as the scripts import it (benchmarks/ is their folder, not a package)."""
+def test_sweep_table_gives_the_mean_of_a_setting_run_with_several_seeds():
+    """Rows that differ only in seed= are one setting: the sweep's --seed stands for a row that names none."""
+    sweep = _benchmarks_script("sweep")
+    rows = [{"setting": s, "best_f1": f, "best_em": 20.0, "best_epoch": 1, "dev_f1": [f], "train_s": 60.0}
+            for s, f in [("lora lr=2e-3", 45.1), ("lora lr=2e-3 seed=7", 43.1), ("adapter lr=1e-3", 40.3),
+                         ("lora lr=2e-3 seed=1", 41.1), ("lora lr=1e-3", 41.4), ("adapter lr=1e-3 seed=7", 39.7),
+                         ("prefix seed=7 lr=1e-2", 40.6), ("prefix lr=1e-2 seed=3", 40.4)]]
+    assert sweep.seed_groups(rows, 42) == [
+        {"setting": "lora lr=2e-3", "seeds": [1, 7, 42], "best_f1": [41.1, 43.1, 45.1], "mean": 43.1},
+        {"setting": "adapter lr=1e-3", "seeds": [7, 42], "best_f1": [39.7, 40.3], "mean": 40.0},
+        {"setting": "prefix lr=1e-2", "seeds": [3, 7], "best_f1": [40.4, 40.6], "mean": 40.5}]
+    table = sweep.markdown(rows, argparse.Namespace(plm_path="/w/SmolLM2.gguf", data_path="d", seed=42))
+    assert table.split("the mean:\n\n")[1] == (
+        "| setting | seeds | best dev F1 per seed | mean |\n| --- | --- | --- | ---: |\n"
+        "| `adapter lr=1e-3` | 7, 42 | 39.7 / 40.3 | 40.0 |\n"
+        "| `lora lr=2e-3` | 1, 7, 42 | 41.1 / 43.1 / 45.1 | 43.1 |\n"
+        "| `prefix lr=1e-2` | 3, 7 | 40.4 / 40.6 | 40.5 |")
+    assert "several seeds" not in sweep.markdown(rows[:1], argparse.Namespace(plm_path="p", data_path="d", seed=42))
+
+
+def _benchmarks_script(name: str):
+    """A script of benchmarks/ imported as the scripts import each other (their folder first on sys.path)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import common
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    return common
+
+
+def _benchmarks_common():
+    """benchmarks/common.py, imported as the scripts import it (benchmarks/ is their folder, not a package)."""
+    return _benchmarks_script("common")
 
 
 MACHINE = {"cpu": "Test CPU", "logical_cpus": 4, "physical_cores": 2, "usable_cpus": 4, "memory_gb": 8.0,
