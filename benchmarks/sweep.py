@@ -88,13 +88,15 @@ GRID = [
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=7",
     # all_linear at seed 42 again under its short name, so its three seeds group into one mean (seed_groups); and
-    # the recipe and the Question: template with five seeds each
+    # the recipe, all_linear and the Question: template with five seeds each
     "lora lr=1e-3 train_epochs=1 modified_modules=all_linear",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=1",
     "lora lr=2e-3 train_epochs=1 seed=2",
     "lora lr=2e-3 train_epochs=1 seed=3",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=2",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=3",
+    "lora lr=1e-3 train_epochs=1 modified_modules=all_linear seed=2",
+    "lora lr=1e-3 train_epochs=1 modified_modules=all_linear seed=3",
 ]
 
 
