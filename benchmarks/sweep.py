@@ -87,8 +87,8 @@ GRID = [
     "lora lr=2e-3 train_epochs=3 lora_dropout=0.1 weight_decay=0.01",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=7",
-    # all_linear at seed 42 again under its short name, so its three seeds group into one mean (seed_groups); and
-    # the recipe, all_linear and the Question: template with five seeds each
+    # fourth round, the noise: the recipe, all_linear and the Question: template with five seeds each (all_linear's
+    # seed 42 again under its short name, so that its seeds group into one mean: seed_groups)
     "lora lr=1e-3 train_epochs=1 modified_modules=all_linear",
     "lora lr=2e-3 train_epochs=1 template=templates/question_answer_template.txt seed=1",
     "lora lr=2e-3 train_epochs=1 seed=2",
